@@ -1,0 +1,13 @@
+"""Errors a user can act on.
+
+Anything raised as ``FedAttnError`` reaches the command line as one line on stderr and exit code 2;
+everything else is a bug and keeps its traceback.
+"""
+
+
+class FedAttnError(Exception):
+    """A problem with the user's input, environment or a peer, explained in one line."""
+
+
+class ProtocolError(FedAttnError):
+    """A frame received from another party failed validation; it names the sender and the block."""
