@@ -1,0 +1,116 @@
+"""Running one FedAttn query with every party in this process (the embedded default).
+
+Parties share only the model weights (read-only) and the in-process grid; each keeps its own
+tokens and KV store. Phases run party by party in segment order, which causality makes exact:
+during prefill a party needs only what earlier parties already sent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import federated_attention_enabled
+from .participant import Participant, RunConfig
+from .transport import InProcessGrid
+
+
+@dataclass
+class PartyReport:
+    rank: int
+    name: str
+    tokens: int
+    kept_tokens: int
+    bytes_sent: int
+    bytes_received: int
+    frames_sent: int
+    frames_received: int
+    kv_payload_sent: int
+    prefill_s: float
+    decode_s: float
+    generated_tokens: int
+
+
+@dataclass
+class RunResult:
+    answer_token_ids: list[int]
+    answers: dict[int, list[int]]
+    parties: list[PartyReport]
+    prefill_s: float
+    decode_s: float
+    answer_logits: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        publisher = self.parties[-1]
+        steps = max(publisher.generated_tokens - 1, 0)
+        return steps / publisher.decode_s if publisher.decode_s > 0 else 0.0
+
+
+def party_names(count: int) -> list[str]:
+    """'party-1' .. 'party-(N-1)' and 'publisher' for the last."""
+    return [f"party-{n + 1}" for n in range(count - 1)] + ["publisher"]
+
+
+def run_in_process(
+    model: torch.nn.Module,
+    segments: list[list[int]],
+    config: RunConfig,
+    stop_token_ids: frozenset[int] = frozenset(),
+) -> RunResult:
+    """Answer with the publisher (the last segment's owner) and, if asked, every other party."""
+    grid = InProcessGrid(party_names(len(segments)), timeout=0.0)
+    parties = [
+        Participant(rank, segment, model, grid.endpoint(rank), config, stop_token_ids)
+        for rank, segment in enumerate(segments)
+    ]
+    publisher = parties[-1]
+    with federated_attention_enabled(model):
+        for party in parties:
+            party.announce_segment()
+        for party in parties:
+            party.learn_segments()
+        prefill_start = time.perf_counter()
+        for party in parties:
+            party.prefill()
+        for party in parties:
+            party.receive_from_later_parties()
+        prefill_s = time.perf_counter() - prefill_start
+        decode_start = time.perf_counter()
+        first = publisher.first_token()
+        answers = {publisher.rank: publisher.decode(first)}
+        if config.all_answers and len(parties) > 1:
+            publisher.share_first_token(first)
+            for party in parties[:-1]:
+                answers[party.rank] = party.decode(party.receive_first_token())
+        decode_s = time.perf_counter() - decode_start
+    if grid.pending():
+        raise RuntimeError(f"{grid.pending()} frames were sent but never received: the schedule is inconsistent")
+    return RunResult(
+        answer_token_ids=answers[publisher.rank],
+        answers=dict(sorted(answers.items())),
+        parties=[_report(party, answers.get(party.rank, [])) for party in parties],
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        answer_logits=publisher.answer_logits,
+    )
+
+
+def _report(party: Participant, answer: list[int]) -> PartyReport:
+    stats = party.transport.stats
+    return PartyReport(
+        rank=party.rank,
+        name=party.name,
+        tokens=len(party.token_ids),
+        kept_tokens=len(party.kept),
+        bytes_sent=stats.bytes_sent,
+        bytes_received=stats.bytes_received,
+        frames_sent=stats.frames_sent,
+        frames_received=stats.frames_received,
+        kv_payload_sent=party.kv_payload_sent,
+        prefill_s=party.timings.prefill_s,
+        decode_s=party.timings.decode_s,
+        generated_tokens=len(answer),
+    )

@@ -1,0 +1,240 @@
+"""One FedAttn party: its own tokens, its own KV store, and messages as its only link to the others.
+
+The life of a participant, in order: announce its segment length and learn the others' (global
+positions need them); prefill over its own kept tokens, sending K/V where the schedule says and
+attending to what earlier parties sent (causality means later parties cannot matter yet); take the
+K/V that later parties sent; decode from the publisher's first token without any communication.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .decoding import Decoding
+from .errors import FedAttnError
+from .kv_codec import CODECS, KVCodec
+from .kv_store import ParticipantKVStore
+from .schedule import Schedule
+from .sparsity import Sparsity, kept_indices, sent_indices
+from .transport import Transport
+from .wire import KIND_SEGMENT, KIND_TOKEN, KVBlock, KVExpectation, decode_kv, decode_small, encode_kv, encode_small
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything the parties must agree on before a run."""
+
+    schedule: Schedule
+    sparsity: Sparsity = field(default_factory=Sparsity)
+    codec: KVCodec = CODECS["float32"]
+    decoding: Decoding = field(default_factory=Decoding)
+    max_new_tokens: int = 64
+    all_answers: bool = False
+    record_logits: bool = False
+
+
+@dataclass
+class PartyTimings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+
+class Participant:
+    def __init__(
+        self,
+        rank: int,
+        token_ids: list[int],
+        model: torch.nn.Module,
+        transport: Transport,
+        config: RunConfig,
+        stop_token_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        if not token_ids:
+            raise FedAttnError(f"{transport.name_of(rank)} has an empty segment")
+        self.rank = rank
+        self.name = transport.name_of(rank)
+        self.token_ids = torch.tensor(token_ids, dtype=torch.long)
+        self.model = model
+        self.transport = transport
+        self.config = config
+        self.stop_token_ids = stop_token_ids
+        self.world_size = transport.world_size
+        self.publisher = self.world_size - 1
+        self.is_publisher = rank == self.publisher
+        model_config = model.config
+        self.num_layers = model_config.num_hidden_layers
+        self.num_kv_heads = model_config.num_key_value_heads
+        self.head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        self.vocab_size = model_config.vocab_size
+        self.store = ParticipantKVStore(self.num_layers)
+        self.segment_lengths: list[int] = []
+        self.kept = kept_indices(config.sparsity, rank, len(token_ids), self.is_publisher)
+        self.kv_payload_sent = 0
+        self.timings = PartyTimings()
+        self.answer_logits: list[torch.Tensor] = []
+        self._first_token_logits: torch.Tensor | None = None
+
+    # -- phase 1: segment lengths ------------------------------------------------------------
+    def announce_segment(self) -> None:
+        others = [n for n in range(self.world_size) if n != self.rank]
+        self.transport.send(encode_small(KIND_SEGMENT, len(self.token_ids)), others)
+
+    def learn_segments(self) -> None:
+        lengths = []
+        for n in range(self.world_size):
+            if n == self.rank:
+                lengths.append(len(self.token_ids))
+                continue
+            length = decode_small(self.transport.recv(n), KIND_SEGMENT, self.name_of(n), "segment length", 1 << 24)
+            if length == 0:
+                raise FedAttnError(f"{self.name_of(n)} announced an empty segment")
+            lengths.append(length)
+        self.segment_lengths = lengths
+
+    @property
+    def offsets(self) -> list[int]:
+        return [sum(self.segment_lengths[:n]) for n in range(self.world_size)]
+
+    @property
+    def prompt_length(self) -> int:
+        return sum(self.segment_lengths)
+
+    @property
+    def kept_positions(self) -> torch.Tensor:
+        return self.offsets[self.rank] + self.kept
+
+    # -- phase 2: prefill --------------------------------------------------------------------
+    def prefill(self) -> None:
+        """Run the model over the kept tokens; the publisher keeps its last-position logits."""
+        if not self.segment_lengths:
+            raise RuntimeError("learn_segments must run before prefill")
+        start = time.perf_counter()
+        positions = self.kept_positions
+        step = _PrefillStep(self, positions)
+        with torch.inference_mode():
+            if self.is_publisher:
+                output = self.model(
+                    input_ids=self.token_ids[self.kept].unsqueeze(0),
+                    position_ids=positions.unsqueeze(0),
+                    fedattn_step=step,
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+                self._first_token_logits = output.logits[0, -1].float()
+            else:  # a collaborator never predicts from the prompt: skip the LM head
+                self.model.base_model(
+                    input_ids=self.token_ids[self.kept].unsqueeze(0),
+                    position_ids=positions.unsqueeze(0),
+                    fedattn_step=step,
+                    use_cache=False,
+                )
+        self.timings.prefill_s += time.perf_counter() - start
+
+    def send_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        receivers = self.config.schedule.receivers(layer, self.rank, self.world_size)
+        if not receivers:
+            return
+        chosen = sent_indices(self.config.sparsity, self.rank, layer, len(self.kept), self.is_publisher)
+        block = KVBlock(layer, self.kept_positions[chosen], key[:, chosen], value[:, chosen])
+        frame = encode_kv(block, self.config.codec)
+        self.transport.send(frame, receivers)
+        self.kv_payload_sent += self.config.codec.payload_size(len(chosen), self.num_kv_heads, self.head_dim)
+
+    def receive_kv(self, layer: int, senders: range) -> None:
+        schedule = self.config.schedule
+        for sender in senders:
+            if sender == self.rank or not schedule.receives(layer, self.rank, sender, self.publisher):
+                continue
+            lo = self.offsets[sender]
+            expect = KVExpectation(
+                sender=self.name_of(sender),
+                layer=layer,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                max_tokens=self.segment_lengths[sender],
+                position_range=(lo, lo + self.segment_lengths[sender]),
+            )
+            block = decode_kv(self.transport.recv(sender), expect, self.config.codec)
+            self.store[layer].append(block.key, block.value, block.positions)
+
+    # -- phase 3: what later parties sent ----------------------------------------------------
+    def receive_from_later_parties(self) -> None:
+        """K/V of later parties: useless during prefill (causal), needed to decode."""
+        for layer in range(self.num_layers):
+            self.receive_kv(layer, range(self.rank + 1, self.world_size))
+
+    # -- phase 4: decoding -------------------------------------------------------------------
+    def first_token(self) -> int:
+        """The publisher's prediction at the last prompt position (sampled with its generator)."""
+        if self._first_token_logits is None:
+            raise RuntimeError("only the publisher, after prefill, has the first token")
+        self._generator = self.config.decoding.generator(self.rank)
+        if self.config.record_logits:
+            self.answer_logits.append(self._first_token_logits)
+        return self.config.decoding.pick(self._first_token_logits, self._generator)
+
+    def share_first_token(self, token: int) -> None:
+        others = [n for n in range(self.world_size) if n != self.rank]
+        self.transport.send(encode_small(KIND_TOKEN, token), others)
+
+    def receive_first_token(self) -> int:
+        self._generator = self.config.decoding.generator(self.rank)
+        return decode_small(self.transport.recv(self.publisher), KIND_TOKEN, self.name_of(self.publisher), "first token", self.vocab_size)
+
+    def decode(self, first_token: int) -> list[int]:
+        """Generate from ``first_token`` on the local store alone; no message is sent or received."""
+        start = time.perf_counter()
+        tokens = [first_token]
+        decoding = self.config.decoding
+        with torch.inference_mode():
+            while len(tokens) < self.config.max_new_tokens and tokens[-1] not in self.stop_token_ids:
+                position = self.prompt_length + len(tokens) - 1
+                positions = torch.tensor([position])
+                output = self.model(
+                    input_ids=torch.tensor([[tokens[-1]]]),
+                    position_ids=positions.unsqueeze(0),
+                    fedattn_step=_DecodeStep(self, positions),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+                logits = output.logits[0, -1].float()
+                if self.config.record_logits:
+                    self.answer_logits.append(logits)
+                tokens.append(decoding.pick(logits, self._generator))
+                self.timings.decode_steps += 1
+        self.timings.decode_s += time.perf_counter() - start
+        return tokens
+
+    def name_of(self, rank: int) -> str:
+        return self.transport.name_of(rank)
+
+
+class _PrefillStep:
+    """Per block: store own K/V, send it where scheduled, take what earlier parties sent."""
+
+    def __init__(self, party: Participant, positions: torch.Tensor) -> None:
+        self.party = party
+        self.query_positions = positions
+
+    def collect(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        party = self.party
+        party.store[layer].append(key, value, self.query_positions)
+        party.send_kv(layer, key, value)
+        party.receive_kv(layer, range(party.rank))
+        return party.store[layer].view()
+
+
+class _DecodeStep:
+    """Per block: append the new token's K/V locally and attend to the store."""
+
+    def __init__(self, party: Participant, positions: torch.Tensor) -> None:
+        self.party = party
+        self.query_positions = positions
+
+    def collect(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.party.store[layer].append(key, value, self.query_positions)
+        return self.party.store[layer].view()

@@ -1,0 +1,134 @@
+"""Which party sees which party's keys and values at which Transformer block.
+
+A schedule is the whole of FedAttn's communication pattern: everything else (the engine, the cost
+model, the test oracle) asks it ``receives(layer, receiver, sender)``. The paper's sync interval,
+explicit block lists and placements only choose ``sync_layers``; the publisher-dense schedule and
+the extra publisher sync add edges towards or from the task publisher.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import FedAttnError
+
+PLACEMENTS = ("shallow-half", "deep-half", "progressive", "regressive")
+NAMED_SCHEDULES = ("publisher-dense",)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The sync pattern of one run.
+
+    ``sync_layers`` are global blocks (all-to-all exchange). With ``publisher_dense`` the task
+    publisher also receives every collaborator's K/V at every block. With ``publisher_sync_every``
+    (H_pub) every party also receives the publisher's K/V at blocks l % H_pub == 0 that are not
+    global (the paper's adaptive KV aggregation).
+    """
+
+    num_layers: int
+    sync_layers: tuple[int, ...]
+    publisher_dense: bool = False
+    publisher_sync_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for layer in self.sync_layers:
+            if not 0 <= layer < self.num_layers:
+                raise FedAttnError(f"sync block {layer} is out of range: the model has blocks 0..{self.num_layers - 1}")
+        if list(self.sync_layers) != sorted(set(self.sync_layers)):
+            raise FedAttnError(f"sync blocks must be distinct and increasing, got {list(self.sync_layers)}")
+        if self.publisher_sync_every is not None and self.publisher_sync_every < 1:
+            raise FedAttnError(f"the publisher sync interval must be >= 1, got {self.publisher_sync_every}")
+
+    @property
+    def publisher_sync_layers(self) -> tuple[int, ...]:
+        """Blocks where everyone also attends to the publisher's tokens (not already global)."""
+        if self.publisher_sync_every is None:
+            return ()
+        return tuple(
+            layer for layer in range(0, self.num_layers, self.publisher_sync_every) if layer not in self.sync_layers
+        )
+
+    def receives(self, layer: int, receiver: int, sender: int, publisher: int) -> bool:
+        """Whether ``receiver`` attends to ``sender``'s tokens at ``layer`` (a party always sees itself)."""
+        if receiver == sender or layer in self.sync_layers:
+            return True
+        if self.publisher_dense and receiver == publisher:
+            return True
+        return sender == publisher and layer in self.publisher_sync_layers
+
+    def receivers(self, layer: int, sender: int, num_parties: int) -> list[int]:
+        """The other parties that need ``sender``'s K/V at ``layer`` (publisher = last party)."""
+        publisher = num_parties - 1
+        return [n for n in range(num_parties) if n != sender and self.receives(layer, n, sender, publisher)]
+
+    def describe(self) -> str:
+        parts = [f"sync blocks {list(self.sync_layers)}"]
+        if self.publisher_dense:
+            parts.append("publisher-dense")
+        if self.publisher_sync_every is not None:
+            parts.append(f"publisher extra sync every {self.publisher_sync_every}")
+        return ", ".join(parts)
+
+
+def every(interval: int, num_layers: int) -> tuple[int, ...]:
+    """The default schedule: block l is global iff l % H == 0 (block 0 always; H = 1 is centralized)."""
+    if interval < 1:
+        raise FedAttnError(f"the sync interval H must be >= 1, got {interval}")
+    return tuple(range(0, num_layers, interval))
+
+
+def placement(name: str, count: int, num_layers: int) -> tuple[int, ...]:
+    """``count`` global blocks placed by one of the paper's placement variants."""
+    if count < 1 or count > num_layers:
+        raise FedAttnError(f"a placement needs between 1 and {num_layers} sync blocks, got {count}")
+    if name == "shallow-half":
+        return _evenly_spaced(count, num_layers // 2)
+    if name == "deep-half":
+        return tuple(sorted(num_layers - 1 - x for x in _evenly_spaced(count, num_layers // 2)))
+    if name == "progressive":
+        return _graded(list(range(1, count)), num_layers)
+    if name == "regressive":
+        return _graded(list(range(count - 1, 0, -1)), num_layers)
+    raise FedAttnError(f"unknown placement {name!r}: choose one of {', '.join(PLACEMENTS)}")
+
+
+def _evenly_spaced(count: int, span: int) -> tuple[int, ...]:
+    """k evenly spaced integers in [0, span): (i * span) // k; collapses to distinct values."""
+    return tuple(sorted({(i * max(span, 1)) // count for i in range(count)}))
+
+
+def _graded(gaps: list[int], num_layers: int) -> tuple[int, ...]:
+    """Points from 0 to L-1 whose gaps are proportional to ``gaps``, rounded, kept distinct."""
+    if not gaps:
+        return (0,)
+    total = sum(gaps)
+    points = [0]
+    running = 0
+    for gap in gaps:
+        running += gap
+        points.append(round((num_layers - 1) * running / total))
+    points[-1] = num_layers - 1
+    for i in range(1, len(points)):  # push duplicates apart, forwards then backwards
+        points[i] = max(points[i], points[i - 1] + 1)
+    for i in range(len(points) - 2, -1, -1):
+        points[i] = min(points[i], points[i + 1] - 1)
+    return tuple(points)
+
+
+def sync_count(interval: int, num_layers: int) -> int:
+    """k = ceil(L / H): the number of global blocks of the default schedule."""
+    return math.ceil(num_layers / interval)
+
+
+def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    """'0,8,16' -> (0, 8, 16), with one-line errors for junk and out-of-range blocks."""
+    try:
+        layers = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise FedAttnError(f"--sync-layers takes comma-separated block indices, got {text!r}") from None
+    for layer in layers:
+        if not 0 <= layer < num_layers:
+            raise FedAttnError(f"sync block {layer} is out of range: the model has blocks 0..{num_layers - 1}")
+    return tuple(layers)

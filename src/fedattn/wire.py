@@ -1,0 +1,140 @@
+"""Frames that cross between parties: a fixed little-endian header, then a validated body.
+
+No pickle, nothing executable: a frame is plain numbers and tensor bytes, and ``decode_*`` refuses
+anything that does not match what the receiver expects (kind, codec, block, shapes, sizes, positions,
+finiteness), naming the sender and the block.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ProtocolError
+from .kv_codec import KVCodec, codec_by_code
+
+MAGIC = b"FATN"
+VERSION = 1
+KIND_SEGMENT, KIND_KV, KIND_TOKEN = 1, 2, 3
+
+# magic, version, kind, codec, flags, layer, kv heads, head dim, tokens, first position
+KV_HEADER = struct.Struct("<4sBBBBHHHII")
+# magic, version, kind, value (segment length or token id)
+SMALL_FRAME = struct.Struct("<4sBBQ")
+FLAG_EXPLICIT_POSITIONS = 1
+POSITION_BYTES = 4
+MAX_TOKENS = 1 << 20
+
+
+@dataclass(frozen=True)
+class KVBlock:
+    """One party's K/V at one block: tensors (heads, tokens, head_dim) and their global positions."""
+
+    layer: int
+    positions: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KVExpectation:
+    """What a receiver will accept from one sender at one block."""
+
+    sender: str
+    layer: int
+    num_kv_heads: int
+    head_dim: int
+    max_tokens: int
+    position_range: tuple[int, int]  # [lo, hi) of the sender's segment
+
+
+def encode_kv(block: KVBlock, codec: KVCodec) -> bytes:
+    num_heads, num_tokens, head_dim = block.key.shape
+    positions = block.positions.to(torch.int64)
+    first = int(positions[0])
+    contiguous = bool(torch.equal(positions, torch.arange(first, first + num_tokens)))
+    header = KV_HEADER.pack(
+        MAGIC, VERSION, KIND_KV, codec.code, 0 if contiguous else FLAG_EXPLICIT_POSITIONS,
+        block.layer, num_heads, head_dim, num_tokens, first,
+    )
+    explicit = b"" if contiguous else positions.to(torch.int32).numpy().tobytes()
+    return header + explicit + codec.encode(block.key, block.value)
+
+
+def kv_frame_size(num_tokens: int, contiguous: bool, codec: KVCodec, num_kv_heads: int, head_dim: int) -> int:
+    """The exact size of a KV frame: header, positions when not a contiguous run, payload."""
+    positions = 0 if contiguous else POSITION_BYTES * num_tokens
+    return KV_HEADER.size + positions + codec.payload_size(num_tokens, num_kv_heads, head_dim)
+
+
+def decode_kv(frame: bytes, expect: KVExpectation, codec: KVCodec) -> KVBlock:
+    where = f"from {expect.sender} at block {expect.layer}"
+    if len(frame) < KV_HEADER.size:
+        raise ProtocolError(f"truncated KV frame {where}: {len(frame)} bytes, the header alone is {KV_HEADER.size}")
+    magic, version, kind, codec_code, flags, layer, heads, head_dim, num_tokens, first = KV_HEADER.unpack_from(frame)
+    _check_preamble(magic, version, kind, KIND_KV, where)
+    received_codec = codec_by_code(codec_code)
+    if received_codec is None:
+        raise ProtocolError(f"bad KV frame {where}: unknown dtype code {codec_code}")
+    if received_codec != codec:
+        raise ProtocolError(f"bad KV frame {where}: dtype {received_codec.name}, the run agreed on {codec.name}")
+    if layer != expect.layer:
+        raise ProtocolError(f"bad KV frame {where}: it is for block {layer}, out of order")
+    if heads != expect.num_kv_heads or head_dim != expect.head_dim:
+        raise ProtocolError(
+            f"bad KV frame {where}: shape {heads} KV heads x {head_dim}, "
+            f"the model has {expect.num_kv_heads} x {expect.head_dim}"
+        )
+    if not 0 < num_tokens <= min(expect.max_tokens, MAX_TOKENS):
+        raise ProtocolError(f"bad KV frame {where}: {num_tokens} tokens, expected 1..{expect.max_tokens}")
+    explicit = bool(flags & FLAG_EXPLICIT_POSITIONS)
+    expected_size = kv_frame_size(num_tokens, not explicit, codec, heads, head_dim)
+    if len(frame) != expected_size:
+        raise ProtocolError(f"bad KV frame {where}: {len(frame)} bytes where its header implies {expected_size}")
+    offset = KV_HEADER.size
+    if explicit:
+        positions = torch.frombuffer(bytearray(frame[offset : offset + POSITION_BYTES * num_tokens]), dtype=torch.int32)
+        positions = positions.to(torch.int64)
+        offset += POSITION_BYTES * num_tokens
+    else:
+        positions = torch.arange(first, first + num_tokens)
+    _check_positions(positions, expect, where)
+    key, value = codec.decode(memoryview(frame)[offset:], (heads, num_tokens, head_dim))
+    if not (torch.isfinite(key).all() and torch.isfinite(value).all()):
+        raise ProtocolError(f"bad KV frame {where}: non-finite values")
+    return KVBlock(layer=layer, positions=positions, key=key, value=value)
+
+
+def _check_positions(positions: torch.Tensor, expect: KVExpectation, where: str) -> None:
+    lo, hi = expect.position_range
+    if int(positions.min()) < lo or int(positions.max()) >= hi:
+        raise ProtocolError(f"bad KV frame {where}: positions outside the sender's segment [{lo}, {hi})")
+    if positions.numel() > 1 and not bool((positions[1:] > positions[:-1]).all()):
+        raise ProtocolError(f"bad KV frame {where}: positions not strictly increasing")
+
+
+def encode_small(kind: int, value: int) -> bytes:
+    return SMALL_FRAME.pack(MAGIC, VERSION, kind, value)
+
+
+def decode_small(frame: bytes, kind: int, sender: str, what: str, upper: int) -> int:
+    """A segment-length or token frame; ``upper`` is the exclusive bound on its value."""
+    where = f"from {sender} ({what})"
+    if len(frame) != SMALL_FRAME.size:
+        raise ProtocolError(f"bad frame {where}: {len(frame)} bytes, expected {SMALL_FRAME.size}")
+    magic, version, received_kind, value = SMALL_FRAME.unpack(frame)
+    _check_preamble(magic, version, received_kind, kind, where)
+    if not 0 <= value < upper:
+        raise ProtocolError(f"bad frame {where}: value {value} outside [0, {upper})")
+    return value
+
+
+def _check_preamble(magic: bytes, version: int, kind: int, expected_kind: int, where: str) -> None:
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame {where}: not a fedattn frame")
+    if version != VERSION:
+        raise ProtocolError(f"bad frame {where}: protocol version {version}, this build speaks {VERSION}")
+    if kind != expected_kind:
+        raise ProtocolError(f"bad frame {where}: kind {kind}, expected {expected_kind}")
