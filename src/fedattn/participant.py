@@ -140,7 +140,7 @@ class Participant:
             return
         chosen = sent_indices(self.config.sparsity, self.rank, layer, len(self.kept), self.is_publisher)
         block = KVBlock(layer, self.kept_positions[chosen], key[:, chosen], value[:, chosen])
-        frame = encode_kv(block, self.config.codec)
+        frame = encode_kv(block, self.config.codec, whole_segment=len(chosen) == len(self.token_ids))
         self.transport.send(frame, receivers)
         self.kv_payload_sent += self.config.codec.payload_size(len(chosen), self.num_kv_heads, self.head_dim)
 

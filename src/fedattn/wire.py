@@ -23,7 +23,7 @@ KIND_SEGMENT, KIND_KV, KIND_TOKEN = 1, 2, 3
 KV_HEADER = struct.Struct("<4sBBBBHHHII")
 # magic, version, kind, value (segment length or token id)
 SMALL_FRAME = struct.Struct("<4sBBQ")
-FLAG_EXPLICIT_POSITIONS = 1
+FLAG_WHOLE_SEGMENT = 1  # positions are the sender's whole segment and are not sent
 POSITION_BYTES = 4
 MAX_TOKENS = 1 << 20
 
@@ -50,22 +50,20 @@ class KVExpectation:
     position_range: tuple[int, int]  # [lo, hi) of the sender's segment
 
 
-def encode_kv(block: KVBlock, codec: KVCodec) -> bytes:
+def encode_kv(block: KVBlock, codec: KVCodec, whole_segment: bool) -> bytes:
+    """``whole_segment``: the block covers every token of the sender's segment, so positions are implied."""
     num_heads, num_tokens, head_dim = block.key.shape
-    positions = block.positions.to(torch.int64)
-    first = int(positions[0])
-    contiguous = bool(torch.equal(positions, torch.arange(first, first + num_tokens)))
     header = KV_HEADER.pack(
-        MAGIC, VERSION, KIND_KV, codec.code, 0 if contiguous else FLAG_EXPLICIT_POSITIONS,
-        block.layer, num_heads, head_dim, num_tokens, first,
+        MAGIC, VERSION, KIND_KV, codec.code, FLAG_WHOLE_SEGMENT if whole_segment else 0,
+        block.layer, num_heads, head_dim, num_tokens, int(block.positions[0]),
     )
-    explicit = b"" if contiguous else positions.to(torch.int32).numpy().tobytes()
+    explicit = b"" if whole_segment else block.positions.to(torch.int32).numpy().tobytes()
     return header + explicit + codec.encode(block.key, block.value)
 
 
-def kv_frame_size(num_tokens: int, contiguous: bool, codec: KVCodec, num_kv_heads: int, head_dim: int) -> int:
-    """The exact size of a KV frame: header, positions when not a contiguous run, payload."""
-    positions = 0 if contiguous else POSITION_BYTES * num_tokens
+def kv_frame_size(num_tokens: int, whole_segment: bool, codec: KVCodec, num_kv_heads: int, head_dim: int) -> int:
+    """The exact size of a KV frame: header, explicit positions unless whole-segment, payload."""
+    positions = 0 if whole_segment else POSITION_BYTES * num_tokens
     return KV_HEADER.size + positions + codec.payload_size(num_tokens, num_kv_heads, head_dim)
 
 
@@ -89,17 +87,21 @@ def decode_kv(frame: bytes, expect: KVExpectation, codec: KVCodec) -> KVBlock:
         )
     if not 0 < num_tokens <= min(expect.max_tokens, MAX_TOKENS):
         raise ProtocolError(f"bad KV frame {where}: {num_tokens} tokens, expected 1..{expect.max_tokens}")
-    explicit = bool(flags & FLAG_EXPLICIT_POSITIONS)
-    expected_size = kv_frame_size(num_tokens, not explicit, codec, heads, head_dim)
+    whole_segment = bool(flags & FLAG_WHOLE_SEGMENT)
+    if flags & ~FLAG_WHOLE_SEGMENT:
+        raise ProtocolError(f"bad KV frame {where}: unknown flags {flags:#x}")
+    expected_size = kv_frame_size(num_tokens, whole_segment, codec, heads, head_dim)
     if len(frame) != expected_size:
         raise ProtocolError(f"bad KV frame {where}: {len(frame)} bytes where its header implies {expected_size}")
     offset = KV_HEADER.size
-    if explicit:
+    if whole_segment:
+        if num_tokens != expect.max_tokens or first != expect.position_range[0]:
+            raise ProtocolError(f"bad KV frame {where}: marked whole-segment but covers {num_tokens} tokens from {first}")
+        positions = torch.arange(first, first + num_tokens)
+    else:
         positions = torch.frombuffer(bytearray(frame[offset : offset + POSITION_BYTES * num_tokens]), dtype=torch.int32)
         positions = positions.to(torch.int64)
         offset += POSITION_BYTES * num_tokens
-    else:
-        positions = torch.arange(first, first + num_tokens)
     _check_positions(positions, expect, where)
     key, value = codec.decode(memoryview(frame)[offset:], (heads, num_tokens, head_dim))
     if not (torch.isfinite(key).all() and torch.isfinite(value).all()):

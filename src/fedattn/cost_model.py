@@ -1,0 +1,113 @@
+"""The spec's cost model: expected bytes and FLOPs per participant, from the schedule alone.
+
+It is computed independently of the engine (from segment lengths, ratios and the schedule, never
+from what was sent), so a run's measured bytes can be checked against it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kv_codec import KVCodec
+from .schedule import Schedule
+from .sparsity import Sparsity, sample_count
+from .wire import SMALL_FRAME, kv_frame_size
+
+SWIGLU_FFN_FACTOR = 6
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> "ModelDims":
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            ffn=config.intermediate_size,
+            vocab=config.vocab_size,
+        )
+
+    @property
+    def kv_ratio(self) -> float:
+        """r = H_kv / attention heads."""
+        return self.num_kv_heads / self.num_heads
+
+    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
+        """K and V of one token at one block: H_kv * d_h * 2 * b."""
+        return self.num_kv_heads * self.head_dim * 2 * bytes_per_element
+
+    def token_flops(self) -> float:
+        """Projections and FFN of one token at one block: 2 d^2 (2 + 2r) + c_ffn d d_ff."""
+        return 2 * self.hidden**2 * (2 + 2 * self.kv_ratio) + SWIGLU_FFN_FACTOR * self.hidden * self.ffn
+
+
+@dataclass
+class PartyCost:
+    kv_bytes_sent: int = 0
+    kv_bytes_received: int = 0
+    wire_bytes_sent: int = 0
+    wire_bytes_received: int = 0
+    prefill_flops: float = 0.0
+    prompt_kv_per_layer: list[int] | None = None
+
+    def decode_flops(self, dims: ModelDims, steps: int) -> float:
+        """L G (2 d^2 (2+2r) + c d d_ff) + 4 d sum_l (G T0_l + G(G-1)/2) + 2 G d V."""
+        attention = sum(steps * t0 + steps * (steps - 1) / 2 for t0 in self.prompt_kv_per_layer or [])
+        return (
+            dims.num_layers * steps * dims.token_flops()
+            + 4 * dims.hidden * attention
+            + 2 * steps * dims.hidden * dims.vocab
+        )
+
+
+def expected_costs(
+    dims: ModelDims,
+    schedule: Schedule,
+    sparsity: Sparsity,
+    codec: KVCodec,
+    segment_lengths: list[int],
+    all_answers: bool = False,
+) -> list[PartyCost]:
+    """Per party: K/V payload bytes, exact wire bytes (headers, positions, control frames), FLOPs."""
+    count = len(segment_lengths)
+    publisher = count - 1
+    kept = [sample_count(t, sparsity.comp_ratio(n == publisher)) for n, t in enumerate(segment_lengths)]
+    per_token = dims.kv_bytes_per_token(codec.bytes_per_element)
+    costs = [PartyCost(prompt_kv_per_layer=[]) for _ in range(count)]
+    for n, cost in enumerate(costs):  # segment-length announcements
+        cost.wire_bytes_sent += SMALL_FRAME.size if count > 1 else 0
+        cost.wire_bytes_received += SMALL_FRAME.size * (count - 1)
+    if all_answers and count > 1:  # the publisher's first token
+        costs[publisher].wire_bytes_sent += SMALL_FRAME.size
+        for n in range(publisher):
+            costs[n].wire_bytes_received += SMALL_FRAME.size
+    for layer in range(dims.num_layers):
+        sent = [0] * count
+        for m in range(count):
+            if schedule.receivers(layer, m, count):
+                sent[m] = sample_count(kept[m], sparsity.comm_ratio(m == publisher))
+                frame = kv_frame_size(sent[m], sent[m] == segment_lengths[m], codec, dims.num_kv_heads, dims.head_dim)
+                costs[m].kv_bytes_sent += sent[m] * per_token
+                costs[m].wire_bytes_sent += frame
+                for n in schedule.receivers(layer, m, count):
+                    costs[n].kv_bytes_received += sent[m] * per_token
+                    costs[n].wire_bytes_received += frame
+        for n, cost in enumerate(costs):
+            visible = [m for m in range(count) if m != n and schedule.receives(layer, n, m, publisher)]
+            earlier = sum(sent[m] for m in visible if m < n)
+            causal_pairs = kept[n] * earlier + kept[n] * (kept[n] + 1) // 2
+            cost.prefill_flops += kept[n] * dims.token_flops() + 4 * dims.hidden * causal_pairs
+            cost.prompt_kv_per_layer.append(kept[n] + sum(sent[m] for m in visible))
+    costs[publisher].prefill_flops += 2 * dims.hidden * dims.vocab
+    return costs

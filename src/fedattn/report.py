@@ -1,0 +1,61 @@
+"""Human-readable output: the answer and the per-party traffic table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .query import QueryReport
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count}"
+
+
+def print_report(report: QueryReport, model_name: str, console: Console | None = None) -> None:
+    console = console or Console()
+    result = report.result
+    console.print(f"[bold]Answer[/bold] (publisher): {report.answer}")
+    for rank, text in report.answer_texts.items():
+        if rank != len(result.parties) - 1:
+            console.print(f"[dim]{result.parties[rank].name}[/dim]: {text}")
+    table = Table(title=f"{model_name} · {report.config.schedule.describe()} · K/V as {report.config.codec.name}")
+    for column in ("party", "tokens", "kept", "sent", "received", "expected sent", "prefill s", "decode s"):
+        table.add_column(column, justify="left" if column == "party" else "right")
+    for party, cost in zip(result.parties, report.expected):
+        table.add_row(
+            party.name,
+            str(party.tokens),
+            str(party.kept_tokens),
+            _bytes(party.bytes_sent),
+            _bytes(party.bytes_received),
+            _bytes(cost.wire_bytes_sent),
+            f"{party.prefill_s:.2f}",
+            f"{party.decode_s:.2f}",
+        )
+    console.print(table)
+    console.print(
+        f"prefill {result.prefill_s:.2f} s · decode {result.decode_s:.2f} s "
+        f"({result.decode_tokens_per_s:.1f} tok/s) · total traffic {_bytes(sum(p.bytes_sent for p in result.parties))} sent"
+    )
+
+
+def print_models(rows: list[dict], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="fedattn models")
+    columns = [key for key in ("name", "installed", "cached", "size", "description") if any(key in row for row in rows)]
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row.get(column)) for column in columns))
+    console.print(table)
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "" if value is None else str(value)
