@@ -37,10 +37,11 @@ class LayerKV:
         if needed <= capacity:
             return
         new_capacity = max(needed, 2 * capacity, 16)
-        heads, _, head_dim = like.shape
-        key = like.new_empty(heads, new_capacity, head_dim)
-        value = like.new_empty(heads, new_capacity, head_dim)
-        positions = torch.empty(new_capacity, dtype=torch.long, device=like.device)
+        template = like if self._key is None else self._key  # the first entries fix dtype and device
+        heads, _, head_dim = template.shape
+        key = template.new_empty(heads, new_capacity, head_dim)
+        value = template.new_empty(heads, new_capacity, head_dim)
+        positions = torch.empty(new_capacity, dtype=torch.long, device=template.device)
         if self._key is not None:
             key[:, : self.length] = self._key[:, : self.length]
             value[:, : self.length] = self._value[:, : self.length]

@@ -108,6 +108,7 @@ class Participant:
         return self.offsets[self.rank] + self.kept
 
     # -- phase 2: prefill --------------------------------------------------------------------
+    @torch.inference_mode()
     def prefill(self) -> None:
         """Run the model over the kept tokens; the publisher keeps its last-position logits."""
         if not self.segment_lengths:
@@ -115,23 +116,12 @@ class Participant:
         start = time.perf_counter()
         positions = self.kept_positions
         step = _PrefillStep(self, positions)
-        with torch.inference_mode():
-            if self.is_publisher:
-                output = self.model(
-                    input_ids=self.token_ids[self.kept].unsqueeze(0),
-                    position_ids=positions.unsqueeze(0),
-                    fedattn_step=step,
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
-                self._first_token_logits = output.logits[0, -1].float()
-            else:  # a collaborator never predicts from the prompt: skip the LM head
-                self.model.base_model(
-                    input_ids=self.token_ids[self.kept].unsqueeze(0),
-                    position_ids=positions.unsqueeze(0),
-                    fedattn_step=step,
-                    use_cache=False,
-                )
+        inputs = dict(input_ids=self.token_ids[self.kept].unsqueeze(0), position_ids=positions.unsqueeze(0))
+        if self.is_publisher:
+            output = self.model(**inputs, fedattn_step=step, use_cache=False, logits_to_keep=1)
+            self._first_token_logits = output.logits[0, -1].float()
+        else:  # a collaborator never predicts from the prompt: skip the LM head
+            self.model.base_model(**inputs, fedattn_step=step, use_cache=False)
         self.timings.prefill_s += time.perf_counter() - start
 
     def send_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -159,9 +149,11 @@ class Participant:
                 position_range=(lo, lo + self.segment_lengths[sender]),
             )
             block = decode_kv(self.transport.recv(sender), expect, self.config.codec)
-            self.store[layer].append(block.key, block.value, block.positions)
+            dtype, device = self.model.dtype, self.model.device
+            self.store[layer].append(block.key.to(device, dtype), block.value.to(device, dtype), block.positions.to(device))
 
     # -- phase 3: what later parties sent ----------------------------------------------------
+    @torch.inference_mode()
     def receive_from_later_parties(self) -> None:
         """K/V of later parties: useless during prefill (causal), needed to decode."""
         for layer in range(self.num_layers):
@@ -185,27 +177,26 @@ class Participant:
         self._generator = self.config.decoding.generator(self.rank)
         return decode_small(self.transport.recv(self.publisher), KIND_TOKEN, self.name_of(self.publisher), "first token", self.vocab_size)
 
+    @torch.inference_mode()
     def decode(self, first_token: int) -> list[int]:
         """Generate from ``first_token`` on the local store alone; no message is sent or received."""
         start = time.perf_counter()
         tokens = [first_token]
         decoding = self.config.decoding
-        with torch.inference_mode():
-            while len(tokens) < self.config.max_new_tokens and tokens[-1] not in self.stop_token_ids:
-                position = self.prompt_length + len(tokens) - 1
-                positions = torch.tensor([position])
-                output = self.model(
-                    input_ids=torch.tensor([[tokens[-1]]]),
-                    position_ids=positions.unsqueeze(0),
-                    fedattn_step=_DecodeStep(self, positions),
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
-                logits = output.logits[0, -1].float()
-                if self.config.record_logits:
-                    self.answer_logits.append(logits)
-                tokens.append(decoding.pick(logits, self._generator))
-                self.timings.decode_steps += 1
+        while len(tokens) < self.config.max_new_tokens and tokens[-1] not in self.stop_token_ids:
+            positions = torch.tensor([self.prompt_length + len(tokens) - 1])
+            output = self.model(
+                input_ids=torch.tensor([[tokens[-1]]]),
+                position_ids=positions.unsqueeze(0),
+                fedattn_step=_DecodeStep(self, positions),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            logits = output.logits[0, -1].float()
+            if self.config.record_logits:
+                self.answer_logits.append(logits)
+            tokens.append(decoding.pick(logits, self._generator))
+            self.timings.decode_steps += 1
         self.timings.decode_s += time.perf_counter() - start
         return tokens
 

@@ -1,0 +1,43 @@
+"""Schedules worked out by hand from the spec's formulas."""
+
+import pytest
+
+from fedattn.errors import FedAttnError
+from fedattn.schedule import Schedule, every, parse_layers, placement, sync_count
+
+
+def test_every():
+    assert every(1, 4) == (0, 1, 2, 3)
+    assert every(4, 24) == (0, 4, 8, 12, 16, 20)
+    assert every(5, 24) == (0, 5, 10, 15, 20)
+    assert sync_count(5, 24) == 5
+
+
+def test_placements_24_blocks_k4():
+    # shallow-half: (i * 12) // 4 for i in 0..3
+    assert placement("shallow-half", 4, 24) == (0, 3, 6, 9)
+    assert placement("deep-half", 4, 24) == (14, 17, 20, 23)
+    # progressive: gaps 1,2,3 of 23 total -> 0, 23/6=3.83->4, 23*3/6=11.5->12 (banker's: 12), 23
+    assert placement("progressive", 4, 24) == (0, 4, 12, 23)
+    # regressive: gaps 3,2,1 -> 0, 11.5->12, 23*5/6=19.17->19, 23
+    assert placement("regressive", 4, 24) == (0, 12, 19, 23)
+
+
+def test_graded_placement_pushes_duplicates_apart():
+    assert placement("progressive", 5, 5) == (0, 1, 2, 3, 4)
+    assert placement("regressive", 1, 8) == (0,)
+
+
+def test_visibility_rules():
+    schedule = Schedule(8, (0, 4), publisher_dense=True, publisher_sync_every=3)
+    assert schedule.publisher_sync_layers == (3, 6)
+    assert schedule.receivers(0, 1, 3) == [0, 2]
+    assert schedule.receivers(1, 0, 3) == [2]  # publisher-dense
+    assert schedule.receivers(1, 2, 3) == []
+    assert schedule.receivers(3, 2, 3) == [0, 1]  # extra publisher sync
+
+
+@pytest.mark.parametrize("text", ["0,99", "-1", "a,b"])
+def test_bad_layers(text):
+    with pytest.raises(FedAttnError):
+        parse_layers(text, 24)
