@@ -85,8 +85,9 @@ def decode_kv(frame: bytes, expect: KVExpectation, codec: KVCodec) -> KVBlock:
             f"bad KV frame {where}: shape {heads} KV heads x {head_dim}, "
             f"the model has {expect.num_kv_heads} x {expect.head_dim}"
         )
-    if not 0 < num_tokens <= min(expect.max_tokens, MAX_TOKENS):
-        raise ProtocolError(f"bad KV frame {where}: {num_tokens} tokens, expected 1..{expect.max_tokens}")
+    limit = min(expect.max_tokens, MAX_TOKENS)
+    if not 0 < num_tokens <= limit:
+        raise ProtocolError(f"bad KV frame {where}: {num_tokens} tokens, expected 1..{limit}")
     whole_segment = bool(flags & FLAG_WHOLE_SEGMENT)
     if flags & ~FLAG_WHOLE_SEGMENT:
         raise ProtocolError(f"bad KV frame {where}: unknown flags {flags:#x}")
