@@ -217,7 +217,6 @@ def test_human_output(capsys, monkeypatch):
     assert "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="report.py passes answers to rich as markup: '[red]' vanishes, '[/i]' raises MarkupError")
 def test_human_output_prints_the_answer_verbatim(capsys, monkeypatch):
     import fedattn.query
 
@@ -236,7 +235,6 @@ def test_human_output_prints_the_answer_verbatim(capsys, monkeypatch):
     assert f"Answer (publisher): {text}" in out
 
 
-@pytest.mark.xfail(strict=True, reason="report.py lets rich shorten party and model names on an 80-column terminal")
 def test_names_are_not_shortened_at_80_columns(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     code, out, err = run_cli(capsys, [*BASE, *CONTEXTS, *QUESTION])

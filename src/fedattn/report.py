@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .query import QueryReport
@@ -19,13 +20,14 @@ def _bytes(count: float) -> str:
 def print_report(report: QueryReport, model_name: str, console: Console | None = None) -> None:
     console = console or Console()
     result = report.result
-    console.print(f"[bold]Answer[/bold] (publisher): {report.answer}")
+    console.print(f"[bold]Answer[/bold] (publisher): {escape(report.answer)}")
     for rank, text in report.answer_texts.items():
         if rank != len(result.parties) - 1:
-            console.print(f"[dim]{result.parties[rank].name}[/dim]: {text}")
-    table = Table(title=f"{model_name} · {report.config.schedule.describe()} · K/V as {report.config.codec.name}")
-    for column in ("party", "tokens", "kept", "sent", "received", "expected sent", "prefill s", "decode s"):
-        table.add_column(column, justify="left" if column == "party" else "right")
+            console.print(f"[dim]{result.parties[rank].name}[/dim]: {escape(text)}")
+    table = Table(title=escape(f"{model_name} · {report.config.schedule.describe()} · K/V as {report.config.codec.name}"))
+    table.add_column("party", no_wrap=True)
+    for column in ("tokens", "kept", "sent", "received", "expected sent", "prefill s", "decode s"):
+        table.add_column(column, justify="right")
     for party, cost in zip(result.parties, report.expected):
         table.add_row(
             party.name,
@@ -49,9 +51,9 @@ def print_models(rows: list[dict], console: Console | None = None) -> None:
     table = Table(title="fedattn models")
     columns = [key for key in ("name", "installed", "cached", "size", "description") if any(key in row for row in rows)]
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name")
     for row in rows:
-        table.add_row(*(_cell(row.get(column)) for column in columns))
+        table.add_row(*(escape(_cell(row.get(column))) for column in columns))
     console.print(table)
 
 
