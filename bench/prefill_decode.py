@@ -43,6 +43,17 @@ def hf_prefill_s(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def separate_forwards_s(model, segments: list[list[int]]) -> float:
+    """The floor of any per-party prefill: N independent HF forwards, local attention only."""
+    start, offset = time.perf_counter(), 0
+    with torch.inference_mode():
+        for segment in segments:
+            positions = torch.arange(offset, offset + len(segment)).unsqueeze(0)
+            model.base_model(input_ids=torch.tensor([segment]), position_ids=positions, use_cache=True)
+            offset += len(segment)
+    return time.perf_counter() - start
+
+
 def hf_generate_s(model, ids: torch.Tensor, new_tokens: int) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
@@ -91,10 +102,13 @@ def main() -> None:
     reset_peak_rss()
     rss_before = rss_mb("VmRSS")
 
-    times: dict[str, list[float]] = {"hf_prefill": [], "fed_prefill_h1": [], "fed_prefill_h8": [], "hf_decode_tps": [], "fed_decode_tps": []}
+    times: dict[str, list[float]] = {
+        "hf_prefill": [], "separate_forwards": [], "fed_prefill_h1": [], "fed_prefill_h8": [], "hf_decode_tps": [], "fed_decode_tps": []
+    }
     same_tokens = True
     for _ in range(args.repeats):
         times["hf_prefill"].append(hf_prefill_s(model, ids))
+        times["separate_forwards"].append(separate_forwards_s(model, segments))
         for h, config in configs.items():
             times[f"fed_prefill_h{h}"].append(run_in_process(model, segments, config).prefill_s)
         result = run_in_process(model, segments, decode_config)  # no stop tokens: always new_tokens long
@@ -109,14 +123,15 @@ def main() -> None:
     med = {key: statistics.median(values) for key, values in times.items()}
     rows = [
         ("prefill, HF centralized (s)", med["hf_prefill"], 1.0, ""),
+        (f"prefill, {args.parties} plain HF forwards (s)", med["separate_forwards"], med["separate_forwards"] / med["hf_prefill"], "floor: no exchange"),
         ("prefill, FedAttn H=1 (s)", med["fed_prefill_h1"], med["fed_prefill_h1"] / med["hf_prefill"], "target <= 1.15x"),
         ("prefill, FedAttn H=8 (s)", med["fed_prefill_h8"], med["fed_prefill_h8"] / med["hf_prefill"], "target < H=1"),
         ("decode, HF generate (tok/s)", med["hf_decode_tps"], 1.0, ""),
         ("decode, FedAttn publisher (tok/s)", med["fed_decode_tps"], med["fed_decode_tps"] / med["hf_decode_tps"], "target >= 0.9x"),
     ]
-    print(f"{'measure':36} {'median':>10} {'ratio':>8}")
+    print(f"{'measure':38} {'median':>10} {'ratio':>8}")
     for name, value, ratio, note in rows:
-        print(f"{name:36} {value:10.3f} {ratio:7.2f}x  {note}")
+        print(f"{name:38} {value:10.3f} {ratio:7.2f}x  {note}")
     print(f"H=1 decode tokens identical to HF generate: {same_tokens}")
     print(f"memory: parameters {param_mb:.0f} MiB; resident before runs {rss_before:.0f} MiB, peak during runs {peak_mb:.0f} MiB "
           f"(+{peak_mb - rss_before:.0f} MiB over the loaded model)")

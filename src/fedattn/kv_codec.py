@@ -30,19 +30,13 @@ class KVCodec:
         return 2 * num_tokens * num_kv_heads * head_dim * self.bytes_per_element
 
     def encode(self, key: torch.Tensor, value: torch.Tensor) -> bytes:
-        """K and V of shape (heads, tokens, head_dim) -> bytes."""
-        return _tensor_bytes(key.to(self.dtype)) + _tensor_bytes(value.to(self.dtype))
+        """K and V of shape (heads, tokens, head_dim) -> bytes (K first, then V)."""
+        stacked = torch.stack([key.detach(), value.detach()]).to("cpu", self.dtype)
+        return stacked.view(torch.uint8).numpy().tobytes()
 
-    def decode(self, payload: memoryview, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """bytes -> K and V (as ``self.dtype``); the caller has checked the length."""
-        flat = torch.frombuffer(bytearray(payload), dtype=self.dtype)
-        key, value = flat.view(2, *shape).unbind(0)
-        return key, value
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    contiguous = tensor.detach().contiguous().cpu()
-    return contiguous.view(torch.uint8).numpy().tobytes() if contiguous.numel() else b""
+    def decode(self, payload: memoryview, shape: tuple[int, int, int]) -> torch.Tensor:
+        """bytes -> a (2, heads, tokens, head_dim) tensor of K and V; the caller checked the length."""
+        return torch.frombuffer(bytearray(payload), dtype=self.dtype).view(2, *shape)
 
 
 CODECS: dict[str, KVCodec] = {

@@ -18,6 +18,7 @@ class LayerKV:
         self._value: torch.Tensor | None = None
         self._positions = torch.empty(0, dtype=torch.long)
         self.length = 0
+        self.planned_capacity = 0
 
     def append(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
         """Add entries; ``key``/``value`` are (heads, n, head_dim), ``positions`` (n,)."""
@@ -36,7 +37,7 @@ class LayerKV:
         capacity = 0 if self._key is None else self._key.shape[1]
         if needed <= capacity:
             return
-        new_capacity = max(needed, 2 * capacity, 16)
+        new_capacity = max(needed, 2 * capacity, 16, self.planned_capacity)
         template = like if self._key is None else self._key  # the first entries fix dtype and device
         heads, _, head_dim = template.shape
         key = template.new_empty(heads, new_capacity, head_dim)
@@ -54,6 +55,12 @@ class ParticipantKVStore:
 
     def __init__(self, num_layers: int) -> None:
         self.layers = [LayerKV() for _ in range(num_layers)]
+
+    def reserve(self, tokens: int) -> None:
+        """Size the first allocation of every block for ``tokens`` entries (an upper bound known
+        before prefill: the whole prompt plus the new tokens), so appends never reallocate."""
+        for layer in self.layers:
+            layer.planned_capacity = tokens
 
     def __getitem__(self, layer: int) -> LayerKV:
         return self.layers[layer]

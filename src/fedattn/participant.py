@@ -114,6 +114,7 @@ class Participant:
         if not self.segment_lengths:
             raise RuntimeError("learn_segments must run before prefill")
         start = time.perf_counter()
+        self.store.reserve(self.prompt_length + self.config.max_new_tokens)
         positions = self.kept_positions
         step = _PrefillStep(self, positions)
         inputs = dict(input_ids=self.token_ids[self.kept].unsqueeze(0), position_ids=positions.unsqueeze(0))
@@ -129,7 +130,9 @@ class Participant:
         if not receivers:
             return
         chosen = sent_indices(self.config.sparsity, self.rank, layer, len(self.kept), self.is_publisher)
-        block = KVBlock(layer, self.kept_positions[chosen], key[:, chosen], value[:, chosen])
+        if len(chosen) < len(self.kept):
+            key, value = key[:, chosen], value[:, chosen]
+        block = KVBlock(layer, self.kept_positions[chosen], key, value)
         frame = encode_kv(block, self.config.codec, whole_segment=len(chosen) == len(self.token_ids))
         self.transport.send(frame, receivers)
         self.kv_payload_sent += self.config.codec.payload_size(len(chosen), self.num_kv_heads, self.head_dim)

@@ -104,10 +104,10 @@ def decode_kv(frame: bytes, expect: KVExpectation, codec: KVCodec) -> KVBlock:
         positions = positions.to(torch.int64)
         offset += POSITION_BYTES * num_tokens
     _check_positions(positions, expect, where)
-    key, value = codec.decode(memoryview(frame)[offset:], (heads, num_tokens, head_dim))
-    if not (torch.isfinite(key).all() and torch.isfinite(value).all()):
+    key_value = codec.decode(memoryview(frame)[offset:], (heads, num_tokens, head_dim))
+    if not bool(torch.isfinite(key_value).all()):
         raise ProtocolError(f"bad KV frame {where}: non-finite values")
-    return KVBlock(layer=layer, positions=positions, key=key, value=value)
+    return KVBlock(layer=layer, positions=positions, key=key_value[0], value=key_value[1])
 
 
 def _check_positions(positions: torch.Tensor, expect: KVExpectation, where: str) -> None:
