@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import FedAttnError
@@ -137,7 +139,8 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         all_answers=args.all_answers,
     )
-    report = answer_question(loaded.model, loaded.tokenizer, contexts, question, config, publisher_context, args.raw)
+    with _busy(f"{len(contexts) + 1} parties: prefill and decode on {device}", quiet=args.json):
+        report = answer_question(loaded.model, loaded.tokenizer, contexts, question, config, publisher_context, args.raw)
     if args.json:
         document = report.to_json()
         document["model"] = {"name": loaded.name, "identity": loaded.identity}
@@ -147,6 +150,18 @@ def _run(args: argparse.Namespace) -> int:
 
         print_report(report, loaded.name)
     return 0
+
+
+@contextmanager
+def _busy(message: str, quiet: bool) -> Iterator[None]:
+    """A spinner with elapsed time on stderr while a query runs (seconds to minutes on a CPU)."""
+    if quiet:
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield
 
 
 def _models() -> int:

@@ -57,7 +57,8 @@ class Participant:
             raise FedAttnError(f"{transport.name_of(rank)} has an empty segment")
         self.rank = rank
         self.name = transport.name_of(rank)
-        self.token_ids = torch.tensor(token_ids, dtype=torch.long)
+        self.device = model.device
+        self.token_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         self.model = model
         self.transport = transport
         self.config = config
@@ -72,7 +73,7 @@ class Participant:
         self.vocab_size = model_config.vocab_size
         self.store = ParticipantKVStore(self.num_layers)
         self.segment_lengths: list[int] = []
-        self.kept = kept_indices(config.sparsity, rank, len(token_ids), self.is_publisher)
+        self.kept = kept_indices(config.sparsity, rank, len(token_ids), self.is_publisher).to(self.device)
         self.kv_payload_sent = 0
         self.timings = PartyTimings()
         self.answer_logits: list[torch.Tensor] = []
@@ -129,7 +130,7 @@ class Participant:
         receivers = self.config.schedule.receivers(layer, self.rank, self.world_size)
         if not receivers:
             return
-        chosen = sent_indices(self.config.sparsity, self.rank, layer, len(self.kept), self.is_publisher)
+        chosen = sent_indices(self.config.sparsity, self.rank, layer, len(self.kept), self.is_publisher).to(self.device)
         if len(chosen) < len(self.kept):
             key, value = key[:, chosen], value[:, chosen]
         block = KVBlock(layer, self.kept_positions[chosen], key, value)
@@ -187,9 +188,9 @@ class Participant:
         tokens = [first_token]
         decoding = self.config.decoding
         while len(tokens) < self.config.max_new_tokens and tokens[-1] not in self.stop_token_ids:
-            positions = torch.tensor([self.prompt_length + len(tokens) - 1])
+            positions = torch.tensor([self.prompt_length + len(tokens) - 1], device=self.device)
             output = self.model(
-                input_ids=torch.tensor([[tokens[-1]]]),
+                input_ids=torch.tensor([[tokens[-1]]], device=self.device),
                 position_ids=positions.unsqueeze(0),
                 fedattn_step=_DecodeStep(self, positions),
                 use_cache=False,
