@@ -26,7 +26,7 @@ def print_report(report: QueryReport, model_name: str, console: Console | None =
             console.print(f"[dim]{result.parties[rank].name}[/dim]: {escape(text)}")
     table = Table(title=escape(f"{model_name} · {report.config.schedule.describe()} · K/V as {report.config.codec.name}"))
     table.add_column("party", no_wrap=True)
-    for column in ("tokens", "kept", "sent", "received", "model says", "prefill s", "decode s"):
+    for column in ("tokens", "kept", "sent", "received", "predicted", "prefill s", "decode s"):
         table.add_column(column, justify="right")
     for party, cost in zip(result.parties, report.expected):
         table.add_row(
