@@ -20,7 +20,17 @@ from .kv_store import ParticipantKVStore
 from .schedule import Schedule
 from .sparsity import Sparsity, kept_indices, sent_indices
 from .transport import Transport
-from .wire import KIND_SEGMENT, KIND_TOKEN, KVBlock, KVExpectation, decode_kv, decode_small, encode_kv, encode_small
+from .wire import (
+    KIND_SEGMENT,
+    KIND_TOKEN,
+    MAX_TOKENS,
+    KVBlock,
+    KVExpectation,
+    decode_kv,
+    decode_small,
+    encode_kv,
+    encode_small,
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,10 @@ class Participant:
         self.head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
         self.vocab_size = model_config.vocab_size
         self.store = ParticipantKVStore(self.num_layers)
-        self.segment_lengths: list[int] = []
+        self.segment_lengths: list[int] = []  # every party's, known after learn_segments
+        self.offsets: list[int] = []
+        self.prompt_length = 0
+        self.kept_positions = torch.empty(0, dtype=torch.long)
         self.kept = kept_indices(config.sparsity, rank, len(token_ids), self.is_publisher).to(self.device)
         self.kv_payload_sent = 0
         self.timings = PartyTimings()
@@ -90,23 +103,14 @@ class Participant:
             if n == self.rank:
                 lengths.append(len(self.token_ids))
                 continue
-            length = decode_small(self.transport.recv(n), KIND_SEGMENT, self.name_of(n), "segment length", 1 << 24)
+            length = decode_small(self.transport.recv(n), KIND_SEGMENT, self.name_of(n), "segment length", MAX_TOKENS + 1)
             if length == 0:
                 raise FedAttnError(f"{self.name_of(n)} announced an empty segment")
             lengths.append(length)
         self.segment_lengths = lengths
-
-    @property
-    def offsets(self) -> list[int]:
-        return [sum(self.segment_lengths[:n]) for n in range(self.world_size)]
-
-    @property
-    def prompt_length(self) -> int:
-        return sum(self.segment_lengths)
-
-    @property
-    def kept_positions(self) -> torch.Tensor:
-        return self.offsets[self.rank] + self.kept
+        self.offsets = [sum(lengths[:n]) for n in range(self.world_size)]
+        self.prompt_length = sum(lengths)
+        self.kept_positions = self.offsets[self.rank] + self.kept
 
     # -- phase 2: prefill --------------------------------------------------------------------
     @torch.inference_mode()

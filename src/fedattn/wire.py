@@ -25,7 +25,7 @@ KV_HEADER = struct.Struct("<4sBBBBHHHII")
 SMALL_FRAME = struct.Struct("<4sBBQ")
 FLAG_WHOLE_SEGMENT = 1  # positions are the sender's whole segment and are not sent
 POSITION_BYTES = 4
-MAX_TOKENS = 1 << 20
+MAX_TOKENS = 1 << 20  # the longest segment a party may announce, and so the largest KV frame
 
 
 @dataclass(frozen=True)
