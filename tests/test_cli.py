@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedattn.cli import main
-from fedattn.wire import SMALL_FRAME
+from fedattn.wire import HELLO_FRAME, SMALL_FRAME
 
 FEDATTN = Path(sys.executable).with_name("fedattn")
 BASE = ["run", "--model", "tiny-random", "--max-new-tokens", "3"]
@@ -181,11 +181,11 @@ def test_publisher_dense_alone(capsys):
     parties = document["participants"]
     others = len(parties) - 1
     for collaborator in parties[:-1]:
-        # a collaborator receives only the other parties' segment-length frames
-        assert collaborator["bytes_received"] == others * SMALL_FRAME.size
-        assert collaborator["frames_received"] == others
+        # a collaborator receives only the other parties' handshakes and the publisher's completion
+        assert collaborator["bytes_received"] == others * HELLO_FRAME.size + SMALL_FRAME.size
+        assert collaborator["frames_received"] == others + 1
     publisher = parties[-1]
-    assert publisher["bytes_received"] > others * SMALL_FRAME.size
+    assert publisher["bytes_received"] > others * HELLO_FRAME.size
     for party in parties:
         assert party["bytes_sent"] == party["expected_bytes_sent"]
         assert party["bytes_received"] == party["expected_bytes_received"]

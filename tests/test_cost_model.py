@@ -11,25 +11,47 @@ from fedattn.schedule import Schedule, every
 from fedattn.sparsity import Sparsity
 
 
+HEADER = 22  # KV frame header: magic 4, 4 x u8, 3 x u16, 2 x u32
+SMALL = 14  # token / completion frame: magic 4, u8, u8, u64
+HELLO = 62  # magic 4, u8, u8, 2 x u16, u32, 6 fingerprints x 8
+
+
 @pytest.mark.parametrize("codec_name,element_bytes", [("float32", 4), ("bfloat16", 2), ("float16", 2)])
 @pytest.mark.parametrize("interval", [1, 3])
-def test_kv_bytes_match_spec_formula(tiny, codec_name, element_bytes, interval):
-    """Upload per sync T_n * H_kv * d_h * 2 * b, |S| times; download (T - T_n) * ... per sync."""
+def test_all_to_all_bytes_match_spec_formula(tiny, codec_name, element_bytes, interval):
+    """Every party decodes, so the exchange is the paper's all-to-all: upload per sync
+    T_n * H_kv * d_h * 2 * b, |S| times; download (T - T_n) * H_kv * d_h * 2 * b per sync."""
     model, _ = tiny
     lengths = [8, 13, 5]
-    segments = random_segments(lengths, seed=2)
     sync = every(interval, 8)
-    config = RunConfig(Schedule(8, sync), codec=get_codec(codec_name), max_new_tokens=2)
-    result = run_in_process(model, segments, config)
-    heads, head_dim = 2, 16
-    total = sum(lengths)
+    config = RunConfig(Schedule(8, sync), codec=get_codec(codec_name), max_new_tokens=2, all_answers=True)
+    result = run_in_process(model, random_segments(lengths, seed=2), config)
+    per_token = 2 * 16 * 2 * element_bytes  # H_kv = 2, d_h = 16
+    total, parties = sum(lengths), len(lengths)
     for party, length in zip(result.parties, lengths):
-        assert party.kv_payload_sent == len(sync) * length * heads * head_dim * 2 * element_bytes
-        header, segment_frame = 22, 14  # KV header: magic 4, 4 x u8, 3 x u16, 2 x u32; small frame: 4 + 1 + 1 + 8
-        # every KV frame it receives: header + (T_m * per-token bytes), one per sender and sync block
-        received_kv = len(sync) * (total - length) * heads * head_dim * 2 * element_bytes
-        assert party.bytes_received == received_kv + len(sync) * (len(lengths) - 1) * header + 2 * segment_frame
-        assert party.bytes_sent == party.kv_payload_sent + len(sync) * header + segment_frame
+        assert party.kv_payload_sent == len(sync) * length * per_token
+        received_kv = len(sync) * ((total - length) * per_token + (parties - 1) * HEADER)
+        is_publisher = party.rank == parties - 1
+        control_sent = HELLO + (2 * SMALL if is_publisher else 0)  # first token and completion
+        control_received = (parties - 1) * HELLO + (0 if is_publisher else 2 * SMALL)
+        assert party.bytes_sent == party.kv_payload_sent + len(sync) * HEADER + control_sent
+        assert party.bytes_received == received_kv + control_received
+
+
+def test_publisher_only_sends_forwards(tiny):
+    """Only the publisher decodes: K/V flows only to later parties (causal prefill), so party n
+    receives sum_{m<n} T_m tokens per sync and the publisher, last, sends none."""
+    model, _ = tiny
+    lengths = [8, 13, 5]
+    sync = every(2, 8)
+    result = run_in_process(model, random_segments(lengths, seed=2), RunConfig(Schedule(8, sync), max_new_tokens=2))
+    per_token = 2 * 16 * 2 * 4
+    assert [p.kv_payload_sent for p in result.parties] == [len(sync) * t * per_token for t in (8, 13, 0)]
+    earlier = [0, 8, 8 + 13]
+    senders = [0, 1, 2]
+    for party, tokens, count in zip(result.parties, earlier, senders):
+        control = 2 * HELLO + (0 if party.rank == 2 else SMALL)
+        assert party.bytes_received == len(sync) * (tokens * per_token + count * HEADER) + control
 
 
 @pytest.mark.parametrize(

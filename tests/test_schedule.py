@@ -31,10 +31,17 @@ def test_graded_placement_pushes_duplicates_apart():
 def test_visibility_rules():
     schedule = Schedule(8, (0, 4), publisher_dense=True, publisher_sync_every=3)
     assert schedule.publisher_sync_layers == (3, 6)
-    assert schedule.receivers(0, 1, 3) == [0, 2]
-    assert schedule.receivers(1, 0, 3) == [2]  # publisher-dense
-    assert schedule.receivers(1, 2, 3) == []
-    assert schedule.receivers(3, 2, 3) == [0, 1]  # extra publisher sync
+    assert schedule.receivers(0, 1, 3, everyone_decodes=True) == [0, 2]
+    assert schedule.receivers(1, 0, 3, everyone_decodes=True) == [2]  # publisher-dense
+    assert schedule.receivers(1, 2, 3, everyone_decodes=True) == []
+    assert schedule.receivers(3, 2, 3, everyone_decodes=True) == [0, 1]  # extra publisher sync
+
+
+def test_only_later_parties_receive_when_only_the_publisher_decodes():
+    schedule = Schedule(8, (0, 4), publisher_dense=True, publisher_sync_every=3)
+    assert schedule.receivers(0, 1, 3, everyone_decodes=False) == [2]
+    assert schedule.receivers(0, 0, 3, everyone_decodes=False) == [1, 2]
+    assert schedule.receivers(3, 2, 3, everyone_decodes=False) == []  # the publisher's sync helps no prefill
 
 
 @pytest.mark.parametrize("text", ["0,99", "-1", "a,b"])

@@ -19,7 +19,7 @@ from fedattn.transport import InProcessGrid
 from fedattn.wire import (
     FLAG_WHOLE_SEGMENT,
     KIND_KV,
-    KIND_SEGMENT,
+    KIND_DONE,
     KIND_TOKEN,
     KV_HEADER,
     MAGIC,
@@ -179,7 +179,7 @@ def test_wrong_version():
     assert "protocol version 0" in rejected(patch(whole_frame(), version=0))
 
 
-@pytest.mark.parametrize("kind", [KIND_SEGMENT, KIND_TOKEN, 0, 255])
+@pytest.mark.parametrize("kind", [KIND_DONE, KIND_TOKEN, 0, 255])
 def test_wrong_kind(kind):
     assert f"kind {kind}, expected {KIND_KV}" in rejected(patch(whole_frame(), kind=kind))
 
@@ -343,44 +343,44 @@ def test_the_first_position_field_of_a_partial_frame_is_not_trusted():
 
 
 # ---------------------------------------------------------------------------------------------
-# Small frames (segment length, token)
+# Small frames (token, completion)
 
 
 def test_small_frame_round_trip():
-    assert len(encode_small(KIND_SEGMENT, 7)) == SMALL_FRAME.size == 14
-    assert decode_small(encode_small(KIND_SEGMENT, 7), KIND_SEGMENT, SENDER, "segment length", 1 << 24) == 7
+    assert len(encode_small(KIND_DONE, 7)) == SMALL_FRAME.size == 14
+    assert decode_small(encode_small(KIND_DONE, 7), KIND_DONE, SENDER, "completion", 1 << 24) == 7
     assert decode_small(encode_small(KIND_TOKEN, 0), KIND_TOKEN, "publisher", "first token", 259) == 0
     assert decode_small(encode_small(KIND_TOKEN, 258), KIND_TOKEN, "publisher", "first token", 259) == 258
 
 
-def small_rejected(frame: bytes, kind: int = KIND_SEGMENT, upper: int = 100) -> str:
+def small_rejected(frame: bytes, kind: int = KIND_DONE, upper: int = 100) -> str:
     with pytest.raises(ProtocolError) as info:
-        decode_small(frame, kind, SENDER, "segment length", upper)
+        decode_small(frame, kind, SENDER, "completion", upper)
     message = str(info.value)
-    assert f"from {SENDER} (segment length)" in message, message
+    assert f"from {SENDER} (completion)" in message, message
     return message
 
 
 @pytest.mark.parametrize("delta", [-1, 1, -SMALL_FRAME.size, KV_HEADER.size])
 def test_small_frame_wrong_size(delta):
-    frame = encode_small(KIND_SEGMENT, 5)
+    frame = encode_small(KIND_DONE, 5)
     wrong = frame[:delta] if delta < 0 else frame + b"\0" * delta
     assert f"{len(wrong)} bytes, expected {SMALL_FRAME.size}" in small_rejected(wrong)
 
 
 def test_small_frame_wrong_kind():
-    assert f"kind {KIND_TOKEN}, expected {KIND_SEGMENT}" in small_rejected(encode_small(KIND_TOKEN, 5))
+    assert f"kind {KIND_TOKEN}, expected {KIND_DONE}" in small_rejected(encode_small(KIND_TOKEN, 5))
     assert f"kind {KIND_KV}, expected {KIND_TOKEN}" in small_rejected(encode_small(KIND_KV, 5), kind=KIND_TOKEN)
 
 
 def test_small_frame_wrong_magic_and_version():
-    assert "not a fedattn frame" in small_rejected(SMALL_FRAME.pack(b"XXXX", VERSION, KIND_SEGMENT, 5))
-    assert f"protocol version 7, this build speaks {VERSION}" in small_rejected(SMALL_FRAME.pack(MAGIC, 7, KIND_SEGMENT, 5))
+    assert "not a fedattn frame" in small_rejected(SMALL_FRAME.pack(b"XXXX", VERSION, KIND_DONE, 5))
+    assert f"protocol version 7, this build speaks {VERSION}" in small_rejected(SMALL_FRAME.pack(MAGIC, 7, KIND_DONE, 5))
 
 
 @pytest.mark.parametrize("value", [100, 101, (1 << 64) - 1])
 def test_small_frame_value_out_of_range(value):
-    assert f"value {value} outside [0, 100)" in small_rejected(encode_small(KIND_SEGMENT, value))
+    assert f"value {value} outside [0, 100)" in small_rejected(encode_small(KIND_DONE, value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +407,7 @@ def test_recv_after_the_queue_drains_fails_too():
     grid.endpoint(0).send(b"one", [1])
     second = grid.endpoint(1)
     assert second.recv(0) == b"one"
-    with pytest.raises(FedAttnError, match="party-2 waited .* for party-1"):
+    with pytest.raises(FedAttnError, match="party-2 waited .* from party-1"):
         second.recv(0)
 
 

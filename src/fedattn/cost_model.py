@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .kv_codec import KVCodec
 from .schedule import Schedule
 from .sparsity import Sparsity, sample_count
-from .wire import SMALL_FRAME, kv_frame_size
+from .wire import HELLO_FRAME, SMALL_FRAME, kv_frame_size
 
 SWIGLU_FFN_FACTOR = 6
 
@@ -79,28 +79,34 @@ def expected_costs(
     segment_lengths: list[int],
     all_answers: bool = False,
 ) -> list[PartyCost]:
-    """Per party: K/V payload bytes, exact wire bytes (headers, positions, control frames), FLOPs."""
+    """Per party: K/V payload bytes, exact wire bytes (headers, positions, control frames), FLOPs.
+
+    K/V goes only where it can be used: forwards during prefill, and backwards too only when every
+    party decodes (``all_answers``), which is the paper's all-to-all exchange.
+    """
     count = len(segment_lengths)
     publisher = count - 1
     kept = [sample_count(t, sparsity.comp_ratio(n == publisher)) for n, t in enumerate(segment_lengths)]
     per_token = dims.kv_bytes_per_token(codec.bytes_per_element)
     costs = [PartyCost(prompt_kv_per_layer=[]) for _ in range(count)]
-    for n, cost in enumerate(costs):  # segment-length announcements
-        cost.wire_bytes_sent += SMALL_FRAME.size if count > 1 else 0
-        cost.wire_bytes_received += SMALL_FRAME.size * (count - 1)
-    if all_answers and count > 1:  # the publisher's first token
-        costs[publisher].wire_bytes_sent += SMALL_FRAME.size
-        for n in range(publisher):
-            costs[n].wire_bytes_received += SMALL_FRAME.size
+    if count > 1:  # control frames: everyone's hello, the publisher's completion (and first token)
+        publisher_frames = SMALL_FRAME.size * (2 if all_answers else 1)
+        for cost in costs:
+            cost.wire_bytes_sent += HELLO_FRAME.size
+            cost.wire_bytes_received += HELLO_FRAME.size * (count - 1)
+        costs[publisher].wire_bytes_sent += publisher_frames
+        for cost in costs[:publisher]:
+            cost.wire_bytes_received += publisher_frames
     for layer in range(dims.num_layers):
         sent = [0] * count
         for m in range(count):
-            if schedule.receivers(layer, m, count):
+            receivers = schedule.receivers(layer, m, count, all_answers)
+            if receivers:
                 sent[m] = sample_count(kept[m], sparsity.comm_ratio(m == publisher))
                 frame = kv_frame_size(sent[m], sent[m] == segment_lengths[m], codec, dims.num_kv_heads, dims.head_dim)
                 costs[m].kv_bytes_sent += sent[m] * per_token
                 costs[m].wire_bytes_sent += frame
-                for n in schedule.receivers(layer, m, count):
+                for n in receivers:
                     costs[n].kv_bytes_received += sent[m] * per_token
                     costs[n].wire_bytes_received += frame
         for n, cost in enumerate(costs):

@@ -1,8 +1,9 @@
 """Running one FedAttn query with every party in this process (the embedded default).
 
 Parties share only the model weights (read-only) and the in-process grid; each keeps its own
-tokens and KV store. Phases run party by party in segment order, which causality makes exact:
-during prefill a party needs only what earlier parties already sent.
+tokens and KV store. The phases of ``Participant.run`` are interleaved party by party in segment
+order, which causality makes exact: during prefill a party needs only what earlier parties have
+already sent, so no party ever waits and no thread is needed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class PartyReport:
     kv_payload_sent: int
     prefill_s: float
     decode_s: float
+    wait_s: float
+    block_wait_s: dict[int, float]
     generated_tokens: int
 
 
@@ -59,32 +62,37 @@ def run_in_process(
     segments: list[list[int]],
     config: RunConfig,
     stop_token_ids: frozenset[int] = frozenset(),
+    model_identity: str = "",
 ) -> RunResult:
     """Answer with the publisher (the last segment's owner) and, if asked, every other party."""
     grid = InProcessGrid(party_names(len(segments)), timeout=0.0)
     parties = [
-        Participant(rank, segment, model, grid.endpoint(rank), config, stop_token_ids)
+        Participant(rank, segment, model, grid.endpoint(rank), config, stop_token_ids, model_identity)
         for rank, segment in enumerate(segments)
     ]
-    publisher = parties[-1]
+    publisher, collaborators = parties[-1], parties[:-1]
     with federated_attention_enabled(model):
         for party in parties:
-            party.announce_segment()
+            party.send_hello()
         for party in parties:
-            party.learn_segments()
+            party.receive_hellos()
         prefill_start = time.perf_counter()
         for party in parties:
             party.prefill()
-        for party in parties:
-            party.receive_from_later_parties()
+        if config.all_answers:
+            for party in collaborators:
+                party.receive_from_later_parties()
         prefill_s = time.perf_counter() - prefill_start
         decode_start = time.perf_counter()
         first = publisher.first_token()
-        answers = {publisher.rank: publisher.decode(first)}
-        if config.all_answers and len(parties) > 1:
+        if config.all_answers:
             publisher.share_first_token(first)
-            for party in parties[:-1]:
+        answers = {publisher.rank: publisher.decode(first)}
+        publisher.send_done(len(answers[publisher.rank]))
+        for party in collaborators:
+            if config.all_answers:
                 answers[party.rank] = party.decode(party.receive_first_token())
+            party.await_done()
         decode_s = time.perf_counter() - decode_start
     if grid.pending():
         raise RuntimeError(f"{grid.pending()} frames were sent but never received: the schedule is inconsistent")
@@ -112,5 +120,7 @@ def _report(party: Participant, answer: list[int]) -> PartyReport:
         kv_payload_sent=party.kv_payload_sent,
         prefill_s=party.timings.prefill_s,
         decode_s=party.timings.decode_s,
+        wait_s=party.timings.wait_s,
+        block_wait_s=dict(party.timings.block_wait_s),
         generated_tokens=len(answer),
     )

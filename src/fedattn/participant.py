@@ -1,9 +1,10 @@
 """One FedAttn party: its own tokens, its own KV store, and messages as its only link to the others.
 
-The life of a participant, in order: announce its segment length and learn the others' (global
-positions need them); prefill over its own kept tokens, sending K/V where the schedule says and
+The life of a participant, in order: a handshake (segment lengths, which global positions need,
+and fingerprints of what every party must run alike); prefill over its own kept tokens, sending K/V where the schedule says and
 attending to what earlier parties sent (causality means later parties cannot matter yet); take the
-K/V that later parties sent; decode from the publisher's first token without any communication.
+K/V that later parties sent (only if it will decode); decode from the publisher's first token
+without any communication; the publisher's completion message ends every party's run.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ from .kv_store import ParticipantKVStore
 from .schedule import Schedule
 from .sparsity import Sparsity, kept_indices, sent_indices
 from .transport import Transport
+from .handshake import check_hello, run_fingerprints
 from .wire import (
-    KIND_SEGMENT,
+    KIND_DONE,
     KIND_TOKEN,
     MAX_TOKENS,
+    Hello,
     KVBlock,
     KVExpectation,
+    decode_hello,
     decode_kv,
     decode_small,
+    encode_hello,
     encode_kv,
     encode_small,
 )
@@ -51,9 +56,16 @@ class PartyTimings:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
+    wait_s: float = 0.0  # blocked on the transport (all phases)
+    block_wait_s: dict[int, float] = field(default_factory=dict)  # prefill waits per sync block
 
 
 class Participant:
+    """One party. Call, in order: ``send_hello``, ``receive_hellos``, ``prefill``,
+    ``receive_from_later_parties``, then the publisher ``first_token`` / ``decode`` / ``send_done``
+    and, with every answer requested, the others ``receive_first_token`` / ``decode``;
+    collaborators end with ``await_done``."""
+
     def __init__(
         self,
         rank: int,
@@ -62,9 +74,12 @@ class Participant:
         transport: Transport,
         config: RunConfig,
         stop_token_ids: frozenset[int] = frozenset(),
+        model_identity: str = "",
     ) -> None:
         if not token_ids:
             raise FedAttnError(f"{transport.name_of(rank)} has an empty segment")
+        if len(token_ids) > MAX_TOKENS:
+            raise FedAttnError(f"{transport.name_of(rank)} has {len(token_ids)} tokens; at most {MAX_TOKENS} are allowed")
         self.rank = rank
         self.name = transport.name_of(rank)
         self.device = model.device
@@ -81,32 +96,33 @@ class Participant:
         self.num_kv_heads = model_config.num_key_value_heads
         self.head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
         self.vocab_size = model_config.vocab_size
+        self.hello = Hello(rank, self.world_size, len(token_ids), run_fingerprints(config, model_identity, model_config))
         self.store = ParticipantKVStore(self.num_layers)
-        self.segment_lengths: list[int] = []  # every party's, known after learn_segments
+        self.segment_lengths: list[int] = []  # every party's, known after receive_hellos
         self.offsets: list[int] = []
         self.prompt_length = 0
-        self.kept_positions = torch.empty(0, dtype=torch.long)
         self.kept = kept_indices(config.sparsity, rank, len(token_ids), self.is_publisher).to(self.device)
+        self.kept_positions = torch.empty(0, dtype=torch.long)
         self.kv_payload_sent = 0
         self.timings = PartyTimings()
         self.answer_logits: list[torch.Tensor] = []
         self._first_token_logits: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
 
-    # -- phase 1: segment lengths ------------------------------------------------------------
-    def announce_segment(self) -> None:
-        others = [n for n in range(self.world_size) if n != self.rank]
-        self.transport.send(encode_small(KIND_SEGMENT, len(self.token_ids)), others)
+    # -- phase 1: handshake --------------------------------------------------------------------
+    def send_hello(self) -> None:
+        self.transport.send(encode_hello(self.hello), self._others())
 
-    def learn_segments(self) -> None:
+    def receive_hellos(self) -> None:
+        """Learn every segment length (global positions need them) and refuse any mismatch."""
         lengths = []
         for n in range(self.world_size):
             if n == self.rank:
                 lengths.append(len(self.token_ids))
                 continue
-            length = decode_small(self.transport.recv(n), KIND_SEGMENT, self.name_of(n), "segment length", MAX_TOKENS + 1)
-            if length == 0:
-                raise FedAttnError(f"{self.name_of(n)} announced an empty segment")
-            lengths.append(length)
+            theirs = decode_hello(self._recv(n, "the handshake"), self.name_of(n))
+            check_hello(self.hello, theirs, self.name_of(n), n)
+            lengths.append(theirs.segment_length)
         self.segment_lengths = lengths
         self.offsets = [sum(lengths[:n]) for n in range(self.world_size)]
         self.prompt_length = sum(lengths)
@@ -117,12 +133,11 @@ class Participant:
     def prefill(self) -> None:
         """Run the model over the kept tokens; the publisher keeps its last-position logits."""
         if not self.segment_lengths:
-            raise RuntimeError("learn_segments must run before prefill")
+            raise RuntimeError("receive_hellos must run before prefill")
         start = time.perf_counter()
         self.store.reserve(self.prompt_length + self.config.max_new_tokens)
-        positions = self.kept_positions
-        step = _PrefillStep(self, positions)
-        inputs = dict(input_ids=self.token_ids[self.kept].unsqueeze(0), position_ids=positions.unsqueeze(0))
+        step = _PrefillStep(self, self.kept_positions)
+        inputs = dict(input_ids=self.token_ids[self.kept].unsqueeze(0), position_ids=self.kept_positions.unsqueeze(0))
         if self.is_publisher:
             output = self.model(**inputs, fedattn_step=step, use_cache=False, logits_to_keep=1)
             self._first_token_logits = output.logits[0, -1].float()
@@ -131,7 +146,7 @@ class Participant:
         self.timings.prefill_s += time.perf_counter() - start
 
     def send_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        receivers = self.config.schedule.receivers(layer, self.rank, self.world_size)
+        receivers = self.config.schedule.receivers(layer, self.rank, self.world_size, self.config.all_answers)
         if not receivers:
             return
         chosen = sent_indices(self.config.sparsity, self.rank, layer, len(self.kept), self.is_publisher).to(self.device)
@@ -145,7 +160,7 @@ class Participant:
     def receive_kv(self, layer: int, senders: range) -> None:
         schedule = self.config.schedule
         for sender in senders:
-            if sender == self.rank or not schedule.receives(layer, self.rank, sender, self.publisher):
+            if self.rank not in schedule.receivers(layer, sender, self.world_size, self.config.all_answers):
                 continue
             lo = self.offsets[sender]
             expect = KVExpectation(
@@ -156,14 +171,14 @@ class Participant:
                 max_tokens=self.segment_lengths[sender],
                 position_range=(lo, lo + self.segment_lengths[sender]),
             )
-            block = decode_kv(self.transport.recv(sender), expect, self.config.codec)
+            block = decode_kv(self._recv(sender, f"its K/V of block {layer}", layer), expect, self.config.codec)
             dtype, device = self.model.dtype, self.model.device
             self.store[layer].append(block.key.to(device, dtype), block.value.to(device, dtype), block.positions.to(device))
 
     # -- phase 3: what later parties sent ----------------------------------------------------
     @torch.inference_mode()
     def receive_from_later_parties(self) -> None:
-        """K/V of later parties: useless during prefill (causal), needed to decode."""
+        """K/V of later parties: useless during prefill (causal), needed only to decode."""
         for layer in range(self.num_layers):
             self.receive_kv(layer, range(self.rank + 1, self.world_size))
 
@@ -178,12 +193,12 @@ class Participant:
         return self.config.decoding.pick(self._first_token_logits, self._generator)
 
     def share_first_token(self, token: int) -> None:
-        others = [n for n in range(self.world_size) if n != self.rank]
-        self.transport.send(encode_small(KIND_TOKEN, token), others)
+        self.transport.send(encode_small(KIND_TOKEN, token), self._others())
 
     def receive_first_token(self) -> int:
         self._generator = self.config.decoding.generator(self.rank)
-        return decode_small(self.transport.recv(self.publisher), KIND_TOKEN, self.name_of(self.publisher), "first token", self.vocab_size)
+        frame = self._recv(self.publisher, "the first answer token")
+        return decode_small(frame, KIND_TOKEN, self.name_of(self.publisher), "first token", self.vocab_size)
 
     @torch.inference_mode()
     def decode(self, first_token: int) -> list[int]:
@@ -208,8 +223,51 @@ class Participant:
         self.timings.decode_s += time.perf_counter() - start
         return tokens
 
+    # -- phase 5: completion -----------------------------------------------------------------
+    def send_done(self, answer_length: int) -> None:
+        """The publisher tells everyone the query is answered: no collaborator exits cleanly before."""
+        self.transport.send(encode_small(KIND_DONE, answer_length), self._others())
+
+    def await_done(self) -> int:
+        frame = self._recv(self.publisher, "the publisher's completion")
+        return decode_small(frame, KIND_DONE, self.name_of(self.publisher), "completion", self.config.max_new_tokens + 1)
+
+    def run(self) -> list[int]:
+        """This party's whole run when every party has its own process (the networked path).
+
+        Returns its answer: the publisher's always, a collaborator's only with ``all_answers``.
+        """
+        self.send_hello()
+        self.receive_hellos()
+        self.prefill()
+        if self.config.all_answers:
+            self.receive_from_later_parties()
+        if self.is_publisher:
+            first = self.first_token()
+            if self.config.all_answers:
+                self.share_first_token(first)
+            answer = self.decode(first)
+            self.send_done(len(answer))
+            return answer
+        answer = self.decode(self.receive_first_token()) if self.config.all_answers else []
+        self.await_done()
+        return answer
+
+    # -- helpers -----------------------------------------------------------------------------
     def name_of(self, rank: int) -> str:
         return self.transport.name_of(rank)
+
+    def _others(self) -> list[int]:
+        return [n for n in range(self.world_size) if n != self.rank]
+
+    def _recv(self, sender: int, what: str, layer: int | None = None) -> bytes:
+        start = time.perf_counter()
+        frame = self.transport.recv(sender, what)
+        waited = time.perf_counter() - start
+        self.timings.wait_s += waited
+        if layer is not None:
+            self.timings.block_wait_s[layer] = self.timings.block_wait_s.get(layer, 0.0) + waited
+        return frame
 
 
 class _PrefillStep:

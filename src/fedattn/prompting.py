@@ -24,6 +24,36 @@ class Piece:
     template: bool  # template text: special tokens are parsed
 
 
+def collaborator_pieces(context: str, first: bool, chat_template: tuple[str, str] | None) -> list[Piece]:
+    """A collaborator's pieces; the first party also owns the template's opening."""
+    if not context.strip():
+        raise FedAttnError("a context is empty")
+    if chat_template is None:
+        return [Piece(context, False)]
+    opening = [Piece(chat_template[0], True)] if first else []
+    return opening + [Piece(context + CONTEXT_SEPARATOR, False)]
+
+
+def publisher_pieces(
+    question: str, publisher_context: str | None, alone: bool, chat_template: tuple[str, str] | None
+) -> list[Piece]:
+    """The publisher's pieces: its own text, the question, and the template's closing.
+
+    ``alone``: no collaborators, so the publisher also owns the opening.
+    """
+    if not question.strip():
+        raise FedAttnError("the question is empty")
+    if publisher_context is not None and not publisher_context.strip():
+        raise FedAttnError("the publisher context is empty")
+    if chat_template is None:
+        return [Piece((publisher_context or "") + question, False)]
+    opening, closing = chat_template
+    pieces = [Piece(opening, True)] if alone else []
+    if publisher_context:
+        pieces.append(Piece(publisher_context + CONTEXT_SEPARATOR, False))
+    return pieces + [Piece(question, False), Piece(closing, True)]
+
+
 def party_pieces(
     contexts: list[str], question: str, publisher_context: str | None, chat_template: tuple[str, str] | None
 ) -> list[list[Piece]]:
@@ -31,23 +61,11 @@ def party_pieces(
 
     ``chat_template`` is the (opening, closing) around the user message, or None for raw text.
     """
-    if not question.strip():
-        raise FedAttnError("the question is empty")
     for index, context in enumerate(contexts, start=1):
         if not context.strip():
             raise FedAttnError(f"context {index} is empty")
-    if publisher_context is not None and not publisher_context.strip():
-        raise FedAttnError("the publisher context is empty")
-    if chat_template is None:
-        parties = [[Piece(context, False)] for context in contexts]
-        return parties + [[Piece((publisher_context or "") + question, False)]]
-    opening, closing = chat_template
-    parties = [[Piece(context + CONTEXT_SEPARATOR, False)] for context in contexts]
-    publisher = [Piece(publisher_context + CONTEXT_SEPARATOR, False)] if publisher_context else []
-    publisher += [Piece(question, False), Piece(closing, True)]
-    parties.append(publisher)
-    parties[0].insert(0, Piece(opening, True))
-    return parties
+    parties = [collaborator_pieces(context, index == 0, chat_template) for index, context in enumerate(contexts)]
+    return parties + [publisher_pieces(question, publisher_context, not contexts, chat_template)]
 
 
 def chat_template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str] | None:
@@ -71,6 +89,23 @@ def tokenize_pieces(tokenizer: PreTrainedTokenizerBase, pieces: list[Piece]) -> 
     return ids
 
 
+def template_for(tokenizer: PreTrainedTokenizerBase, raw: bool) -> tuple[str, str] | None:
+    """The chat template's (opening, closing), or None with --raw; a model without one needs --raw."""
+    if raw:
+        return None
+    template = chat_template_parts(tokenizer)
+    if template is None:
+        raise FedAttnError("the model has no chat template; use --raw")
+    return template
+
+
+def tokenize_party(tokenizer: PreTrainedTokenizerBase, pieces: list[Piece], label: str) -> list[int]:
+    segment = tokenize_pieces(tokenizer, pieces)
+    if not segment:
+        raise FedAttnError(f"{label}'s text tokenizes to nothing")
+    return segment
+
+
 def build_segments(
     tokenizer: PreTrainedTokenizerBase,
     contexts: list[str],
@@ -79,14 +114,8 @@ def build_segments(
     raw: bool = False,
 ) -> list[list[int]]:
     """Token segments, one per party; each party's segment comes from its own text only."""
-    template = None if raw else chat_template_parts(tokenizer)
-    if not raw and template is None:
-        raise FedAttnError("the model has no chat template; use --raw")
-    segments = [tokenize_pieces(tokenizer, pieces) for pieces in party_pieces(contexts, question, publisher_context, template)]
-    for index, segment in enumerate(segments):
-        if not segment:
-            raise FedAttnError(f"party {index + 1}'s text tokenizes to nothing")
-    return segments
+    pieces = party_pieces(contexts, question, publisher_context, template_for(tokenizer, raw))
+    return [tokenize_party(tokenizer, party, f"party {index + 1}") for index, party in enumerate(pieces)]
 
 
 def check_context_window(segments: list[list[int]], max_new_tokens: int, max_positions: int) -> None:

@@ -58,10 +58,19 @@ class Schedule:
             return True
         return sender == publisher and layer in self.publisher_sync_layers
 
-    def receivers(self, layer: int, sender: int, num_parties: int) -> list[int]:
-        """The other parties that need ``sender``'s K/V at ``layer`` (publisher = last party)."""
+    def receivers(self, layer: int, sender: int, num_parties: int, everyone_decodes: bool) -> list[int]:
+        """The other parties that need ``sender``'s K/V at ``layer`` (publisher = last party).
+
+        Prefill is causal, so K/V only helps a later party's prefill; an earlier party can use it
+        only to decode its own answer. When only the publisher (the last party) decodes, nothing
+        is sent backwards.
+        """
         publisher = num_parties - 1
-        return [n for n in range(num_parties) if n != sender and self.receives(layer, n, sender, publisher)]
+        return [
+            n
+            for n in range(num_parties)
+            if n != sender and self.receives(layer, n, sender, publisher) and (everyone_decodes or n > sender)
+        ]
 
     def describe(self) -> str:
         parts = [f"sync blocks {list(self.sync_layers)}"]

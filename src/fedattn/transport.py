@@ -52,9 +52,10 @@ class Transport(ABC):
         self.stats.bytes_sent += len(frame)
         self.stats.frames_sent += 1
 
-    def recv(self, sender: int) -> bytes:
-        """The next frame from ``sender``; raises FedAttnError if none arrives in time."""
-        frame = self._take(sender)
+    def recv(self, sender: int, what: str = "a frame") -> bytes:
+        """The next frame from ``sender``; raises FedAttnError (saying ``what`` was awaited) if none
+        arrives in time or the sender is gone."""
+        frame = self._take(sender, what)
         self.stats.bytes_received += len(frame)
         self.stats.frames_received += 1
         return frame
@@ -63,7 +64,7 @@ class Transport(ABC):
     def _deliver(self, frame: bytes, to: Sequence[int]) -> None: ...
 
     @abstractmethod
-    def _take(self, sender: int) -> bytes: ...
+    def _take(self, sender: int, what: str) -> bytes: ...
 
 
 class InProcessGrid:
@@ -94,10 +95,11 @@ class InProcessTransport(Transport):
                 raise ValueError(f"invalid addressee {receiver} for party {self.rank}")
             self._grid._mailboxes[(self.rank, receiver)].put(frame)
 
-    def _take(self, sender: int) -> bytes:
+    def _take(self, sender: int, what: str) -> bytes:
         try:
             return self._grid._mailboxes[(sender, self.rank)].get(timeout=self._grid.timeout)
         except queue.Empty:
             raise FedAttnError(
-                f"{self.name_of(self.rank)} waited {self._grid.timeout:g} s for {self.name_of(sender)}: no frame arrived"
+                f"{self.name_of(self.rank)} waited {self._grid.timeout:g} s for {what} from {self.name_of(sender)}: "
+                "no frame arrived"
             ) from None

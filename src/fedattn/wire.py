@@ -17,12 +17,15 @@ from .kv_codec import KVCodec, codec_by_code
 
 MAGIC = b"FATN"
 VERSION = 1
-KIND_SEGMENT, KIND_KV, KIND_TOKEN = 1, 2, 3
+KIND_HELLO, KIND_KV, KIND_TOKEN, KIND_DONE = 1, 2, 3, 4
 
 # magic, version, kind, codec, flags, layer, kv heads, head dim, tokens, first position
 KV_HEADER = struct.Struct("<4sBBBBHHHII")
-# magic, version, kind, value (segment length or token id)
+# magic, version, kind, value (a token id, or the answer length)
 SMALL_FRAME = struct.Struct("<4sBBQ")
+# magic, version, kind, rank, world size, segment length, then one 8-byte fingerprint per field
+HELLO_FIELDS = ("model weights", "model config", "schedule", "sparsity", "KV codec", "decoding")
+HELLO_FRAME = struct.Struct("<4sBBHHI" + "8s" * len(HELLO_FIELDS))
 FLAG_WHOLE_SEGMENT = 1  # positions are the sender's whole segment and are not sent
 POSITION_BYTES = 4
 MAX_TOKENS = 1 << 20  # the longest segment a party may announce, and so the largest KV frame
@@ -118,12 +121,37 @@ def _check_positions(positions: torch.Tensor, expect: KVExpectation, where: str)
         raise ProtocolError(f"bad KV frame {where}: positions not strictly increasing")
 
 
+@dataclass(frozen=True)
+class Hello:
+    """What a party announces before prefill: its segment length and what it runs."""
+
+    rank: int
+    world_size: int
+    segment_length: int
+    fingerprints: tuple[bytes, ...]  # one per HELLO_FIELDS entry
+
+
+def encode_hello(hello: Hello) -> bytes:
+    return HELLO_FRAME.pack(MAGIC, VERSION, KIND_HELLO, hello.rank, hello.world_size, hello.segment_length, *hello.fingerprints)
+
+
+def decode_hello(frame: bytes, sender: str) -> Hello:
+    where = f"from {sender} (handshake)"
+    if len(frame) != HELLO_FRAME.size:
+        raise ProtocolError(f"bad frame {where}: {len(frame)} bytes, expected {HELLO_FRAME.size}")
+    magic, version, kind, rank, world_size, segment_length, *fingerprints = HELLO_FRAME.unpack(frame)
+    _check_preamble(magic, version, kind, KIND_HELLO, where)
+    if not 0 < segment_length <= MAX_TOKENS:
+        raise ProtocolError(f"bad frame {where}: segment length {segment_length}, expected 1..{MAX_TOKENS}")
+    return Hello(rank, world_size, segment_length, tuple(fingerprints))
+
+
 def encode_small(kind: int, value: int) -> bytes:
     return SMALL_FRAME.pack(MAGIC, VERSION, kind, value)
 
 
 def decode_small(frame: bytes, kind: int, sender: str, what: str, upper: int) -> int:
-    """A segment-length or token frame; ``upper`` is the exclusive bound on its value."""
+    """A token or done frame; ``upper`` is the exclusive bound on its value."""
     where = f"from {sender} ({what})"
     if len(frame) != SMALL_FRAME.size:
         raise ProtocolError(f"bad frame {where}: {len(frame)} bytes, expected {SMALL_FRAME.size}")
