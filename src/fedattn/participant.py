@@ -115,6 +115,7 @@ class Participant:
 
     def receive_hellos(self) -> None:
         """Learn every segment length (global positions need them) and refuse any mismatch."""
+        self.transport.note("handshake")
         lengths = []
         for n in range(self.world_size):
             if n == self.rank:
@@ -179,6 +180,7 @@ class Participant:
     @torch.inference_mode()
     def receive_from_later_parties(self) -> None:
         """K/V of later parties: useless during prefill (causal), needed only to decode."""
+        self.transport.note("taking later parties' K/V")
         for layer in range(self.num_layers):
             self.receive_kv(layer, range(self.rank + 1, self.world_size))
 
@@ -220,6 +222,7 @@ class Participant:
                 self.answer_logits.append(logits)
             tokens.append(decoding.pick(logits, self._generator))
             self.timings.decode_steps += 1
+            self.transport.note(f"decoding token {len(tokens)}")
         self.timings.decode_s += time.perf_counter() - start
         return tokens
 
@@ -229,6 +232,7 @@ class Participant:
         self.transport.send(encode_small(KIND_DONE, answer_length), self._others())
 
     def await_done(self) -> int:
+        self.transport.note("waiting for the publisher's completion")
         frame = self._recv(self.publisher, "the publisher's completion")
         return decode_small(frame, KIND_DONE, self.name_of(self.publisher), "completion", self.config.max_new_tokens + 1)
 
@@ -279,6 +283,7 @@ class _PrefillStep:
 
     def collect(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
         party = self.party
+        party.transport.note(f"prefill block {layer}")
         party.store[layer].append(key, value, self.query_positions)
         party.send_kv(layer, key, value)
         party.receive_kv(layer, range(party.rank))

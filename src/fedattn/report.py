@@ -61,3 +61,37 @@ def _cell(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return "" if value is None else str(value)
+
+
+def _party_table(title: str, parties: list[dict]) -> Table:
+    table = Table(title=escape(title))
+    table.add_column("party", no_wrap=True)
+    for column in ("tokens", "sent", "received", "predicted", "link sent", "prefill s", "waited s", "decode s"):
+        table.add_column(column, justify="right")
+    for party in parties:
+        table.add_row(
+            party["name"], str(party["tokens"]), _bytes(party["bytes_sent"]), _bytes(party["bytes_received"]),
+            _bytes(party["expected_bytes_sent"]), _bytes(party["link_bytes_sent"]),
+            f"{party['prefill_s']:.2f}", f"{party['wait_s']:.2f}", f"{party['decode_s']:.2f}",
+        )
+    return table
+
+
+def print_party_report(report: dict, console: Console | None = None) -> None:
+    """One networked party's own view (``fedattn participant``)."""
+    console = console or Console()
+    if report["answer"] is not None:
+        console.print(f"[bold]Answer[/bold] ({report['name']}): {escape(report['answer'])}")
+    console.print(_party_table(f"{report['name']} · {report['schedule']}", [report]))
+
+
+def print_merged_report(merged: dict, console: Console | None = None) -> None:
+    """The launcher's view of a networked run."""
+    console = console or Console()
+    console.print(f"[bold]Answer[/bold] (publisher): {escape(merged['answer'] or '')}")
+    console.print(_party_table(f"{merged['model']['name']} · {merged['schedule']} · {merged['transport']}", merged["participants"]))
+    measured, naive = merged["measured_bytes"]["sent"], merged["all_gather_bytes_sent"]
+    console.print(
+        f"wall {merged['timing']['wall_s']:.2f} s · sent {_bytes(measured)} "
+        f"(a naive all-gather would send {_bytes(naive)}: {_bytes(naive - measured)} saved)"
+    )

@@ -40,6 +40,12 @@ class Transport(ABC):
     def name_of(self, rank: int) -> str:
         return self.names[rank]
 
+    def note(self, phase: str) -> None:
+        """This party moved on to ``phase``; a networked transport tells waiting peers (liveness)."""
+
+    def flush(self) -> None:
+        """Block until everything sent has left; a networked transport needs it before exiting."""
+
     def send(self, frame: bytes, to: Sequence[int]) -> None:
         """Deliver ``frame`` to each addressee.
 
