@@ -45,10 +45,10 @@ def launch_local(args: argparse.Namespace, contexts: list[str], question: str, p
             _spawn(folder, rank, world_size, store.port, shared_argv, _own_words(folder, rank, contexts, question, publisher_context))
             for rank in range(world_size)
         ]
-        codes = _watch(children, args.timeout + GRACE_S)
+        codes, exited_at = _watch(children, args.timeout + GRACE_S)
         reports = [_read_report(folder / f"report-{rank}.json") for rank in range(world_size)]
         if any(code != 0 for code in codes):
-            print(_failure_summary(folder, names, codes), file=sys.stderr)
+            print(_failure_summary(folder, names, codes, exited_at), file=sys.stderr)
             return EXIT_PEER_FAILURE
     merged = merge_reports(reports)
     if args.json:
@@ -89,13 +89,17 @@ def _spawn(folder: Path, rank: int, world_size: int, port: int, shared_argv: lis
     )
 
 
-def _watch(children: list[subprocess.Popen], grace_s: float) -> list[int]:
-    """Wait for every child; once one fails, give the rest ``grace_s`` before killing them."""
+def _watch(children: list[subprocess.Popen], grace_s: float) -> tuple[list[int], list[float]]:
+    """Wait for every child (exit codes and monotonic exit times); once one fails, give the rest
+    ``grace_s`` before killing them."""
     failed_at = None
+    exited_at = [0.0] * len(children)
     while True:
         codes = [child.poll() for child in children]  # every child, every round: no short-circuit
+        now = time.monotonic()
+        exited_at = [at or (now if code is not None else 0.0) for at, code in zip(exited_at, codes)]
         if all(code is not None for code in codes):
-            return codes
+            return codes, exited_at
         if failed_at is None and any(code not in (None, 0) for code in codes):
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
@@ -112,12 +116,14 @@ def _read_report(path: Path) -> dict | None:
         return None
 
 
-def _failure_summary(folder: Path, names: list[str], codes: list[int]) -> str:
+def _failure_summary(folder: Path, names: list[str], codes: list[int], exited_at: list[float]) -> str:
+    first_failure = min(at for at, code in zip(exited_at, codes) if code != 0)
     lines = ["fedattn: error: the networked run failed"]
     for rank, code in enumerate(codes):
         if code == 0:
             continue
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        how += f", {exited_at[rank] - first_failure:.1f} s after the first failure"
         last = _last_line(folder / f"stderr-{rank}.txt")
         lines.append(f"  {names[rank]} (rank {rank}): {how}" + (f": {last}" if last else ""))
     return "\n".join(lines)
