@@ -118,3 +118,20 @@ def test_killing_the_launcher_leaves_no_orphans():
     while leftover_parties() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not leftover_parties()
+
+
+def test_under_torchrun_each_rank_reads_only_its_own_file(capsys, tmp_path):
+    for rank, text in enumerate(CONTEXTS[:2]):
+        (tmp_path / f"party-{rank}.txt").write_text(text)
+    (tmp_path / "question.txt").write_text(QUESTION)
+    reference = in_process(capsys, ["run", "--model", "tiny-random", "--max-new-tokens", "6", "--question", QUESTION,
+                                    "--context", CONTEXTS[0], "--context", CONTEXTS[1]])
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc-per-node", "3", "--master-port", "29731", "-m", "fedattn.cli", "participant",
+               "--model", "tiny-random", "--max-new-tokens", "6", "--report", f"{tmp_path}/report-{{rank}}.json",
+               "--context", f"@{tmp_path}/party-{{rank}}.txt", "--question", f"@{tmp_path}/question.txt"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    publisher = json.loads((tmp_path / "report-2.json").read_text())
+    assert publisher["name"] == "publisher"
+    assert publisher["answer_token_ids"] == reference["answer_token_ids"]

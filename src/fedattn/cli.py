@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--context", metavar="TEXT|@FILE", help="a collaborator's private text")
     party.add_argument("--question", metavar="TEXT|@FILE", help="the publisher's question")
     party.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text")
-    party.add_argument("--report", type=Path, help="also write this party's JSON report here")
+    party.add_argument("--report", type=Path, help="also write this party's JSON report here ('{rank}' is replaced by the rank)")
     _add_shared_options(party)
 
     commands.add_parser("models", help="list known, installed and cached models")
@@ -231,15 +231,13 @@ def _participant(args: argparse.Namespace) -> int:
         raise FedAttnError(f"--rank must be in 0..{world_size - 1}, got {rank}")
     external = args.external_store or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     rendezvous = Rendezvous(host, int(port), rank, world_size, host_store=rank == 0 and not external, timeout_s=args.timeout)
-    text = _text_arg(args.context) if args.context is not None else None
-    question = _text_arg(args.question) if args.question is not None else None
-    publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None
+    text, question, publisher_context = _own_inputs(args, rank, world_size)
     loaded, config, _ = _load_and_configure(args)
     segment = own_segment(loaded, rendezvous, text, question, publisher_context, args.raw)
     report = run_party(loaded, rendezvous, segment, config)
     document = json.dumps(report, indent=2)
     if args.report is not None:
-        args.report.write_text(document)
+        Path(str(args.report).replace("{rank}", str(rank))).write_text(document)
     if args.json:
         print(document)
     else:
@@ -248,6 +246,20 @@ def _participant(args: argparse.Namespace) -> int:
         print_party_report(report)
     exit_now(0)
     return 0
+
+
+def _own_inputs(args: argparse.Namespace, rank: int, world_size: int) -> tuple[str | None, str | None, str | None]:
+    """Read only this rank's own input. Under torchrun every rank gets the same words, so both
+    --context and --question may be given: the role picks one, and '{rank}' in an @FILE path is
+    this rank's number (e.g. --context @party-{rank}.txt --question @question.txt)."""
+    def read(value: str | None) -> str | None:
+        return None if value is None else _text_arg(value.replace("{rank}", str(rank)) if value.startswith("@") else value)
+
+    if args.context is not None and args.question is not None:  # the same words for every rank
+        if rank == world_size - 1:
+            return None, read(args.question), read(args.publisher_context)
+        return read(args.context), None, None
+    return read(args.context), read(args.question), read(args.publisher_context)
 
 
 def _env_int(name: str, flag: str) -> int:
