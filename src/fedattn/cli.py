@@ -1,6 +1,8 @@
-"""The ``fedattn`` command: run a federated query, list and install models.
+"""The ``fedattn`` command: run a federated query (in-process or one process per party), list and
+install models.
 
-Every user mistake ends as one line on stderr and exit code 2; argument errors too.
+Every user mistake ends as one line on stderr and exit code 2 (argument errors too); a party that
+died, stalled or sent a bad frame ends a networked run with one line and exit code 3.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import FedAttnError
+from .errors import FedAttnError, ProtocolError
 
 EXIT_USAGE = 2
 EXIT_PEER_FAILURE = 3
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import PeerFailure
 
         print(f"fedattn: error: {error}", file=sys.stderr)
-        code = EXIT_PEER_FAILURE if isinstance(error, PeerFailure) else EXIT_USAGE
+        code = EXIT_PEER_FAILURE if isinstance(error, (PeerFailure, ProtocolError)) else EXIT_USAGE
     except KeyboardInterrupt:
         print("fedattn: interrupted", file=sys.stderr)
         code = 130
