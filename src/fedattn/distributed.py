@@ -1,7 +1,8 @@
 """A transport over torch.distributed (gloo over TCP): one OS process per party, on any hosts.
 
-Frames travel as two point-to-point messages, an int64 size then the uint8 payload; the size is
-checked against the caller's bound before anything is allocated. No object collective (they
+Frames travel as two point-to-point messages, an int64 size then the uint8 payload followed by an
+end mark; the size is checked against the caller's bound before anything is allocated, and the end
+mark proves the payload arrived whole (gloo completes a shorter message without a word). No object collective (they
 pickle) is used. A receiver thread takes frames from any sender as they come and files them per
 sender, so the main thread can wait with a deadline while it watches the others' heartbeats:
 a party that died or stopped is named, with what it was doing, instead of a bare socket error.
@@ -25,6 +26,10 @@ from .errors import FedAttnError, ProtocolError
 from .transport import Transport
 
 SIZE_TAG, PAYLOAD_TAG = 11, 12
+# The payload message's last byte. gloo completes a receive whose message is SHORTER than the buffer
+# and does not say how much arrived; the receiver clears this slot first, so a truncated payload
+# leaves it clear instead of passing off stale memory as the frame's tail.
+END_MARK = 0xE5
 BEAT_INTERVAL_S = 0.5
 MIN_BEAT_GAP_S = 0.05  # a phase change is published at once, but not more often than this
 STALE_AFTER_S = 5.0  # no heartbeat for this long: the process is dead or stopped
@@ -139,16 +144,15 @@ class TorchTransport(Transport):
             _inject(self._fault[1])
 
     def _deliver(self, frame: bytes, to: Sequence[int]) -> None:
-        payload = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
-        size = torch.tensor([len(frame)], dtype=torch.int64)
+        size, payload = frame_messages(frame)
         for receiver in to:
             self._pending.append(dist.isend(size, dst=receiver, tag=SIZE_TAG))
             self._pending.append(dist.isend(payload, dst=receiver, tag=PAYLOAD_TAG))
-            self.link_bytes_sent += len(frame) + size.element_size()
+            self.link_bytes_sent += payload.numel() + size.element_size()
 
     def flush(self) -> None:
         """Wait until every frame sent so far has left (before a clean exit)."""
-        for work in self._pending:
+        for work, _tensor in self._pending:
             try:
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
             except RuntimeError as error:
@@ -202,17 +206,30 @@ class TorchTransport(Transport):
         size = torch.empty(1, dtype=torch.int64)
         try:
             while True:
+                size.fill_(-1)  # a short size message leaves the high bytes set: a negative size
                 sender = dist.recv(size, tag=SIZE_TAG)
                 length = int(size.item())
                 if not 0 < length <= self.max_frame_bytes:
                     raise ProtocolError(
                         f"{self.name_of(sender)} announced a {length}-byte frame; frames are 1..{self.max_frame_bytes} bytes"
                     )
-                payload = torch.empty(length, dtype=torch.uint8)
+                payload = torch.empty(length + 1, dtype=torch.uint8)
+                payload[length] = 0
                 dist.recv(payload, src=sender, tag=PAYLOAD_TAG)
-                self._inbox[sender].put(payload.numpy().tobytes())
+                if int(payload[length]) != END_MARK:
+                    raise ProtocolError(
+                        f"{self.name_of(sender)} sent a truncated frame: fewer bytes than the {length} its size word announced"
+                    )
+                self._inbox[sender].put(payload[:length].numpy().tobytes())
         except BaseException as error:  # noqa: BLE001 - handed to the main thread
             self._failure = error
+
+
+def frame_messages(frame: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two messages that carry ``frame``: its int64 size word, then its bytes and ``END_MARK``."""
+    payload = bytearray(frame)
+    payload.append(END_MARK)
+    return torch.tensor([len(frame)], dtype=torch.int64), torch.frombuffer(payload, dtype=torch.uint8)
 
 
 def _fault_for(rank: int) -> tuple[str, str] | None:
