@@ -145,9 +145,9 @@ class TorchTransport(Transport):
 
     def _deliver(self, frame: bytes, to: Sequence[int]) -> None:
         size, payload = frame_messages(frame)
-        for receiver in to:
-            self._pending.append(dist.isend(size, dst=receiver, tag=SIZE_TAG))
-            self._pending.append(dist.isend(payload, dst=receiver, tag=PAYLOAD_TAG))
+        for receiver in to:  # the tensors stay referenced until flush() confirms the sends
+            self._pending.append((dist.isend(size, dst=receiver, tag=SIZE_TAG), size))
+            self._pending.append((dist.isend(payload, dst=receiver, tag=PAYLOAD_TAG), payload))
             self.link_bytes_sent += payload.numel() + size.element_size()
 
     def flush(self) -> None:
