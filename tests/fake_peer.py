@@ -1,0 +1,171 @@
+"""A hostile rank 0 for networked tests: it joins a 2-party run like ``fedattn participant`` does,
+completes a valid handshake with the real publisher (rank 1), then sends ONE bad message.
+
+    python fake_peer.py CASE PORT -- SHARED_OPTIONS...
+
+CASE is one of ``CASES``; PORT is the rendezvous store's (served by the test); SHARED_OPTIONS are the
+publisher's shared options (``--model tiny-random --sync-every 1 ...``), from which this script
+builds the same run configuration as the CLI, so its handshake fingerprints match. Frames leave
+exactly as ``TorchTransport`` frames them (``distributed.frame_messages``: an int64 size word, then
+the payload with its end mark), so a case is one defect and nothing else. Afterwards it keeps its heartbeat going and waits, so the publisher's
+reaction is its own and not a reaction to this process leaving.
+
+It prints one line per step on stdout (``fake: ...``); the line of the bad message ends with the
+time it was sent (``time.time()``), so the test can tell a prompt refusal from a timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from fedattn import cli
+from fedattn.distributed import PAYLOAD_TAG, SIZE_TAG, frame_messages
+from fedattn.handshake import run_fingerprints
+from fedattn.kv_codec import CODECS
+from fedattn.party_process import max_frame_bytes
+from fedattn.wire import KV_HEADER, KVBlock, Hello, decode_hello, encode_hello, encode_kv
+
+RANK, WORLD_SIZE, PUBLISHER = 0, 2, 1
+SEGMENT = [72, 101, 108, 108, 111, 33]  # any short token list: the fake never runs the model
+WAIT_S = 20.0
+# the KV cases: one bad frame for block 0 (the publisher's first wait); then the message-level ones
+KV_CASES = ("dtype", "heads", "zero-tokens", "size-mismatch", "nan", "out-of-order")
+CASES = (*KV_CASES, "truncated", "oversized", "negative-size", "zero-size", "short-size-word", "model-mismatch")
+
+
+def say(text: str) -> None:
+    print(f"fake: {text}", flush=True)
+
+
+def heartbeat(port: int, stop: threading.Event) -> None:
+    """``fedattn/beat/0`` = "seq progress phase", every half second; progress never moves."""
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=5))
+    sequence = 0
+    while not stop.is_set():
+        sequence += 1
+        store.set(f"fedattn/beat/{RANK}", f"{sequence} 1 prefill block 0")
+        stop.wait(0.5)
+
+
+def send_messages(size: torch.Tensor, payload: torch.Tensor | None, pending: list) -> None:
+    """Never waited for (the publisher may never take a bad message); the tensors stay referenced."""
+    pending.append((dist.isend(size, dst=PUBLISHER, tag=SIZE_TAG), size))
+    if payload is not None:
+        pending.append((dist.isend(payload, dst=PUBLISHER, tag=PAYLOAD_TAG), payload))
+
+
+def recv_frame() -> bytes:
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src=PUBLISHER, tag=SIZE_TAG)
+    payload = torch.empty(int(size.item()) + 1, dtype=torch.uint8)  # the frame and its end mark
+    dist.recv(payload, src=PUBLISHER, tag=PAYLOAD_TAG)
+    return payload[:-1].numpy().tobytes()
+
+
+def size_word(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int64)
+
+
+def kv_block(layer: int, heads: int, head_dim: int, tokens: int = len(SEGMENT)) -> KVBlock:
+    generator = torch.Generator().manual_seed(layer)
+    shape = (heads, tokens, head_dim)
+    return KVBlock(
+        layer=layer,
+        positions=torch.arange(tokens),
+        key=torch.randn(shape, generator=generator),
+        value=torch.randn(shape, generator=generator),
+    )
+
+
+def bad_message(case: str, codec, heads: int, head_dim: int, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(size message, payload message or None) of the one defect: correctly framed but for the defect."""
+    whole = dict(whole_segment=True)
+    if case == "dtype":  # a well-formed frame in a dtype the run did not agree on
+        other = CODECS["bfloat16"] if codec.name != "bfloat16" else CODECS["float16"]
+        frame = encode_kv(kv_block(0, heads, head_dim), other, **whole)
+    elif case == "heads":
+        frame = encode_kv(kv_block(0, heads + 1, head_dim), codec, **whole)
+    elif case == "zero-tokens":  # the header says 0 tokens, and the frame is exactly that size
+        frame = bytearray(encode_kv(kv_block(0, heads, head_dim, tokens=1), codec, whole_segment=False))
+        fields = list(KV_HEADER.unpack_from(frame))
+        fields[4], fields[8] = 0, 0  # flags, tokens
+        frame = KV_HEADER.pack(*fields)
+    elif case == "size-mismatch":  # 6 tokens in the header, one float short in the bytes
+        frame = encode_kv(kv_block(0, heads, head_dim), codec, **whole)[:-codec.bytes_per_element]
+    elif case == "nan":
+        block = kv_block(0, heads, head_dim)
+        block.value[1, 2, 3] = float("nan")
+        frame = encode_kv(block, codec, **whole)
+    elif case == "out-of-order":
+        frame = encode_kv(kv_block(1, heads, head_dim), codec, **whole)
+    elif case == "truncated":  # the size word announces the whole frame; its first half is sent
+        frame = encode_kv(kv_block(0, heads, head_dim), codec, **whole)
+        return size_word(len(frame)), torch.frombuffer(bytearray(frame[: len(frame) // 2]), dtype=torch.uint8)
+    elif case == "oversized":  # no payload: the receiver must refuse before allocating
+        return size_word(limit + 1), None
+    elif case == "negative-size":
+        return size_word(-5), None
+    elif case == "zero-size":
+        return size_word(0), None
+    elif case == "short-size-word":  # 4 bytes where an int64 is due
+        return torch.tensor([100], dtype=torch.int32), None
+    else:
+        raise SystemExit(f"unknown case {case!r}; one of {', '.join(CASES)}")
+    return frame_messages(bytes(frame))
+
+
+def main(argv: list[str]) -> int:
+    case, port, separator, *shared = argv
+    if separator != "--" or case not in CASES:
+        raise SystemExit(__doc__)
+    port = int(port)
+    args = cli.build_parser().parse_args(
+        ["participant", "--rank", str(RANK), "--world-size", str(WORLD_SIZE), "--master", f"127.0.0.1:{port}",
+         "--external-store", "--context", "unused", *shared, "--json"]
+    )
+    loaded, config, _ = cli._load_and_configure(args)
+    model_config = loaded.model.config
+    heads = model_config.num_key_value_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    fingerprints = run_fingerprints(config, loaded.identity, model_config)
+    if case == "model-mismatch":  # other weights, everything else the same
+        fingerprints = (bytes(8 * [0xAB]), *fingerprints[1:])
+    hello = Hello(RANK, WORLD_SIZE, len(SEGMENT), fingerprints)
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
+    stop = threading.Event()
+    threading.Thread(target=heartbeat, args=(port, stop), daemon=True).start()
+    store.set(f"fedattn/joined/{RANK}", "1")
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore("fedattn/pg", store), rank=RANK, world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    say("joined")
+    pending: list = []
+    send_messages(*frame_messages(encode_hello(hello)), pending)
+    if case == "model-mismatch":
+        say(f"hello sent with other weights at {time.time():.3f}")
+    theirs = decode_hello(recv_frame(), "publisher")
+    say(f"publisher's hello: segment of {theirs.segment_length} tokens")
+    if case != "model-mismatch":
+        size, payload = bad_message(case, config.codec, heads, head_dim, max_frame_bytes(model_config, config.codec))
+        send_messages(size, payload, pending)
+        say(f"sent {case}: size message {size.tolist()}, payload {None if payload is None else payload.numel()} bytes at {time.time():.3f}")
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+    say("done waiting")
+    stop.set()
+    sys.stdout.flush()
+    os._exit(0)  # no gloo teardown: the publisher may be gone
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
