@@ -150,11 +150,12 @@ class TorchTransport(Transport):
             self._pending.append((dist.isend(payload, dst=receiver, tag=PAYLOAD_TAG), payload))
             self.link_bytes_sent += payload.numel() + size.element_size()
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every frame sent so far has left (before a clean exit)."""
+        deadline = datetime.timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s)
         for work, _tensor in self._pending:
             try:
-                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+                work.wait(timeout=deadline)
             except RuntimeError as error:
                 raise self._diagnose(None, "its sends to complete", _short(error)) from None
         self._pending.clear()
@@ -169,7 +170,7 @@ class TorchTransport(Transport):
     def _check(self, sender: int, what: str) -> None:
         """Fail fast, naming the culprit, if the link broke or a peer died or stalled."""
         if isinstance(self._failure, FedAttnError):
-            raise self._failure
+            raise type(self._failure)(f"{self._failure}; {self.name_of(self.rank)} was waiting for {what}")
         if self._failure is not None:
             time.sleep(STALE_AFTER_S)  # let the dead party's heartbeat go stale first
             raise self._diagnose(sender, what, f"the link broke ({_short(self._failure)})")

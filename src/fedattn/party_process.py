@@ -30,6 +30,7 @@ from .wire import kv_frame_size
 
 STORE_POLL_S = 0.1
 LEAVE_GRACE_S = 5.0
+FAILURE_FLUSH_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,12 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
         stop_token_ids(loaded.tokenizer, loaded.model), loaded.identity,
     )
     start = time.perf_counter()
-    with federated_attention_enabled(loaded.model):
-        answer = party.run()
+    try:
+        with federated_attention_enabled(loaded.model):
+            answer = party.run()
+    except FedAttnError:
+        _flush_before_failing(transport)
+        raise
     transport.flush()
     wall_s = time.perf_counter() - start
     transport.note("finished")
@@ -94,6 +99,15 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
     liveness.stop()
     _leave(store, rendezvous)
     return _report(loaded, party, transport, answer, wall_s)
+
+
+def _flush_before_failing(transport: TorchTransport) -> None:
+    """Let what this party already sent (its handshake, say) reach the others, so that they fail
+    for the real reason rather than on a closed link; briefly, and never masking our own error."""
+    try:
+        transport.flush(timeout_s=FAILURE_FLUSH_S)
+    except FedAttnError:
+        pass
 
 
 def _connect_store(rendezvous: Rendezvous) -> dist.TCPStore:
