@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import random_segments
+from fedattn.decoding import StopRule
 from fedattn.engine import run_in_process
 from fedattn.participant import RunConfig
 from fedattn.schedule import Schedule, every, placement, sync_count
@@ -18,7 +19,7 @@ def check_against_oracle(tiny, num_parties, schedule: Schedule, sparsity=Sparsit
     model, tokenizer = tiny
     segments = random_segments(LENGTHS[:num_parties], seed=seed)
     config = RunConfig(schedule=schedule, sparsity=sparsity, max_new_tokens=MAX_NEW, all_answers=all_answers, record_logits=True)
-    result = run_in_process(model, segments, config, frozenset({tokenizer.eos_token_id}))
+    result = run_in_process(model, segments, config, StopRule(frozenset({tokenizer.eos_token_id})))
 
     publisher = num_parties - 1
     kept = [kept_indices(sparsity, n, len(s), n == publisher) for n, s in enumerate(segments)]

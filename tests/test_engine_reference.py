@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import random_segments
-from fedattn.decoding import Decoding
+from fedattn.decoding import Decoding, StopRule
 from fedattn.engine import run_in_process
 from fedattn.participant import RunConfig
 from fedattn.schedule import Schedule, every
@@ -25,7 +25,7 @@ def test_centralized_equivalence(tiny, lengths):
     segments = random_segments(lengths, seed=sum(lengths))
     layers = model.config.num_hidden_layers
     config = RunConfig(schedule=Schedule(layers, every(1, layers)), max_new_tokens=MAX_NEW, record_logits=True)
-    result = run_in_process(model, segments, config, frozenset({tokenizer.eos_token_id}))
+    result = run_in_process(model, segments, config, StopRule(frozenset({tokenizer.eos_token_id})))
     tokens, scores = hf_generate(model, sum(segments, []), MAX_NEW)
     assert result.answer_token_ids == tokens
     assert len(result.answer_logits) == len(scores)
@@ -53,3 +53,18 @@ def test_sampling_is_seeded(tiny):
 
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
+
+
+def test_stop_text_ends_decoding_and_trims(tiny):
+    """A stop text in what the publisher wrote ends decoding at that token: the tokens equal HF
+    generate's up to and including the one that completes the stop text."""
+    model, tokenizer = tiny
+    segments = random_segments([11, 7], seed=21)
+    config = RunConfig(Schedule(8, every(1, 8)), max_new_tokens=20)
+    free = run_in_process(model, segments, config).answer_token_ids
+    stop_text = tokenizer.decode(free[3:5])  # appears once the 5th token is written
+    rule = StopRule(texts=(stop_text,), decode=tokenizer.decode)
+    stopped = run_in_process(model, segments, config, rule).answer_token_ids
+    written = next(n for n in range(1, len(free) + 1) if stop_text in tokenizer.decode(free[:n][-16:]))
+    assert stopped == free[:written]
+    assert rule.trim(tokenizer.decode(stopped)) == tokenizer.decode(stopped).split(stop_text)[0]

@@ -7,7 +7,7 @@ import torch
 
 from fedattn.models import DEFAULT_MODEL, KNOWN_MODELS, cache_complete, load_model
 from fedattn.participant import RunConfig
-from fedattn.query import answer_question, stop_token_ids
+from fedattn.query import answer_question, stop_rule
 from fedattn.prompting import build_segments
 from fedattn.engine import run_in_process
 from fedattn.schedule import Schedule, every
@@ -30,7 +30,7 @@ def test_sync_every_block_equals_centralized_generation(qwen):
     segments = build_segments(tokenizer, contexts, QUESTION)
     layers = model.config.num_hidden_layers
     config = RunConfig(Schedule(layers, every(1, layers)), max_new_tokens=12)
-    result = run_in_process(model, segments, config, stop_token_ids(tokenizer, model))
+    result = run_in_process(model, segments, config, stop_rule(tokenizer, model))
     ids = torch.tensor([sum(segments, [])])
     with torch.inference_mode():
         reference = model.generate(ids, max_new_tokens=12, do_sample=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,3 +48,29 @@ class Decoding:
             drop = cumulative - torch.softmax(ordered, dim=-1) >= self.top_p
             scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
+
+
+STOP_TEXT_WINDOW = 16  # tokens decoded to look for a stop text; it must end in the newest token
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a party stops decoding: an end-of-sequence token, or a stop text in what it wrote
+    (a few-shot prompt's next "Question:", say), so answers do not run on into new items."""
+
+    token_ids: frozenset[int] = frozenset()
+    texts: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = None
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if tokens and tokens[-1] in self.token_ids:
+            return True
+        if not self.texts or self.decode is None:
+            return False
+        tail = self.decode(tokens[-STOP_TEXT_WINDOW:])
+        return any(text in tail for text in self.texts)
+
+    def trim(self, text: str) -> str:
+        """``text`` cut before the first stop text."""
+        cut = min((text.find(stop) for stop in self.texts if stop in text), default=len(text))
+        return text[:cut]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import federated_attention_enabled
+from .decoding import StopRule
 from .participant import Participant, RunConfig
 from .transport import InProcessGrid
 
@@ -61,13 +62,13 @@ def run_in_process(
     model: torch.nn.Module,
     segments: list[list[int]],
     config: RunConfig,
-    stop_token_ids: frozenset[int] = frozenset(),
+    stop: StopRule = StopRule(),
     model_identity: str = "",
 ) -> RunResult:
     """Answer with the publisher (the last segment's owner) and, if asked, every other party."""
     grid = InProcessGrid(party_names(len(segments)), timeout=0.0)
     parties = [
-        Participant(rank, segment, model, grid.endpoint(rank), config, stop_token_ids, model_identity)
+        Participant(rank, segment, model, grid.endpoint(rank), config, stop, model_identity)
         for rank, segment in enumerate(segments)
     ]
     publisher, collaborators = parties[-1], parties[:-1]

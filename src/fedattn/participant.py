@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import Decoding
+from .decoding import Decoding, StopRule
 from .errors import FedAttnError
 from .kv_codec import CODECS, KVCodec
 from .kv_store import ParticipantKVStore
@@ -73,7 +73,7 @@ class Participant:
         model: torch.nn.Module,
         transport: Transport,
         config: RunConfig,
-        stop_token_ids: frozenset[int] = frozenset(),
+        stop: StopRule = StopRule(),
         model_identity: str = "",
     ) -> None:
         if not token_ids:
@@ -87,7 +87,7 @@ class Participant:
         self.model = model
         self.transport = transport
         self.config = config
-        self.stop_token_ids = stop_token_ids
+        self.stop = stop
         self.world_size = transport.world_size
         self.publisher = self.world_size - 1
         self.is_publisher = rank == self.publisher
@@ -208,7 +208,7 @@ class Participant:
         start = time.perf_counter()
         tokens = [first_token]
         decoding = self.config.decoding
-        while len(tokens) < self.config.max_new_tokens and tokens[-1] not in self.stop_token_ids:
+        while len(tokens) < self.config.max_new_tokens and not self.stop(tokens):
             positions = torch.tensor([self.prompt_length + len(tokens) - 1], device=self.device)
             output = self.model(
                 input_ids=torch.tensor([[tokens[-1]]], device=self.device),

@@ -25,7 +25,7 @@ from .kv_codec import KVCodec
 from .models import LoadedModel
 from .participant import Participant, RunConfig
 from .prompting import check_context_window, collaborator_pieces, publisher_pieces, template_for, tokenize_party
-from .query import stop_token_ids
+from .query import stop_rule
 from .wire import kv_frame_size
 
 STORE_POLL_S = 0.1
@@ -83,7 +83,7 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
     )
     party = Participant(
         rendezvous.rank, segment, loaded.model, transport, config,
-        stop_token_ids(loaded.tokenizer, loaded.model), loaded.identity,
+        stop_rule(loaded.tokenizer, loaded.model), loaded.identity,
     )
     start = time.perf_counter()
     try:

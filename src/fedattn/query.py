@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from transformers import PreTrainedTokenizerBase
 
 from .cost_model import ModelDims, PartyCost, expected_costs
+from .decoding import StopRule
 from .engine import RunResult, run_in_process
 from .participant import RunConfig
 from .prompting import build_segments, check_context_window
@@ -75,8 +76,8 @@ class QueryReport:
         }
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model) -> frozenset[int]:
-    """The tokenizer's EOS and every EOS the generation config names."""
+def stop_rule(tokenizer: PreTrainedTokenizerBase, model, texts: tuple[str, ...] = ()) -> StopRule:
+    """Stop at the tokenizer's EOS, any EOS the generation config names, or one of ``texts``."""
     ids = set()
     configured = getattr(model.generation_config, "eos_token_id", None)
     for value in (tokenizer.eos_token_id, configured):
@@ -84,7 +85,7 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model) -> frozenset[int]:
             ids.add(value)
         elif value:
             ids.update(value)
-    return frozenset(ids)
+    return StopRule(frozenset(ids), texts, tokenizer.decode if texts else None)
 
 
 def answer_question(
@@ -99,7 +100,7 @@ def answer_question(
     start = time.perf_counter()
     segments = build_segments(tokenizer, contexts, question, publisher_context, raw)
     check_context_window(segments, config.max_new_tokens, model.config.max_position_embeddings)
-    result = run_in_process(model, segments, config, stop_token_ids(tokenizer, model))
+    result = run_in_process(model, segments, config, stop_rule(tokenizer, model))
     dims = ModelDims.from_config(model.config)
     expected = expected_costs(
         dims, config.schedule, config.sparsity, config.codec, [len(s) for s in segments], config.all_answers
