@@ -1,0 +1,234 @@
+"""``fedattn eval crossfacts``: publisher exact match on CrossFacts, federated vs centralized vs alone.
+
+Run the three modes on the same items (same --data-seed, sizes and model) into three --out
+folders; federated minus alone is what collaboration gains, centralized minus federated what the
+schedule loses. Modes:
+
+* federated: each collaborator holds its document, the publisher only the question (the schedule applies);
+* centralized: one party holds all documents and the question, the same prompt text (N = 1, no traffic);
+* alone: the publisher with the question only (N = 1, no traffic).
+
+Scoring (see ``normalize``): the answer's first non-empty line and the gold are lower-cased, every
+punctuation character becomes a space, and both are split on whitespace. EM is 1 when the gold's
+tokens occur as a contiguous run in the answer's tokens ("The code is QT3840." matches "QT3840";
+"QT 3840" and "QT38400" do not; "2020-03-01" matches "2020/03/01"); F1 is the token-overlap F1 of
+the same two token lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from .crossfacts import VIEWS, Item, check_sizes, generate_item
+from .errors import FedAttnError
+
+DEFAULT_MAX_NEW_TOKENS = 32  # gold answers are a few tokens; the first line is all that is scored
+_PUNCTUATION = str.maketrans({char: " " for char in string.punctuation})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shared model/schedule/decoding options plus the benchmark's own."""
+    from .cli import _add_shared_options, _positive_int
+
+    _add_shared_options(parser)
+    parser.set_defaults(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--count", type=_positive_int, default=100, help="items generated (default 100)")
+    parser.add_argument("--parties", type=_positive_int, default=3, help="parties including the publisher (default 3)")
+    parser.add_argument("--facts", type=_positive_int, default=4, help="people (4 facts each) per collaborator's document (default 4)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated items (--seed is the sampling seed)")
+    parser.add_argument("--offset", type=_non_negative_int, default=0, help="first item to evaluate")
+    parser.add_argument("--limit", type=_positive_int, help="evaluate at most this many items from --offset")
+    parser.add_argument("--mode", choices=tuple(VIEWS), default="federated", help="who holds what (default federated)")
+    parser.add_argument("--out", type=Path, required=True, help="results folder (records.jsonl, summary.json); reruns resume")
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def normalize(text: str) -> list[str]:
+    """Lower-case tokens of ``text`` with punctuation turned into spaces."""
+    return text.lower().translate(_PUNCTUATION).split()
+
+
+def first_line(answer: str) -> str:
+    return next((line for line in answer.splitlines() if line.strip()), "")
+
+
+def exact_match(answer: str, gold: str) -> bool:
+    """The gold's tokens as a contiguous run in the answer's first line."""
+    predicted, wanted = normalize(first_line(answer)), normalize(gold)
+    return any(predicted[start : start + len(wanted)] == wanted for start in range(len(predicted) - len(wanted) + 1))
+
+
+def f1_score(answer: str, gold: str) -> float:
+    predicted, wanted = normalize(first_line(answer)), normalize(gold)
+    common = sum((Counter(predicted) & Counter(wanted)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(wanted)
+    return 2 * precision * recall / (precision + recall)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate the selected items not yet in --out, then write and print the summary."""
+    from .cli import _load_and_configure
+
+    check_sizes(args.count, args.parties, args.facts)
+    if args.offset >= args.count:
+        raise FedAttnError(f"--offset {args.offset} is past the last item ({args.count - 1})")
+    loaded, config, device = _load_and_configure(args)
+    store = _store(args, loaded, config)
+    done = store.done_keys()
+    stop_at = args.count if args.limit is None else min(args.count, args.offset + args.limit)
+    todo = [index for index in range(args.offset, stop_at) if str(index) not in done]
+    with _progress(len(todo), f"crossfacts {args.mode} on {device}", quiet=args.json) as advance:
+        for index in todo:
+            item = generate_item(args.data_seed, index, args.parties, args.facts)
+            store.append(evaluate_item(loaded, config, args, index, item))
+            advance()
+    summary = summarize(store.records())
+    path = store.write_summary(summary)
+    if args.json:
+        print(json.dumps(summary | {"config": store.config, "summary_path": str(path)}, indent=2))
+    else:
+        print(summary_line(summary, args, path))
+    return 0
+
+
+def _store(args: argparse.Namespace, loaded, config):
+    """The results folder, guarded by everything that decides a record (not offset/limit)."""
+    from .results import ResultStore
+
+    schedule = config.schedule
+    return ResultStore(
+        args.out,
+        {
+            "benchmark": "crossfacts",
+            "mode": args.mode,
+            "data_seed": args.data_seed,
+            "count": args.count,
+            "parties": args.parties,
+            "facts": args.facts,
+            "model": {"name": loaded.name, "identity": loaded.identity, "dtype": args.dtype},
+            "schedule": {
+                "describe": schedule.describe(),
+                "sync_layers": list(schedule.sync_layers),
+                "publisher_dense": schedule.publisher_dense,
+                "publisher_sync_every": schedule.publisher_sync_every,
+                "num_layers": schedule.num_layers,
+            },
+            "sparsity": asdict(config.sparsity),
+            "kv_dtype": config.codec.name,
+            "decoding": asdict(config.decoding),
+            "max_new_tokens": config.max_new_tokens,
+            "raw": args.raw,
+            "scoring": "EM: normalized gold tokens contiguous in the answer's first line; F1: token overlap",
+        },
+    )
+
+
+def evaluate_item(loaded, config, args: argparse.Namespace, index: int, item: Item) -> dict:
+    """One item in ``args.mode``: segments, one in-process run, the score and the traffic."""
+    from .cost_model import ModelDims, expected_costs
+    from .engine import run_in_process
+    from .prompting import build_segments, check_context_window
+    from .query import stop_rule
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    view = VIEWS[args.mode](item)
+    start = time.perf_counter()
+    segments = build_segments(tokenizer, list(view.contexts), view.question, view.publisher_context, args.raw)
+    check_context_window(segments, config.max_new_tokens, model.config.max_position_embeddings)
+    result = run_in_process(model, segments, config, stop_rule(tokenizer, model), loaded.identity)
+    wall_s = time.perf_counter() - start
+    expected = expected_costs(
+        ModelDims.from_config(model.config), config.schedule, config.sparsity, config.codec,
+        [len(segment) for segment in segments], config.all_answers,
+    )
+    answer = tokenizer.decode(result.answer_token_ids, skip_special_tokens=True).strip()
+    return {
+        "key": str(index),
+        "index": index,
+        "field": item.field,
+        "holder_party": item.holder_party,
+        "question": item.question,
+        "gold": item.answer,
+        "answer": answer,
+        "em": int(exact_match(answer, item.answer)),
+        "f1": f1_score(answer, item.answer),
+        "segment_tokens": [len(segment) for segment in segments],
+        "bytes_sent": sum(party.bytes_sent for party in result.parties),
+        "bytes_received": sum(party.bytes_received for party in result.parties),
+        "expected_bytes_sent": sum(cost.wire_bytes_sent for cost in expected),
+        "expected_bytes_received": sum(cost.wire_bytes_received for cost in expected),
+        "publisher_bytes_received": result.parties[-1].bytes_received,
+        "generated_tokens": len(result.answer_token_ids),
+        "prefill_s": result.prefill_s,
+        "decode_s": result.decode_s,
+        "wall_s": wall_s,
+    }
+
+
+def summarize(records: list[dict]) -> dict:
+    """Means over every finished record in the folder (all runs of this configuration so far)."""
+    count = len(records)
+
+    def mean(key: str) -> float:
+        return sum(record[key] for record in records) / count if count else 0.0
+
+    return {
+        "items": count,
+        "em": mean("em"),
+        "f1": mean("f1"),
+        "em_by_field": _em_by(records, "field"),
+        "mean_bytes_sent": mean("bytes_sent"),
+        "mean_bytes_received": mean("bytes_received"),
+        "mean_expected_bytes_sent": mean("expected_bytes_sent"),
+        "mean_wall_s": mean("wall_s"),
+        "total_s": sum(record["wall_s"] for record in records),
+    }
+
+
+def _em_by(records: list[dict], key: str) -> dict[str, float]:
+    groups: dict[str, list[int]] = {}
+    for record in records:
+        groups.setdefault(str(record[key]), []).append(record["em"])
+    return {name: sum(values) / len(values) for name, values in sorted(groups.items())}
+
+
+def summary_line(summary: dict, args: argparse.Namespace, path: Path) -> str:
+    return (
+        f"crossfacts {args.mode}, {args.parties} parties: EM {summary['em']:.1%}, F1 {summary['f1']:.1%} "
+        f"over {summary['items']} items; {summary['mean_bytes_sent'] / 1e6:.2f} MB sent per query; "
+        f"{summary['total_s']:.1f} s in all -> {path}"
+    )
+
+
+@contextmanager
+def _progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr (nothing with --json); yields the function that advances it."""
+    if quiet:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
