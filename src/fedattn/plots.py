@@ -1,0 +1,271 @@
+"""``fedattn plot RESULTS...``: the paper's figures from evaluation result folders.
+
+A result folder (see ``results.ResultStore``) holds ``summary.json``: metrics at the top level and
+the run's ``config`` dict. Every plot takes the names of the values it needs and looks each up in
+the metrics first, then in the config, so new metrics or options need no code here. A folder that
+lacks a value is skipped with a one-line message on stderr: a sweep half finished, or mixed with
+other runs, still plots what it can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+
+from matplotlib import pyplot  # noqa: E402  (the backend must be chosen first)
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from .errors import FedAttnError  # noqa: E402
+
+FIGURE_SIZE = (6, 4)  # inches
+DPI = 100
+DEFAULT_METRIC = "em_publisher"
+DEFAULT_BYTES = "mean_bytes_sent"
+SWEEPS = ("sync_every", "parties")  # line plots: EM vs H, EM vs N
+ABLATIONS = ("placement", "ratio_comp", "ratio_comm", "publisher_sync_every")  # bar charts
+SCHEDULE_KEYS = ("parties", "sync_every", "sync_layers", "placement", "schedule", "publisher_sync_every", "ratio_comp", "ratio_comm")
+MISSING = object()
+
+
+@dataclass(frozen=True)
+class Result:
+    """One result folder's summary."""
+
+    folder: Path
+    summary: dict
+
+    @property
+    def config(self) -> dict:
+        return self.summary.get("config") or {}
+
+    def get(self, name: str) -> Any:
+        """A metric, else a config value, else ``MISSING`` (a None config value is a real value)."""
+        if name in self.summary and name != "config":
+            return self.summary[name]
+        return self.config.get(name, MISSING)
+
+
+def skip(folder: Path, reason: str) -> None:
+    print(f"fedattn plot: skipping {folder}: {reason}", file=sys.stderr)
+
+
+def load_results(paths: list[Path]) -> list[Result]:
+    """Each path is a result folder, or a folder whose subfolders (at any depth) are result folders."""
+    results = []
+    for path in paths:
+        summaries = [path / "summary.json"] if (path / "summary.json").is_file() else sorted(path.rglob("summary.json"))
+        if not summaries:
+            skip(path, "no summary.json in it or below it")
+        for summary in summaries:
+            try:
+                results.append(Result(summary.parent, json.loads(summary.read_text(encoding="utf-8"))))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                skip(summary.parent, f"unreadable summary.json ({error})")
+    return results
+
+
+def _as_results(items: list[Path | Result]) -> list[Result]:
+    """Folders are read; already loaded results (the CLI reads each folder once) pass through."""
+    paths = [item for item in items if not isinstance(item, Result)]
+    return [item for item in items if isinstance(item, Result)] + (load_results(paths) if paths else [])
+
+
+def having(results: list[Result], *names: str, numbers: tuple[str, ...] = ()) -> list[Result]:
+    """The results that carry every one of ``names`` (and a number for each of ``numbers``); the
+    others are skipped with a message."""
+    kept = []
+    for result in results:
+        absent = [name for name in (*names, *numbers) if result.get(name) is MISSING]
+        not_numbers = [name for name in numbers if name not in absent and not _is_number(result.get(name))]
+        if absent:
+            skip(result.folder, f"no {', '.join(repr(name) for name in absent)}")
+        elif not_numbers:
+            skip(result.folder, f"{', '.join(repr(name) for name in not_numbers)} is not a number")
+        else:
+            kept.append(result)
+    return kept
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def series(results: list[Result], x: str) -> dict[str, list[Result]]:
+    """Group by the config values that differ among ``results`` (besides ``x``), so one plot of a
+    mixed set of folders shows each sweep as its own line instead of zig-zagging across them."""
+    varying = sorted(
+        key
+        for key in {key for result in results for key in result.config}
+        if key != x and len({json.dumps(result.config.get(key), sort_keys=True) for result in results}) > 1
+    )
+    groups: dict[str, list[Result]] = defaultdict(list)
+    for result in results:
+        label = ", ".join(f"{key}={_text(result.config.get(key))}" for key in varying)
+        groups[label].append(result)
+    return dict(groups)
+
+
+def matched(results: list[Result], key: str) -> list[Result]:
+    """The largest set of runs alike in everything but ``key`` (an ablation compares only those);
+    all of ``results`` when no two runs form such a set."""
+    groups: dict[str, list[Result]] = defaultdict(list)
+    for result in results:
+        groups[json.dumps({k: v for k, v in result.config.items() if k != key}, sort_keys=True, default=str)].append(result)
+    best = max(groups.values(), key=lambda group: _distinct(group, key))
+    if _distinct(best, key) < 2:
+        return results
+    if len(best) < len(results):
+        print(f"fedattn plot: {key}: comparing the {len(best)} runs that differ only in {key}, not the other {len(results) - len(best)}", file=sys.stderr)
+    return best
+
+
+def _text(value: Any) -> str:
+    return "default" if value is None else str(value)
+
+
+def new_figure() -> tuple[Figure, Any]:
+    figure, axes = pyplot.subplots(figsize=FIGURE_SIZE, dpi=DPI)
+    return figure, axes
+
+
+def save_figure(figure: Figure, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(out, dpi=DPI, format="png")
+    pyplot.close(figure)
+    return out
+
+
+def plot_vs_parameter(
+    folders: list[Path | Result],
+    out: Path,
+    x: str = "sync_every",
+    y: str = DEFAULT_METRIC,
+    bytes_axis: bool = True,
+    bytes_key: str = DEFAULT_BYTES,
+) -> Path | None:
+    """``y`` against a swept parameter (EM vs H, EM vs N), with bytes per query on a second axis.
+    Returns None (after saying why) when no folder has both values."""
+    results = having(_as_results(folders), numbers=(x, y))
+    if not results:
+        print(f"fedattn plot: no folder has both {x!r} and {y!r}; {out.name} not drawn", file=sys.stderr)
+        return None
+    figure, axes = new_figure()
+    twin = axes.twinx() if bytes_axis else None
+    for index, (label, group) in enumerate(series(results, x).items()):
+        group = sorted(group, key=lambda result: result.get(x))
+        colour = f"C{index}"
+        xs = [result.get(x) for result in group]
+        axes.plot(xs, [result.get(y) for result in group], marker="o", color=colour, label=label or y)
+        with_bytes = [result for result in group if _is_number(result.get(bytes_key))]
+        if twin is not None and with_bytes:
+            twin.plot([r.get(x) for r in with_bytes], [r.get(bytes_key) for r in with_bytes], linestyle="--", marker="x", color=colour, alpha=0.6)
+    if all(isinstance(result.get(x), int) for result in results):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    if twin is not None:
+        twin.set_ylabel(f"{bytes_key} (dashed)")
+    axes.legend(fontsize=7)
+    axes.set_title(f"{y} vs {x}", fontsize=9)
+    return save_figure(figure, out)
+
+
+def plot_ablation(folders: list[Path | Result], out: Path, key: str, y: str = DEFAULT_METRIC) -> Path | None:
+    """A bar per value of ``key`` (placement, sparsity ratio, publisher sync interval); a None value
+    is the run without that variant and is labelled 'default'."""
+    results = having(_as_results(folders), key, numbers=(y,))
+    if not results:
+        print(f"fedattn plot: no folder has both {key!r} and {y!r}; {out.name} not drawn", file=sys.stderr)
+        return None
+    results = matched(results, key)
+    results = sorted(results, key=lambda result: (result.get(key) is not None, str(result.get(key))))
+    labels = [_text(result.get(key)) for result in results]
+    labels = [f"{label}\n({result.folder.name})" if labels.count(label) > 1 else label for label, result in zip(labels, results)]
+    figure, axes = new_figure()
+    axes.bar(range(len(results)), [result.get(y) for result in results], color="C0")
+    axes.set_xticks(range(len(results)), labels, fontsize=7)
+    axes.set_xlabel(key)
+    axes.set_ylabel(y)
+    axes.set_title(f"{y} by {key}", fontsize=9)
+    return save_figure(figure, out)
+
+
+def schedule_label(result: Result) -> str:
+    """The schedule options that are set, e.g. 'parties=4 sync_every=8 ratio_comm=0.5'."""
+    parts = [f"{key}={result.config[key]}" for key in SCHEDULE_KEYS if result.config.get(key) not in (None, MISSING)]
+    return " ".join(parts) or result.folder.name
+
+
+def plot_frontier(folders: list[Path | Result], out: Path, y: str = DEFAULT_METRIC, bytes_key: str = DEFAULT_BYTES) -> Path | None:
+    """Quality against bytes per query, one labelled point per schedule, log x. Runs that send
+    nothing (centralized, publisher alone) cannot sit on a log axis: they become reference lines."""
+    results = having(_as_results(folders), numbers=(y, bytes_key))
+    if not results:
+        print(f"fedattn plot: no folder has both {y!r} and {bytes_key!r}; {out.name} not drawn", file=sys.stderr)
+        return None
+    figure, axes = new_figure()
+    points = [result for result in results if result.get(bytes_key) > 0]
+    for index, result in enumerate(result for result in results if result.get(bytes_key) <= 0):
+        axes.axhline(result.get(y), color=f"C{index + 1}", linestyle=":", label=f"{schedule_label(result)} (0 bytes)")
+    axes.scatter([r.get(bytes_key) for r in points], [r.get(y) for r in points], color="C0", zorder=3)
+    for result in points:
+        axes.annotate(schedule_label(result), (result.get(bytes_key), result.get(y)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if points:
+        axes.set_xscale("log")
+    axes.set_xlabel(f"{bytes_key} (log)")
+    axes.set_ylabel(y)
+    axes.set_title(f"{y} vs communication", fontsize=9)
+    if len(points) < len(results):
+        axes.legend(fontsize=6)
+    return save_figure(figure, out)
+
+
+# -- command line -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", type=Path, metavar="RESULTS", help="result folders (or folders holding them)")
+    parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"quality metric in summary.json (default {DEFAULT_METRIC})")
+    parser.add_argument("--bytes-metric", default=DEFAULT_BYTES, help=f"bytes per query in summary.json (default {DEFAULT_BYTES})")
+
+
+def _distinct(results: list[Result], key: str) -> int:
+    return len({json.dumps(result.get(key), sort_keys=True) for result in results if result.get(key) is not MISSING})
+
+
+def _swept(results: list[Result], x: str) -> bool:
+    """Whether some runs alike in everything else take two values of ``x`` (a line to draw)."""
+    numeric = [result for result in results if _is_number(result.get(x))]
+    return any(_distinct(group, x) > 1 for group in series(numeric, x).values())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Draw every plot the folders support (a sweep needs two values of its parameter) and list them."""
+    results = load_results(args.results)
+    if not results:
+        raise FedAttnError("no result folder with a summary.json among the given paths")
+    folders = having(results, numbers=(args.metric,))
+    written = []
+    for x in SWEEPS:
+        if _swept(folders, x):
+            written.append(plot_vs_parameter(folders, args.out / f"{args.metric}_vs_{x}.png", x, args.metric, True, args.bytes_metric))
+    for key in ABLATIONS:
+        if _distinct(folders, key) > 1:
+            written.append(plot_ablation(folders, args.out / f"{args.metric}_by_{key}.png", key, args.metric))
+    written.append(plot_frontier(folders, args.out / f"{args.metric}_frontier.png", args.metric, args.bytes_metric))
+    written = [path for path in written if path is not None]
+    if not written:
+        raise FedAttnError(f"nothing to plot: no folder carries {args.metric!r} (and {args.bytes_metric!r} for the frontier)")
+    for path in written:
+        print(path)
+    return 0

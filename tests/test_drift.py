@@ -1,0 +1,76 @@
+"""Drift against centralized inference on the tiny model: zero where FedAttn is exact (H = 1),
+positive where the publisher sees only itself."""
+
+import argparse
+
+import pytest
+from conftest import random_segments
+from matplotlib import image
+
+from fedattn.drift import add_arguments, measure_drift, plot_drift, run
+from fedattn.errors import FedAttnError
+from fedattn.participant import RunConfig
+from fedattn.schedule import Schedule, every
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SEGMENTS = random_segments([7, 5, 6], seed=3)
+
+
+def config(sync_layers: tuple[int, ...]) -> RunConfig:
+    return RunConfig(schedule=Schedule(num_layers=8, sync_layers=sync_layers))
+
+
+def test_every_block_global_matches_centralized(tiny):
+    model, _ = tiny
+    report = measure_drift(model, SEGMENTS, config(every(1, 8)))
+    assert [party.tokens for party in report.parties] == [7, 5, 6]
+    for party in report.parties:
+        assert len(party.hidden) == len(party.key) == len(party.value) == 8
+        assert max(party.hidden + party.key + party.value) < 1e-4
+    assert report.kl_publisher < 1e-6
+
+
+def test_local_only_drifts_for_the_publisher_but_not_the_first_party(tiny):
+    model, _ = tiny
+    report = measure_drift(model, SEGMENTS, config(()))
+    first, publisher = report.parties[0], report.parties[-1]
+    assert max(first.hidden + first.key + first.value) < 1e-4  # causality: nothing precedes it
+    assert min(publisher.hidden) > 1e-3
+    assert publisher.key[0] < 1e-4 and publisher.key[1] > 1e-3  # block 0 K/V depend on the token alone
+    assert report.kl_publisher > 1e-4
+
+
+def test_drift_plot_is_a_png(tiny, tmp_path):
+    model, _ = tiny
+    report = measure_drift(model, SEGMENTS, config(every(4, 8)))
+    path = plot_drift(report, tmp_path / "drift.png", title="tiny")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert image.imread(path).shape[:2] == (400, 600)
+
+
+def parse(words: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(words)
+
+
+def test_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
+    out = tmp_path / "drift.png"
+    words = ["--model", "tiny-random", "--device", "cpu", "--sync-every", "4", "--out", str(out)]
+    assert run(parse(words + ["--context", "alpha beta gamma", "--question", "what?"])) == 0
+    printed = capsys.readouterr().out
+    assert "KL" in printed and "publisher" in printed and f"wrote {out}" in printed
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_command_on_a_gsm8k_item(tmp_path, capsys):
+    out = tmp_path / "gsm8k.png"
+    words = ["--model", "tiny-random", "--device", "cpu", "--gsm8k-item", "0", "--parties", "3", "--shots", "1", "--json"]
+    assert run(parse(words + ["--out", str(out)])) == 0
+    assert '"kl_publisher"' in capsys.readouterr().out
+    assert out.is_file()
+
+
+def test_command_needs_a_prompt(tmp_path):
+    with pytest.raises(FedAttnError, match="--question"):
+        run(parse(["--model", "tiny-random", "--device", "cpu", "--out", str(tmp_path / "x.png")]))
