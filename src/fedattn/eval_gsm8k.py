@@ -1,0 +1,239 @@
+"""``fedattn eval gsm8k``: exact match on GSM8K test problems with the prompt split among N parties.
+
+As in the paper: a raw base-model prompt (no chat template, whatever --raw says) made of the
+first K train problems as fixed chain-of-thought exemplars, then the test question; the split
+(TokAg, SemAg, TokEx, SemEx) decides who holds what. Each problem runs all parties in this
+process, stops at EOS or at the model's next "Question:", and is scored by the paper's EM.
+
+Every finished problem is one record in ``--out`` (so an interrupted run resumes where it
+stopped); the summary covers every record there. A folder holding results of another
+configuration (model, split, N, shots, schedule, sparsity, decoding...) is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from statistics import mean
+
+from . import gsm8k
+from .answers import extract_answer, is_correct
+from .cost_model import ModelDims, PartyCost, expected_costs
+from .decoding import StopRule
+from .engine import RunResult, party_names, run_in_process
+from .errors import FedAttnError
+from .models import LoadedModel
+from .participant import RunConfig
+from .prompting import check_context_window
+from .query import stop_rule
+from .report import _bytes
+from .results import ResultStore
+from .splits import SPLITS, split_prompt
+
+STOP_TEXTS = ("\nQuestion:", "Question:")  # the model starting the next few-shot item
+PAPER_MAX_NEW_TOKENS = 256
+PUBLISHER = "publisher"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shared model/schedule/sparsity/decoding options, then the evaluation's own."""
+    from .cli import _add_shared_options, _positive_int
+
+    _add_shared_options(parser)
+    parser.set_defaults(max_new_tokens=PAPER_MAX_NEW_TOKENS)
+    parser.add_argument("--split", choices=SPLITS, default="TokEx", help="how the prompt is dealt to the parties (default TokEx)")
+    parser.add_argument("--parties", type=_positive_int, default=4, metavar="N", help="parties, the publisher included; 1 = centralized (default 4)")
+    parser.add_argument("--shots", type=_non_negative_int, default=4, metavar="K", help="exemplars: the first K GSM8K train problems (default 4)")
+    parser.add_argument("--limit", type=_positive_int, metavar="M", help="evaluate M test problems (default: all from --offset)")
+    parser.add_argument("--offset", type=_non_negative_int, default=0, help="first test problem (default 0)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="records, summary and configuration; rerun to resume")
+    parser.add_argument("--every-answer", action="store_true", help="decode and score every participant's answer, not only the publisher's")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate the problems not yet in --out, write the summary, print it; 0 on success."""
+    from .cli import _load_and_configure
+
+    args.all_answers = args.all_answers or args.every_answer
+    test = gsm8k.load("test")
+    exemplars = _exemplars(gsm8k.load("train"), args.shots)
+    indices = _problem_range(len(test), args.offset, args.limit)
+    loaded, config, device = _load_and_configure(args)
+    # refuse an impossible split before the results folder records this configuration
+    split_prompt(loaded.tokenizer, exemplars, gsm8k.question_text(test[indices[0]]), args.split, args.parties)
+    store = ResultStore(args.out, run_configuration(args, loaded, config))
+    stop = stop_rule(loaded.tokenizer, loaded.model, STOP_TEXTS)
+    done = store.done_keys()
+    todo = [index for index in indices if str(index) not in done]
+    with _progress(len(indices), len(indices) - len(todo)) as advance:
+        for index in todo:
+            store.append(evaluate_problem(loaded, config, stop, exemplars, test[index], index, args.split, args.parties))
+            advance()
+    summary = summarize(store.records()) | {"device": device}
+    store.write_summary(summary)
+    print(json.dumps(summary | {"config": store.config}, indent=2) if args.json else describe(summary, store.config, store.summary_path))
+    return 0
+
+
+def run_configuration(args: argparse.Namespace, loaded: LoadedModel, config: RunConfig) -> dict:
+    """Everything that changes a record; a resumed run must match it exactly."""
+    return {
+        "task": "gsm8k-test",
+        "prompt": "raw few-shot chain of thought, first K train problems",
+        "stop_texts": list(STOP_TEXTS),
+        "model": {"name": loaded.name, "identity": loaded.identity},
+        "dtype": args.dtype,
+        "kv_dtype": config.codec.name,
+        "split": args.split,
+        "parties": args.parties,
+        "shots": args.shots,
+        "schedule": asdict(config.schedule) | {"sync_layers": list(config.schedule.sync_layers)},  # as JSON reads back
+        "sparsity": asdict(config.sparsity),
+        "decoding": asdict(config.decoding),
+        "max_new_tokens": config.max_new_tokens,
+        "all_answers": config.all_answers,
+    }
+
+
+def evaluate_problem(
+    loaded: LoadedModel,
+    config: RunConfig,
+    stop: StopRule,
+    exemplars: list[str],
+    problem: gsm8k.Problem,
+    index: int,
+    split: str,
+    parties: int,
+) -> dict:
+    """One test problem end to end: split, run, score; the record to store."""
+    start = time.perf_counter()
+    segments = split_prompt(loaded.tokenizer, exemplars, gsm8k.question_text(problem), split, parties)
+    check_context_window(segments, config.max_new_tokens, loaded.model.config.max_position_embeddings)
+    result = run_in_process(loaded.model, segments, config, stop, loaded.identity)
+    wall_s = time.perf_counter() - start
+    names = party_names(len(segments))
+    texts = {names[rank]: stop.trim(loaded.tokenizer.decode(ids, skip_special_tokens=True)) for rank, ids in result.answers.items()}
+    lengths = [len(segment) for segment in segments]
+    dims = ModelDims.from_config(loaded.model.config)
+    expected = expected_costs(dims, config.schedule, config.sparsity, config.codec, lengths, config.all_answers)
+    return {
+        "key": str(index),
+        "index": index,
+        "gold": problem.answer,
+        "segment_lengths": lengths,
+        "answers": texts,
+        "extracted": {name: extract_answer(text) for name, text in texts.items()},
+        "correct": {name: is_correct(text, problem.answer) for name, text in texts.items()},
+        "new_tokens": {names[rank]: len(ids) for rank, ids in result.answers.items()},
+        "bytes_sent": {report.name: report.bytes_sent for report in result.parties},
+        "bytes_received": {report.name: report.bytes_received for report in result.parties},
+        "expected_bytes_sent": {name: cost.wire_bytes_sent for name, cost in zip(names, expected)},
+        "expected_bytes_received": {name: cost.wire_bytes_received for name, cost in zip(names, expected)},
+        "flops": _flops(result, expected, dims),
+        "prefill_s": result.prefill_s,
+        "decode_s": result.decode_s,
+        "wall_s": wall_s,
+    }
+
+
+def summarize(records: list[dict]) -> dict:
+    """EM of the publisher, of each party, their average and the best collaborator; traffic,
+    FLOPs and time per query."""
+    party_em = _party_em(records)
+    collaborators = {name: em for name, em in party_em.items() if name != PUBLISHER}
+    best = max(collaborators, key=collaborators.__getitem__, default=None)
+    sent = [sum(record["bytes_sent"].values()) for record in records]
+    decode_s = sum(record["decode_s"] for record in records)
+    new_tokens = sum(sum(record["new_tokens"].values()) for record in records)
+    return {
+        "count": len(records),
+        "em": {
+            "publisher": party_em[PUBLISHER],
+            "parties": party_em,
+            "average": mean(party_em.values()),
+            "best_collaborator": None if best is None else {"name": best, "em": collaborators[best]},
+        },
+        "bytes": {
+            "total_sent": sum(sent),
+            "mean_sent_per_query": mean(sent),
+            "mean_expected_sent_per_query": mean(sum(record["expected_bytes_sent"].values()) for record in records),
+        },
+        "mean_flops_per_query": mean(record["flops"] for record in records),
+        "time": {
+            "total_s": sum(record["wall_s"] for record in records),
+            "prefill_s": sum(record["prefill_s"] for record in records),
+            "decode_s": decode_s,
+            "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens / decode_s if decode_s > 0 else 0.0,
+        },
+    }
+
+
+def describe(summary: dict, config: dict, path: Path) -> str:
+    """The summary as one paragraph for a person."""
+    em, traffic, timing = summary["em"], summary["bytes"], summary["time"]
+    text = (
+        f"GSM8K {config['split']} with {config['parties']} parties, {config['shots']} shots, "
+        f"{config['model']['name']}, sync blocks {config['schedule']['sync_layers']}: "
+        f"publisher EM {em['publisher']:.1%} over {summary['count']} problems"
+    )
+    if em["best_collaborator"] is not None:
+        best = em["best_collaborator"]
+        text += f"; average over all parties {em['average']:.1%}, best collaborator {best['name']} {best['em']:.1%}"
+    return text + (
+        f". Per query {_bytes(traffic['mean_sent_per_query'])} sent (cost model {_bytes(traffic['mean_expected_sent_per_query'])}), "
+        f"{summary['mean_flops_per_query']:.3g} FLOPs; {timing['total_s']:.1f} s in all, "
+        f"{timing['tokens_per_s']:.1f} new tokens/s while decoding. Summary: {path}"
+    )
+
+
+def _party_em(records: list[dict]) -> dict[str, float]:
+    """EM per party that answered, in party order (collaborators, then the publisher)."""
+    names = party_names(len(records[0]["segment_lengths"]))
+    scores = {name: [record["correct"][name] for record in records if name in record["correct"]] for name in names}
+    return {name: mean(values) for name, values in scores.items() if values}
+
+
+def _flops(result: RunResult, expected: list[PartyCost], dims: ModelDims) -> float:
+    """Expected prefill FLOPs of every party plus the decode FLOPs of every party that answered."""
+    decode = sum(expected[rank].decode_flops(dims, max(len(ids) - 1, 0)) for rank, ids in result.answers.items())
+    return sum(cost.prefill_flops for cost in expected) + decode
+
+
+def _exemplars(train: list[gsm8k.Problem], shots: int) -> list[str]:
+    if shots > len(train):
+        raise FedAttnError(f"--shots {shots} exceeds the {len(train)} GSM8K train problems")
+    return [gsm8k.exemplar_text(problem) for problem in train[:shots]]
+
+
+def _problem_range(count: int, offset: int, limit: int | None) -> range:
+    if offset >= count:
+        raise FedAttnError(f"--offset {offset} is past the last of the {count} GSM8K test problems")
+    return range(offset, count if limit is None else min(count, offset + limit))
+
+
+@contextmanager
+def _progress(total: int, completed: int) -> Iterator[Callable[[], None]]:
+    """A progress bar with ETA on stderr; problems already in --out count as done."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("GSM8K"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("problems", total=total, completed=completed)
+        yield lambda: progress.advance(task)
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
