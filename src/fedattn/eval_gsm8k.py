@@ -178,7 +178,7 @@ def describe(summary: dict, config: dict, path: Path) -> str:
     """The summary as one paragraph for a person."""
     em, traffic, timing = summary["em"], summary["bytes"], summary["time"]
     text = (
-        f"GSM8K {config['split']} with {config['parties']} parties, {config['shots']} shots, "
+        f"GSM8K {config['split']} with {config['parties']} parties, {config['shots']}-shot, "
         f"{config['model']['name']}, sync blocks {config['schedule']['sync_layers']}: "
         f"publisher EM {em['publisher']:.1%} over {summary['count']} problems"
     )
