@@ -29,3 +29,10 @@ def test_summary_carries_the_configuration(tmp_path):
     store = ResultStore(tmp_path, {"h": 4})
     path = store.write_summary({"em": 0.5})
     assert json.loads(path.read_text()) == {"em": 0.5, "config": {"h": 4}}
+
+
+def test_refusal_names_only_the_setting_that_changed(tmp_path):
+    ResultStore(tmp_path, {"sync_layers": (0, 4), "split": "TokEx"})
+    with pytest.raises(FedAttnError) as info:
+        ResultStore(tmp_path, {"sync_layers": (0, 4), "split": "SemAg"})
+    assert "differs in split)" in str(info.value)

@@ -1,4 +1,4 @@
-"""GSM8K few-shot chain-of-thought prompts in the paper's format, and its four prompt splits.
+"""GSM8K few-shot chain-of-thought prompts in the paper's format (the splits are in splits.py).
 
 Exemplars: "Question: ...\\nLet's think step by step\\n<solution>\\nThe answer is N"; the test
 question is appended as "\\nQuestion: <q>\\nLet's think step by step\\n".

@@ -28,8 +28,9 @@ class ResultStore:
         config_path = directory / "config.json"
         if config_path.exists():
             previous = json.loads(config_path.read_text())
-            if previous != json.loads(json.dumps(config)):
-                differing = sorted(key for key in set(previous) | set(config) if previous.get(key) != config.get(key))
+            current = json.loads(json.dumps(config))  # as it would be stored: tuples become lists
+            if previous != current:
+                differing = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
                 raise FedAttnError(
                     f"{directory} holds results of another configuration (differs in {', '.join(differing)}); "
                     "choose another --out"
