@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--report", type=Path, help="also write this party's JSON report here ('{rank}' is replaced by the rank)")
     _add_shared_options(party)
 
+    evaluate = commands.add_parser("eval", help="score schedules on a benchmark (resumable results folder)")
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    for name, help_text in EVALUATIONS.items():
+        _evaluation(name).add_arguments(benchmarks.add_parser(name, help=help_text))
+
     from . import sweep
 
     sweep.add_arguments(commands.add_parser("sweep", help="run a TOML grid of evaluations, one resumable folder per point"))
@@ -305,10 +310,24 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+EVALUATIONS = {
+    "gsm8k": "few-shot GSM8K with the prompt split among the parties (the paper's setting)",
+}
+
+
+def _evaluation(name: str):
+    """The module behind ``fedattn eval NAME`` (imported when the parser is built)."""
+    import importlib
+
+    return importlib.import_module({"gsm8k": ".eval_gsm8k"}[name], __package__)
+
+
 def run_parsed(args: argparse.Namespace) -> int:
     """Dispatch a parsed command line (the sweep calls this for each of its points)."""
     if args.command == "run":
         return _run(args)
+    if args.command == "eval":
+        return _evaluation(args.benchmark).run(args)
     if args.command == "participant":
         return _participant(args)
     if args.command == "sweep":
