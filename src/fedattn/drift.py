@@ -41,7 +41,7 @@ class PartyDrift:
     """Per block, ||fed - central|| / ||central|| over this party's (kept) token positions."""
 
     name: str
-    tokens: int
+    tokens: int  # positions compared: its kept tokens
     hidden: list[float]
     key: list[float]
     value: list[float]
