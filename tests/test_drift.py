@@ -2,6 +2,7 @@
 positive where the publisher sees only itself."""
 
 import argparse
+import json
 
 import pytest
 from conftest import random_segments
@@ -67,7 +68,9 @@ def test_command_on_a_gsm8k_item(tmp_path, capsys):
     out = tmp_path / "gsm8k.png"
     words = ["--model", "tiny-random", "--device", "cpu", "--gsm8k-item", "0", "--parties", "3", "--shots", "1", "--json"]
     assert run(parse(words + ["--out", str(out)])) == 0
-    assert '"kl_publisher"' in capsys.readouterr().out
+    document = json.loads(capsys.readouterr().out)
+    assert [party["name"] for party in document["parties"]] == ["party-1", "party-2", "publisher"]
+    assert document["kl_publisher"] >= 0
     assert out.is_file()
 
 

@@ -1,24 +1,42 @@
-"""The result plots from hand-written summary.json folders: valid PNGs, and folders lacking a
-value are skipped with a message."""
+"""The result plots from hand-written result folders: valid PNGs, settings recovered from the
+stored schedule, and folders lacking a value skipped with a message."""
 
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from matplotlib import image
 
 from fedattn.errors import FedAttnError
-from fedattn.plots import add_arguments, load_results, plot_ablation, plot_frontier, plot_vs_parameter, run
+from fedattn.eval_gsm8k import run_configuration
+from fedattn.participant import RunConfig
+from fedattn.plots import Result, add_arguments, load_results, plot_ablation, plot_frontier, plot_vs_parameter, run
+from fedattn.schedule import Schedule, every, placement
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LAYERS = 24
 
 
-def result_folder(root: Path, name: str, config: dict, **metrics) -> Path:
+def gsm8k_config(parties: int, sync_layers: tuple[int, ...]) -> dict:
+    """The configuration ``fedattn eval gsm8k`` stores, as JSON reads it back."""
+    args = SimpleNamespace(dtype="float32", split="TokEx", parties=parties, shots=4)
+    loaded = SimpleNamespace(name="tiny-random", identity="abc")
+    config = run_configuration(args, loaded, RunConfig(schedule=Schedule(LAYERS, sync_layers)))
+    return json.loads(json.dumps(config))
+
+
+def result_folder(root: Path, name: str, summary: dict) -> Path:
     folder = root / name
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps(metrics | {"config": config}))
+    (folder / "summary.json").write_text(json.dumps(summary))
     return folder
+
+
+def gsm8k_folder(root: Path, name: str, parties: int, sync_layers: tuple[int, ...], em: float, sent: float) -> Path:
+    summary = {"em": {"publisher": em, "average": em}, "bytes": {"mean_sent_per_query": sent}, "config": gsm8k_config(parties, sync_layers)}
+    return result_folder(root, name, summary)
 
 
 def assert_png(path: Path | None) -> None:
@@ -28,14 +46,26 @@ def assert_png(path: Path | None) -> None:
 
 @pytest.fixture
 def sweep(tmp_path) -> list[Path]:
-    """Two points of an H sweep, a placement variant, and a centralized run."""
-    base = {"model": "tiny-random", "parties": 4, "placement": None}
+    """An H sweep at N = 4, a placement variant of the H = 8 point, and a centralized run."""
     return [
-        result_folder(tmp_path, "h2", base | {"sync_every": 2}, em_publisher=0.5, mean_bytes_sent=4096.0),
-        result_folder(tmp_path, "h8", base | {"sync_every": 8}, em_publisher=0.25, mean_bytes_sent=1024.0),
-        result_folder(tmp_path, "deep", base | {"sync_every": 8, "placement": "deep-half"}, em_publisher=0.3, mean_bytes_sent=1024.0),
-        result_folder(tmp_path, "central", {"model": "tiny-random", "parties": 1, "sync_every": 1, "placement": None}, em_publisher=0.6, mean_bytes_sent=0),
+        gsm8k_folder(tmp_path, "h2", 4, every(2, LAYERS), 0.5, 4096.0),
+        gsm8k_folder(tmp_path, "h8", 4, every(8, LAYERS), 0.25, 1024.0),
+        gsm8k_folder(tmp_path, "deep", 4, placement("deep-half", 3, LAYERS), 0.3, 1024.0),
+        gsm8k_folder(tmp_path, "central", 1, every(1, LAYERS), 0.6, 0),
     ]
+
+
+def test_settings_are_recovered_from_the_stored_schedule(sweep):
+    h8, deep = (Result(folder, json.loads((folder / "summary.json").read_text())) for folder in sweep[1:3])
+    assert (h8.get("sync_every"), h8.get("placement"), h8.get("parties"), h8.get("model")) == (8, "every", 4, "tiny-random")
+    assert (deep.get("placement"), deep.get("sync_blocks"), deep.get("ratio_comm")) == ("deep-half", 3, 1.0)
+    assert (h8.get("em_publisher"), h8.get("bytes_per_query")) == (0.25, 1024.0)
+
+
+def test_crossfacts_summary_names_resolve_too(tmp_path):
+    folder = result_folder(tmp_path, "cf", {"em": 0.75, "mean_bytes_sent": 10.0, "config": {"parties": 3}})
+    (result,) = load_results([folder])
+    assert (result.get("em_publisher"), result.get("bytes_per_query"), result.get("parties")) == (0.75, 10.0, 3)
 
 
 def test_each_plot_is_a_png(sweep, tmp_path):
@@ -46,7 +76,7 @@ def test_each_plot_is_a_png(sweep, tmp_path):
 
 
 def test_a_folder_without_the_metric_is_skipped_with_a_message(sweep, tmp_path, capsys):
-    partial = result_folder(tmp_path, "partial", {"sync_every": 4}, mean_bytes_sent=2048.0)
+    partial = result_folder(tmp_path, "partial", {"bytes": {"mean_sent_per_query": 2048.0}, "config": gsm8k_config(4, every(4, LAYERS))})
     assert_png(plot_vs_parameter(sweep + [partial], tmp_path / "h.png"))
     assert f"skipping {partial}: no 'em_publisher'" in capsys.readouterr().err
     assert plot_frontier([partial], tmp_path / "none.png") is None

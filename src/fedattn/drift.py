@@ -189,36 +189,33 @@ def plot_drift(report: DriftReport, out: Path, title: str = "") -> Path:
 
 # -- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K TokEx item) and
-    the shared run options."""
+    """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K item as the
+    evaluation prompts it) and the shared run options."""
     from .cli import _add_shared_options, _positive_int
+    from .splits import SPLITS
 
     parser.add_argument("--context", action="append", default=[], metavar="TEXT|@FILE", help="one collaborator's private text, in order (repeat)")
     parser.add_argument("--question", metavar="TEXT|@FILE", help="the task publisher's question")
     parser.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question")
-    parser.add_argument("--gsm8k-item", type=int, metavar="K", help="instead of texts: GSM8K test item K in the TokEx split (raw text)")
-    parser.add_argument("--parties", type=_positive_int, default=4, help="with --gsm8k-item: number of parties, publisher included (default 4)")
-    parser.add_argument("--shots", type=_positive_int, default=4, help="with --gsm8k-item: few-shot exemplars from GSM8K train (default 4)")
+    parser.add_argument("--gsm8k-item", type=int, metavar="K", help="instead of texts: GSM8K test item K, prompted as by 'fedattn eval gsm8k' (raw text)")
+    parser.add_argument("--split", choices=SPLITS, default="TokEx", help="with --gsm8k-item: how the prompt is dealt (default TokEx)")
+    parser.add_argument("--parties", type=_positive_int, default=4, metavar="N", help="with --gsm8k-item: parties, the publisher included (default 4)")
+    parser.add_argument("--shots", type=_positive_int, default=4, metavar="K", help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)")
     parser.add_argument("--out", type=Path, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
     _add_shared_options(parser)
 
 
-def gsm8k_tokex_segments(tokenizer, item: int, parties: int, shots: int) -> list[list[int]]:
-    """TokEx: the exemplars' tokens cut evenly among parties 1..N-1; the publisher holds only the question."""
+def gsm8k_segments(tokenizer, item: int, split: str, parties: int, shots: int) -> list[list[int]]:
+    """The prompt ``fedattn eval gsm8k`` gives test item ``item``: the first ``shots`` train
+    problems as exemplars, the question last, dealt to ``parties`` by ``split``."""
     from . import gsm8k
+    from .splits import split_prompt
 
-    if parties < 2:
-        raise FedAttnError("TokEx needs at least 2 parties (collaborators hold the exemplars)")
     test = gsm8k.load("test")
     if not 0 <= item < len(test):
         raise FedAttnError(f"--gsm8k-item must be in 0..{len(test) - 1}, got {item}")
-    exemplars = "\n\n".join(gsm8k.exemplar_text(problem) for problem in gsm8k.load("train")[:shots])
-    ids = tokenizer(exemplars, add_special_tokens=False).input_ids
-    if len(ids) < parties - 1:
-        raise FedAttnError(f"{len(ids)} exemplar tokens cannot be cut among {parties - 1} collaborators")
-    bounds = [len(ids) * n // (parties - 1) for n in range(parties)]
-    question = tokenizer(gsm8k.question_text(test[item]), add_special_tokens=False).input_ids
-    return [ids[lo:hi] for lo, hi in zip(bounds, bounds[1:])] + [question]
+    exemplars = [gsm8k.exemplar_text(problem) for problem in gsm8k.load("train")[:shots]]
+    return split_prompt(tokenizer, exemplars, gsm8k.question_text(test[item]), split, parties)
 
 
 def _segments(args: argparse.Namespace, tokenizer) -> list[list[int]]:
@@ -228,7 +225,7 @@ def _segments(args: argparse.Namespace, tokenizer) -> list[list[int]]:
     if args.gsm8k_item is not None:
         if args.question is not None or args.context:
             raise FedAttnError("--gsm8k-item replaces --context/--question; give one or the other")
-        return gsm8k_tokex_segments(tokenizer, args.gsm8k_item, args.parties, args.shots)
+        return gsm8k_segments(tokenizer, args.gsm8k_item, args.split, args.parties, args.shots)
     if args.question is None:
         raise FedAttnError("give --question (and --context ...) or --gsm8k-item")
     publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None

@@ -1,10 +1,12 @@
 """``fedattn plot RESULTS...``: the paper's figures from evaluation result folders.
 
-A result folder (see ``results.ResultStore``) holds ``summary.json``: metrics at the top level and
-the run's ``config`` dict. Every plot takes the names of the values it needs and looks each up in
-the metrics first, then in the config, so new metrics or options need no code here. A folder that
-lacks a value is skipped with a one-line message on stderr: a sweep half finished, or mixed with
-other runs, still plots what it can.
+A result folder (see ``results.ResultStore``) holds ``summary.json``: metrics, possibly nested
+(``em.publisher``), and the run's ``config``. Plots name the values they need; a name is looked
+up as a dotted path in the metrics, through ``METRIC_ALIASES`` (so one name covers every
+benchmark's summary), then among the run's settings (``settings``: the config flattened and named
+like the command-line options, with the sync blocks turned back into ``sync_every`` or a
+placement). A folder that lacks a value is skipped with a one-line message on stderr: a sweep
+half finished, or mixed with other runs, still plots what it can.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +28,95 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .errors import FedAttnError  # noqa: E402
+from .schedule import PLACEMENTS, every, placement  # noqa: E402
 
 FIGURE_SIZE = (6, 4)  # inches
 DPI = 100
 DEFAULT_METRIC = "em_publisher"
-DEFAULT_BYTES = "mean_bytes_sent"
+DEFAULT_BYTES = "bytes_per_query"
+METRIC_ALIASES = {  # first found wins: gsm8k's summary, then crossfacts'
+    "em_publisher": ("em.publisher", "em"),
+    "bytes_per_query": ("bytes.mean_sent_per_query", "mean_bytes_sent"),
+}
+SETTING_NAMES = {  # config paths -> option names
+    "model.name": "model",
+    "sparsity.comp": "ratio_comp",
+    "sparsity.comm": "ratio_comm",
+    "sparsity.comp_publisher": "ratio_comp_publisher",
+    "sparsity.comm_publisher": "ratio_comm_publisher",
+    "schedule.publisher_sync_every": "publisher_sync_every",
+    "schedule.publisher_dense": "publisher_dense",
+}
+NOT_SETTINGS = ("model.identity", "model.dtype", "schedule.describe", "schedule.num_layers", "schedule.sync_layers")
 SWEEPS = ("sync_every", "parties")  # line plots: EM vs H, EM vs N
 ABLATIONS = ("placement", "ratio_comp", "ratio_comm", "publisher_sync_every")  # bar charts
-SCHEDULE_KEYS = ("parties", "sync_every", "sync_layers", "placement", "schedule", "publisher_sync_every", "ratio_comp", "ratio_comm")
+# settings that change along with a compared one: H fixes the number of sync blocks; a placement
+# keeps that number but has no H
+DEPENDENT = {"sync_every": ("sync_blocks",), "placement": ("sync_every", "sync_layers")}
+LABEL_DEFAULTS = {"parties": None, "sync_every": None, "placement": "every", "sync_blocks": None, "sync_layers": None,
+                  "publisher_dense": False, "publisher_sync_every": None, "ratio_comp": 1.0, "ratio_comm": 1.0}
 MISSING = object()
 
 
-@dataclass(frozen=True)
+def _lookup(document: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(document, dict) or part not in document:
+            return MISSING
+        document = document[part]
+    return document
+
+
+def _flatten(document: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def schedule_settings(sync_layers: list[int], num_layers: int) -> dict[str, Any]:
+    """The options that give these sync blocks: every H, else a placement of k blocks, else the list."""
+    layers = tuple(sync_layers)
+    for interval in range(1, num_layers + 1):
+        if every(interval, num_layers) == layers:
+            return {"placement": "every", "sync_every": interval, "sync_blocks": len(layers)}
+    for name in PLACEMENTS:
+        if layers and placement(name, len(layers), num_layers) == layers:
+            return {"placement": name, "sync_blocks": len(layers)}
+    return {"placement": "custom", "sync_layers": list(layers)}
+
+
+def settings(config: dict) -> dict[str, Any]:
+    """The run's configuration as flat, comparable settings named like the command-line options."""
+    flat = _flatten(config)
+    named = {SETTING_NAMES.get(key, key): value for key, value in flat.items() if key not in NOT_SETTINGS}
+    sync_layers, num_layers = flat.get("schedule.sync_layers"), flat.get("schedule.num_layers")
+    if isinstance(sync_layers, list) and isinstance(num_layers, int):
+        named |= schedule_settings(sync_layers, num_layers)
+    return named
+
+
+@dataclass
 class Result:
     """One result folder's summary."""
 
     folder: Path
     summary: dict
+    settings: dict[str, Any] = field(init=False)
 
-    @property
-    def config(self) -> dict:
-        return self.summary.get("config") or {}
+    def __post_init__(self) -> None:
+        config = self.summary.get("config")
+        self.settings = settings(config if isinstance(config, dict) else {})
 
     def get(self, name: str) -> Any:
-        """A metric, else a config value, else ``MISSING`` (a None config value is a real value)."""
-        if name in self.summary and name != "config":
-            return self.summary[name]
-        return self.config.get(name, MISSING)
+        """A metric (or an alias of one), else a setting, else ``MISSING`` (None is a real value)."""
+        for path in (name, *METRIC_ALIASES.get(name, ())):
+            value = MISSING if path.split(".")[0] == "config" else _lookup(self.summary, path)
+            if value is not MISSING and (path == name or _is_number(value)):
+                return value
+        return self.settings.get(name, MISSING)
 
 
 def skip(folder: Path, reason: str) -> None:
@@ -101,16 +165,13 @@ def _is_number(value: Any) -> bool:
 
 
 def series(results: list[Result], x: str) -> dict[str, list[Result]]:
-    """Group by the config values that differ among ``results`` (besides ``x``), so one plot of a
-    mixed set of folders shows each sweep as its own line instead of zig-zagging across them."""
-    varying = sorted(
-        key
-        for key in {key for result in results for key in result.config}
-        if key != x and len({json.dumps(result.config.get(key), sort_keys=True) for result in results}) > 1
-    )
+    """Group by the settings that differ among ``results`` (besides ``x``), so one plot of a mixed
+    set of folders shows each sweep as its own line instead of zig-zagging across them."""
+    ignored = {x, *DEPENDENT.get(x, ())}
+    varying = sorted(key for key in {key for result in results for key in result.settings} if key not in ignored and _distinct(results, key, missing=True) > 1)
     groups: dict[str, list[Result]] = defaultdict(list)
     for result in results:
-        label = ", ".join(f"{key}={_text(result.config.get(key))}" for key in varying)
+        label = ", ".join(f"{key}={_text(result.settings.get(key))}" for key in varying)
         groups[label].append(result)
     return dict(groups)
 
@@ -118,9 +179,11 @@ def series(results: list[Result], x: str) -> dict[str, list[Result]]:
 def matched(results: list[Result], key: str) -> list[Result]:
     """The largest set of runs alike in everything but ``key`` (an ablation compares only those);
     all of ``results`` when no two runs form such a set."""
+    ignored = {key, *DEPENDENT.get(key, ())}
     groups: dict[str, list[Result]] = defaultdict(list)
     for result in results:
-        groups[json.dumps({k: v for k, v in result.config.items() if k != key}, sort_keys=True, default=str)].append(result)
+        rest = {k: v for k, v in result.settings.items() if k not in ignored}
+        groups[json.dumps(rest, sort_keys=True, default=str)].append(result)
     best = max(groups.values(), key=lambda group: _distinct(group, key))
     if _distinct(best, key) < 2:
         return results
@@ -129,8 +192,14 @@ def matched(results: list[Result], key: str) -> list[Result]:
     return best
 
 
+def _distinct(results: list[Result], key: str, missing: bool = False) -> int:
+    """How many values of ``key`` the results take (a missing value counts only with ``missing``)."""
+    values = [result.get(key) for result in results]
+    return len({json.dumps(None if value is MISSING else value, sort_keys=True) for value in values if missing or value is not MISSING})
+
+
 def _text(value: Any) -> str:
-    return "default" if value is None else str(value)
+    return "none" if value is None else str(value)
 
 
 def new_figure() -> tuple[Figure, Any]:
@@ -202,8 +271,9 @@ def plot_ablation(folders: list[Path | Result], out: Path, key: str, y: str = DE
 
 
 def schedule_label(result: Result) -> str:
-    """The schedule options that are set, e.g. 'parties=4 sync_every=8 ratio_comm=0.5'."""
-    parts = [f"{key}={result.config[key]}" for key in SCHEDULE_KEYS if result.config.get(key) not in (None, MISSING)]
+    """The schedule settings that differ from the defaults, e.g. 'parties=4 sync_every=8 ratio_comm=0.5'."""
+    shown = {key: default for key, default in LABEL_DEFAULTS.items() if not (key == "sync_blocks" and "sync_every" in result.settings)}
+    parts = [f"{key}={result.settings[key]}" for key, default in shown.items() if result.settings.get(key, default) not in (default, None)]
     return " ".join(parts) or result.folder.name
 
 
@@ -235,12 +305,8 @@ def plot_frontier(folders: list[Path | Result], out: Path, y: str = DEFAULT_METR
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", type=Path, metavar="RESULTS", help="result folders (or folders holding them)")
     parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"quality metric in summary.json (default {DEFAULT_METRIC})")
-    parser.add_argument("--bytes-metric", default=DEFAULT_BYTES, help=f"bytes per query in summary.json (default {DEFAULT_BYTES})")
-
-
-def _distinct(results: list[Result], key: str) -> int:
-    return len({json.dumps(result.get(key), sort_keys=True) for result in results if result.get(key) is not MISSING})
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"quality: a dotted path in summary.json such as em.average, or {DEFAULT_METRIC} (default: the publisher's EM of any benchmark)")
+    parser.add_argument("--bytes-metric", default=DEFAULT_BYTES, help=f"communication per query: a dotted path, or {DEFAULT_BYTES} (default: bytes sent per query)")
 
 
 def _swept(results: list[Result], x: str) -> bool:
