@@ -17,18 +17,13 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from .errors import FedAttnError
+from .schedule import PLACEMENTS, every, placement
 
-matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-
-from matplotlib import pyplot  # noqa: E402  (the backend must be chosen first)
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .errors import FedAttnError  # noqa: E402
-from .schedule import PLACEMENTS, every, placement  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FIGURE_SIZE = (6, 4)  # inches
 DPI = 100
@@ -202,8 +197,19 @@ def _text(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def _pyplot():
+    """matplotlib on first use (building the CLI parser should not pay for it), drawing to files
+    only: no display, no GUI toolkit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
 def new_figure() -> tuple[Figure, Any]:
-    figure, axes = pyplot.subplots(figsize=FIGURE_SIZE, dpi=DPI)
+    figure, axes = _pyplot().subplots(figsize=FIGURE_SIZE, dpi=DPI)
     return figure, axes
 
 
@@ -211,7 +217,7 @@ def save_figure(figure: Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(out, dpi=DPI, format="png")
-    pyplot.close(figure)
+    _pyplot().close(figure)
     return out
 
 
@@ -240,6 +246,8 @@ def plot_vs_parameter(
         if twin is not None and with_bytes:
             twin.plot([r.get(x) for r in with_bytes], [r.get(bytes_key) for r in with_bytes], linestyle="--", marker="x", color=colour, alpha=0.6)
     if all(isinstance(result.get(x), int) for result in results):
+        from matplotlib.ticker import MaxNLocator
+
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel(x)
     axes.set_ylabel(y)
