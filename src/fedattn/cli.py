@@ -313,6 +313,7 @@ def _install(args: argparse.Namespace) -> int:
 
 EVALUATIONS = {
     "gsm8k": "few-shot GSM8K with the prompt split among the parties (the paper's setting)",
+    "crossfacts": "generated multi-party records: the publisher's answer sits in another party's document",
     "drift": "per-block deviation of each party from centralized inference, and the publisher's KL",
 }
 
@@ -321,7 +322,7 @@ def _evaluation(name: str):
     """The module behind ``fedattn eval NAME`` (imported when the parser is built)."""
     import importlib
 
-    return importlib.import_module({"gsm8k": ".eval_gsm8k", "drift": ".drift"}[name], __package__)
+    return importlib.import_module({"gsm8k": ".eval_gsm8k", "crossfacts": ".eval_crossfacts", "drift": ".drift"}[name], __package__)
 
 
 def run_parsed(args: argparse.Namespace) -> int:
