@@ -12,7 +12,7 @@ from matplotlib import image
 from fedattn.errors import FedAttnError
 from fedattn.eval_gsm8k import run_configuration
 from fedattn.participant import RunConfig
-from fedattn.plots import Result, add_arguments, load_results, plot_ablation, plot_frontier, plot_vs_parameter, run
+from fedattn.plots import Result, add_arguments, schedule_label, load_results, plot_ablation, plot_frontier, plot_vs_parameter, run
 from fedattn.schedule import Schedule, every, placement
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -114,3 +114,9 @@ def test_command_draws_what_the_folders_support(sweep, tmp_path, capsys):
 def test_command_with_nothing_to_plot_says_so(sweep, tmp_path):
     with pytest.raises(FedAttnError, match="nothing to plot"):
         run(parse([str(path) for path in sweep] + ["--metric", "accuracy", "--out", str(tmp_path / "plots")]))
+
+
+def test_runs_that_are_not_federated_are_labelled_by_their_mode(tmp_path):
+    summary = {"em": 0.75, "mean_bytes_sent": 0, "config": {"mode": "centralized", "parties": 3}}
+    result = load_results([result_folder(tmp_path, "c", summary)])[0]
+    assert schedule_label(result) == "centralized"

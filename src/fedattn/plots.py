@@ -279,7 +279,12 @@ def plot_ablation(folders: list[Path | Result], out: Path, key: str, y: str = DE
 
 
 def schedule_label(result: Result) -> str:
-    """The schedule settings that differ from the defaults, e.g. 'parties=4 sync_every=8 ratio_comm=0.5'."""
+    """The schedule settings that differ from the defaults, e.g. 'parties=4 sync_every=8 ratio_comm=0.5';
+    a run that is not federated (crossfacts' centralized or publisher-alone modes) is named by its
+    mode alone, since its schedule settings are unused."""
+    mode = result.settings.get("mode", "federated")
+    if mode != "federated":
+        return str(mode)
     shown = {key: default for key, default in LABEL_DEFAULTS.items() if not (key == "sync_blocks" and "sync_every" in result.settings)}
     parts = [f"{key}={result.settings[key]}" for key, default in shown.items() if result.settings.get(key, default) not in (default, None)]
     return " ".join(parts) or result.folder.name
