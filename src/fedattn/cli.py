@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .argtypes import positive_float, positive_int, ratio
 from .errors import FedAttnError, ProtocolError
 
 EXIT_USAGE = 2
@@ -36,24 +37,6 @@ def _text_arg(value: str) -> str:
         raise FedAttnError(f"cannot read {value}: {getattr(error, 'strerror', None) or error}") from None
 
 
-def _ratio(value: str) -> float:
-    try:
-        ratio = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0.0 < ratio <= 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {value}")
-    return ratio
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
 
 
 # options every party of a run must agree on: forwarded verbatim by the launcher to each process
@@ -70,18 +53,18 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})")
     sync = parser.add_mutually_exclusive_group()
-    sync.add_argument("--sync-every", type=_positive_int, metavar="H", help="block l is global iff l %% H == 0 (default 4; 1 = centralized)")
+    sync.add_argument("--sync-every", type=positive_int, metavar="H", help="block l is global iff l %% H == 0 (default 4; 1 = centralized)")
     sync.add_argument("--sync-layers", metavar="0,8,16", help="explicit global blocks")
     parser.add_argument("--placement", choices=PLACEMENTS, help="place ceil(L/H) global blocks by this rule instead of every H-th")
     parser.add_argument("--schedule", choices=NAMED_SCHEDULES, help="publisher-dense: the publisher receives every block; collaborators sync only at the blocks given by the options above (none if none given)")
-    parser.add_argument("--publisher-sync-every", type=_positive_int, metavar="H_PUB", help="extra publisher sync: everyone also attends to the publisher's tokens at blocks l %% H_PUB == 0")
-    parser.add_argument("--ratio-comp", type=_ratio, default=1.0, help="sparse local attention: fraction of tokens each party keeps")
-    parser.add_argument("--ratio-comm", type=_ratio, default=1.0, help="sparse KV exchange: fraction of kept tokens sent per global block")
-    parser.add_argument("--ratio-comp-publisher", type=_ratio, help="the publisher's own --ratio-comp (default: the same)")
-    parser.add_argument("--ratio-comm-publisher", type=_ratio, help="the publisher's own --ratio-comm (default: the same)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    parser.add_argument("--publisher-sync-every", type=positive_int, metavar="H_PUB", help="extra publisher sync: everyone also attends to the publisher's tokens at blocks l %% H_PUB == 0")
+    parser.add_argument("--ratio-comp", type=ratio, default=1.0, help="sparse local attention: fraction of tokens each party keeps")
+    parser.add_argument("--ratio-comm", type=ratio, default=1.0, help="sparse KV exchange: fraction of kept tokens sent per global block")
+    parser.add_argument("--ratio-comp-publisher", type=ratio, help="the publisher's own --ratio-comp (default: the same)")
+    parser.add_argument("--ratio-comm-publisher", type=ratio, help="the publisher's own --ratio-comm (default: the same)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=_positive_int)
+    parser.add_argument("--top-k", type=positive_int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and of sparse draws")
     parser.add_argument("--kv-dtype", default=None, help="dtype of the exchanged K/V: float32, bfloat16, float16 (default: the model's)")
@@ -89,7 +72,7 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--all-answers", action="store_true", help="also decode every collaborator's answer")
     parser.add_argument("--raw", action="store_true", help="no chat template: each party's text is tokenized as is")
-    parser.add_argument("--timeout", type=_positive_float, default=60.0, help="networked runs: seconds without progress from a party before giving up (default 60)")
+    parser.add_argument("--timeout", type=positive_float, default=60.0, help="networked runs: seconds without progress from a party before giving up (default 60)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -108,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     party = commands.add_parser("participant", help="run ONE party in this process over torch.distributed (deployments, torchrun)")
     party.add_argument("--rank", type=int, help="this party's rank; the last rank is the task publisher (default: $RANK)")
-    party.add_argument("--world-size", type=_positive_int, help="number of parties (default: $WORLD_SIZE)")
+    party.add_argument("--world-size", type=positive_int, help="number of parties (default: $WORLD_SIZE)")
     party.add_argument("--master", metavar="HOST:PORT", help="the rendezvous store (default: $MASTER_ADDR:$MASTER_PORT)")
     party.add_argument("--external-store", action="store_true", help="the store is served by a launcher, not by rank 0")
     party.add_argument("--context", metavar="TEXT|@FILE", help="a collaborator's private text")
@@ -132,15 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     return parser
 
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
 
 
 def _schedule(args: argparse.Namespace, num_layers: int):

@@ -191,7 +191,8 @@ def plot_drift(report: DriftReport, out: Path, title: str = "") -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K item as the
     evaluation prompts it) and the shared run options."""
-    from .cli import _add_shared_options, _positive_int
+    from .argtypes import positive_int
+    from .cli import _add_shared_options
     from .splits import SPLITS
 
     parser.add_argument("--context", action="append", default=[], metavar="TEXT|@FILE", help="one collaborator's private text, in order (repeat)")
@@ -199,8 +200,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question")
     parser.add_argument("--gsm8k-item", type=int, metavar="K", help="instead of texts: GSM8K test item K, prompted as by 'fedattn eval gsm8k' (raw text)")
     parser.add_argument("--split", choices=SPLITS, default="TokEx", help="with --gsm8k-item: how the prompt is dealt (default TokEx)")
-    parser.add_argument("--parties", type=_positive_int, default=4, metavar="N", help="with --gsm8k-item: parties, the publisher included (default 4)")
-    parser.add_argument("--shots", type=_positive_int, default=4, metavar="K", help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)")
+    parser.add_argument("--parties", type=positive_int, default=4, metavar="N", help="with --gsm8k-item: parties, the publisher included (default 4)")
+    parser.add_argument("--shots", type=positive_int, default=4, metavar="K", help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)")
     parser.add_argument("--out", type=Path, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
     _add_shared_options(parser)
 

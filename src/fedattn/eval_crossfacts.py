@@ -36,28 +36,20 @@ _PUNCTUATION = str.maketrans({char: " " for char in string.punctuation})
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The shared model/schedule/decoding options plus the benchmark's own."""
-    from .cli import _add_shared_options, _positive_int
+    from .argtypes import non_negative_int, positive_int
+    from .cli import _add_shared_options
 
     _add_shared_options(parser)
     parser.set_defaults(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--count", type=_positive_int, default=100, help="items generated (default 100)")
-    parser.add_argument("--parties", type=_positive_int, default=3, help="parties including the publisher (default 3)")
-    parser.add_argument("--facts", type=_positive_int, default=4, help="people (4 facts each) per collaborator's document (default 4)")
+    parser.add_argument("--count", type=positive_int, default=100, help="items generated (default 100)")
+    parser.add_argument("--parties", type=positive_int, default=3, help="parties including the publisher (default 3)")
+    parser.add_argument("--facts", type=positive_int, default=4, help="people (4 facts each) per collaborator's document (default 4)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated items (--seed is the sampling seed)")
-    parser.add_argument("--offset", type=_non_negative_int, default=0, help="first item to evaluate")
-    parser.add_argument("--limit", type=_positive_int, help="evaluate at most this many items from --offset")
+    parser.add_argument("--offset", type=non_negative_int, default=0, help="first item to evaluate")
+    parser.add_argument("--limit", type=positive_int, help="evaluate at most this many items from --offset")
     parser.add_argument("--mode", choices=tuple(VIEWS), default="federated", help="who holds what (default federated)")
     parser.add_argument("--out", type=Path, required=True, help="results folder (records.jsonl, summary.json); reruns resume")
 
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
 
 
 def normalize(text: str) -> list[str]:

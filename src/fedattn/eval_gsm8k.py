@@ -42,15 +42,16 @@ PUBLISHER = "publisher"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The shared model/schedule/sparsity/decoding options, then the evaluation's own."""
-    from .cli import _add_shared_options, _positive_int
+    from .argtypes import non_negative_int, positive_int
+    from .cli import _add_shared_options
 
     _add_shared_options(parser)
     parser.set_defaults(max_new_tokens=PAPER_MAX_NEW_TOKENS)
     parser.add_argument("--split", choices=SPLITS, default="TokEx", help="how the prompt is dealt to the parties (default TokEx)")
-    parser.add_argument("--parties", type=_positive_int, default=4, metavar="N", help="parties, the publisher included; 1 = centralized (default 4)")
-    parser.add_argument("--shots", type=_non_negative_int, default=4, metavar="K", help="exemplars: the first K GSM8K train problems (default 4)")
-    parser.add_argument("--limit", type=_positive_int, metavar="M", help="evaluate M test problems (default: all from --offset)")
-    parser.add_argument("--offset", type=_non_negative_int, default=0, help="first test problem (default 0)")
+    parser.add_argument("--parties", type=positive_int, default=4, metavar="N", help="parties, the publisher included; 1 = centralized (default 4)")
+    parser.add_argument("--shots", type=non_negative_int, default=4, metavar="K", help="exemplars: the first K GSM8K train problems (default 4)")
+    parser.add_argument("--limit", type=positive_int, metavar="M", help="evaluate M test problems (default: all from --offset)")
+    parser.add_argument("--offset", type=non_negative_int, default=0, help="first test problem (default 0)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="records, summary and configuration; rerun to resume")
     parser.add_argument("--every-answer", action="store_true", help="decode and score every participant's answer, not only the publisher's")
 
@@ -229,7 +230,7 @@ def _progress(total: int, completed: int) -> Iterator[Callable[[], None]]:
         yield lambda: progress.advance(task)
 
 
-def _non_negative_int(value: str) -> int:
+def non_negative_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
