@@ -4,6 +4,15 @@ import torch
 from fedattn.tiny_model import build_tiny_model
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matrices: extra threads only contend (milliseconds per op on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of tiny-random: 8 blocks, 4 heads, 2 KV heads, byte-level vocabulary."""

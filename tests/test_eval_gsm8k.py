@@ -2,7 +2,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from fedattn import eval_gsm8k
 from fedattn.errors import FedAttnError
@@ -17,13 +16,7 @@ def parse(*words):
     return parser.parse_args([*FAST, *words])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: threads only contend (milliseconds per op on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

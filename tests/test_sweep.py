@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from fedattn.cli import main
 from fedattn.sweep import load_sweep, option_words, points
@@ -11,12 +10,7 @@ from fedattn.sweep import load_sweep, option_words, points
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_two_point_grid_writes_records_and_a_png(tmp_path):
