@@ -4,7 +4,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from fedattn import eval_crossfacts
 from fedattn.crossfacts import VIEWS, generate, holders, similar
@@ -70,15 +69,6 @@ def test_scoring():
     assert f1_score("", "Gdansk") == 0.0
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny model runs in milliseconds on one thread, far slower on several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     eval_crossfacts.add_arguments(parser)
@@ -96,7 +86,7 @@ def run_mode(tmp_path, capsys, mode: str, *extra: str) -> tuple[list[dict], dict
 
 
 @pytest.mark.parametrize("mode", ["federated", "centralized", "alone"])
-def test_end_to_end_writes_records_and_summary(tmp_path, capsys, one_thread, mode):
+def test_end_to_end_writes_records_and_summary(tmp_path, capsys, one_torch_thread, mode):
     records, summary = run_mode(tmp_path, capsys, mode)
     assert [record["key"] for record in records] == ["0", "1", "2"]
     assert summary["items"] == 3 and 0.0 <= summary["em"] <= 1.0
@@ -109,14 +99,14 @@ def test_end_to_end_writes_records_and_summary(tmp_path, capsys, one_thread, mod
         assert (record["bytes_sent"] > 0) == (mode == "federated")
 
 
-def test_the_same_text_reaches_the_model_federated_and_centralized(tmp_path, capsys, one_thread):
+def test_the_same_text_reaches_the_model_federated_and_centralized(tmp_path, capsys, one_torch_thread):
     federated, _ = run_mode(tmp_path, capsys, "federated")
     centralized, _ = run_mode(tmp_path, capsys, "centralized")
     for a, b in zip(federated, centralized):
         assert sum(a["segment_tokens"]) == sum(b["segment_tokens"])  # byte-level tokens: same text
 
 
-def test_resume_skips_finished_items(tmp_path, capsys, one_thread):
+def test_resume_skips_finished_items(tmp_path, capsys, one_torch_thread):
     first, _ = run_mode(tmp_path, capsys, "federated", "--limit", "2")
     assert [record["key"] for record in first] == ["0", "1"]
     records, summary = run_mode(tmp_path, capsys, "federated")
