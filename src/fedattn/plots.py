@@ -208,6 +208,9 @@ def _pyplot():
     return pyplot
 
 
+FRONTIER_SIZE = (9, 4)  # room for the legend beside the axes
+
+
 def new_figure() -> tuple[Figure, Any]:
     figure, axes = _pyplot().subplots(figsize=FIGURE_SIZE, dpi=DPI)
     return figure, axes
@@ -301,16 +304,20 @@ def plot_frontier(folders: list[Path | Result], out: Path, y: str = DEFAULT_METR
     points = [result for result in results if result.get(bytes_key) > 0]
     for index, result in enumerate(result for result in results if result.get(bytes_key) <= 0):
         axes.axhline(result.get(y), color=f"C{index + 1}", linestyle=":", label=f"{schedule_label(result)} (0 bytes)")
-    axes.scatter([r.get(bytes_key) for r in points], [r.get(y) for r in points], color="C0", zorder=3)
-    for result in points:
-        axes.annotate(schedule_label(result), (result.get(bytes_key), result.get(y)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for number, result in enumerate(points, start=1):  # numbered points, labels in the legend: no overlaps
+        x, value = result.get(bytes_key), result.get(y)
+        axes.scatter([x], [value], color="C0", zorder=3, label=f"{number}: {schedule_label(result)}")
+        axes.annotate(str(number), (x, value), fontsize=7, xytext=(3, 3), textcoords="offset points", annotation_clip=True)
     if points:
         axes.set_xscale("log")
+        from matplotlib.ticker import NullFormatter
+
+        axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel(f"{bytes_key} (log)")
     axes.set_ylabel(y)
     axes.set_title(f"{y} vs communication", fontsize=9)
-    if len(points) < len(results):
-        axes.legend(fontsize=6)
+    axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    figure.set_size_inches(FRONTIER_SIZE)
     return save_figure(figure, out)
 
 
