@@ -22,13 +22,12 @@ import json
 import string
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from .crossfacts import VIEWS, Item, check_sizes, generate_item
 from .errors import FedAttnError
+from .report import progress_bar
 
 DEFAULT_MAX_NEW_TOKENS = 32  # gold answers are a few tokens; the first line is all that is scored
 _PUNCTUATION = str.maketrans({char: " " for char in string.punctuation})
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     done = store.done_keys()
     stop_at = args.count if args.limit is None else min(args.count, args.offset + args.limit)
     todo = [index for index in range(args.offset, stop_at) if str(index) not in done]
-    with _progress(len(todo), f"crossfacts {args.mode} on {device}", quiet=args.json) as advance:
+    with progress_bar(f"crossfacts {args.mode} on {device}", len(todo), quiet=args.json) as advance:
         for index in todo:
             item = generate_item(args.data_seed, index, args.parties, args.facts)
             store.append(evaluate_item(loaded, config, args, index, item))
@@ -211,16 +210,3 @@ def summary_line(summary: dict, args: argparse.Namespace, path: Path) -> str:
     )
 
 
-@contextmanager
-def _progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr (nothing with --json); yields the function that advances it."""
-    if quiet:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from statistics import mean
@@ -31,7 +29,7 @@ from .models import LoadedModel
 from .participant import RunConfig
 from .prompting import check_context_window
 from .query import stop_rule
-from .report import _bytes
+from .report import _bytes, progress_bar
 from .results import ResultStore
 from .splits import SPLITS, split_prompt
 
@@ -71,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     stop = stop_rule(loaded.tokenizer, loaded.model, STOP_TEXTS)
     done = store.done_keys()
     todo = [index for index in indices if str(index) not in done]
-    with _progress(len(indices), len(indices) - len(todo)) as advance:
+    with progress_bar("GSM8K problems", len(indices), completed=len(indices) - len(todo)) as advance:
         for index in todo:
             store.append(evaluate_problem(loaded, config, stop, exemplars, test[index], index, args.split, args.parties))
             advance()
@@ -218,23 +216,4 @@ def _problem_range(count: int, offset: int, limit: int | None) -> range:
     return range(offset, count if limit is None else min(count, offset + limit))
 
 
-@contextmanager
-def _progress(total: int, completed: int) -> Iterator[Callable[[], None]]:
-    """A progress bar with ETA on stderr; problems already in --out count as done."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (TextColumn("GSM8K"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task("problems", total=total, completed=completed)
-        yield lambda: progress.advance(task)
-
-
-def non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .query import QueryReport
@@ -95,3 +99,17 @@ def print_merged_report(merged: dict, console: Console | None = None) -> None:
         f"wall {merged['timing']['wall_s']:.2f} s · sent {_bytes(measured)} "
         f"(a naive all-gather would send {_bytes(naive)}: {_bytes(naive - measured)} saved)"
     )
+
+
+@contextmanager
+def progress_bar(label: str, total: int, completed: int = 0, quiet: bool = False) -> Iterator[Callable[[], None]]:
+    """A bar with elapsed time and ETA on stderr (none when ``quiet``, e.g. with --json); yields the
+    function that advances it. ``completed`` counts items a resumed run already has."""
+    if quiet:
+        yield lambda: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=total, completed=completed)
+        yield lambda: bar.advance(task)
