@@ -13,7 +13,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.distributed as dist
 
 from .attention import federated_attention_enabled
@@ -148,15 +147,11 @@ def _leave(store: dist.TCPStore, rendezvous: Rendezvous) -> None:
 
 def _report(loaded: LoadedModel, party: Participant, transport: TorchTransport, answer: list[int], wall_s: float) -> dict:
     stats = transport.stats
-    costs = expected_costs(
-        ModelDims.from_config(loaded.model.config), party.config.schedule, party.config.sparsity,
-        party.config.codec, party.segment_lengths, party.config.all_answers,
+    config, dims = party.config, ModelDims.from_config(loaded.model.config)
+    cost, naive = (
+        expected_costs(dims, config.schedule, config.sparsity, config.codec, party.segment_lengths, everyone)[party.rank]
+        for everyone in (config.all_answers, True)  # this run's exchange, and the naive all-to-all
     )
-    naive = expected_costs(
-        ModelDims.from_config(loaded.model.config), party.config.schedule, party.config.sparsity,
-        party.config.codec, party.segment_lengths, all_answers=True,
-    )
-    cost = costs[party.rank]
     return {
         "rank": party.rank,
         "name": party.name,
@@ -171,7 +166,7 @@ def _report(loaded: LoadedModel, party: Participant, transport: TorchTransport, 
         "kv_payload_sent": party.kv_payload_sent,
         "expected_bytes_sent": cost.wire_bytes_sent,
         "expected_bytes_received": cost.wire_bytes_received,
-        "all_gather_bytes_sent": naive[party.rank].wire_bytes_sent,
+        "all_gather_bytes_sent": naive.wire_bytes_sent,
         "prefill_s": party.timings.prefill_s,
         "decode_s": party.timings.decode_s,
         "wait_s": party.timings.wait_s,
