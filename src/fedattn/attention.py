@@ -1,9 +1,9 @@
 """The model hook: FedAttn as an attention function registered with HF's AttentionInterface.
 
 The HF model stays untouched and knows nothing about distribution. Each forward pass receives a
-``fedattn_step`` (anything with ``collect`` and ``query_positions``); at every block this function
-hands it the block's fresh keys and values and gets back everything the party may attend to, with
-global positions, then attends causally over global positions.
+``fedattn_step`` (anything with ``attend``); at every block this function hands it the block's
+fresh keys and values and gets back everything the query may attend to, with the mask that says
+which (causality over global positions in prefill, padding when decoding many rows at once).
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ ATTENTION_NAME = "fedattn"
 
 
 class ForwardStep(Protocol):
-    """What one forward pass of one participant supplies to every block."""
+    """What one forward pass supplies to every block."""
 
-    query_positions: torch.Tensor
-
-    def collect(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store this block's own K/V (heads, n, d), exchange as scheduled, return (K, V, positions)."""
+    def attend(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this block's fresh K/V (batch, heads, n, d), exchange as scheduled, and return
+        (K, V, boolean mask or None) over everything the queries may see."""
         ...
 
 
@@ -43,15 +44,8 @@ def federated_attention(
 ) -> tuple[torch.Tensor, None]:
     if fedattn_step is None:
         raise RuntimeError("the fedattn attention function needs a fedattn_step argument in the forward call")
-    if query.shape[0] != 1:
-        raise ValueError("a FedAttn participant runs one sequence at a time")
-    keys, values, key_positions = fedattn_step.collect(module.layer_idx, key[0], value[0])
-    query_positions = fedattn_step.query_positions
-    # A single decode query comes after every stored key, so it needs no mask.
-    mask = None if query.shape[2] == 1 else key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)
-    output = F.scaled_dot_product_attention(
-        query, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=scaling, enable_gqa=True
-    )
+    keys, values, mask = fedattn_step.attend(module.layer_idx, key, value)
+    output = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
     return output.transpose(1, 2).contiguous(), None
 
 

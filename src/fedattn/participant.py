@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .batch_decode import DecodeRow, decode_rows
 from .decoding import Decoding, StopRule
 from .errors import FedAttnError
 from .kv_codec import CODECS, KVCodec
@@ -202,29 +203,33 @@ class Participant:
         frame = self._recv(self.publisher, "the first answer token")
         return decode_small(frame, KIND_TOKEN, self.name_of(self.publisher), "first token", self.vocab_size)
 
-    @torch.inference_mode()
+    def decode_row(self, first_token: int) -> DecodeRow:
+        """This party's answer as a row for ``decode_rows`` (which may batch it with others)."""
+        decoding, generator = self.config.decoding, self._generator
+        return DecodeRow(
+            store=self.store,
+            first_position=self.prompt_length,
+            first_token=first_token,
+            pick=lambda logits: decoding.pick(logits, generator),
+            stop=self.stop,
+            logits=self.answer_logits if self.config.record_logits else None,
+        )
+
     def decode(self, first_token: int) -> list[int]:
         """Generate from ``first_token`` on the local store alone; no message is sent or received."""
         start = time.perf_counter()
-        tokens = [first_token]
-        decoding = self.config.decoding
-        while len(tokens) < self.config.max_new_tokens and not self.stop(tokens):
-            positions = torch.tensor([self.prompt_length + len(tokens) - 1], device=self.device)
-            output = self.model(
-                input_ids=torch.tensor([[tokens[-1]]], device=self.device),
-                position_ids=positions.unsqueeze(0),
-                fedattn_step=_DecodeStep(self, positions),
-                use_cache=False,
-                logits_to_keep=1,
-            )
-            logits = output.logits[0, -1].float()
-            if self.config.record_logits:
-                self.answer_logits.append(logits)
-            tokens.append(decoding.pick(logits, self._generator))
-            self.timings.decode_steps += 1
-            self.transport.note(f"decoding token {len(tokens)}")
-        self.timings.decode_s += time.perf_counter() - start
+        [tokens] = decode_rows(
+            self.model,
+            [self.decode_row(first_token)],
+            self.config.max_new_tokens,
+            on_step=lambda steps: self.transport.note(f"decoding token {steps + 1}"),
+        )
+        self.record_decode(time.perf_counter() - start, tokens)
         return tokens
+
+    def record_decode(self, seconds: float, tokens: list[int]) -> None:
+        self.timings.decode_s += seconds
+        self.timings.decode_steps += len(tokens) - 1
 
     # -- phase 5: completion -----------------------------------------------------------------
     def send_done(self, answer_length: int) -> None:
@@ -275,28 +280,20 @@ class Participant:
 
 
 class _PrefillStep:
-    """Per block: store own K/V, send it where scheduled, take what earlier parties sent."""
+    """Per block: store own K/V, send it where scheduled, take what earlier parties sent, and
+    attend causally over global positions."""
 
     def __init__(self, party: Participant, positions: torch.Tensor) -> None:
         self.party = party
         self.query_positions = positions
 
-    def collect(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         party = self.party
         party.transport.note(f"prefill block {layer}")
-        party.store[layer].append(key, value, self.query_positions)
-        party.send_kv(layer, key, value)
+        own_key, own_value = key[0], value[0]  # a party prefills its one segment
+        party.store[layer].append(own_key, own_value, self.query_positions)
+        party.send_kv(layer, own_key, own_value)
         party.receive_kv(layer, range(party.rank))
-        return party.store[layer].view()
-
-
-class _DecodeStep:
-    """Per block: append the new token's K/V locally and attend to the store."""
-
-    def __init__(self, party: Participant, positions: torch.Tensor) -> None:
-        self.party = party
-        self.query_positions = positions
-
-    def collect(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.party.store[layer].append(key, value, self.query_positions)
-        return self.party.store[layer].view()
+        keys, values, positions = party.store[layer].view()
+        mask = positions.unsqueeze(0) <= self.query_positions.unsqueeze(1)
+        return keys.unsqueeze(0), values.unsqueeze(0), mask
