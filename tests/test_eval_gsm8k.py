@@ -23,13 +23,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def calls(monkeypatch):
     """The segment lengths of every query the evaluation actually runs, in order."""
     seen = []
-    real = eval_gsm8k.run_in_process
+    real = eval_gsm8k.run_many_in_process
 
-    def counting(model, segments, *rest):
-        seen.append([len(segment) for segment in segments])
-        return real(model, segments, *rest)
+    def counting(model, queries, *rest):
+        seen.extend([len(segment) for segment in segments] for segments in queries)
+        return real(model, queries, *rest)
 
-    monkeypatch.setattr(eval_gsm8k, "run_in_process", counting)
+    monkeypatch.setattr(eval_gsm8k, "run_many_in_process", counting)
     return seen
 
 
@@ -42,7 +42,7 @@ def test_defaults_follow_the_paper():
 
 def test_eval_writes_records_and_summary_and_resumes(tmp_path, calls, capsys):
     out = tmp_path / "run"
-    assert run(parse("--out", str(out), "--limit", "3", "--every-answer", "--parties", "3")) == 0
+    assert run(parse("--out", str(out), "--limit", "3", "--every-answer", "--parties", "3", "--batch-size", "2")) == 0
     assert len(calls) == 3
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert [record["key"] for record in records] == ["0", "1", "2"]
@@ -63,6 +63,19 @@ def test_eval_writes_records_and_summary_and_resumes(tmp_path, calls, capsys):
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert [record["index"] for record in records] == [0, 1, 2, 3, 4]
     assert json.loads(capsys.readouterr().out)["count"] == 5
+
+
+def test_batch_size_changes_no_answer(tmp_path):
+    """Decoding problems together gives each the answers it gets alone (the engine's batch test
+    covers the tokens; this covers the evaluation's bookkeeping of a batch)."""
+    records = {}
+    for size in (1, 3):
+        out = tmp_path / f"batch-{size}"
+        assert run(parse("--out", str(out), "--limit", "3", "--parties", "2", "--every-answer", "--batch-size", str(size), "--max-new-tokens", "12")) == 0
+        records[size] = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    for alone, together in zip(records[1], records[3]):
+        assert (together["index"], together["answers"], together["bytes_sent"]) == (alone["index"], alone["answers"], alone["bytes_sent"])
+        assert together["batch_size"] == 3 and alone["batch_size"] == 1
 
 
 def test_another_configuration_on_the_same_folder_is_refused(tmp_path, calls):

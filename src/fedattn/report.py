@@ -102,14 +102,15 @@ def print_merged_report(merged: dict, console: Console | None = None) -> None:
 
 
 @contextmanager
-def progress_bar(label: str, total: int, completed: int = 0, quiet: bool = False) -> Iterator[Callable[[], None]]:
+def progress_bar(label: str, total: int, completed: int = 0, quiet: bool = False) -> Iterator[Callable[..., None]]:
     """A bar with elapsed time and ETA on stderr (none when ``quiet``, e.g. with --json); yields the
-    function that advances it. ``completed`` counts items a resumed run already has."""
+    function that advances it (by one, or by its argument). ``completed`` counts items a resumed
+    run already has."""
     if quiet:
-        yield lambda: None
+        yield lambda count=1: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total, completed=completed)
-        yield lambda: bar.advance(task)
+        yield lambda count=1: bar.advance(task, count)
