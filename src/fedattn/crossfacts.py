@@ -82,6 +82,12 @@ class Item:
     field: str
     person: str
     distractors: tuple[str, ...]  # names similar to ``person`` that appear in some document
+    references: tuple[str, ...] = ()  # every accepted answer when there are several (NarrativeQA); else just ``answer``
+
+    @property
+    def golds(self) -> tuple[str, ...]:
+        """The reference answers scored against: ``references`` if given, else ``(answer,)``."""
+        return self.references or (self.answer,)
 
     @property
     def holder_party(self) -> int:
