@@ -87,7 +87,7 @@ def run_mode(tmp_path, capsys, mode: str, *extra: str) -> tuple[list[dict], dict
 
 @pytest.mark.parametrize("mode", ["federated", "centralized", "alone"])
 def test_end_to_end_writes_records_and_summary(tmp_path, capsys, one_torch_thread, mode):
-    records, summary = run_mode(tmp_path, capsys, mode)
+    records, summary = run_mode(tmp_path, capsys, mode, "--batch-size", "2")  # a batch of 2, then 1
     assert [record["key"] for record in records] == ["0", "1", "2"]
     assert summary["items"] == 3 and 0.0 <= summary["em"] <= 1.0
     assert summary["config"]["mode"] == mode and summary["config"]["model"]["name"] == "tiny-random"
