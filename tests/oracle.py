@@ -32,7 +32,7 @@ AttentionMaskInterface.register("fedattn_oracle", lambda *args, **kwargs: None)
 Visibility = Callable[[int, int, int], bool]
 
 
-def spec_visibility(sync_layers, num_parties, publisher_dense=False, publisher_sync_every=None) -> Visibility:
+def spec_visibility(sync_layers, num_parties, publisher_layers=(), publisher_sync_every=None) -> Visibility:
     """The spec's rules, restated: global blocks all-to-all; publisher-dense: the publisher sees
     everyone at every block; extra publisher sync: at l % H_pub == 0 (not global) all see the publisher."""
     publisher = num_parties - 1
@@ -40,7 +40,7 @@ def spec_visibility(sync_layers, num_parties, publisher_dense=False, publisher_s
     def visible(layer: int, receiver: int, sender: int) -> bool:
         if layer in sync_layers:
             return True
-        if publisher_dense and receiver == publisher:
+        if layer in publisher_layers and receiver == publisher:
             return True
         return publisher_sync_every is not None and layer % publisher_sync_every == 0 and sender == publisher
 

@@ -12,7 +12,7 @@ from conftest import random_segments
 from fedattn.decoding import Decoding, StopRule
 from fedattn.engine import run_in_process, run_many_in_process
 from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, every
+from fedattn.schedule import Schedule, all_layers, every
 
 LENGTHS = ([9, 13, 6], [4, 20, 11], [15, 3, 7], [8, 8, 8])
 # a third of the byte vocabulary ends an answer, so random-weight rows stop at different steps
@@ -27,7 +27,7 @@ def queries() -> list[list[list[int]]]:
     "schedule, all_answers, decoding",
     [
         (Schedule(8, every(2, 8)), False, Decoding()),
-        (Schedule(8, (), publisher_dense=True), True, Decoding()),
+        (Schedule(8, (), publisher_layers=all_layers(8)), True, Decoding()),
         (Schedule(8, (3,)), True, Decoding(temperature=0.9, top_k=40, seed=3)),
     ],
     ids=["H=2", "publisher-dense-every-answer", "sampling-every-answer"],

@@ -74,7 +74,7 @@ def test_unknown_model(capsys):
 def test_sync_block_out_of_range(capsys):
     assert_usage_error(
         capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-layers", "0,99"],
-        "sync block 99 is out of range", "blocks 0..7",
+        "--sync-layers: block 99 is out of range", "blocks 0..7",
     )
 
 
@@ -146,7 +146,7 @@ def test_json_output_with_two_contexts(capsys):
     ids = document["answer_token_ids"]
     assert isinstance(ids, list) and 1 <= len(ids) <= 3 and all(isinstance(i, int) for i in ids)
     assert document["sync_layers"] == [0, 4]  # default H = 4 over 8 blocks
-    assert document["publisher_dense"] is False
+    assert document["publisher_layers"] == []
     parties = document["participants"]
     assert [p["name"] for p in parties] == ["party-1", "party-2", "publisher"]
     for party in parties:
@@ -174,10 +174,21 @@ def test_explicit_sync_layers(capsys):
     assert document["sync_layers"] == [1, 3, 5]
 
 
+def test_publisher_layers_ranges(capsys):
+    document = run_json(capsys, [*BASE, *CONTEXTS, *QUESTION, "--publisher-layers", "6-7,2", "--sync-layers", "0"])
+    assert (document["sync_layers"], document["publisher_layers"]) == ([0], [2, 6, 7])
+    for party in document["participants"]:
+        assert party["bytes_sent"] == party["expected_bytes_sent"]
+
+
+def test_publisher_layers_with_a_named_schedule(capsys):
+    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--publisher-layers", "1", "--schedule", "publisher-dense"], "not allowed with")
+
+
 def test_publisher_dense_alone(capsys):
     document = run_json(capsys, [*BASE, *CONTEXTS, *QUESTION, "--schedule", "publisher-dense"])
     assert document["sync_layers"] == []
-    assert document["publisher_dense"] is True
+    assert document["publisher_layers"] == list(range(8))
     parties = document["participants"]
     others = len(parties) - 1
     for collaborator in parties[:-1]:

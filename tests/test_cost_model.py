@@ -7,7 +7,7 @@ from fedattn.cost_model import ModelDims, expected_costs
 from fedattn.engine import run_in_process
 from fedattn.kv_codec import get_codec
 from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, every
+from fedattn.schedule import Schedule, all_layers, every
 from fedattn.sparsity import Sparsity
 
 
@@ -58,8 +58,8 @@ def test_publisher_only_sends_forwards(tiny):
     "schedule,sparsity,all_answers",
     [
         (Schedule(8, (0, 4)), Sparsity(), True),
-        (Schedule(8, (), publisher_dense=True), Sparsity(), False),
-        (Schedule(8, (1, 6), publisher_dense=True, publisher_sync_every=3), Sparsity(comp=0.7, comm=0.4, seed=2), True),
+        (Schedule(8, (), publisher_layers=all_layers(8)), Sparsity(), False),
+        (Schedule(8, (1, 6), publisher_layers=all_layers(8), publisher_sync_every=3), Sparsity(comp=0.7, comm=0.4, seed=2), True),
         (Schedule(8, every(2, 8)), Sparsity(comp=0.5, comm=0.5, comp_publisher=1.0, comm_publisher=0.9, seed=1), False),
     ],
 )

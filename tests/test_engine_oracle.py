@@ -7,7 +7,7 @@ from conftest import random_segments
 from fedattn.decoding import StopRule
 from fedattn.engine import run_in_process
 from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, every, placement, sync_count
+from fedattn.schedule import Schedule, all_layers, every, placement, sync_count
 from fedattn.sparsity import Sparsity, kept_indices, sent_indices
 from oracle import oracle_generate, spec_visibility
 
@@ -27,7 +27,7 @@ def check_against_oracle(tiny, num_parties, schedule: Schedule, sparsity=Sparsit
     def sent(party, layer):
         return sent_indices(sparsity, party, layer, len(kept[party]), party == publisher)
 
-    visible = spec_visibility(set(schedule.sync_layers), num_parties, schedule.publisher_dense, schedule.publisher_sync_every)
+    visible = spec_visibility(set(schedule.sync_layers), num_parties, schedule.publisher_layers, schedule.publisher_sync_every)
     expected, first_logits = oracle_generate(model, segments, visible, kept, sent, publisher, None, MAX_NEW)
     assert result.answer_token_ids == expected
     assert torch.allclose(result.answer_logits[0], first_logits, atol=1e-4)
@@ -57,14 +57,19 @@ def test_explicit_sync_layers_every_answer(tiny):
 
 @pytest.mark.parametrize("collaborator_sync", [(), (0, 4)])
 def test_publisher_dense(tiny, collaborator_sync):
-    result = check_against_oracle(tiny, 4, Schedule(8, collaborator_sync, publisher_dense=True), all_answers=True, seed=7)
+    result = check_against_oracle(tiny, 4, Schedule(8, collaborator_sync, publisher_layers=all_layers(8)), all_answers=True, seed=7)
     # the publisher sends its K/V only at collaborator syncs: 11 tokens x 2 heads x 16 dims x (K, V) x 4 bytes
     assert result.parties[-1].kv_payload_sent == len(collaborator_sync) * 11 * 2 * 16 * 2 * 4
 
 
+@pytest.mark.parametrize("publisher_layers, collaborator_sync", [((4, 5, 6, 7), ()), ((0, 1, 2, 3), (6,)), ((1, 3, 5), (3,))])
+def test_publisher_receives_at_some_blocks(tiny, publisher_layers, collaborator_sync):
+    check_against_oracle(tiny, 3, Schedule(8, collaborator_sync, publisher_layers=publisher_layers), all_answers=True, seed=11)
+
+
 def test_publisher_dense_differs_from_local_only(tiny):
     """A guard that the oracle comparison has teeth: receiving K/V must change the publisher's view."""
-    dense = check_against_oracle(tiny, 3, Schedule(8, (), publisher_dense=True), seed=3)
+    dense = check_against_oracle(tiny, 3, Schedule(8, (), publisher_layers=all_layers(8)), seed=3)
     alone = check_against_oracle(tiny, 3, Schedule(8, ()), seed=3)
     assert not torch.allclose(dense.answer_logits[0], alone.answer_logits[0], atol=1e-3)
 
@@ -87,4 +92,4 @@ def test_sparse(tiny, sparsity):
 
 
 def test_sparse_publisher_dense(tiny):
-    check_against_oracle(tiny, 4, Schedule(8, (2,), publisher_dense=True), Sparsity(comp=0.8, comm=0.5, seed=9), seed=17)
+    check_against_oracle(tiny, 4, Schedule(8, (2,), publisher_layers=all_layers(8)), Sparsity(comp=0.8, comm=0.5, seed=9), seed=17)

@@ -10,7 +10,7 @@ from fedattn.participant import RunConfig
 from fedattn.query import answer_question, stop_rule
 from fedattn.prompting import build_segments
 from fedattn.engine import run_in_process
-from fedattn.schedule import Schedule, every
+from fedattn.schedule import Schedule, all_layers, every
 
 pytestmark = pytest.mark.real_model
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
@@ -41,7 +41,7 @@ def test_publisher_dense_answers_from_another_partys_record(qwen):
     """The demo: only party 1 holds the ID; the publisher alone cannot know it."""
     contexts = [(DEMO / "party1.txt").read_text(), (DEMO / "party2.txt").read_text()]
     layers = qwen.model.config.num_hidden_layers
-    config = RunConfig(Schedule(layers, (), publisher_dense=True), max_new_tokens=16)
+    config = RunConfig(Schedule(layers, (), publisher_layers=all_layers(layers)), max_new_tokens=16)
     report = answer_question(qwen.model, qwen.tokenizer, contexts, QUESTION, config)
     assert "5521" in report.answer
     alone = answer_question(qwen.model, qwen.tokenizer, [], QUESTION, config)

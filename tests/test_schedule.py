@@ -3,7 +3,7 @@
 import pytest
 
 from fedattn.errors import FedAttnError
-from fedattn.schedule import Schedule, every, parse_layers, placement, sync_count
+from fedattn.schedule import Schedule, all_layers, every, format_layers, parse_layers, placement, sync_count
 
 
 def test_every():
@@ -29,7 +29,7 @@ def test_graded_placement_pushes_duplicates_apart():
 
 
 def test_visibility_rules():
-    schedule = Schedule(8, (0, 4), publisher_dense=True, publisher_sync_every=3)
+    schedule = Schedule(8, (0, 4), publisher_layers=all_layers(8), publisher_sync_every=3)
     assert schedule.publisher_sync_layers == (3, 6)
     assert schedule.receivers(0, 1, 3, everyone_decodes=True) == [0, 2]
     assert schedule.receivers(1, 0, 3, everyone_decodes=True) == [2]  # publisher-dense
@@ -38,13 +38,29 @@ def test_visibility_rules():
 
 
 def test_only_later_parties_receive_when_only_the_publisher_decodes():
-    schedule = Schedule(8, (0, 4), publisher_dense=True, publisher_sync_every=3)
+    schedule = Schedule(8, (0, 4), publisher_layers=all_layers(8), publisher_sync_every=3)
     assert schedule.receivers(0, 1, 3, everyone_decodes=False) == [2]
     assert schedule.receivers(0, 0, 3, everyone_decodes=False) == [1, 2]
     assert schedule.receivers(3, 2, 3, everyone_decodes=False) == []  # the publisher's sync helps no prefill
 
 
-@pytest.mark.parametrize("text", ["0,99", "-1", "a,b"])
+def test_layer_ranges_read_back():
+    assert parse_layers("12-14,3", 24) == (3, 12, 13, 14)
+    assert format_layers((0, 1, 2, 5, 12, 13)) == "0-2,5,12-13"
+    assert parse_layers(format_layers((0, 1, 2, 5, 12, 13)), 24) == (0, 1, 2, 5, 12, 13)
+
+
+def test_publisher_receive_blocks():
+    schedule = Schedule(8, (0,), publisher_layers=(5, 6))
+    assert not schedule.publisher_dense
+    assert schedule.receivers(5, 0, 3, everyone_decodes=False) == [2]
+    assert schedule.receivers(4, 0, 3, everyone_decodes=False) == []
+    assert schedule.receivers(0, 0, 3, everyone_decodes=False) == [1, 2]
+    with pytest.raises(FedAttnError, match="publisher receive block 9"):
+        Schedule(8, (), publisher_layers=(9,))
+
+
+@pytest.mark.parametrize("text", ["0,99", "-1", "a,b", "3-1", ""])
 def test_bad_layers(text):
     with pytest.raises(FedAttnError):
         parse_layers(text, 24)

@@ -56,7 +56,9 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     sync.add_argument("--sync-every", type=positive_int, metavar="H", help="block l is global iff l %% H == 0 (default 4; 1 = centralized)")
     sync.add_argument("--sync-layers", metavar="0,8,16", help="explicit global blocks")
     parser.add_argument("--placement", choices=PLACEMENTS, help="place ceil(L/H) global blocks by this rule instead of every H-th")
-    parser.add_argument("--schedule", choices=NAMED_SCHEDULES, help="publisher-dense: the publisher receives every block; collaborators sync only at the blocks given by the options above (none if none given)")
+    publisher = parser.add_mutually_exclusive_group()
+    publisher.add_argument("--schedule", choices=tuple(NAMED_SCHEDULES), help="; ".join(f"{name}: {text}" for name, (text, _) in NAMED_SCHEDULES.items()) + "; collaborators sync only at the blocks given by the options above (none if none given)")
+    publisher.add_argument("--publisher-layers", metavar="12-23", help="the publisher also receives every collaborator's K/V at these blocks (list or ranges); collaborators sync only where the options above say (none if none given)")
     parser.add_argument("--publisher-sync-every", type=positive_int, metavar="H_PUB", help="extra publisher sync: everyone also attends to the publisher's tokens at blocks l %% H_PUB == 0")
     parser.add_argument("--ratio-comp", type=ratio, default=1.0, help="sparse local attention: fraction of tokens each party keeps")
     parser.add_argument("--ratio-comm", type=ratio, default=1.0, help="sparse KV exchange: fraction of kept tokens sent per global block")
@@ -118,23 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _schedule(args: argparse.Namespace, num_layers: int):
-    from .schedule import Schedule, every, parse_layers, placement, sync_count
+    from .schedule import NAMED_SCHEDULES, Schedule, every, parse_layers, placement, sync_count
 
+    if args.schedule:
+        publisher_layers = NAMED_SCHEDULES[args.schedule][1](num_layers)
+    elif args.publisher_layers:
+        publisher_layers = parse_layers(args.publisher_layers, num_layers, "--publisher-layers")
+    else:
+        publisher_layers = ()
     if args.sync_layers is not None:
         if args.placement:
             raise FedAttnError("--placement and --sync-layers exclude each other")
         layers = parse_layers(args.sync_layers, num_layers)
-    elif args.schedule == "publisher-dense" and args.sync_every is None and not args.placement:
+    elif publisher_layers and args.sync_every is None and not args.placement:
         layers = ()
     else:
         interval = args.sync_every or 4
         layers = placement(args.placement, sync_count(interval, num_layers), num_layers) if args.placement else every(interval, num_layers)
-    return Schedule(
-        num_layers=num_layers,
-        sync_layers=layers,
-        publisher_dense=args.schedule == "publisher-dense",
-        publisher_sync_every=args.publisher_sync_every,
-    )
+    return Schedule(num_layers, layers, publisher_layers, args.publisher_sync_every)
 
 
 def _load_and_configure(args: argparse.Namespace):

@@ -195,7 +195,7 @@ def _store(args: argparse.Namespace, source: ItemSource, loaded, config):
             "schedule": {
                 "describe": schedule.describe(),
                 "sync_layers": list(schedule.sync_layers),
-                "publisher_dense": schedule.publisher_dense,
+                "publisher_layers": list(schedule.publisher_layers),
                 "publisher_sync_every": schedule.publisher_sync_every,
                 "num_layers": schedule.num_layers,
             },

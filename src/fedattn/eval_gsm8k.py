@@ -97,7 +97,8 @@ def run_configuration(args: argparse.Namespace, loaded: LoadedModel, config: Run
         "split": args.split,
         "parties": args.parties,
         "shots": args.shots,
-        "schedule": asdict(config.schedule) | {"sync_layers": list(config.schedule.sync_layers)},  # as JSON reads back
+        "schedule": asdict(config.schedule)  # tuples as JSON reads them back
+        | {"sync_layers": list(config.schedule.sync_layers), "publisher_layers": list(config.schedule.publisher_layers)},
         "sparsity": asdict(config.sparsity),
         "decoding": asdict(config.decoding),
         "max_new_tokens": config.max_new_tokens,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import FedAttnError
-from .schedule import PLACEMENTS, every, placement
+from .schedule import PLACEMENTS, every, format_layers, placement
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,16 +40,15 @@ SETTING_NAMES = {  # config paths -> option names
     "sparsity.comp_publisher": "ratio_comp_publisher",
     "sparsity.comm_publisher": "ratio_comm_publisher",
     "schedule.publisher_sync_every": "publisher_sync_every",
-    "schedule.publisher_dense": "publisher_dense",
 }
-NOT_SETTINGS = ("model.identity", "model.dtype", "schedule.describe", "schedule.num_layers", "schedule.sync_layers")
+NOT_SETTINGS = ("model.identity", "model.dtype", "schedule.describe", "schedule.num_layers", "schedule.sync_layers", "schedule.publisher_layers")
 SWEEPS = ("sync_every", "parties")  # line plots: EM vs H, EM vs N
 ABLATIONS = ("placement", "ratio_comp", "ratio_comm", "publisher_sync_every")  # bar charts
 # settings that change along with a compared one: H fixes the number of sync blocks; a placement
 # keeps that number but has no H
 DEPENDENT = {"sync_every": ("sync_blocks",), "placement": ("sync_every", "sync_layers")}
 LABEL_DEFAULTS = {"parties": None, "sync_every": None, "placement": "every", "sync_blocks": None, "sync_layers": None,
-                  "publisher_dense": False, "publisher_sync_every": None, "ratio_comp": 1.0, "ratio_comm": 1.0}
+                  "publisher_layers": "none", "publisher_sync_every": None, "ratio_comp": 1.0, "ratio_comm": 1.0}
 MISSING = object()
 
 
@@ -90,7 +89,17 @@ def settings(config: dict) -> dict[str, Any]:
     sync_layers, num_layers = flat.get("schedule.sync_layers"), flat.get("schedule.num_layers")
     if isinstance(sync_layers, list) and isinstance(num_layers, int):
         named |= schedule_settings(sync_layers, num_layers)
+    publisher_layers = flat.get("schedule.publisher_layers")
+    if isinstance(publisher_layers, list) and isinstance(num_layers, int):
+        named["publisher_layers"] = publisher_setting(publisher_layers, num_layers)
     return named
+
+
+def publisher_setting(layers: list[int], num_layers: int) -> str:
+    """The publisher's receive blocks as a label: 'none', 'dense' (all), or the blocks ('12-23')."""
+    if not layers:
+        return "none"
+    return "dense" if len(layers) == num_layers else format_layers(layers)
 
 
 @dataclass

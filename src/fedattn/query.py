@@ -50,7 +50,7 @@ class QueryReport:
             "answer_token_ids": result.answer_token_ids,
             "sync_layers": list(schedule.sync_layers),
             "schedule": schedule.describe(),
-            "publisher_dense": schedule.publisher_dense,
+            "publisher_layers": list(schedule.publisher_layers),
             "publisher_sync_layers": list(schedule.publisher_sync_layers),
             "kv_dtype": self.config.codec.name,
             "participants": parties,

@@ -2,8 +2,9 @@
 
 A schedule is the whole of FedAttn's communication pattern: everything else (the engine, the cost
 model, the test oracle) asks it ``receives(layer, receiver, sender)``. The paper's sync interval,
-explicit block lists and placements only choose ``sync_layers``; the publisher-dense schedule and
-the extra publisher sync add edges towards or from the task publisher.
+explicit block lists and placements only choose ``sync_layers``; the publisher's receive blocks
+(all of them: publisher-dense) and the extra publisher sync add edges towards or from the task
+publisher.
 """
 
 from __future__ import annotations
@@ -14,32 +15,37 @@ from dataclasses import dataclass
 from .errors import FedAttnError
 
 PLACEMENTS = ("shallow-half", "deep-half", "progressive", "regressive")
-NAMED_SCHEDULES = ("publisher-dense",)
 
 
 @dataclass(frozen=True)
 class Schedule:
     """The sync pattern of one run.
 
-    ``sync_layers`` are global blocks (all-to-all exchange). With ``publisher_dense`` the task
-    publisher also receives every collaborator's K/V at every block. With ``publisher_sync_every``
+    ``sync_layers`` are global blocks (all-to-all exchange). At ``publisher_layers`` the task
+    publisher also receives every collaborator's K/V (at every block: publisher-dense). With ``publisher_sync_every``
     (H_pub) every party also receives the publisher's K/V at blocks l % H_pub == 0 that are not
     global (the paper's adaptive KV aggregation).
     """
 
     num_layers: int
     sync_layers: tuple[int, ...]
-    publisher_dense: bool = False
+    publisher_layers: tuple[int, ...] = ()
     publisher_sync_every: int | None = None
 
     def __post_init__(self) -> None:
-        for layer in self.sync_layers:
-            if not 0 <= layer < self.num_layers:
-                raise FedAttnError(f"sync block {layer} is out of range: the model has blocks 0..{self.num_layers - 1}")
-        if list(self.sync_layers) != sorted(set(self.sync_layers)):
-            raise FedAttnError(f"sync blocks must be distinct and increasing, got {list(self.sync_layers)}")
+        for what, layers in (("sync", self.sync_layers), ("publisher receive", self.publisher_layers)):
+            for layer in layers:
+                if not 0 <= layer < self.num_layers:
+                    raise FedAttnError(f"{what} block {layer} is out of range: the model has blocks 0..{self.num_layers - 1}")
+            if list(layers) != sorted(set(layers)):
+                raise FedAttnError(f"{what} blocks must be distinct and increasing, got {list(layers)}")
         if self.publisher_sync_every is not None and self.publisher_sync_every < 1:
             raise FedAttnError(f"the publisher sync interval must be >= 1, got {self.publisher_sync_every}")
+
+    @property
+    def publisher_dense(self) -> bool:
+        """The publisher receives every collaborator's K/V at every block."""
+        return len(self.publisher_layers) == self.num_layers
 
     @property
     def publisher_sync_layers(self) -> tuple[int, ...]:
@@ -54,7 +60,7 @@ class Schedule:
         """Whether ``receiver`` attends to ``sender``'s tokens at ``layer`` (a party always sees itself)."""
         if receiver == sender or layer in self.sync_layers:
             return True
-        if self.publisher_dense and receiver == publisher:
+        if receiver == publisher and layer in self.publisher_layers:
             return True
         return sender == publisher and layer in self.publisher_sync_layers
 
@@ -76,9 +82,21 @@ class Schedule:
         parts = [f"sync blocks {list(self.sync_layers)}"]
         if self.publisher_dense:
             parts.append("publisher-dense")
+        elif self.publisher_layers:
+            parts.append(f"publisher receives at {format_layers(self.publisher_layers)}")
         if self.publisher_sync_every is not None:
             parts.append(f"publisher extra sync every {self.publisher_sync_every}")
         return ", ".join(parts)
+
+
+def all_layers(num_layers: int) -> tuple[int, ...]:
+    return tuple(range(num_layers))
+
+
+# name -> (what it means, the publisher's receive blocks for a model of L blocks)
+NAMED_SCHEDULES = {
+    "publisher-dense": ("the publisher receives every block", all_layers),
+}
 
 
 def every(interval: int, num_layers: int) -> tuple[int, ...]:
@@ -131,13 +149,30 @@ def sync_count(interval: int, num_layers: int) -> int:
     return math.ceil(num_layers / interval)
 
 
-def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
-    """'0,8,16' -> (0, 8, 16), with one-line errors for junk and out-of-range blocks."""
+def parse_layers(text: str, num_layers: int, option: str = "--sync-layers") -> tuple[int, ...]:
+    """'0,8,16' -> (0, 8, 16) and '12-23' -> (12, ..., 23), with one-line errors for junk and
+    out-of-range blocks."""
+    layers: set[int] = set()
     try:
-        layers = sorted({int(part) for part in text.split(",") if part.strip()})
+        for part in filter(None, (part.strip() for part in text.split(","))):
+            low, _, high = part.partition("-")
+            layers.update(range(int(low), int(high or low) + 1))
     except ValueError:
-        raise FedAttnError(f"--sync-layers takes comma-separated block indices, got {text!r}") from None
+        raise FedAttnError(f"{option} takes comma-separated block indices or ranges like 12-23, got {text!r}") from None
     for layer in layers:
         if not 0 <= layer < num_layers:
-            raise FedAttnError(f"sync block {layer} is out of range: the model has blocks 0..{num_layers - 1}")
-    return tuple(layers)
+            raise FedAttnError(f"{option}: block {layer} is out of range: the model has blocks 0..{num_layers - 1}")
+    if not layers:
+        raise FedAttnError(f"{option} names no block")
+    return tuple(sorted(layers))
+
+
+def format_layers(layers: tuple[int, ...] | list[int]) -> str:
+    """(0, 1, 2, 5, 12, 13) -> '0-2,5,12-13': what ``parse_layers`` reads back."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in runs)
