@@ -278,3 +278,16 @@ def test_console_script_usage_error():
     lines = result.stderr.splitlines()
     assert lines == ["fedattn: error: the question is empty"], result.stderr
     assert result.stdout == ""
+
+
+def test_every_shared_option_reaches_the_launched_parties():
+    """The launcher re-creates each child's options from SHARED_OPTIONS; one left out would make
+    children run another configuration (and the handshake refuse it)."""
+    import argparse
+
+    from fedattn.cli import SHARED_OPTIONS, _add_shared_options
+
+    parser = argparse.ArgumentParser()
+    _add_shared_options(parser)
+    dests = {action.dest for action in parser._actions if action.dest != "help"}
+    assert dests - {"json"} == set(SHARED_OPTIONS)

@@ -41,7 +41,7 @@ def _text_arg(value: str) -> str:
 
 # options every party of a run must agree on: forwarded verbatim by the launcher to each process
 SHARED_OPTIONS = (
-    "model", "sync_every", "sync_layers", "placement", "schedule", "publisher_sync_every", "ratio_comp",
+    "model", "sync_every", "sync_layers", "placement", "schedule", "publisher_layers", "publisher_sync_every", "ratio_comp",
     "ratio_comm", "ratio_comp_publisher", "ratio_comm_publisher", "max_new_tokens", "temperature", "top_k",
     "top_p", "seed", "kv_dtype", "dtype", "device", "all_answers", "raw", "timeout",
 )
