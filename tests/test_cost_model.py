@@ -13,7 +13,7 @@ from fedattn.sparsity import Sparsity
 
 HEADER = 22  # KV frame header: magic 4, 4 x u8, 3 x u16, 2 x u32
 SMALL = 14  # token / completion frame: magic 4, u8, u8, u64
-HELLO = 62  # magic 4, u8, u8, 2 x u16, u32, 6 fingerprints x 8
+HELLO = 70  # magic 4, u8, u8, 2 x u16, u32, 7 fingerprints x 8
 
 
 @pytest.mark.parametrize("codec_name,element_bytes", [("float32", 4), ("bfloat16", 2), ("float16", 2)])
