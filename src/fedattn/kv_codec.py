@@ -158,7 +158,8 @@ class QuantCodec(KVCodec):
             )
         grouped = grouping.groups(x)
         low = grouped.amin(dim=-1, keepdim=True).to(torch.float16)
-        scale = ((grouped.amax(dim=-1, keepdim=True) - low.float()) / self.levels).to(torch.float16)
+        # the minimum rounds to float16, possibly above the group's maximum: never a negative scale
+        scale = ((grouped.amax(dim=-1, keepdim=True) - low.float()) / self.levels).clamp_min(0).to(torch.float16)
         # quantize against the float16 values the receiver will use, so decoding is exact to them
         step = scale.float()
         safe = torch.where(step > 0, step, torch.ones_like(step))
