@@ -123,8 +123,24 @@ def test_sync_every_with_sync_layers(capsys):
     assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-every", "2", "--sync-layers", "0"], "not allowed with")
 
 
-def test_unknown_kv_dtype(capsys):
-    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-dtype", "int3"], "unknown KV codec 'int3'", "float32")
+def test_unknown_kv_codec(capsys):
+    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-codec", "int3"], "unknown KV codec 'int3'", "float32", "int4-kivi")
+
+
+def test_the_old_kv_dtype_option_is_gone(capsys):
+    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-dtype", "bfloat16"], "unrecognized arguments: --kv-dtype")
+
+
+def test_bad_exchange_options(capsys):
+    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-select", "loudest"], "--kv-select", "key-norm")
+    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-budget", "0"], "--kv-budget", "must be >= 1")
+    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-noise", "-1"], "--kv-noise", "finite number >= 0")
+    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-noise", "nan"], "--kv-noise", "finite number >= 0")
+
+
+def test_budget_too_small_for_one_token_per_frame(capsys):
+    line = assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-every", "4", "--kv-budget", "100"], "--kv-budget 100 bytes cannot carry one token")
+    assert "K/V frames (at least" in line
 
 
 def test_missing_question(capsys):

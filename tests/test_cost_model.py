@@ -1,11 +1,12 @@
-"""Measured bytes equal the spec's cost model exactly (uncompressed dtypes)."""
+"""Measured bytes equal the spec's cost model exactly, for every codec, selection, budget and noise."""
 
 import pytest
 
 from conftest import random_segments
 from fedattn.cost_model import ModelDims, expected_costs
 from fedattn.engine import run_in_process
-from fedattn.kv_codec import get_codec
+from fedattn.exchange import Exchange
+from fedattn.kv_codec import CODECS, get_codec
 from fedattn.participant import RunConfig
 from fedattn.schedule import Schedule, all_layers, every
 from fedattn.sparsity import Sparsity
@@ -13,7 +14,7 @@ from fedattn.sparsity import Sparsity
 
 HEADER = 22  # KV frame header: magic 4, 4 x u8, 3 x u16, 2 x u32
 SMALL = 14  # token / completion frame: magic 4, u8, u8, u64
-HELLO = 62  # magic 4, u8, u8, 2 x u16, u32, 6 fingerprints x 8
+HELLO = 70  # magic 4, u8, u8, 2 x u16, u32, 7 fingerprints x 8
 
 
 @pytest.mark.parametrize("codec_name,element_bytes", [("float32", 4), ("bfloat16", 2), ("float16", 2)])
@@ -63,16 +64,54 @@ def test_publisher_only_sends_forwards(tiny):
         (Schedule(8, every(2, 8)), Sparsity(comp=0.5, comm=0.5, comp_publisher=1.0, comm_publisher=0.9, seed=1), False),
     ],
 )
-def test_wire_bytes_match_cost_model(tiny, schedule, sparsity, all_answers):
+@pytest.mark.parametrize("codec_name", list(CODECS))
+def test_wire_bytes_match_cost_model(tiny, one_torch_thread, schedule, sparsity, all_answers, codec_name):
     model, _ = tiny
     lengths = [9, 4, 12, 7]
-    config = RunConfig(schedule, sparsity=sparsity, max_new_tokens=3, all_answers=all_answers)
+    config = RunConfig(schedule, sparsity=sparsity, codec=get_codec(codec_name), max_new_tokens=3, all_answers=all_answers)
     result = run_in_process(model, random_segments(lengths, seed=6), config)
     costs = expected_costs(ModelDims.from_config(model.config), schedule, sparsity, config.codec, lengths, all_answers)
     for party, cost in zip(result.parties, costs):
         assert party.kv_payload_sent == cost.kv_bytes_sent
         assert party.bytes_sent == cost.wire_bytes_sent
         assert party.bytes_received == cost.wire_bytes_received
+
+
+@pytest.mark.parametrize("codec_name", ["bfloat16", "int8", "int4", "int8-kivi", "int4-kivi"])
+@pytest.mark.parametrize(
+    "exchange,all_answers",
+    [
+        (Exchange(select="key-norm", budget=12000), True),
+        (Exchange(select="attention", budget=7000, noise=0.3), False),
+        (Exchange(select="random", budget=9000, noise=1.0), True),
+    ],
+)
+def test_wire_bytes_match_cost_model_with_budget_selection_and_noise(tiny, one_torch_thread, codec_name, exchange, all_answers):
+    model, _ = tiny
+    lengths = [9, 4, 12, 7]
+    schedule = Schedule(8, (1, 6), publisher_layers=all_layers(8), publisher_sync_every=3)
+    sparsity = Sparsity(comp=0.8, comm=0.7, seed=2)
+    config = RunConfig(schedule, sparsity=sparsity, codec=get_codec(codec_name), exchange=exchange, max_new_tokens=3, all_answers=all_answers)
+    result = run_in_process(model, random_segments(lengths, seed=6), config)
+    costs = expected_costs(ModelDims.from_config(model.config), schedule, sparsity, config.codec, lengths, all_answers, exchange)
+    for party, cost in zip(result.parties, costs):
+        assert party.kv_payload_sent == cost.kv_bytes_sent
+        assert party.bytes_sent == cost.wire_bytes_sent
+        assert party.bytes_received == cost.wire_bytes_received
+    control = len(lengths) * HELLO + SMALL * (2 if all_answers else 1)
+    assert sum(party.bytes_sent for party in result.parties) - control <= exchange.budget
+
+
+@pytest.mark.parametrize("codec_name,per_token", [("int8", 2 * 2 * (16 + 4)), ("int4", 2 * 2 * (8 + 4))])
+def test_per_token_quantized_bytes_follow_the_formula(tiny, one_torch_thread, codec_name, per_token):
+    """Per-token codecs: 2 (K, V) x H_kv x (D * bits / 8 codes + 4 scale bytes) per token and sync."""
+    model, _ = tiny
+    lengths = [8, 13, 5]
+    sync = every(3, 8)
+    config = RunConfig(Schedule(8, sync), codec=get_codec(codec_name), max_new_tokens=2, all_answers=True)
+    result = run_in_process(model, random_segments(lengths, seed=2), config)
+    for party, length in zip(result.parties, lengths):
+        assert party.kv_payload_sent == len(sync) * length * per_token
 
 
 def test_qwen_example_from_spec():

@@ -93,3 +93,48 @@ def test_sparse(tiny, sparsity):
 
 def test_sparse_publisher_dense(tiny):
     check_against_oracle(tiny, 4, Schedule(8, (2,), publisher_layers=all_layers(8)), Sparsity(comp=0.8, comm=0.5, seed=9), seed=17)
+
+
+@pytest.mark.parametrize(
+    "select,sparsity,budget",
+    [
+        ("key-norm", Sparsity(comm=0.5, seed=2), None),
+        ("attention", Sparsity(comp=0.8, comm=0.6, seed=3), None),
+        ("attention", Sparsity(), 8000),
+        ("random", Sparsity(comm=0.7, seed=4), 6000),
+    ],
+)
+def test_importance_selection_and_budget(tiny, monkeypatch, select, sparsity, budget):
+    """The engine sends what its selection chose, and attends exactly as the oracle does given
+    the same chosen tokens (what each method chooses is tested on crafted tensors elsewhere)."""
+    import fedattn.participant as participant
+    from fedattn.exchange import Exchange
+
+    chosen: dict[tuple[int, int], torch.Tensor] = {}
+    original = participant.select_tokens
+
+    def recording(method, count, key, query, positions, scaling, seed, party, layer):
+        indices = original(method, count, key, query, positions, scaling, seed, party, layer)
+        chosen[(party, layer)] = indices
+        return indices
+
+    monkeypatch.setattr(participant, "select_tokens", recording)
+    model, tokenizer = tiny
+    schedule = Schedule(8, (0, 3, 6), publisher_layers=all_layers(8))
+    segments = random_segments(LENGTHS[:3], seed=19)
+    config = RunConfig(schedule, sparsity, exchange=Exchange(select=select, budget=budget), max_new_tokens=MAX_NEW, record_logits=True)
+    result = run_in_process(model, segments, config, StopRule(frozenset({tokenizer.eos_token_id})))
+    assert chosen, "nothing was sent"
+
+    publisher = 2
+    kept = [kept_indices(sparsity, n, len(s), n == publisher) for n, s in enumerate(segments)]
+
+    def sent(party, layer):
+        return chosen.get((party, layer), torch.arange(len(kept[party])))
+
+    visible = spec_visibility(set(schedule.sync_layers), 3, schedule.publisher_layers)
+    expected, first_logits = oracle_generate(model, segments, visible, kept, sent, publisher, None, MAX_NEW)
+    assert result.answer_token_ids == expected
+    assert torch.allclose(result.answer_logits[0], first_logits, atol=1e-4)
+    if select != "random" and sparsity.comm < 1:  # not simply the paper's draw
+        assert any(not torch.equal(chosen[key], sent_indices(sparsity, key[0], key[1], len(kept[key[0]]), False)) for key in chosen)

@@ -52,7 +52,8 @@ def leftover_parties() -> list[psutil.Process]:
         (3, ["--sync-every", "2", "--all-answers"]),
         (4, ["--placement", "deep-half", "--sync-every", "3"]),
         (4, ["--schedule", "publisher-dense", "--sync-layers", "0,4", "--publisher-sync-every", "3", "--all-answers"]),
-        (3, ["--ratio-comp", "0.7", "--ratio-comm", "0.5", "--ratio-comm-publisher", "1", "--seed", "3", "--all-answers", "--kv-dtype", "bfloat16"]),
+        (3, ["--ratio-comp", "0.7", "--ratio-comm", "0.5", "--ratio-comm-publisher", "1", "--seed", "3", "--all-answers", "--kv-codec", "bfloat16"]),
+        (3, ["--sync-every", "2", "--all-answers", "--kv-codec", "int4-kivi", "--kv-select", "attention", "--kv-budget", "30000", "--kv-noise", "0.1"]),
         (3, ["--temperature", "0.8", "--top-k", "20", "--seed", "5"]),
     ],
 )

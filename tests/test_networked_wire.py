@@ -34,7 +34,7 @@ CONTEXT = "Alice's locker code is 4417."
 # case -> what the publisher's one line must contain, besides the sender
 KV_FRAME = "bad KV frame from party-1 at block 0: "
 EXPECTED = {
-    "dtype": KV_FRAME + "dtype bfloat16, the run agreed on float32",
+    "dtype": KV_FRAME + "codec bfloat16, the run agreed on float32",
     "heads": KV_FRAME + "shape 3 KV heads x 16, the model has 2 x 16",
     "zero-tokens": KV_FRAME + "0 tokens, expected 1..6",
     "size-mismatch": KV_FRAME + "1554 bytes where its header implies 1558",

@@ -46,7 +46,7 @@ WHERE = f"from {SENDER} at block {LAYER}"
 FIELDS = ("magic", "version", "kind", "codec", "flags", "layer", "heads", "head_dim", "tokens", "first")
 OFFSET = {name: offset for name, offset in zip(FIELDS, (0, 4, 5, 6, 7, 8, 10, 12, 14, 18))}
 
-F32, BF16, F16 = CODECS["float32"], CODECS["bfloat16"], CODECS["float16"]
+F32, BF16, F16, INT8 = CODECS["float32"], CODECS["bfloat16"], CODECS["float16"], CODECS["int8"]
 
 
 def make_block(positions: list[int], layer: int = LAYER, seed: int = 0) -> KVBlock:
@@ -184,16 +184,17 @@ def test_wrong_kind(kind):
     assert f"kind {kind}, expected {KIND_KV}" in rejected(patch(whole_frame(), kind=kind))
 
 
-@pytest.mark.parametrize("code", [0, 4, 99, 255])
-def test_unknown_dtype_code(code):
-    assert f"unknown dtype code {code}" in rejected(patch(whole_frame(), codec=code))
+@pytest.mark.parametrize("code", [0, 8, 99, 255])
+def test_unknown_codec_code(code):
+    assert f"unknown codec code {code}" in rejected(patch(whole_frame(), codec=code))
 
 
 def test_dtype_differing_from_the_agreed_codec():
     # a float32 frame relabelled as bfloat16, and a genuine bfloat16 frame sent to a float32 run
-    assert "dtype bfloat16, the run agreed on float32" in rejected(patch(whole_frame(), codec=BF16.code))
-    assert "dtype bfloat16, the run agreed on float32" in rejected(whole_frame(BF16), codec=F32)
-    assert "dtype float32, the run agreed on float16" in rejected(whole_frame(F32), codec=F16)
+    assert "codec bfloat16, the run agreed on float32" in rejected(patch(whole_frame(), codec=BF16.code))
+    assert "codec bfloat16, the run agreed on float32" in rejected(whole_frame(BF16), codec=F32)
+    assert "codec float32, the run agreed on float16" in rejected(whole_frame(F32), codec=F16)
+    assert "codec int8, the run agreed on int8-kivi" in rejected(whole_frame(INT8), codec=get_codec("int8-kivi"))
 
 
 # ---------------------------------------------------------------------------------------------

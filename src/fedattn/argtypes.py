@@ -42,3 +42,14 @@ def ratio(value: str) -> float:
     if not 0.0 < number <= 1.0:
         raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {value}")
     return number
+
+
+def non_negative_float(value: str) -> float:
+    """A finite number >= 0 (a noise scale)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number

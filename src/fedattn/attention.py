@@ -24,10 +24,12 @@ class ForwardStep(Protocol):
     """What one forward pass supplies to every block."""
 
     def attend(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None, scaling: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store this block's fresh K/V (batch, heads, n, d), exchange as scheduled, and return
-        (K, V, boolean mask or None) over everything the queries may see."""
+        (K, V, boolean mask or None) over everything the queries may see. ``query`` (batch,
+        query heads, n, d) and the softmax ``scaling`` are there for steps that score tokens by
+        attention (``--kv-select attention``); others ignore them."""
         ...
 
 
@@ -44,7 +46,7 @@ def federated_attention(
 ) -> tuple[torch.Tensor, None]:
     if fedattn_step is None:
         raise RuntimeError("the fedattn attention function needs a fedattn_step argument in the forward call")
-    keys, values, mask = fedattn_step.attend(module.layer_idx, key, value)
+    keys, values, mask = fedattn_step.attend(module.layer_idx, key, value, query=query, scaling=scaling)
     output = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
     return output.transpose(1, 2).contiguous(), None
 

@@ -69,7 +69,9 @@ class _BatchDecodeStep:
     def __init__(self, layers: list[_PaddedLayer]) -> None:
         self.layers = layers
 
-    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def attend(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None, scaling: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.layers[layer].append(key, value)
 
 

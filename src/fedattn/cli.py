@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .argtypes import positive_float, positive_int, ratio
+from .argtypes import non_negative_float, positive_float, positive_int, ratio
 from .errors import FedAttnError, ProtocolError
 
 EXIT_USAGE = 2
@@ -43,11 +43,12 @@ def _text_arg(value: str) -> str:
 SHARED_OPTIONS = (
     "model", "sync_every", "sync_layers", "placement", "schedule", "publisher_layers", "publisher_sync_every", "ratio_comp",
     "ratio_comm", "ratio_comp_publisher", "ratio_comm_publisher", "max_new_tokens", "temperature", "top_k",
-    "top_p", "seed", "kv_dtype", "dtype", "device", "all_answers", "raw", "timeout",
+    "top_p", "seed", "kv_codec", "kv_select", "kv_budget", "kv_noise", "dtype", "device", "all_answers", "raw", "timeout",
 )
 
 
 def _add_shared_options(parser: argparse.ArgumentParser) -> None:
+    from .exchange import SELECTIONS
     from .models import DEFAULT_MODEL
     from .schedule import NAMED_SCHEDULES, PLACEMENTS
 
@@ -69,7 +70,10 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=positive_int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and of sparse draws")
-    parser.add_argument("--kv-dtype", default=None, help="dtype of the exchanged K/V: float32, bfloat16, float16 (default: the model's)")
+    parser.add_argument("--kv-codec", default=None, metavar="CODEC", help="how K/V crosses the wire: float32, bfloat16, float16, int8, int4, int8-kivi, int4-kivi (default: the model's dtype)")
+    parser.add_argument("--kv-select", choices=SELECTIONS, default="random", help="which tokens a sparse exchange sends: random (seeded, default), key-norm (largest keys), attention (most attended by the sender's own tokens)")
+    parser.add_argument("--kv-budget", type=positive_int, metavar="BYTES", help="cap on the K/V wire bytes of one query (all parties and frames, headers included)")
+    parser.add_argument("--kv-noise", type=non_negative_float, default=0.0, metavar="SIGMA", help="Gaussian noise on sent K/V: SIGMA x each channel's spread over the sent tokens (default 0: off)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--all-answers", action="store_true", help="also decode every collaborator's answer")
@@ -145,6 +149,7 @@ def _load_and_configure(args: argparse.Namespace):
     import torch
 
     from .decoding import Decoding
+    from .exchange import Exchange
     from .kv_codec import get_codec
     from .models import load_model
     from .participant import RunConfig
@@ -152,13 +157,15 @@ def _load_and_configure(args: argparse.Namespace):
 
     sparsity = Sparsity(args.ratio_comp, args.ratio_comm, args.ratio_comp_publisher, args.ratio_comm_publisher, seed=args.seed)
     decoding = Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    codec = get_codec(args.kv_dtype or args.dtype)
+    codec = get_codec(args.kv_codec or args.dtype)
+    exchange = Exchange(select=args.kv_select, budget=args.kv_budget, noise=args.kv_noise)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.json)
     config = RunConfig(
         schedule=_schedule(args, loaded.model.config.num_hidden_layers),
         sparsity=sparsity,
         codec=codec,
+        exchange=exchange,
         decoding=decoding,
         max_new_tokens=args.max_new_tokens,
         all_answers=args.all_answers,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .exchange import Exchange, frame_token_counts, kept_counts
 from .kv_codec import KVCodec
 from .schedule import Schedule
-from .sparsity import Sparsity, sample_count
+from .sparsity import Sparsity
 from .wire import HELLO_FRAME, SMALL_FRAME, kv_frame_size
 
 SWIGLU_FFN_FACTOR = 6
@@ -78,16 +79,20 @@ def expected_costs(
     codec: KVCodec,
     segment_lengths: list[int],
     all_answers: bool = False,
+    exchange: Exchange = Exchange(),
 ) -> list[PartyCost]:
     """Per party: K/V payload bytes, exact wire bytes (headers, positions, control frames), FLOPs.
 
     K/V goes only where it can be used: forwards during prefill, and backwards too only when every
-    party decodes (``all_answers``), which is the paper's all-to-all exchange.
+    party decodes (``all_answers``), which is the paper's all-to-all exchange. Tokens per frame:
+    ``--ratio-comm`` of the kept tokens, cut to ``--kv-budget``; payload bytes: the codec's formula.
     """
     count = len(segment_lengths)
     publisher = count - 1
-    kept = [sample_count(t, sparsity.comp_ratio(n == publisher)) for n, t in enumerate(segment_lengths)]
-    per_token = dims.kv_bytes_per_token(codec.bytes_per_element)
+    kept = kept_counts(sparsity, segment_lengths)
+    frame_tokens = frame_token_counts(
+        schedule, sparsity, exchange, codec, segment_lengths, dims.num_kv_heads, dims.head_dim, all_answers
+    )
     costs = [PartyCost(prompt_kv_per_layer=[]) for _ in range(count)]
     if count > 1:  # control frames: everyone's hello, the publisher's completion (and first token)
         publisher_frames = SMALL_FRAME.size * (2 if all_answers else 1)
@@ -102,12 +107,13 @@ def expected_costs(
         for m in range(count):
             receivers = schedule.receivers(layer, m, count, all_answers)
             if receivers:
-                sent[m] = sample_count(kept[m], sparsity.comm_ratio(m == publisher))
+                sent[m] = frame_tokens[(m, layer)]
                 frame = kv_frame_size(sent[m], sent[m] == segment_lengths[m], codec, dims.num_kv_heads, dims.head_dim)
-                costs[m].kv_bytes_sent += sent[m] * per_token
+                payload = codec.payload_size(sent[m], dims.num_kv_heads, dims.head_dim)
+                costs[m].kv_bytes_sent += payload
                 costs[m].wire_bytes_sent += frame
                 for n in receivers:
-                    costs[n].kv_bytes_received += sent[m] * per_token
+                    costs[n].kv_bytes_received += payload
                     costs[n].wire_bytes_received += frame
         for n, cost in enumerate(costs):
             visible = [m for m in range(count) if m != n and schedule.receives(layer, n, m, publisher)]

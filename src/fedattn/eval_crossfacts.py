@@ -200,7 +200,8 @@ def _store(args: argparse.Namespace, source: ItemSource, loaded, config):
                 "num_layers": schedule.num_layers,
             },
             "sparsity": asdict(config.sparsity),
-            "kv_dtype": config.codec.name,
+            "kv_codec": config.codec.name,
+            "kv_exchange": asdict(config.exchange),
             "decoding": asdict(config.decoding),
             "max_new_tokens": config.max_new_tokens,
             "raw": args.raw,
@@ -237,7 +238,7 @@ def _record(loaded, config, args: argparse.Namespace, index: int, item: Item, se
 
     expected = expected_costs(
         ModelDims.from_config(loaded.model.config), config.schedule, config.sparsity, config.codec,
-        [len(segment) for segment in segments], config.all_answers,
+        [len(segment) for segment in segments], config.all_answers, config.exchange,
     )
     answer = loaded.tokenizer.decode(result.answer_token_ids, skip_special_tokens=True).strip()
     em, f1 = score(args.source, answer, item)

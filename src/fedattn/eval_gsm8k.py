@@ -93,7 +93,8 @@ def run_configuration(args: argparse.Namespace, loaded: LoadedModel, config: Run
         "stop_texts": list(STOP_TEXTS),
         "model": {"name": loaded.name, "identity": loaded.identity},
         "dtype": args.dtype,
-        "kv_dtype": config.codec.name,
+        "kv_codec": config.codec.name,
+        "kv_exchange": asdict(config.exchange),
         "split": args.split,
         "parties": args.parties,
         "shots": args.shots,
@@ -139,7 +140,7 @@ def _record(
     texts = {names[rank]: stop.trim(loaded.tokenizer.decode(ids, skip_special_tokens=True)) for rank, ids in result.answers.items()}
     lengths = [len(segment) for segment in segments]
     dims = ModelDims.from_config(loaded.model.config)
-    expected = expected_costs(dims, config.schedule, config.sparsity, config.codec, lengths, config.all_answers)
+    expected = expected_costs(dims, config.schedule, config.sparsity, config.codec, lengths, config.all_answers, config.exchange)
     return {
         "key": str(index),
         "index": index,

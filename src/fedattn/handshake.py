@@ -1,7 +1,8 @@
 """What parties must agree on before any K/V crosses, and who differs in what when they do not.
 
 Each party announces its segment length and a short fingerprint of each thing that must match
-(weights, model shape, schedule, sparsity, KV codec, decoding). Fingerprints, not the values:
+(weights, model shape, schedule, sparsity, KV codec, K/V exchange: selection, byte budget and noise,
+decoding). Fingerprints, not the values:
 the handshake says *which* setting differs without one party dictating the others' settings.
 """
 
@@ -32,6 +33,7 @@ def run_fingerprints(config, model_identity: str, model_config) -> tuple[bytes, 
         _fingerprint(asdict(config.schedule)),
         _fingerprint(asdict(config.sparsity)),
         _fingerprint(config.codec.name),
+        _fingerprint(asdict(config.exchange)),
         _fingerprint(decoding),
     )
 

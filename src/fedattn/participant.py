@@ -17,10 +17,13 @@ import torch
 from .batch_decode import DecodeRow, decode_rows
 from .decoding import Decoding, StopRule
 from .errors import FedAttnError
+from .exchange import Exchange, frame_token_counts
 from .kv_codec import CODECS, KVCodec
 from .kv_store import ParticipantKVStore
+from .noise import add_noise
 from .schedule import Schedule
-from .sparsity import Sparsity, kept_indices, sent_indices
+from .selection import select_tokens
+from .sparsity import Sparsity, kept_indices
 from .transport import Transport
 from .handshake import check_hello, run_fingerprints
 from .wire import (
@@ -46,6 +49,7 @@ class RunConfig:
     schedule: Schedule
     sparsity: Sparsity = field(default_factory=Sparsity)
     codec: KVCodec = CODECS["float32"]
+    exchange: Exchange = field(default_factory=Exchange)
     decoding: Decoding = field(default_factory=Decoding)
     max_new_tokens: int = 64
     all_answers: bool = False
@@ -104,6 +108,7 @@ class Participant:
         self.prompt_length = 0
         self.kept = kept_indices(config.sparsity, rank, len(token_ids), self.is_publisher).to(self.device)
         self.kept_positions = torch.empty(0, dtype=torch.long)
+        self.frame_tokens: dict[tuple[int, int], int] = {}  # (sender, block) -> tokens, every party's
         self.kv_payload_sent = 0
         self.timings = PartyTimings()
         self.answer_logits: list[torch.Tensor] = []
@@ -129,6 +134,11 @@ class Participant:
         self.offsets = [sum(lengths[:n]) for n in range(self.world_size)]
         self.prompt_length = sum(lengths)
         self.kept_positions = self.offsets[self.rank] + self.kept
+        config = self.config
+        self.frame_tokens = frame_token_counts(
+            config.schedule, config.sparsity, config.exchange, config.codec, lengths,
+            self.num_kv_heads, self.head_dim, config.all_answers,
+        )
 
     # -- phase 2: prefill --------------------------------------------------------------------
     @torch.inference_mode()
@@ -147,13 +157,23 @@ class Participant:
             self.model.base_model(**inputs, fedattn_step=step, use_cache=False)
         self.timings.prefill_s += time.perf_counter() - start
 
-    def send_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    def send_kv(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None, scaling: float | None = None
+    ) -> None:
+        """Send this block's K/V (heads, kept tokens, d) where scheduled: the planned number of
+        tokens, chosen by ``--kv-select`` (``query``, (heads, kept tokens, d), serves ``attention``),
+        with ``--kv-noise`` added to what leaves (the store keeps the clean K/V)."""
         receivers = self.config.schedule.receivers(layer, self.rank, self.world_size, self.config.all_answers)
         if not receivers:
             return
-        chosen = sent_indices(self.config.sparsity, self.rank, layer, len(self.kept), self.is_publisher).to(self.device)
+        exchange, seed = self.config.exchange, self.config.sparsity.seed
+        count = self.frame_tokens[(self.rank, layer)]
+        chosen = select_tokens(exchange.select, count, key, query, self.kept_positions, scaling, seed, self.rank, layer)
+        chosen = chosen.to(self.device)
         if len(chosen) < len(self.kept):
             key, value = key[:, chosen], value[:, chosen]
+        if exchange.noise > 0:
+            key, value = add_noise(key, value, exchange.noise, seed, self.rank, layer)
         block = KVBlock(layer, self.kept_positions[chosen], key, value)
         frame = encode_kv(block, self.config.codec, whole_segment=len(chosen) == len(self.token_ids))
         self.transport.send(frame, receivers)
@@ -172,6 +192,7 @@ class Participant:
                 head_dim=self.head_dim,
                 max_tokens=self.segment_lengths[sender],
                 position_range=(lo, lo + self.segment_lengths[sender]),
+                tokens=self.frame_tokens[(sender, layer)],
             )
             block = decode_kv(self._recv(sender, f"its K/V of block {layer}", layer), expect, self.config.codec)
             dtype, device = self.model.dtype, self.model.device
@@ -287,12 +308,14 @@ class _PrefillStep:
         self.party = party
         self.query_positions = positions
 
-    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def attend(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None, scaling: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         party = self.party
         party.transport.note(f"prefill block {layer}")
         own_key, own_value = key[0], value[0]  # a party prefills its one segment
         party.store[layer].append(own_key, own_value, self.query_positions)
-        party.send_kv(layer, own_key, own_value)
+        party.send_kv(layer, own_key, own_value, None if query is None else query[0], scaling)
         party.receive_kv(layer, range(party.rank))
         keys, values, positions = party.store[layer].view()
         mask = positions.unsqueeze(0) <= self.query_positions.unsqueeze(1)

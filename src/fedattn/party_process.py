@@ -149,7 +149,7 @@ def _report(loaded: LoadedModel, party: Participant, transport: TorchTransport, 
     stats = transport.stats
     config, dims = party.config, ModelDims.from_config(loaded.model.config)
     cost, naive = (
-        expected_costs(dims, config.schedule, config.sparsity, config.codec, party.segment_lengths, everyone)[party.rank]
+        expected_costs(dims, config.schedule, config.sparsity, config.codec, party.segment_lengths, everyone, config.exchange)[party.rank]
         for everyone in (config.all_answers, True)  # this run's exchange, and the naive all-to-all
     )
     return {
@@ -178,7 +178,11 @@ def _report(loaded: LoadedModel, party: Participant, transport: TorchTransport, 
         "model": {"name": loaded.name, "identity": loaded.identity},
         "sync_layers": list(party.config.schedule.sync_layers),
         "schedule": party.config.schedule.describe(),
-        "config": {"sparsity": asdict(party.config.sparsity), "kv_dtype": party.config.codec.name},
+        "config": {
+            "sparsity": asdict(party.config.sparsity),
+            "kv_codec": party.config.codec.name,
+            "kv_exchange": asdict(party.config.exchange),
+        },
     }
 
 

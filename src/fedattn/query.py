@@ -52,7 +52,8 @@ class QueryReport:
             "schedule": schedule.describe(),
             "publisher_layers": list(schedule.publisher_layers),
             "publisher_sync_layers": list(schedule.publisher_sync_layers),
-            "kv_dtype": self.config.codec.name,
+            "kv_codec": self.config.codec.name,
+            "kv_exchange": asdict(self.config.exchange),
             "participants": parties,
             "expected_bytes": {
                 "sent": sum(cost.wire_bytes_sent for cost in self.expected),
@@ -103,7 +104,7 @@ def answer_question(
     result = run_in_process(model, segments, config, stop_rule(tokenizer, model))
     dims = ModelDims.from_config(model.config)
     expected = expected_costs(
-        dims, config.schedule, config.sparsity, config.codec, [len(s) for s in segments], config.all_answers
+        dims, config.schedule, config.sparsity, config.codec, [len(s) for s in segments], config.all_answers, config.exchange
     )
     texts = {rank: tokenizer.decode(ids, skip_special_tokens=True).strip() for rank, ids in result.answers.items()}
     return QueryReport(

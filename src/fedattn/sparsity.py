@@ -70,7 +70,15 @@ def sent_indices(sparsity: Sparsity, party: int, layer: int, num_kept: int, is_p
     ratio = sparsity.comm_ratio(is_publisher)
     if ratio >= 1.0:
         return torch.arange(num_kept)
-    return _draw(sparsity.seed, "comm", party, layer, num_kept, sample_count(num_kept, ratio))
+    return draw_sent(sparsity.seed, party, layer, num_kept, sample_count(num_kept, ratio))
+
+
+def draw_sent(seed: int, party: int, layer: int, num_kept: int, count: int) -> torch.Tensor:
+    """``count`` of ``num_kept`` tokens for the sparse exchange at ``layer``: a fresh draw per block
+    (all of them, undrawn, when ``count`` covers them)."""
+    if count >= num_kept:
+        return torch.arange(num_kept)
+    return _draw(seed, "comm", party, layer, num_kept, count)
 
 
 def _draw(seed: int, purpose: str, party: int, layer: int, population: int, count: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ProtocolError
-from .kv_codec import KVCodec, codec_by_code
+from .kv_codec import CodecError, KVCodec, codec_by_code
 
 MAGIC = b"FATN"
 VERSION = 1
@@ -24,7 +24,7 @@ KV_HEADER = struct.Struct("<4sBBBBHHHII")
 # magic, version, kind, value (a token id, or the answer length)
 SMALL_FRAME = struct.Struct("<4sBBQ")
 # magic, version, kind, rank, world size, segment length, then one 8-byte fingerprint per field
-HELLO_FIELDS = ("model weights", "model config", "schedule", "sparsity", "KV codec", "decoding")
+HELLO_FIELDS = ("model weights", "model config", "schedule", "sparsity", "KV codec", "K/V exchange", "decoding")
 HELLO_FRAME = struct.Struct("<4sBBHHI" + "8s" * len(HELLO_FIELDS))
 FLAG_WHOLE_SEGMENT = 1  # positions are the sender's whole segment and are not sent
 POSITION_BYTES = 4
@@ -51,6 +51,7 @@ class KVExpectation:
     head_dim: int
     max_tokens: int
     position_range: tuple[int, int]  # [lo, hi) of the sender's segment
+    tokens: int | None = None  # exactly this many tokens (the run's plan), when known
 
 
 def encode_kv(block: KVBlock, codec: KVCodec, whole_segment: bool) -> bytes:
@@ -78,9 +79,9 @@ def decode_kv(frame: bytes, expect: KVExpectation, codec: KVCodec) -> KVBlock:
     _check_preamble(magic, version, kind, KIND_KV, where)
     received_codec = codec_by_code(codec_code)
     if received_codec is None:
-        raise ProtocolError(f"bad KV frame {where}: unknown dtype code {codec_code}")
+        raise ProtocolError(f"bad KV frame {where}: unknown codec code {codec_code}")
     if received_codec != codec:
-        raise ProtocolError(f"bad KV frame {where}: dtype {received_codec.name}, the run agreed on {codec.name}")
+        raise ProtocolError(f"bad KV frame {where}: codec {received_codec.name}, the run agreed on {codec.name}")
     if layer != expect.layer:
         raise ProtocolError(f"bad KV frame {where}: it is for block {layer}, out of order")
     if heads != expect.num_kv_heads or head_dim != expect.head_dim:
@@ -91,6 +92,8 @@ def decode_kv(frame: bytes, expect: KVExpectation, codec: KVCodec) -> KVBlock:
     limit = min(expect.max_tokens, MAX_TOKENS)
     if not 0 < num_tokens <= limit:
         raise ProtocolError(f"bad KV frame {where}: {num_tokens} tokens, expected 1..{limit}")
+    if expect.tokens is not None and num_tokens != expect.tokens:
+        raise ProtocolError(f"bad KV frame {where}: {num_tokens} tokens, the run's plan sends {expect.tokens}")
     whole_segment = bool(flags & FLAG_WHOLE_SEGMENT)
     if flags & ~FLAG_WHOLE_SEGMENT:
         raise ProtocolError(f"bad KV frame {where}: unknown flags {flags:#x}")
@@ -107,10 +110,13 @@ def decode_kv(frame: bytes, expect: KVExpectation, codec: KVCodec) -> KVBlock:
         positions = positions.to(torch.int64)
         offset += POSITION_BYTES * num_tokens
     _check_positions(positions, expect, where)
-    key_value = codec.decode(memoryview(frame)[offset:], (heads, num_tokens, head_dim))
-    if not bool(torch.isfinite(key_value).all()):
+    try:
+        key, value = codec.decode(memoryview(frame)[offset:], (heads, num_tokens, head_dim))
+    except CodecError as error:
+        raise ProtocolError(f"bad KV frame {where}: {error}") from None
+    if not bool(torch.isfinite(key).all()) or not bool(torch.isfinite(value).all()):
         raise ProtocolError(f"bad KV frame {where}: non-finite values")
-    return KVBlock(layer=layer, positions=positions, key=key_value[0], value=key_value[1])
+    return KVBlock(layer=layer, positions=positions, key=key, value=value)
 
 
 def _check_positions(positions: torch.Tensor, expect: KVExpectation, where: str) -> None:
