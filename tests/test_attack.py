@@ -63,6 +63,14 @@ def test_probe_beats_chance_at_a_deeper_block(tiny, victims, one_torch_thread):
     assert rate(setup, 1, 0.0) > 0.3  # chance is 1/259
 
 
+def test_verification_lifts_a_shallow_block(tiny, victims, one_torch_thread):
+    model, tokenizer = tiny
+    probes = attack.train_probes(model, tokenizer, {1}, 2000, seed=0, unrotated_keys=True, advance=lambda count: None)
+    probe_only = block_setup(tiny, victims, "bfloat16", {1}, probes)
+    verified = attack.AttackSetup(**{**probe_only.__dict__, "verify": 16})
+    assert rate(verified, 1, 0.0) > rate(probe_only, 1, 0.0) + 0.05
+
+
 def test_unrotate_inverts_rope(tiny, victims, one_torch_thread):
     model, _ = tiny
     victim = victims[1]
@@ -122,6 +130,7 @@ def test_cli_writes_records_summary_and_plot(tmp_path, capsys, one_torch_thread)
         (["--blocks", "9"], "out of range"),
         (["--kv-codec", "int4"], "unknown KV codec"),
         (["--count", "0"], ">= 1"),
+        (["--verify", "17"], "0..16"),
         (["--source", "nope"], "invalid choice"),
     ],
 )

@@ -275,8 +275,8 @@ def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
     return matrix / matrix.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def probe_attack(probe: RidgeProbe, embeddings: torch.Tensor, queries: torch.Tensor, sigma: float) -> torch.Tensor:
-    """The vocabulary entry whose embedding is closest in cosine to the probe's prediction.
+def probe_candidates(probe: RidgeProbe, embeddings: torch.Tensor, queries: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, SHORTLIST) vocabulary entries by cosine of their embedding to the probe's prediction, best first.
 
     The shortlist scores x . (W e_v) + mean . e_v over unit embeddings e_v, so the vocabulary is
     projected once into the (small) feature space instead of every prediction into the vocabulary.
@@ -292,7 +292,7 @@ def probe_attack(probe: RidgeProbe, embeddings: torch.Tensor, queries: torch.Ten
     candidates = shortlist(standard, torch.cat(projected), torch.cat(bias))
     predicted = unit_rows(standard @ weights + target_mean)
     cosine = (unit_rows(embeddings[candidates]) * predicted.unsqueeze(1)).sum(dim=2)
-    return candidates.gather(1, cosine.argmax(dim=1, keepdim=True)).squeeze(1)
+    return candidates.gather(1, cosine.argsort(dim=1, descending=True))
 
 
 # -- the experiment -------------------------------------------------------------------------------
@@ -309,29 +309,113 @@ class AttackSetup:
     seed: int
     table: torch.Tensor | None  # block 0's vocabulary table (None when block 0 is not attacked)
     probes: dict[int, RidgeProbe]
+    verify: int = 0  # deep blocks: check the probe's top-k by recomputing K/V behind the recovered prefix (0: off)
 
 
-def victim_features(setup: AttackSetup, block: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, truth) of every victim's private tokens as received at ``block`` with noise ``sigma``."""
+def received_frames(setup: AttackSetup, block: int, sigma: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every victim's (key, value) at ``block`` as the attacker decodes it under noise ``sigma``."""
     generator = torch.Generator().manual_seed(zlib.crc32(f"attack:{setup.seed}:{block}:{sigma}".encode()))
-    rows, truth = [], []
-    for victim, captured in zip(setup.victims, setup.captured):
-        key, value = received(*captured[block], victim, block, setup.codec, sigma, generator)
+    return [
+        received(*captured[block], victim, block, setup.codec, sigma, generator)
+        for victim, captured in zip(setup.victims, setup.captured)
+    ]
+
+
+def private_features(setup: AttackSetup, block: int, frames: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The attacks' features of every victim's private tokens (keys rotated back where they need it)."""
+    rows = []
+    for victim, (key, value) in zip(setup.victims, frames):
         if block == 0 or setup.unrotated_keys:
             key = unrotate(setup.model, key, victim.positions)
-        private = torch.tensor(victim.private)
-        rows.append(features(key, value)[private])
-        truth.append(torch.tensor(victim.token_ids)[private])
-    return torch.cat(rows), torch.cat(truth)
+        rows.append(features(key, value)[torch.tensor(victim.private)])
+    return torch.cat(rows)
 
 
 def attack_block(setup: AttackSetup, block: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(guessed ids, true ids) of the victims' private tokens at ``block`` under noise ``sigma``."""
-    queries, truth = victim_features(setup, block, sigma)
+    frames = received_frames(setup, block, sigma)
+    queries = private_features(setup, block, frames)
+    truth = torch.tensor([token for victim in setup.victims for token, private in zip(victim.token_ids, victim.private) if private])
     if block == 0:
         return table_attack(setup.table, queries, sigma), truth
     embeddings = setup.model.base_model.embed_tokens.weight.detach()
-    return probe_attack(setup.probes[block], embeddings, queries, sigma), truth
+    candidates = probe_candidates(setup.probes[block], embeddings, queries, sigma)
+    if not setup.verify:
+        return candidates[:, 0], truth
+    weights = match_weights(torch.cat([features(key, value) for key, value in frames]), sigma)
+    counts = [sum(victim.private) for victim in setup.victims]
+    guessed = [
+        verify_segment(setup.model, victim, features(*frame), shortlist_rows[:, : setup.verify], weights, block)
+        for victim, frame, shortlist_rows in zip(setup.victims, frames, candidates.split(counts))
+    ]
+    return torch.cat(guessed), truth
+
+
+class _Stop(Exception):
+    """Raised after the attacked block: the blocks above it cannot change its K/V."""
+
+
+class _PrefixStep:
+    """A forward step for candidate tokens at one position (one per batch row): each attends to the
+    K/V of the prefix recovered so far; the pass stops once the attacked block's K/V are known."""
+
+    def __init__(self, block: int, capacity: int) -> None:
+        self.block = block
+        self.length = 0
+        self.capacity = capacity
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        self.fresh[layer] = (key[:, :, 0], value[:, :, 0])  # (candidates, heads, head_dim)
+        if layer == self.block:
+            raise _Stop
+        if layer not in self.store:
+            shape = (key.shape[1], self.capacity, key.shape[3])
+            self.store[layer] = (key.new_empty(shape), value.new_empty(shape))
+        keys, values = (part[:, : self.length].unsqueeze(0).expand(key.shape[0], -1, -1, -1) for part in self.store[layer])
+        return torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2), None
+
+    def keep(self, row: int) -> None:
+        """Append candidate ``row``'s K/V at every block below the attacked one to the prefix."""
+        for layer, (keys, values) in self.store.items():
+            key, value = self.fresh[layer]
+            keys[:, self.length], values[:, self.length] = key[row], value[row]
+        self.length += 1
+
+
+@torch.inference_mode()
+def verify_segment(
+    model: torch.nn.Module, victim: Victim, sent: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor, block: int
+) -> torch.Tensor:
+    """Left to right, recompute the attacked block's K/V of each candidate token behind the prefix
+    recovered so far and keep the one closest to what was received (weighted as ``match_weights``).
+
+    Behind a correct prefix the true token's K/V match up to noise and rounding (exact recovery
+    whenever it is shortlisted), but one wrong or unlisted token shifts every later position's
+    K/V: on the tiny model this lifts block 1 from 84% to 97% and lowers the last block (48% to
+    29%), so it is an option, not the default. Template tokens are public, so they are taken as
+    known. Returns the guesses of the private tokens.
+    """
+    step = _PrefixStep(block, len(victim.token_ids))
+    guesses = iter(candidates.tolist())
+    chosen = []
+    with federated_attention_enabled(model):
+        for index, (token, private) in enumerate(zip(victim.token_ids, victim.private)):
+            options = next(guesses) if private else [token]
+            ids = torch.tensor(options, device=model.device).unsqueeze(1)
+            positions = torch.full_like(ids, victim.first_position + index)
+            try:
+                model.base_model(input_ids=ids, position_ids=positions, fedattn_step=step, use_cache=False)
+            except _Stop:
+                pass
+            key, value = step.fresh[block]
+            computed = torch.cat([key.reshape(len(options), -1), value.reshape(len(options), -1)], dim=1).float()
+            best = int(((computed - sent[index]).pow(2) * weights).sum(dim=1).argmin())
+            step.keep(best)
+            if private:
+                chosen.append(options[best])
+    return torch.tensor(chosen)
 
 
 def train_probes(model, tokenizer, blocks: set[int], tokens: int, seed: int, unrotated_keys: bool, advance) -> dict[int, RidgeProbe]:
@@ -408,6 +492,17 @@ def noise_levels(text: str) -> tuple[float, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def verify_size(text: str) -> int:
+    """--verify K: 0 (off) up to the probe's shortlist."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--verify takes an integer, got {text!r}") from None
+    if not 0 <= value <= SHORTLIST:
+        raise argparse.ArgumentTypeError(f"--verify must be in 0..{SHORTLIST}, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .argtypes import positive_int
     from .models import DEFAULT_MODEL
@@ -419,6 +514,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=tuple(SOURCES), default="crossfacts", help="victims' private text: CrossFacts documents or GSM8K test questions (default crossfacts)")
     parser.add_argument("--count", type=positive_int, default=20, help="victim segments attacked (default 20)")
     parser.add_argument("--train-tokens", type=positive_int, default=DEFAULT_TRAIN_TOKENS, help=f"public-text tokens the deep-block probe is fitted on (default {DEFAULT_TRAIN_TOKENS})")
+    parser.add_argument("--verify", type=verify_size, default=0, metavar="K", help=f"deep blocks: check the probe's top K (<= {SHORTLIST}) by recomputing their K/V behind the prefix recovered so far (slow: one batched step per token; default 0, off)")
     parser.add_argument("--keys", choices=KEY_MODES, default="unrotated", help="probe features: keys rotated back by their positions (default) or as sent")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the CrossFacts items")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the probe's training offsets")
@@ -437,6 +533,7 @@ def _config(args: argparse.Namespace, loaded, blocks: tuple[int, ...]) -> dict:
         "count": args.count,
         "train_tokens": args.train_tokens,
         "keys": args.keys,
+        "verify": args.verify,
         "data_seed": args.data_seed,
         "seed": args.seed,
     }
@@ -468,7 +565,7 @@ def _setup(args: argparse.Namespace, loaded, codec: KVCodec, blocks: tuple[int, 
     with progress_bar("probe training text", args.train_tokens if deep else 0) as advance:
         probes = train_probes(model, tokenizer, deep, args.train_tokens, args.seed, unrotated, advance)
     costs["probe_fit_s"] = time.perf_counter() - start
-    return AttackSetup(model, tokenizer, codec, victims, captured, unrotated, args.seed, table, probes)
+    return AttackSetup(model, tokenizer, codec, victims, captured, unrotated, args.seed, table, probes, args.verify)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -498,7 +595,7 @@ def run(args: argparse.Namespace) -> int:
                 start = time.perf_counter()
                 guessed, truth = attack_block(setup, block, sigma)
                 seconds = time.perf_counter() - start
-                method = "vocabulary-table" if block == 0 else f"ridge-probe ({args.keys} keys)"
+                method = "vocabulary-table" if block == 0 else method_name(args.keys, args.verify)
                 store.append({"key": _record_key(block, sigma), "block": block, "noise": sigma, "method": method,
                               "attack_s": seconds, **score(guessed, truth, loose), "sample": sample(setup, guessed)})
                 advance()
@@ -509,6 +606,11 @@ def run(args: argparse.Namespace) -> int:
     print_table(summary)
     print(f"results in {store.directory}")
     return 0
+
+
+def method_name(keys: str, verify: int) -> str:
+    probe = f"ridge-probe ({keys} keys)"
+    return f"{probe} + verification of its top {verify}" if verify else probe
 
 
 def summarize(records: list[dict], costs: dict) -> dict:
