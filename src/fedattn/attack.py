@@ -22,6 +22,10 @@ positions, and guesses the victim's token at every position. Two attacks:
   it fits in seconds and it knows the noise: with noise of relative spread sigma the fit adds
   sigma^2 to the diagonal of the standardized Gram matrix, the expected effect of that noise on
   the training features (noise-aware ridge).
+* **Verification** (``--verify K``, off by default): left to right, the probe's top K candidates
+  are run behind the prefix recovered so far and the one whose recomputed K/V is closest to what
+  was received is kept (see ``verify_segment``). Exact behind a correct prefix, but errors
+  propagate; it costs one batched forward pass per token through the blocks up to the attacked one.
 
 Victims: each collaborator segment of CrossFacts items (``--source crossfacts``, three parties:
 two documents per item), or a GSM8K test question as a first party's segment (``--source
