@@ -128,7 +128,7 @@ def test_cli_writes_records_summary_and_plot(tmp_path, capsys, one_torch_thread)
         (["--noise", "-1"], ">= 0"),
         (["--noise", "abc"], "comma-separated numbers"),
         (["--blocks", "9"], "out of range"),
-        (["--kv-codec", "int4"], "unknown KV codec"),
+        (["--kv-codec", "int3"], "unknown KV codec"),
         (["--count", "0"], ">= 1"),
         (["--verify", "17"], "0..16"),
         (["--source", "nope"], "invalid choice"),

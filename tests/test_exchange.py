@@ -17,7 +17,7 @@ from fedattn.errors import FedAttnError
 from fedattn.exchange import Exchange, frame_token_counts
 from fedattn.handshake import check_hello, run_fingerprints
 from fedattn.kv_codec import get_codec
-from fedattn.noise import add_noise
+from fedattn.defenses import add_kv_noise, noise_generator
 from fedattn.participant import RunConfig
 from fedattn.schedule import Schedule, all_layers, every
 from fedattn.selection import attention_scores, key_norm_scores, select_tokens
@@ -201,6 +201,11 @@ def test_engine_refuses_a_budget_below_one_token_per_frame(tiny):
 
 # ---------------------------------------------------------------------------------------------
 # Noise
+
+
+def add_noise(key, value, sigma, seed, party, layer):
+    """What a sender adds to one frame (its seeded draw for that party and block)."""
+    return add_kv_noise(key, value, sigma, noise_generator(seed, party, layer))
 
 
 def test_noise_has_sigma_times_each_channels_spread():

@@ -158,7 +158,7 @@ class _Recorder:
         self.blocks = blocks
         self.captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor, query=None, scaling=None):
         if layer in self.blocks:
             self.captured[layer] = (key[0].clone(), value[0].clone())
         mask = self.positions.unsqueeze(0) <= self.positions.unsqueeze(1)
@@ -370,7 +370,7 @@ class _PrefixStep:
         self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor, query=None, scaling=None):
         self.fresh[layer] = (key[:, :, 0], value[:, :, 0])  # (candidates, heads, head_dim)
         if layer == self.block:
             raise _Stop
@@ -514,7 +514,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})")
     parser.add_argument("--blocks", metavar="0,1,4,8", help="sync blocks to attack, list or ranges (default 0, 1, 2, every sixth of the depth, the last)")
     parser.add_argument("--noise", type=noise_levels, default=DEFAULT_NOISE, metavar="0,0.1,0.3,1", help="sender noise levels sigma (times each channel's spread; see defenses.add_kv_noise)")
-    parser.add_argument("--kv-codec", default="bfloat16", help="the K/V codec on the wire: float32, bfloat16, float16 (default bfloat16)")
+    parser.add_argument("--kv-codec", default="bfloat16", help="the K/V codec on the wire (see fedattn run --help; default bfloat16)")
     parser.add_argument("--source", choices=tuple(SOURCES), default="crossfacts", help="victims' private text: CrossFacts documents or GSM8K test questions (default crossfacts)")
     parser.add_argument("--count", type=positive_int, default=20, help="victim segments attacked (default 20)")
     parser.add_argument("--train-tokens", type=positive_int, default=DEFAULT_TRAIN_TOKENS, help=f"public-text tokens the deep-block probe is fitted on (default {DEFAULT_TRAIN_TOKENS})")

@@ -7,6 +7,8 @@ figure and a run's accuracy figure refer to the same noise.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .errors import FedAttnError
@@ -38,3 +40,10 @@ def _noisy(tensor: torch.Tensor, sigma: float, generator: torch.Generator | None
     device = generator.device if generator is not None else exact.device
     noise = torch.randn(exact.shape, generator=generator, device=device, dtype=torch.float32).to(exact.device)
     return (exact + sigma * spread * noise).to(tensor.dtype)
+
+
+def noise_generator(seed: int, party: int, layer: int) -> torch.Generator:
+    """The sender's draw for one frame: a pure function of (seed, party, block), so a run is
+    reproducible in one process or many."""
+    digest = hashlib.sha256(f"{seed}:noise:{party}:{layer}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))

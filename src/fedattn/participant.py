@@ -20,7 +20,7 @@ from .errors import FedAttnError
 from .exchange import Exchange, frame_token_counts
 from .kv_codec import CODECS, KVCodec
 from .kv_store import ParticipantKVStore
-from .noise import add_noise
+from .defenses import add_kv_noise, noise_generator
 from .schedule import Schedule
 from .selection import select_tokens
 from .sparsity import Sparsity, kept_indices
@@ -172,8 +172,7 @@ class Participant:
         chosen = chosen.to(self.device)
         if len(chosen) < len(self.kept):
             key, value = key[:, chosen], value[:, chosen]
-        if exchange.noise > 0:
-            key, value = add_noise(key, value, exchange.noise, seed, self.rank, layer)
+        key, value = add_kv_noise(key, value, exchange.noise, noise_generator(seed, self.rank, layer))
         block = KVBlock(layer, self.kept_positions[chosen], key, value)
         frame = encode_kv(block, self.config.codec, whole_segment=len(chosen) == len(self.token_ids))
         self.transport.send(frame, receivers)
