@@ -126,7 +126,7 @@ def test_cli_writes_records_summary_and_plot(tmp_path, capsys, one_torch_thread)
     ("extra", "fragment"),
     [
         (["--noise", "-1"], ">= 0"),
-        (["--noise", "abc"], "comma-separated numbers"),
+        (["--noise", "abc"], "not a number"),
         (["--blocks", "9"], "out of range"),
         (["--kv-codec", "int3"], "unknown KV codec"),
         (["--count", "0"], ">= 1"),

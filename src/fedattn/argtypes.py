@@ -23,33 +23,21 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
-def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
+def float_where(allowed: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """A float parser that refuses numbers outside ``allowed`` with ``requirement`` in the message."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if not allowed(number):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
+        return number
+
+    return parse
 
 
-def ratio(value: str) -> float:
-    """A keep ratio in (0, 1]."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0.0 < number <= 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {value}")
-    return number
-
-
-def non_negative_float(value: str) -> float:
-    """A finite number >= 0 (a noise scale)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0.0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return number
+positive_float = float_where(lambda number: number > 0, "must be > 0")
+ratio = float_where(lambda number: 0.0 < number <= 1.0, "ratio must be in (0, 1]")  # a keep ratio
+non_negative_float = float_where(lambda number: 0.0 <= number < float("inf"), "must be a finite number >= 0")  # a noise scale

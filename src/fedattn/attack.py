@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from .attention import federated_attention_enabled
+from .argtypes import non_negative_float, non_negative_int, positive_int
 from .defenses import add_kv_noise
 from .errors import FedAttnError
 from .kv_codec import KVCodec
@@ -482,15 +483,7 @@ def default_blocks(num_layers: int) -> tuple[int, ...]:
 
 def noise_levels(text: str) -> tuple[float, ...]:
     """'0,0.1,0.3,1' -> the sigmas, each a finite number >= 0, in order, without repeats."""
-    values = []
-    for part in filter(None, (part.strip() for part in text.split(","))):
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--noise takes comma-separated numbers, got {part!r}") from None
-        if not 0 <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"a noise sigma must be a finite number >= 0, got {part}")
-        values.append(value)
+    values = [non_negative_float(part) for part in filter(None, (part.strip() for part in text.split(",")))]
     if not values:
         raise argparse.ArgumentTypeError("--noise names no level")
     return tuple(dict.fromkeys(values))
@@ -498,17 +491,13 @@ def noise_levels(text: str) -> tuple[float, ...]:
 
 def verify_size(text: str) -> int:
     """--verify K: 0 (off) up to the probe's shortlist."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--verify takes an integer, got {text!r}") from None
-    if not 0 <= value <= SHORTLIST:
+    value = non_negative_int(text)
+    if value > SHORTLIST:
         raise argparse.ArgumentTypeError(f"--verify must be in 0..{SHORTLIST}, got {value}")
     return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .argtypes import positive_int
     from .models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})")
