@@ -12,7 +12,7 @@ from matplotlib import image
 from fedattn.errors import FedAttnError
 from fedattn.eval_gsm8k import run_configuration
 from fedattn.participant import RunConfig
-from fedattn.plots import Result, add_arguments, schedule_label, load_results, plot_ablation, plot_frontier, plot_vs_parameter, run
+from fedattn.plots import MISSING, Result, add_arguments, load_results, plot_ablation, plot_frontier, plot_vs_parameter, run, schedule_label
 from fedattn.schedule import Schedule, every, placement
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -121,3 +121,18 @@ def test_runs_that_are_not_federated_are_labelled_by_their_mode(tmp_path):
     summary = {"em": 0.75, "mean_bytes_sent": 0, "config": {"mode": "centralized", "parties": 3}}
     result = load_results([result_folder(tmp_path, "c", summary)])[0]
     assert schedule_label(result) == "centralized"
+
+
+def test_a_one_party_run_has_no_schedule_and_is_the_reference_line_against_h(sweep, tmp_path, capsys):
+    central = load_results([sweep[3]])[0]
+    assert central.get("sync_every") is MISSING and schedule_label(central) == "centralized"
+    assert_png(plot_vs_parameter(sweep, tmp_path / "h.png", x="sync_every"))
+    assert "central" not in capsys.readouterr().err  # drawn as the reference, not skipped
+
+
+def test_a_publisher_only_schedule_has_no_sync_interval(tmp_path):
+    config = gsm8k_config(4, ())
+    config["schedule"]["publisher_layers"] = list(range(LAYERS))
+    (result,) = load_results([result_folder(tmp_path, "pdense", {"em": {"publisher": 0.3}, "config": config})])
+    assert result.get("sync_every") is MISSING and result.get("placement") is MISSING
+    assert schedule_label(result) == "parties=4 sync_blocks=0 publisher_layers=dense"

@@ -42,6 +42,7 @@ SETTING_NAMES = {  # config paths -> option names
     "schedule.publisher_sync_every": "publisher_sync_every",
 }
 NOT_SETTINGS = ("model.identity", "model.dtype", "schedule.describe", "schedule.num_layers", "schedule.sync_layers", "schedule.publisher_layers")
+SCHEDULE_SETTINGS = ("sync_every", "sync_blocks", "placement", "sync_layers", "publisher_layers", "publisher_sync_every")
 SWEEPS = ("sync_every", "parties")  # line plots: EM vs H, EM vs N
 ABLATIONS = ("placement", "ratio_comp", "ratio_comm", "publisher_sync_every")  # bar charts
 # settings that change along with a compared one: H fixes the number of sync blocks; a placement
@@ -73,6 +74,8 @@ def _flatten(document: dict, prefix: str = "") -> dict[str, Any]:
 def schedule_settings(sync_layers: list[int], num_layers: int) -> dict[str, Any]:
     """The options that give these sync blocks: every H, else a placement of k blocks, else the list."""
     layers = tuple(sync_layers)
+    if not layers:  # no collaborator sync (publisher-only schedules): no H, no placement
+        return {"sync_blocks": 0}
     for interval in range(1, num_layers + 1):
         if every(interval, num_layers) == layers:
             return {"placement": "every", "sync_every": interval, "sync_blocks": len(layers)}
@@ -92,6 +95,8 @@ def settings(config: dict) -> dict[str, Any]:
     publisher_layers = flat.get("schedule.publisher_layers")
     if isinstance(publisher_layers, list) and isinstance(num_layers, int):
         named["publisher_layers"] = publisher_setting(publisher_layers, num_layers)
+    if named.get("parties") == 1:  # one party exchanges nothing: its schedule options are unused
+        named = {key: value for key, value in named.items() if key not in SCHEDULE_SETTINGS} | {"mode": named.get("mode", "centralized")}
     return named
 
 
@@ -242,12 +247,17 @@ def plot_vs_parameter(
     bytes_key: str = DEFAULT_BYTES,
 ) -> Path | None:
     """``y`` against a swept parameter (EM vs H, EM vs N), with bytes per query on a second axis.
+    A run that is not federated and lacks ``x`` (centralized N = 1 against H) is a reference line.
     Returns None (after saying why) when no folder has both values."""
-    results = having(_as_results(folders), numbers=(x, y))
+    loaded = _as_results(folders)
+    references = [result for result in loaded if _is_reference(result) and result.get(x) is MISSING and _is_number(result.get(y))]
+    results = having([result for result in loaded if result not in references], numbers=(x, y))
     if not results:
         print(f"fedattn plot: no folder has both {x!r} and {y!r}; {out.name} not drawn", file=sys.stderr)
         return None
     figure, axes = new_figure()
+    for reference in references:
+        axes.axhline(reference.get(y), color="grey", linestyle=":", label=schedule_label(reference))
     twin = axes.twinx() if bytes_axis else None
     for index, (label, group) in enumerate(series(results, x).items()):
         group = sorted(group, key=lambda result: result.get(x))
@@ -290,13 +300,16 @@ def plot_ablation(folders: list[Path | Result], out: Path, key: str, y: str = DE
     return save_figure(figure, out)
 
 
+def _is_reference(result: Result) -> bool:
+    return result.settings.get("mode", "federated") != "federated"
+
+
 def schedule_label(result: Result) -> str:
     """The schedule settings that differ from the defaults, e.g. 'parties=4 sync_every=8 ratio_comm=0.5';
     a run that is not federated (crossfacts' centralized or publisher-alone modes) is named by its
     mode alone, since its schedule settings are unused."""
-    mode = result.settings.get("mode", "federated")
-    if mode != "federated":
-        return str(mode)
+    if _is_reference(result):
+        return str(result.settings["mode"])
     shown = {key: default for key, default in LABEL_DEFAULTS.items() if not (key == "sync_blocks" and "sync_every" in result.settings)}
     parts = [f"{key}={result.settings[key]}" for key, default in shown.items() if result.settings.get(key, default) not in (default, None)]
     return " ".join(parts) or result.folder.name
