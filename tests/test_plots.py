@@ -12,7 +12,10 @@ from matplotlib import image
 from fedattn.errors import FedAttnError
 from fedattn.eval_gsm8k import run_configuration
 from fedattn.participant import RunConfig
-from fedattn.plots import MISSING, Result, add_arguments, load_results, plot_ablation, plot_frontier, plot_vs_parameter, run, schedule_label
+from fedattn.plots import (
+    MISSING, Result, add_arguments, load_results, plot_ablation, plot_frontier, plot_privacy, plot_vs_parameter, run, schedule_label,
+    sent_blocks, worst_recovery,
+)
 from fedattn.schedule import Schedule, every, placement
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +44,7 @@ def gsm8k_folder(root: Path, name: str, parties: int, sync_layers: tuple[int, ..
 
 def assert_png(path: Path | None) -> None:
     assert path is not None and path.read_bytes()[:8] == PNG_SIGNATURE
-    width = 900 if path.name.endswith("frontier.png") else 600  # the frontier has its legend beside it
+    width = 900 if path.name.endswith(("frontier.png", "leak.png")) else 600  # legend beside the axes
     assert image.imread(path).shape[:2] == (400, width)
 
 
@@ -136,3 +139,21 @@ def test_a_publisher_only_schedule_has_no_sync_interval(tmp_path):
     (result,) = load_results([result_folder(tmp_path, "pdense", {"em": {"publisher": 0.3}, "config": config})])
     assert result.get("sync_every") is MISSING and result.get("placement") is MISSING
     assert schedule_label(result) == "parties=4 sync_blocks=0 publisher_layers=dense"
+
+
+def test_leakage_is_the_best_attacked_block_the_run_sends(tmp_path, capsys):
+    attack = tmp_path / "attack" / "summary.json"
+    attack.parent.mkdir()
+    attack.write_text(json.dumps({"rate": {"0": {"0": 1.0, "0.3": 0.3}, "8": {"0": 0.4, "0.3": 0.35}}}))
+    h8 = gsm8k_folder(tmp_path / "runs", "h8", 4, every(8, LAYERS), 0.25, 1024.0)  # sends 0, 8, 16
+    noisy = gsm8k_config(4, ())
+    noisy["schedule"]["publisher_layers"] = list(range(LAYERS))
+    noisy["kv_exchange"] = {"select": "random", "noise": 0.3, "budget": None}
+    dense = result_folder(tmp_path / "runs", "dense-noise", {"em": {"publisher": 0.2}, "config": noisy})
+    late = gsm8k_folder(tmp_path / "runs", "late", 4, (16,), 0.1, 512.0)  # a block the attack did not cover
+    summary = json.loads(attack.read_text())
+    results = load_results([h8, dense, late])
+    assert [worst_recovery(summary, sent_blocks(result), float(result.get("kv_noise"))) for result in results] == [(1.0, 0), (0.35, 8), None]
+    assert_png(plot_privacy([h8, dense, late], attack, tmp_path / "leak.png"))
+    assert "skipping" in capsys.readouterr().err
+    assert schedule_label(results[1]) == "parties=4 sync_blocks=0 publisher_layers=dense kv_noise=0.3"

@@ -40,6 +40,9 @@ SETTING_NAMES = {  # config paths -> option names
     "sparsity.comp_publisher": "ratio_comp_publisher",
     "sparsity.comm_publisher": "ratio_comm_publisher",
     "schedule.publisher_sync_every": "publisher_sync_every",
+    "kv_exchange.select": "kv_select",
+    "kv_exchange.noise": "kv_noise",
+    "kv_exchange.budget": "kv_budget",
 }
 NOT_SETTINGS = ("model.identity", "model.dtype", "schedule.describe", "schedule.num_layers", "schedule.sync_layers", "schedule.publisher_layers")
 SCHEDULE_SETTINGS = ("sync_every", "sync_blocks", "placement", "sync_layers", "publisher_layers", "publisher_sync_every")
@@ -49,7 +52,9 @@ ABLATIONS = ("placement", "ratio_comp", "ratio_comm", "publisher_sync_every")  #
 # keeps that number but has no H
 DEPENDENT = {"sync_every": ("sync_blocks",), "placement": ("sync_every", "sync_layers")}
 LABEL_DEFAULTS = {"parties": None, "sync_every": None, "placement": "every", "sync_blocks": None, "sync_layers": None,
-                  "publisher_layers": "none", "publisher_sync_every": None, "ratio_comp": 1.0, "ratio_comm": 1.0}
+                  "publisher_layers": "none", "publisher_sync_every": None, "ratio_comp": 1.0, "ratio_comm": 1.0,
+                  "kv_codec": None, "kv_select": "random", "kv_budget": None, "kv_noise": 0.0}
+FLOAT_CODECS = ("float32", "bfloat16", "float16")  # lossless for a model computing in that dtype: not labelled
 MISSING = object()
 
 
@@ -311,6 +316,8 @@ def schedule_label(result: Result) -> str:
     if _is_reference(result):
         return str(result.settings["mode"])
     shown = {key: default for key, default in LABEL_DEFAULTS.items() if not (key == "sync_blocks" and "sync_every" in result.settings)}
+    if result.settings.get("kv_codec") in FLOAT_CODECS:
+        shown["kv_codec"] = result.settings["kv_codec"]
     parts = [f"{key}={result.settings[key]}" for key, default in shown.items() if result.settings.get(key, default) not in (default, None)]
     return " ".join(parts) or result.folder.name
 
@@ -343,11 +350,60 @@ def plot_frontier(folders: list[Path | Result], out: Path, y: str = DEFAULT_METR
     return save_figure(figure, out)
 
 
+def sent_blocks(result: Result) -> set[int]:
+    """Every block at which the run sends some party's K/V to another: what a receiver can attack."""
+    schedule = result.summary.get("config", {}).get("schedule", {})
+    return set(schedule.get("sync_layers", [])) | set(schedule.get("publisher_layers", []))
+
+
+def worst_recovery(attack: dict, blocks: set[int], noise: float) -> tuple[float, int] | None:
+    """The highest token recovery rate over the attacked blocks the run sends, at its noise level,
+    and that block; None when the attack covered none of them at this noise."""
+    rates = [
+        (by_noise[key], int(block))
+        for block, by_noise in attack.get("rate", {}).items()
+        for key in by_noise
+        if int(block) in blocks and float(key) == noise
+    ]
+    return max(rates) if rates else None
+
+
+def plot_privacy(folders: list[Path | Result], attack_summary: Path, out: Path, y: str = DEFAULT_METRIC) -> Path | None:
+    """Quality against leakage, one point per run: the leakage of a run is the best recovery rate
+    ``fedattn attack`` measured at any block the run sends, at the run's ``--kv-noise`` (an attacker
+    picks its best block; blocks the attack did not cover are not counted, so this is a lower bound)."""
+    attack = json.loads(attack_summary.read_text(encoding="utf-8"))
+    points = []
+    for result in having(_as_results(folders), numbers=(y,)):
+        if _is_reference(result):
+            continue
+        worst = worst_recovery(attack, sent_blocks(result), float(result.settings.get("kv_noise", 0.0)))
+        if worst is None:
+            skip(result.folder, "the attack measured none of its sent blocks at its noise level")
+        else:
+            points.append((result, *worst))
+    if not points:
+        print(f"fedattn plot: no run matches the attack's blocks and noise levels; {out.name} not drawn", file=sys.stderr)
+        return None
+    figure, axes = new_figure()
+    for number, (result, rate, block) in enumerate(points, start=1):
+        axes.scatter([rate], [result.get(y)], color="C0", zorder=3, label=f"{number}: {schedule_label(result)} (block {block})")
+        axes.annotate(str(number), (rate, result.get(y)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes.set_xlabel("tokens recovered by the attack (best sent block)")
+    axes.set_ylabel(y)
+    axes.set_xlim(-0.02, 1.02)
+    axes.set_title(f"{y} vs leakage", fontsize=9)
+    axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    figure.set_size_inches(FRONTIER_SIZE)
+    return save_figure(figure, out)
+
+
 # -- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", type=Path, metavar="RESULTS", help="result folders (or folders holding them)")
     parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"quality: a dotted path in summary.json such as em.average, or {DEFAULT_METRIC} (default: the publisher's EM of any benchmark)")
+    parser.add_argument("--attack", type=Path, metavar="DIR", help="a `fedattn attack` folder: also draw quality against leakage")
     parser.add_argument("--bytes-metric", default=DEFAULT_BYTES, help=f"communication per query: a dotted path, or {DEFAULT_BYTES} (default: bytes sent per query)")
 
 
@@ -371,6 +427,11 @@ def run(args: argparse.Namespace) -> int:
         if _distinct(folders, key) > 1:
             written.append(plot_ablation(folders, args.out / f"{args.metric}_by_{key}.png", key, args.metric))
     written.append(plot_frontier(folders, args.out / f"{args.metric}_frontier.png", args.metric, args.bytes_metric))
+    if args.attack is not None:
+        summary = args.attack / "summary.json"
+        if not summary.is_file():
+            raise FedAttnError(f"--attack {args.attack}: no summary.json (run fedattn attack --out {args.attack} first)")
+        written.append(plot_privacy(folders, summary, args.out / f"{args.metric}_vs_leakage.png", args.metric))
     written = [path for path in written if path is not None]
     if not written:
         raise FedAttnError(f"nothing to plot: no folder carries {args.metric!r} (and {args.bytes_metric!r} for the frontier)")
