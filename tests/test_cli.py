@@ -307,3 +307,15 @@ def test_every_shared_option_reaches_the_launched_parties():
     _add_shared_options(parser)
     dests = {action.dest for action in parser._actions if action.dest != "help"}
     assert dests - {"json"} == set(SHARED_OPTIONS)
+
+
+def test_named_retrieval_schedule(capsys):
+    document = run_json(capsys, [*BASE, *CONTEXTS, *QUESTION, "--schedule", "retrieval"])
+    assert (document["sync_layers"], document["publisher_layers"], document["kv_codec"]) == (list(range(8)), [], "int4-kivi")
+    assert all(document["measured_bytes"][key] == document["expected_bytes"][key] for key in ("sent", "received"))
+    overridden = run_json(capsys, [*BASE, *CONTEXTS, *QUESTION, "--schedule", "retrieval", "--kv-codec", "int8"])
+    assert overridden["kv_codec"] == "int8"
+
+
+def test_named_schedule_that_fixes_the_sync_blocks_refuses_others(capsys):
+    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--schedule", "retrieval", "--sync-every", "2"], "sets the sync blocks itself")

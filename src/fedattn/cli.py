@@ -58,11 +58,11 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     sync.add_argument("--sync-layers", metavar="0,8,16", help="explicit global blocks")
     parser.add_argument("--placement", choices=PLACEMENTS, help="place ceil(L/H) global blocks by this rule instead of every H-th")
     publisher = parser.add_mutually_exclusive_group()
-    publisher.add_argument("--schedule", choices=tuple(NAMED_SCHEDULES), help="; ".join(f"{name}: {text}" for name, (text, _) in NAMED_SCHEDULES.items()) + "; collaborators sync only at the blocks given by the options above (none if none given)")
+    publisher.add_argument("--schedule", choices=tuple(NAMED_SCHEDULES), help="; ".join(f"{name}: {named.description}" for name, named in NAMED_SCHEDULES.items()).replace("%", "%%") + "; unless a schedule fixes them, collaborators sync only at the blocks given by the options above (none if none given)")
     publisher.add_argument("--publisher-layers", metavar="12-23", help="the publisher also receives every collaborator's K/V at these blocks (list or ranges); collaborators sync only where the options above say (none if none given)")
     parser.add_argument("--publisher-sync-every", type=positive_int, metavar="H_PUB", help="extra publisher sync: everyone also attends to the publisher's tokens at blocks l %% H_PUB == 0")
     parser.add_argument("--ratio-comp", type=ratio, default=1.0, help="sparse local attention: fraction of tokens each party keeps")
-    parser.add_argument("--ratio-comm", type=ratio, default=1.0, help="sparse KV exchange: fraction of kept tokens sent per global block")
+    parser.add_argument("--ratio-comm", type=ratio, help="sparse KV exchange: fraction of kept tokens sent per global block (default 1)")
     parser.add_argument("--ratio-comp-publisher", type=ratio, help="the publisher's own --ratio-comp (default: the same)")
     parser.add_argument("--ratio-comm-publisher", type=ratio, help="the publisher's own --ratio-comm (default: the same)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
@@ -71,7 +71,7 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and of sparse draws")
     parser.add_argument("--kv-codec", default=None, metavar="CODEC", help="how K/V crosses the wire: float32, bfloat16, float16, int8, int4, int8-kivi, int4-kivi (default: the model's dtype)")
-    parser.add_argument("--kv-select", choices=SELECTIONS, default="random", help="which tokens a sparse exchange sends: random (seeded, default), key-norm (largest keys), attention (most attended by the sender's own tokens)")
+    parser.add_argument("--kv-select", choices=SELECTIONS, help="which tokens a sparse exchange sends: random (seeded, default), key-norm (largest keys), attention (most attended by the sender's own tokens)")
     parser.add_argument("--kv-budget", type=positive_int, metavar="BYTES", help="cap on the K/V wire bytes of one query (all parties and frames, headers included)")
     parser.add_argument("--kv-noise", type=non_negative_float, default=0.0, metavar="SIGMA", help="Gaussian noise on sent K/V: SIGMA x each channel's spread over the sent tokens (default 0: off)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model")
@@ -128,8 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _schedule(args: argparse.Namespace, num_layers: int):
     from .schedule import NAMED_SCHEDULES, Schedule, every, parse_layers, placement, sync_count
 
-    if args.schedule:
-        publisher_layers = NAMED_SCHEDULES[args.schedule][1](num_layers)
+    named = NAMED_SCHEDULES.get(args.schedule)
+    if named is not None and named.sync_layers is not None:
+        if args.sync_every is not None or args.sync_layers is not None or args.placement:
+            raise FedAttnError(f"--schedule {args.schedule} sets the sync blocks itself: drop --sync-every, --sync-layers and --placement")
+        return Schedule(num_layers, named.sync_layers(num_layers), named.publisher_layers(num_layers), args.publisher_sync_every)
+    if named is not None:
+        publisher_layers = named.publisher_layers(num_layers)
     elif args.publisher_layers:
         publisher_layers = parse_layers(args.publisher_layers, num_layers, "--publisher-layers")
     else:
@@ -155,12 +160,19 @@ def _load_and_configure(args: argparse.Namespace):
     from .kv_codec import get_codec
     from .models import load_model
     from .participant import RunConfig
+    from .schedule import NAMED_SCHEDULES
     from .sparsity import Sparsity
 
-    sparsity = Sparsity(args.ratio_comp, args.ratio_comm, args.ratio_comp_publisher, args.ratio_comm_publisher, seed=args.seed)
+    named = NAMED_SCHEDULES.get(args.schedule)
+
+    def recipe(option: str):  # the named schedule's value for an option the user did not give
+        return getattr(named, option) if named is not None else None
+
+    ratio_comm = args.ratio_comm or recipe("ratio_comm") or 1.0
+    sparsity = Sparsity(args.ratio_comp, ratio_comm, args.ratio_comp_publisher, args.ratio_comm_publisher, seed=args.seed)
     decoding = Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    codec = get_codec(args.kv_codec or args.dtype)
-    exchange = Exchange(select=args.kv_select, budget=args.kv_budget, noise=args.kv_noise)
+    codec = get_codec(args.kv_codec or recipe("kv_codec") or args.dtype)
+    exchange = Exchange(select=args.kv_select or recipe("kv_select") or "random", budget=args.kv_budget, noise=args.kv_noise)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.json)
     config = RunConfig(
