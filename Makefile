@@ -26,9 +26,9 @@ model: $(STAMP)
 demo: model
 	@echo "== The publisher alone (no collaboration): it does not hold the fact"
 	$(BIN)/fedattn run --model $(MODEL) --question "$(QUESTION)" --max-new-tokens 24
-	@echo "== Three parties, publisher-dense schedule: HR office, warehouse, publisher"
+	@echo "== Three parties, the retrieval schedule (every block, K/V as int4-kivi): HR office, warehouse, publisher"
 	$(BIN)/fedattn run --model $(MODEL) --context @examples/demo/party1.txt --context @examples/demo/party2.txt \
-		--question "$(QUESTION)" --schedule publisher-dense --max-new-tokens 24
+		--question "$(QUESTION)" --schedule retrieval --max-new-tokens 24
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
