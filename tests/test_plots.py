@@ -144,7 +144,7 @@ def test_a_publisher_only_schedule_has_no_sync_interval(tmp_path):
 def test_leakage_is_the_best_attacked_block_the_run_sends(tmp_path, capsys):
     attack = tmp_path / "attack" / "summary.json"
     attack.parent.mkdir()
-    attack.write_text(json.dumps({"rate": {"0": {"0": 1.0, "0.3": 0.3}, "8": {"0": 0.4, "0.3": 0.35}}}))
+    attack.write_text(json.dumps({"rate": {"0": {"0": 1.0, "0.3": 0.3}, "8": {"0": 0.4, "0.3": 0.35}}, "config": {"kv_codec": "float32"}}))
     h8 = gsm8k_folder(tmp_path / "runs", "h8", 4, every(8, LAYERS), 0.25, 1024.0)  # sends 0, 8, 16
     noisy = gsm8k_config(4, ())
     noisy["schedule"]["publisher_layers"] = list(range(LAYERS))
@@ -154,6 +154,11 @@ def test_leakage_is_the_best_attacked_block_the_run_sends(tmp_path, capsys):
     summary = json.loads(attack.read_text())
     results = load_results([h8, dense, late])
     assert [worst_recovery(summary, sent_blocks(result), float(result.get("kv_noise"))) for result in results] == [(1.0, 0), (0.35, 8), None]
-    assert_png(plot_privacy([h8, dense, late], attack, tmp_path / "leak.png"))
+    assert_png(plot_privacy([h8, dense, late], [attack], tmp_path / "leak.png"))
     assert "skipping" in capsys.readouterr().err
+    quantized = gsm8k_config(4, every(8, LAYERS))
+    quantized["kv_codec"] = "int8"  # the attack went through float32 frames: it says nothing about int8 ones
+    int8 = result_folder(tmp_path / "runs", "h8-int8", {"em": {"publisher": 0.2}, "config": quantized})
+    assert plot_privacy([int8], [attack], tmp_path / "none.png") is None
+    assert "through codec int8" in capsys.readouterr().err
     assert schedule_label(results[1]) == "parties=4 sync_blocks=0 publisher_layers=dense kv_noise=0.3"

@@ -368,22 +368,27 @@ def worst_recovery(attack: dict, blocks: set[int], noise: float) -> tuple[float,
     return max(rates) if rates else None
 
 
-def plot_privacy(folders: list[Path | Result], attack_summary: Path, out: Path, y: str = DEFAULT_METRIC) -> Path | None:
+def plot_privacy(folders: list[Path | Result], attack_summaries: list[Path], out: Path, y: str = DEFAULT_METRIC) -> Path | None:
     """Quality against leakage, one point per run: the leakage of a run is the best recovery rate
-    ``fedattn attack`` measured at any block the run sends, at the run's ``--kv-noise`` (an attacker
-    picks its best block; blocks the attack did not cover are not counted, so this is a lower bound)."""
-    attack = json.loads(attack_summary.read_text(encoding="utf-8"))
+    ``fedattn attack`` measured at any block the run sends, through the run's K/V codec and at its
+    ``--kv-noise`` (an attacker picks its best block; blocks the attack did not cover are not
+    counted, so this is a lower bound)."""
+    attacks = {}
+    for path in attack_summaries:
+        attack = json.loads(path.read_text(encoding="utf-8"))
+        attacks[attack.get("config", {}).get("kv_codec")] = attack
     points = []
     for result in having(_as_results(folders), numbers=(y,)):
         if _is_reference(result):
             continue
-        worst = worst_recovery(attack, sent_blocks(result), float(result.settings.get("kv_noise", 0.0)))
+        attack = attacks.get(result.settings.get("kv_codec"))
+        worst = None if attack is None else worst_recovery(attack, sent_blocks(result), float(result.settings.get("kv_noise", 0.0)))
         if worst is None:
-            skip(result.folder, "the attack measured none of its sent blocks at its noise level")
+            skip(result.folder, f"no attack measured its sent blocks through codec {result.settings.get('kv_codec')} at its noise level")
         else:
             points.append((result, *worst))
     if not points:
-        print(f"fedattn plot: no run matches the attack's blocks and noise levels; {out.name} not drawn", file=sys.stderr)
+        print(f"fedattn plot: no run matches an attack's codec, blocks and noise levels; {out.name} not drawn", file=sys.stderr)
         return None
     figure, axes = new_figure()
     for number, (result, rate, block) in enumerate(points, start=1):
@@ -403,7 +408,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", type=Path, metavar="RESULTS", help="result folders (or folders holding them)")
     parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"quality: a dotted path in summary.json such as em.average, or {DEFAULT_METRIC} (default: the publisher's EM of any benchmark)")
-    parser.add_argument("--attack", type=Path, metavar="DIR", help="a `fedattn attack` folder: also draw quality against leakage")
+    parser.add_argument("--attack", type=Path, action="append", metavar="DIR", help="a `fedattn attack` folder (repeat for other codecs): also draw quality against leakage")
     parser.add_argument("--bytes-metric", default=DEFAULT_BYTES, help=f"communication per query: a dotted path, or {DEFAULT_BYTES} (default: bytes sent per query)")
 
 
@@ -427,11 +432,12 @@ def run(args: argparse.Namespace) -> int:
         if _distinct(folders, key) > 1:
             written.append(plot_ablation(folders, args.out / f"{args.metric}_by_{key}.png", key, args.metric))
     written.append(plot_frontier(folders, args.out / f"{args.metric}_frontier.png", args.metric, args.bytes_metric))
-    if args.attack is not None:
-        summary = args.attack / "summary.json"
-        if not summary.is_file():
-            raise FedAttnError(f"--attack {args.attack}: no summary.json (run fedattn attack --out {args.attack} first)")
-        written.append(plot_privacy(folders, summary, args.out / f"{args.metric}_vs_leakage.png", args.metric))
+    if args.attack:
+        for folder in args.attack:
+            if not (folder / "summary.json").is_file():
+                raise FedAttnError(f"--attack {folder}: no summary.json (run fedattn attack --out {folder} first)")
+        summaries = [folder / "summary.json" for folder in args.attack]
+        written.append(plot_privacy(folders, summaries, args.out / f"{args.metric}_vs_leakage.png", args.metric))
     written = [path for path in written if path is not None]
     if not written:
         raise FedAttnError(f"nothing to plot: no folder carries {args.metric!r} (and {args.bytes_metric!r} for the frontier)")
