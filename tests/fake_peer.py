@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
         ["participant", "--rank", str(RANK), "--world-size", str(WORLD_SIZE), "--master", f"127.0.0.1:{port}",
          "--external-store", "--context", "unused", *shared, "--json"]
     )
-    loaded, config, _ = cli._load_and_configure(args)
+    loaded, config, _ = cli.load_and_configure(args)
     model_config = loaded.model.config
     heads = model_config.num_key_value_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads

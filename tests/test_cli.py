@@ -301,10 +301,10 @@ def test_every_shared_option_reaches_the_launched_parties():
     children run another configuration (and the handshake refuse it)."""
     import argparse
 
-    from fedattn.cli import SHARED_OPTIONS, _add_shared_options
+    from fedattn.cli import SHARED_OPTIONS, add_shared_options
 
     parser = argparse.ArgumentParser()
-    _add_shared_options(parser)
+    add_shared_options(parser)
     dests = {action.dest for action in parser._actions if action.dest != "help"}
     assert dests - {"json"} == set(SHARED_OPTIONS)
 

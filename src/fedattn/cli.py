@@ -47,7 +47,7 @@ SHARED_OPTIONS = (
 )
 
 
-def _add_shared_options(parser: argparse.ArgumentParser) -> None:
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
     from .exchange import SELECTIONS
     from .models import DEFAULT_MODEL
     from .schedule import NAMED_SCHEDULES, PLACEMENTS
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--question", required=True, metavar="TEXT|@FILE", help="the task publisher's question")
     run.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question")
     run.add_argument("--transport", choices=["inprocess", "torch"], default="inprocess", help="inprocess (default), or torch: one local process per party over torch.distributed (gloo)")
-    _add_shared_options(run)
+    add_shared_options(run)
 
     party = commands.add_parser("participant", help="run ONE party in this process over torch.distributed (deployments, torchrun)")
     party.add_argument("--rank", type=int, help="this party's rank; the last rank is the task publisher (default: $RANK)")
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--question", metavar="TEXT|@FILE", help="the publisher's question")
     party.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text")
     party.add_argument("--report", type=Path, help="also write this party's JSON report here ('{rank}' is replaced by the rank)")
-    _add_shared_options(party)
+    add_shared_options(party)
 
     evaluate = commands.add_parser("eval", help="score schedules on a benchmark (resumable results folder)")
     benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
@@ -151,7 +151,7 @@ def _schedule(args: argparse.Namespace, num_layers: int):
     return Schedule(num_layers, layers, publisher_layers, args.publisher_sync_every)
 
 
-def _load_and_configure(args: argparse.Namespace):
+def load_and_configure(args: argparse.Namespace):
     """The model and the run configuration from the shared options (validated before the slow load)."""
     import torch
 
@@ -197,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         from .launcher import launch_local
 
         return launch_local(args, contexts, question, publisher_context, _shared_argv(args))
-    loaded, config, device = _load_and_configure(args)
+    loaded, config, device = load_and_configure(args)
     with _busy(f"{len(contexts) + 1} parties: prefill and decode on {device}", quiet=args.json):
         report = answer_question(loaded.model, loaded.tokenizer, contexts, question, config, publisher_context, args.raw)
     if args.json:
@@ -242,7 +242,7 @@ def _participant(args: argparse.Namespace) -> int:
     external = args.external_store or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     rendezvous = Rendezvous(host, int(port), rank, world_size, host_store=rank == 0 and not external, timeout_s=args.timeout)
     text, question, publisher_context = _own_inputs(args, rank, world_size)
-    loaded, config, _ = _load_and_configure(args)
+    loaded, config, _ = load_and_configure(args)
     segment = own_segment(loaded, rendezvous, text, question, publisher_context, args.raw)
     report = run_party(loaded, rendezvous, segment, config)
     document = json.dumps(report, indent=2)

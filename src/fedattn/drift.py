@@ -192,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K item as the
     evaluation prompts it) and the shared run options."""
     from .argtypes import positive_int
-    from .cli import _add_shared_options
+    from .cli import add_shared_options
     from .splits import SPLITS
 
     parser.add_argument("--context", action="append", default=[], metavar="TEXT|@FILE", help="one collaborator's private text, in order (repeat)")
@@ -203,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parties", type=positive_int, default=4, metavar="N", help="with --gsm8k-item: parties, the publisher included (default 4)")
     parser.add_argument("--shots", type=positive_int, default=4, metavar="K", help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)")
     parser.add_argument("--out", type=Path, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
-    _add_shared_options(parser)
+    add_shared_options(parser)
 
 
 def gsm8k_segments(tokenizer, item: int, split: str, parties: int, shots: int) -> list[list[int]]:
@@ -252,10 +252,10 @@ def print_table(report: DriftReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import _load_and_configure
+    from .cli import load_and_configure
     from .prompting import check_context_window
 
-    loaded, config, _ = _load_and_configure(args)
+    loaded, config, _ = load_and_configure(args)
     segments = _segments(args, loaded.tokenizer)
     check_context_window(segments, 1, loaded.model.config.max_position_embeddings)
     report = measure_drift(loaded.model, segments, config)

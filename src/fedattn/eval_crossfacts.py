@@ -60,9 +60,9 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The shared model/schedule/decoding options plus the benchmark's own."""
     from .argtypes import non_negative_int, positive_int
-    from .cli import _add_shared_options
+    from .cli import add_shared_options
 
-    _add_shared_options(parser)
+    add_shared_options(parser)
     parser.set_defaults(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--source", choices=SOURCES, default="crossfacts", help="generated records or NarrativeQA stories (default crossfacts)")
     parser.add_argument("--count", type=positive_int, default=100, help="items generated or drawn (default 100)")
@@ -152,12 +152,12 @@ def item_source(args: argparse.Namespace) -> ItemSource:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the selected items not yet in --out, then write and print the summary."""
-    from .cli import _load_and_configure
+    from .cli import load_and_configure
 
     source = item_source(args)
     if args.offset >= args.count:
         raise FedAttnError(f"--offset {args.offset} is past the last item ({args.count - 1})")
-    loaded, config, device = _load_and_configure(args)
+    loaded, config, device = load_and_configure(args)
     store = _store(args, source, loaded, config)
     done = store.done_keys()
     stop_at = args.count if args.limit is None else min(args.count, args.offset + args.limit)

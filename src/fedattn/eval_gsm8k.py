@@ -31,7 +31,7 @@ from .models import LoadedModel
 from .participant import RunConfig
 from .prompting import check_context_window
 from .query import stop_rule
-from .report import _bytes, progress_bar
+from .report import format_bytes, progress_bar
 from .results import ResultStore
 from .splits import SPLITS, split_prompt
 
@@ -43,9 +43,9 @@ PUBLISHER = "publisher"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The shared model/schedule/sparsity/decoding options, then the evaluation's own."""
     from .argtypes import non_negative_int, positive_int
-    from .cli import _add_shared_options
+    from .cli import add_shared_options
 
-    _add_shared_options(parser)
+    add_shared_options(parser)
     parser.set_defaults(max_new_tokens=PAPER_MAX_NEW_TOKENS)
     parser.add_argument("--split", choices=SPLITS, default="TokEx", help="how the prompt is dealt to the parties (default TokEx)")
     parser.add_argument("--parties", type=positive_int, default=4, metavar="N", help="parties, the publisher included; 1 = centralized (default 4)")
@@ -59,13 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the problems not yet in --out, write the summary, print it; 0 on success."""
-    from .cli import _load_and_configure
+    from .cli import load_and_configure
 
     args.all_answers = args.all_answers or args.every_answer
     test = gsm8k.load("test")
     exemplars = _exemplars(gsm8k.load("train"), args.shots)
     indices = _problem_range(len(test), args.offset, args.limit)
-    loaded, config, device = _load_and_configure(args)
+    loaded, config, device = load_and_configure(args)
     # refuse an impossible split before the results folder records this configuration
     split_prompt(loaded.tokenizer, exemplars, gsm8k.question_text(test[indices[0]]), args.split, args.parties)
     store = ResultStore(args.out, run_configuration(args, loaded, config))
@@ -205,7 +205,7 @@ def describe(summary: dict, config: dict, path: Path) -> str:
         best = em["best_collaborator"]
         text += f"; average over all parties {em['average']:.1%}, best collaborator {best['name']} {best['em']:.1%}"
     return text + (
-        f". Per query {_bytes(traffic['mean_sent_per_query'])} sent (cost model {_bytes(traffic['mean_expected_sent_per_query'])}), "
+        f". Per query {format_bytes(traffic['mean_sent_per_query'])} sent (cost model {format_bytes(traffic['mean_expected_sent_per_query'])}), "
         f"{summary['mean_flops_per_query']:.3g} FLOPs; {timing['total_s']:.1f} s in all, "
         f"{timing['tokens_per_s']:.1f} new tokens/s while decoding. Summary: {path}"
     )

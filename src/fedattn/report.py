@@ -13,7 +13,7 @@ from rich.table import Table
 from .query import QueryReport
 
 
-def _bytes(count: float) -> str:
+def format_bytes(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1000 or unit == "GB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -37,16 +37,16 @@ def print_report(report: QueryReport, model_name: str, console: Console | None =
             party.name,
             str(party.tokens),
             str(party.kept_tokens),
-            _bytes(party.bytes_sent),
-            _bytes(party.bytes_received),
-            _bytes(cost.wire_bytes_sent),
+            format_bytes(party.bytes_sent),
+            format_bytes(party.bytes_received),
+            format_bytes(cost.wire_bytes_sent),
             f"{party.prefill_s:.2f}",
             f"{party.decode_s:.2f}",
         )
     console.print(table)
     console.print(
         f"prefill {result.prefill_s:.2f} s · decode {result.decode_s:.2f} s "
-        f"({result.decode_tokens_per_s:.1f} tok/s) · total traffic {_bytes(sum(p.bytes_sent for p in result.parties))} sent"
+        f"({result.decode_tokens_per_s:.1f} tok/s) · total traffic {format_bytes(sum(p.bytes_sent for p in result.parties))} sent"
     )
 
 
@@ -74,8 +74,8 @@ def _party_table(title: str, parties: list[dict]) -> Table:
         table.add_column(column, justify="right")
     for party in parties:
         table.add_row(
-            party["name"], str(party["tokens"]), _bytes(party["bytes_sent"]), _bytes(party["bytes_received"]),
-            _bytes(party["expected_bytes_sent"]), _bytes(party["link_bytes_sent"]),
+            party["name"], str(party["tokens"]), format_bytes(party["bytes_sent"]), format_bytes(party["bytes_received"]),
+            format_bytes(party["expected_bytes_sent"]), format_bytes(party["link_bytes_sent"]),
             f"{party['prefill_s']:.2f}", f"{party['wait_s']:.2f}", f"{party['decode_s']:.2f}",
         )
     return table
@@ -96,8 +96,8 @@ def print_merged_report(merged: dict, console: Console | None = None) -> None:
     console.print(_party_table(f"{merged['model']['name']} · {merged['schedule']} · {merged['transport']}", merged["participants"]))
     measured, naive = merged["measured_bytes"]["sent"], merged["all_gather_bytes_sent"]
     console.print(
-        f"wall {merged['timing']['wall_s']:.2f} s · sent {_bytes(measured)} "
-        f"(a naive all-gather would send {_bytes(naive)}: {_bytes(naive - measured)} saved)"
+        f"wall {merged['timing']['wall_s']:.2f} s · sent {format_bytes(measured)} "
+        f"(a naive all-gather would send {format_bytes(naive)}: {format_bytes(naive - measured)} saved)"
     )
 
 
