@@ -74,7 +74,9 @@ def test_crossfacts_summary_names_resolve_too(tmp_path):
 
 def test_each_plot_is_a_png(sweep, tmp_path):
     assert_png(plot_vs_parameter(sweep, tmp_path / "h.png", x="sync_every", y="em_publisher"))
-    assert_png(plot_vs_parameter(sweep, tmp_path / "n.png", x="parties", bytes_axis=False))
+    assert plot_vs_parameter(sweep, tmp_path / "none.png", x="parties") is None  # no two runs alike but in N
+    n2 = gsm8k_folder(tmp_path, "n2", 2, every(8, LAYERS), 0.4, 512.0)  # with h8: N = 2 and 4 at H = 8
+    assert_png(plot_vs_parameter(sweep + [n2], tmp_path / "n.png", x="parties", bytes_axis=False))
     assert_png(plot_ablation(sweep, tmp_path / "placement.png", key="placement"))
     assert_png(plot_frontier(sweep, tmp_path / "frontier.png"))
 

@@ -257,14 +257,15 @@ def plot_vs_parameter(
     loaded = _as_results(folders)
     references = [result for result in loaded if _is_reference(result) and result.get(x) is MISSING and _is_number(result.get(y))]
     results = having([result for result in loaded if result not in references], numbers=(x, y))
-    if not results:
-        print(f"fedattn plot: no folder has both {x!r} and {y!r}; {out.name} not drawn", file=sys.stderr)
+    lines = {label: group for label, group in series(results, x).items() if _distinct(group, x) > 1}
+    if not lines:
+        print(f"fedattn plot: no runs alike in all but {x!r} take two values of it; {out.name} not drawn", file=sys.stderr)
         return None
     figure, axes = new_figure()
     for reference in references:
         axes.axhline(reference.get(y), color="grey", linestyle=":", label=schedule_label(reference))
     twin = axes.twinx() if bytes_axis else None
-    for index, (label, group) in enumerate(series(results, x).items()):
+    for index, (label, group) in enumerate(lines.items()):  # a lone point is no sweep
         group = sorted(group, key=lambda result: result.get(x))
         colour = f"C{index}"
         xs = [result.get(x) for result in group]
@@ -272,7 +273,7 @@ def plot_vs_parameter(
         with_bytes = [result for result in group if _is_number(result.get(bytes_key))]
         if twin is not None and with_bytes:
             twin.plot([r.get(x) for r in with_bytes], [r.get(bytes_key) for r in with_bytes], linestyle="--", marker="x", color=colour, alpha=0.6)
-    if all(isinstance(result.get(x), int) for result in results):
+    if all(isinstance(result.get(x), int) for group in lines.values() for result in group):
         from matplotlib.ticker import MaxNLocator
 
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
