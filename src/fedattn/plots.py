@@ -45,7 +45,8 @@ SETTING_NAMES = {  # config paths -> option names
     "kv_exchange.budget": "kv_budget",
 }
 NOT_SETTINGS = ("model.identity", "model.dtype", "schedule.describe", "schedule.num_layers", "schedule.sync_layers", "schedule.publisher_layers")
-SCHEDULE_SETTINGS = ("sync_every", "sync_blocks", "placement", "sync_layers", "publisher_layers", "publisher_sync_every")
+EXCHANGE_SETTINGS = ("sync_every", "sync_blocks", "placement", "sync_layers", "publisher_layers", "publisher_sync_every",
+                     "kv_codec", "kv_select", "kv_noise", "kv_budget", "ratio_comm", "ratio_comm_publisher")
 SWEEPS = ("sync_every", "parties")  # line plots: EM vs H, EM vs N
 ABLATIONS = ("placement", "ratio_comp", "ratio_comm", "publisher_sync_every")  # bar charts
 # settings that change along with a compared one: H fixes the number of sync blocks; a placement
@@ -100,8 +101,8 @@ def settings(config: dict) -> dict[str, Any]:
     publisher_layers = flat.get("schedule.publisher_layers")
     if isinstance(publisher_layers, list) and isinstance(num_layers, int):
         named["publisher_layers"] = publisher_setting(publisher_layers, num_layers)
-    if named.get("parties") == 1:  # one party exchanges nothing: its schedule options are unused
-        named = {key: value for key, value in named.items() if key not in SCHEDULE_SETTINGS} | {"mode": named.get("mode", "centralized")}
+    if named.get("parties") == 1 or named.get("mode", "federated") != "federated":  # nothing is exchanged
+        named = {key: value for key, value in named.items() if key not in EXCHANGE_SETTINGS} | {"mode": named.get("mode", "centralized")}
     return named
 
 
@@ -257,7 +258,8 @@ def plot_vs_parameter(
     loaded = _as_results(folders)
     references = [result for result in loaded if _is_reference(result) and result.get(x) is MISSING and _is_number(result.get(y))]
     results = having([result for result in loaded if result not in references], numbers=(x, y))
-    lines = {label: group for label, group in series(results, x).items() if _distinct(group, x) > 1}
+    drawn = [result for group in series(results, x).values() if _distinct(group, x) > 1 for result in group]
+    lines = series(drawn, x)  # labels name only what differs among the lines drawn
     if not lines:
         print(f"fedattn plot: no runs alike in all but {x!r} take two values of it; {out.name} not drawn", file=sys.stderr)
         return None
@@ -269,7 +271,8 @@ def plot_vs_parameter(
         group = sorted(group, key=lambda result: result.get(x))
         colour = f"C{index}"
         xs = [result.get(x) for result in group]
-        axes.plot(xs, [result.get(y) for result in group], marker="o", color=colour, label=label or y)
+        name = " ".join(part for part in schedule_label(group[0]).split() if not part.startswith(f"{x}="))
+        axes.plot(xs, [result.get(y) for result in group], marker="o", color=colour, label=name or label or y)
         with_bytes = [result for result in group if _is_number(result.get(bytes_key))]
         if twin is not None and with_bytes:
             twin.plot([r.get(x) for r in with_bytes], [r.get(bytes_key) for r in with_bytes], linestyle="--", marker="x", color=colour, alpha=0.6)
