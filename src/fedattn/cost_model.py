@@ -7,12 +7,16 @@ from what was sent), so a run's measured bytes can be checked against it exactly
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .exchange import Exchange, frame_token_counts, kept_counts
 from .kv_codec import KVCodec
 from .schedule import Schedule
 from .sparsity import Sparsity
 from .wire import HELLO_FRAME, SMALL_FRAME, kv_frame_size
+
+if TYPE_CHECKING:
+    from .participant import RunConfig
 
 SWIGLU_FFN_FACTOR = 6
 
@@ -123,3 +127,10 @@ def expected_costs(
             cost.prompt_kv_per_layer.append(kept[n] + sum(sent[m] for m in visible))
     costs[publisher].prefill_flops += 2 * dims.hidden * dims.vocab
     return costs
+
+
+def run_costs(dims: ModelDims, config: RunConfig, segment_lengths: list[int], all_answers: bool | None = None) -> list[PartyCost]:
+    """``expected_costs`` of a run's configuration; ``all_answers`` overrides the run's (the naive
+    all-to-all exchange is the run with every party answering)."""
+    everyone = config.all_answers if all_answers is None else all_answers
+    return expected_costs(dims, config.schedule, config.sparsity, config.codec, segment_lengths, everyone, config.exchange)

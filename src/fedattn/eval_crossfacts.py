@@ -234,12 +234,9 @@ def evaluate_items(loaded, config, args: argparse.Namespace, indices: list[int],
 
 def _record(loaded, config, args: argparse.Namespace, index: int, item: Item, segments: list[list[int]], result) -> dict:
     """One item's answer, score, traffic (measured and predicted) and times."""
-    from .cost_model import ModelDims, expected_costs
+    from .cost_model import ModelDims, run_costs
 
-    expected = expected_costs(
-        ModelDims.from_config(loaded.model.config), config.schedule, config.sparsity, config.codec,
-        [len(segment) for segment in segments], config.all_answers, config.exchange,
-    )
+    expected = run_costs(ModelDims.from_config(loaded.model.config), config, [len(segment) for segment in segments])
     answer = loaded.tokenizer.decode(result.answer_token_ids, skip_special_tokens=True).strip()
     em, f1 = score(args.source, answer, item)
     return {

@@ -23,7 +23,7 @@ from statistics import mean
 
 from . import gsm8k
 from .answers import extract_answer, is_correct
-from .cost_model import ModelDims, PartyCost, expected_costs
+from .cost_model import ModelDims, PartyCost, run_costs
 from .decoding import StopRule
 from .engine import RunResult, party_names, run_many_in_process
 from .errors import FedAttnError
@@ -140,7 +140,7 @@ def _record(
     texts = {names[rank]: stop.trim(loaded.tokenizer.decode(ids, skip_special_tokens=True)) for rank, ids in result.answers.items()}
     lengths = [len(segment) for segment in segments]
     dims = ModelDims.from_config(loaded.model.config)
-    expected = expected_costs(dims, config.schedule, config.sparsity, config.codec, lengths, config.all_answers, config.exchange)
+    expected = run_costs(dims, config, lengths)
     return {
         "key": str(index),
         "index": index,

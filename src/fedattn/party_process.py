@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch.distributed as dist
 
 from .attention import federated_attention_enabled
-from .cost_model import ModelDims, expected_costs
+from .cost_model import ModelDims, run_costs
 from .distributed import NO_DEADLINE, Liveness, PeerFailure, TorchTransport
 from .engine import party_names
 from .errors import FedAttnError
@@ -149,7 +149,7 @@ def _report(loaded: LoadedModel, party: Participant, transport: TorchTransport, 
     stats = transport.stats
     config, dims = party.config, ModelDims.from_config(loaded.model.config)
     cost, naive = (
-        expected_costs(dims, config.schedule, config.sparsity, config.codec, party.segment_lengths, everyone, config.exchange)[party.rank]
+        run_costs(dims, config, party.segment_lengths, everyone)[party.rank]
         for everyone in (config.all_answers, True)  # this run's exchange, and the naive all-to-all
     )
     return {

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from .cost_model import ModelDims, PartyCost, expected_costs
+from .cost_model import ModelDims, PartyCost, run_costs
 from .decoding import StopRule
 from .engine import RunResult, run_in_process
 from .participant import RunConfig
@@ -103,9 +103,7 @@ def answer_question(
     check_context_window(segments, config.max_new_tokens, model.config.max_position_embeddings)
     result = run_in_process(model, segments, config, stop_rule(tokenizer, model))
     dims = ModelDims.from_config(model.config)
-    expected = expected_costs(
-        dims, config.schedule, config.sparsity, config.codec, [len(s) for s in segments], config.all_answers, config.exchange
-    )
+    expected = run_costs(dims, config, [len(s) for s in segments])
     texts = {rank: tokenizer.decode(ids, skip_special_tokens=True).strip() for rank, ids in result.answers.items()}
     return QueryReport(
         answer=texts[len(segments) - 1],
