@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from fedattn import gsm8k
-from fedattn.engine import run_many_in_process
-from fedattn.models import DEFAULT_MODEL, load_model
-from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, every
-from fedattn.splits import split_prompt
+from fedattn.evaluation.tasks import gsm8k
+from fedattn.systems.fedattn.inprocess import run_many_in_process
+from fedattn.runtime.models import DEFAULT_MODEL, load_model
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.schedule import Schedule, every
+from fedattn.systems.fedattn.splits import split_prompt
 
 
 def main() -> None:

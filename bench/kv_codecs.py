@@ -20,16 +20,16 @@ import time
 
 import torch
 
-from fedattn import gsm8k
-from fedattn.attention import federated_attention_enabled
-from fedattn.decoding import StopRule
-from fedattn.batch_decode import decode_rows
-from fedattn.engine import _prefill
-from fedattn.kv_codec import CODECS
-from fedattn.models import DEFAULT_MODEL, load_model
-from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, all_layers
-from fedattn.splits import split_prompt
+from fedattn.evaluation.tasks import gsm8k
+from fedattn.runtime.attention import federated_attention_enabled
+from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.batch_decode import decode_rows
+from fedattn.systems.fedattn.inprocess import _prefill
+from fedattn.network.kv_codec import CODECS
+from fedattn.runtime.models import DEFAULT_MODEL, load_model
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.schedule import Schedule, all_layers
+from fedattn.systems.fedattn.splits import split_prompt
 
 BLOCKS = (0, 5, 11, 17, 23)
 

@@ -324,9 +324,9 @@ def prompt_texts(model: str, parties: int, shots: int, item: int) -> tuple[list[
     from prefill_decode import tokex_segments
     from transformers import AutoTokenizer
 
-    from fedattn import gsm8k
-    from fedattn.models import KNOWN_MODELS, ensure_cache
-    from fedattn.prompting import build_segments
+    from fedattn.evaluation.tasks import gsm8k
+    from fedattn.runtime.models import KNOWN_MODELS, ensure_cache
+    from fedattn.runtime.prompting import build_segments
 
     directory = ensure_cache(KNOWN_MODELS[model], progress=False) if model in KNOWN_MODELS else Path(model)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -637,7 +637,7 @@ def main() -> int:
             probe_client(rest[0], int(rest[1]), int(rest[2]))
         return 0
 
-    from fedattn.models import DEFAULT_MODEL
+    from fedattn.runtime.models import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from fedattn import gsm8k
-from fedattn.engine import run_in_process
-from fedattn.models import DEFAULT_MODEL, load_model
-from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, every
+from fedattn.evaluation.tasks import gsm8k
+from fedattn.systems.fedattn.inprocess import run_in_process
+from fedattn.runtime.models import DEFAULT_MODEL, load_model
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.schedule import Schedule, every
 
 
 def tokex_segments(tokenizer, parties: int, shots: int, item: int) -> list[list[int]]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedattn.tiny_model import build_tiny_model
+from fedattn.runtime.tiny_model import build_tiny_model
 
 
 @pytest.fixture

@@ -25,12 +25,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from fedattn import cli
-from fedattn.distributed import PAYLOAD_TAG, SIZE_TAG, frame_messages
-from fedattn.handshake import run_fingerprints
-from fedattn.kv_codec import CODECS
-from fedattn.party_process import max_frame_bytes
-from fedattn.wire import KV_HEADER, KVBlock, Hello, decode_hello, encode_hello, encode_kv
+from fedattn.cli import main as cli
+from fedattn.network.torch_transport import PAYLOAD_TAG, SIZE_TAG, frame_messages
+from fedattn.network.handshake import run_fingerprints
+from fedattn.network.kv_codec import CODECS
+from fedattn.systems.fedattn.networked import max_frame_bytes
+from fedattn.network.frames import KV_HEADER, KVBlock, Hello, decode_hello, encode_hello, encode_kv
 
 RANK, WORLD_SIZE, PUBLISHER = 0, 2, 1
 SEGMENT = [72, 101, 108, 108, 111, 33]  # any short token list: the fake never runs the model

@@ -1,6 +1,6 @@
 import pytest
 
-from fedattn.answers import extract_answer, gold_answer, is_correct, normalize_number
+from fedattn.evaluation.tasks.gsm8k_scoring import extract_answer, gold_answer, is_correct, normalize_number
 
 COMPLETIONS = [
     ("She pays 3 * 6 = 18 dollars.\nThe answer is \\boxed{18}.", "18"),

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from fedattn import attack
-from fedattn.cli import main
-from fedattn.defenses import add_kv_noise
+from fedattn.privacy import kv_attack as attack
+from fedattn.cli.main import main
+from fedattn.privacy.noise import add_kv_noise
 from fedattn.errors import FedAttnError
-from fedattn.kv_codec import get_codec
+from fedattn.network.kv_codec import get_codec
 
 
 @pytest.fixture(scope="module")

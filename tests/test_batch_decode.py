@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import random_segments
-from fedattn.decoding import Decoding, StopRule
-from fedattn.engine import run_in_process, run_many_in_process
-from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, all_layers, every
+from fedattn.runtime.decoding import Decoding, StopRule
+from fedattn.systems.fedattn.inprocess import run_in_process, run_many_in_process
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
 
 LENGTHS = ([9, 13, 6], [4, 20, 11], [15, 3, 7], [8, 8, 8])
 # a third of the byte vocabulary ends an answer, so random-weight rows stop at different steps

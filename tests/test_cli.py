@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedattn.cli import main
-from fedattn.wire import HELLO_FRAME, SMALL_FRAME
+from fedattn.cli.main import main
+from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME
 
 FEDATTN = Path(sys.executable).with_name("fedattn")
 BASE = ["run", "--model", "tiny-random", "--max-new-tokens", "3"]
@@ -245,9 +245,9 @@ def test_human_output(capsys, monkeypatch):
 
 
 def test_human_output_prints_the_answer_verbatim(capsys, monkeypatch):
-    import fedattn.query
+    import fedattn.systems.fedattn.query
 
-    real = fedattn.query.answer_question
+    real = fedattn.systems.fedattn.query.answer_question
     text = "a[/i]b [red]c[/red] [bold]"
 
     def with_bracketed_answer(*args, **kwargs):
@@ -255,7 +255,7 @@ def test_human_output_prints_the_answer_verbatim(capsys, monkeypatch):
         report.answer = text
         return report
 
-    monkeypatch.setattr(fedattn.query, "answer_question", with_bracketed_answer)
+    monkeypatch.setattr(fedattn.systems.fedattn.query, "answer_question", with_bracketed_answer)
     monkeypatch.setenv("COLUMNS", "200")
     code, out, err = run_cli(capsys, [*BASE, *CONTEXTS, *QUESTION])
     assert code == 0, err
@@ -301,7 +301,7 @@ def test_every_shared_option_reaches_the_launched_parties():
     children run another configuration (and the handshake refuse it)."""
     import argparse
 
-    from fedattn.cli import SHARED_OPTIONS, add_shared_options
+    from fedattn.cli.main import SHARED_OPTIONS, add_shared_options
 
     parser = argparse.ArgumentParser()
     add_shared_options(parser)

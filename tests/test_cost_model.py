@@ -3,13 +3,13 @@
 import pytest
 
 from conftest import random_segments
-from fedattn.cost_model import ModelDims, expected_costs
-from fedattn.engine import run_in_process
-from fedattn.exchange import Exchange
-from fedattn.kv_codec import CODECS, get_codec
-from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, all_layers, every
-from fedattn.sparsity import Sparsity
+from fedattn.systems.fedattn.costs import ModelDims, expected_costs
+from fedattn.systems.fedattn.inprocess import run_in_process
+from fedattn.systems.fedattn.exchange import Exchange
+from fedattn.network.kv_codec import CODECS, get_codec
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
+from fedattn.systems.fedattn.sparsity import Sparsity
 
 
 HEADER = 22  # KV frame header: magic 4, 4 x u8, 3 x u16, 2 x u32

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from fedattn import eval_crossfacts
-from fedattn.crossfacts import VIEWS, generate, holders, similar
+from fedattn.evaluation import eval_crossfacts
+from fedattn.evaluation.tasks.crossfacts import VIEWS, generate, holders, similar
 from fedattn.errors import FedAttnError
-from fedattn.eval_crossfacts import exact_match, f1_score
+from fedattn.evaluation.eval_crossfacts import exact_match, f1_score
 
 
 def test_deterministic_for_a_seed():

@@ -8,10 +8,10 @@ import pytest
 from conftest import random_segments
 from matplotlib import image
 
-from fedattn.drift import add_arguments, measure_drift, plot_drift, run
+from fedattn.systems.fedattn.drift import add_arguments, measure_drift, plot_drift, run
 from fedattn.errors import FedAttnError
-from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, every
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.schedule import Schedule, every
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SEGMENTS = random_segments([7, 5, 6], seed=3)

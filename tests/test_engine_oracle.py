@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import random_segments
-from fedattn.decoding import StopRule
-from fedattn.engine import run_in_process
-from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, all_layers, every, placement, sync_count
-from fedattn.sparsity import Sparsity, kept_indices, sent_indices
+from fedattn.runtime.decoding import StopRule
+from fedattn.systems.fedattn.inprocess import run_in_process
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.schedule import Schedule, all_layers, every, placement, sync_count
+from fedattn.systems.fedattn.sparsity import Sparsity, kept_indices, sent_indices
 from oracle import oracle_generate, spec_visibility
 
 MAX_NEW = 8
@@ -107,8 +107,8 @@ def test_sparse_publisher_dense(tiny):
 def test_importance_selection_and_budget(tiny, monkeypatch, select, sparsity, budget):
     """The engine sends what its selection chose, and attends exactly as the oracle does given
     the same chosen tokens (what each method chooses is tested on crafted tensors elsewhere)."""
-    import fedattn.participant as participant
-    from fedattn.exchange import Exchange
+    import fedattn.systems.fedattn.party as participant
+    from fedattn.systems.fedattn.exchange import Exchange
 
     chosen: dict[tuple[int, int], torch.Tensor] = {}
     original = participant.select_tokens

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import random_segments
-from fedattn.decoding import Decoding, StopRule
-from fedattn.engine import run_in_process
-from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, every
+from fedattn.runtime.decoding import Decoding, StopRule
+from fedattn.systems.fedattn.inprocess import run_in_process
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.schedule import Schedule, every
 
 MAX_NEW = 12
 

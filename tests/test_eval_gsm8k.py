@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from fedattn import eval_gsm8k
+from fedattn.evaluation import eval_gsm8k
 from fedattn.errors import FedAttnError
-from fedattn.eval_gsm8k import add_arguments, run
+from fedattn.evaluation.eval_gsm8k import add_arguments, run
 
 FAST = ["--model", "tiny-random", "--device", "cpu", "--shots", "1", "--max-new-tokens", "3"]
 

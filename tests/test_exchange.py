@@ -9,20 +9,20 @@ import pytest
 import torch
 
 from conftest import random_segments
-from fedattn import selection
-from fedattn.budget import Frame, fit_budget
-from fedattn.cost_model import ModelDims, expected_costs
-from fedattn.engine import _prefill, run_in_process
+from fedattn.systems.fedattn import selection
+from fedattn.systems.fedattn.budget import Frame, fit_budget
+from fedattn.systems.fedattn.costs import ModelDims, expected_costs
+from fedattn.systems.fedattn.inprocess import _prefill, run_in_process
 from fedattn.errors import FedAttnError
-from fedattn.exchange import Exchange, frame_token_counts
-from fedattn.handshake import check_hello, run_fingerprints
-from fedattn.kv_codec import get_codec
-from fedattn.defenses import add_kv_noise, noise_generator
-from fedattn.participant import RunConfig
-from fedattn.schedule import Schedule, all_layers, every
-from fedattn.selection import attention_scores, key_norm_scores, select_tokens
-from fedattn.sparsity import Sparsity, sent_indices
-from fedattn.wire import HELLO_FRAME, SMALL_FRAME, Hello, kv_frame_size
+from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts
+from fedattn.network.handshake import check_hello, run_fingerprints
+from fedattn.network.kv_codec import get_codec
+from fedattn.privacy.noise import add_kv_noise, noise_generator
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
+from fedattn.systems.fedattn.selection import attention_scores, key_norm_scores, select_tokens
+from fedattn.systems.fedattn.sparsity import Sparsity, sent_indices
+from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, Hello, kv_frame_size
 
 # ---------------------------------------------------------------------------------------------
 # Selection on crafted tensors
@@ -252,8 +252,8 @@ def test_noise_is_reproducible_changes_what_is_received_and_spares_the_senders_s
     # the same bytes cross either way
     assert [p.bytes_sent for p in noisy.parties] == [p.bytes_sent for p in clean.parties]
 
-    from fedattn.attention import federated_attention_enabled
-    from fedattn.decoding import StopRule
+    from fedattn.runtime.attention import federated_attention_enabled
+    from fedattn.runtime.decoding import StopRule
 
     with federated_attention_enabled(model):
         clean_parties, _, _ = _prefill(model, segments, noisy_config(0.0), StopRule(), "")

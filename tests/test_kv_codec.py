@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedattn.errors import FedAttnError, ProtocolError
-from fedattn.kv_codec import CODECS, get_codec
-from fedattn.wire import KV_HEADER, POSITION_BYTES, KVBlock, KVExpectation, decode_kv, encode_kv, kv_frame_size
+from fedattn.network.kv_codec import CODECS, get_codec
+from fedattn.network.frames import KV_HEADER, POSITION_BYTES, KVBlock, KVExpectation, decode_kv, encode_kv, kv_frame_size
 
 QUANTIZED = ["int8", "int4", "int8-kivi", "int4-kivi"]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedattn import models
+from fedattn.runtime import models
 from fedattn.errors import FedAttnError
-from fedattn.models import KNOWN_MODELS, TINY_RANDOM, ModelPart, ModelSpec, load_model
-from fedattn.tiny_model import build_tiny_model
+from fedattn.runtime.models import KNOWN_MODELS, TINY_RANDOM, ModelPart, ModelSpec, load_model
+from fedattn.runtime.tiny_model import build_tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-from fedattn import eval_crossfacts, narrativeqa
-from fedattn.crossfacts import VIEWS
+from fedattn.evaluation import eval_crossfacts
+
+from fedattn.evaluation.tasks import narrativeqa
+from fedattn.evaluation.tasks.crossfacts import VIEWS
 from fedattn.errors import FedAttnError
-from fedattn.eval_crossfacts import squad_exact_match, squad_f1
+from fedattn.evaluation.eval_crossfacts import squad_exact_match, squad_f1
 
 STORIES = 6
 QUESTIONS_PER_STORY = 4

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from fedattn.cli import main
+from fedattn.cli.main import main
 
 CONTEXTS = ["Alice's locker code is 4417 and she lives in Oslo.", "Bob's locker code is 9230.", "Carol keeps the key."]
 QUESTION = "What is Alice's locker code?"

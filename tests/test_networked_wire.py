@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from fedattn.cli import EXIT_PEER_FAILURE, EXIT_USAGE
+from fedattn.cli.main import EXIT_PEER_FAILURE, EXIT_USAGE
 
 FAKE_PEER = Path(__file__).with_name("fake_peer.py")
 PEER_TIMEOUT_S = 8  # the publisher's --timeout: its liveness fallback for a silent peer
@@ -133,7 +133,7 @@ def test_a_bad_message_is_refused_at_once_with_its_own_error(store_port, case):
 
 
 def test_a_real_model_mismatch_is_refused_at_the_handshake_by_both_ranks(store_port, tmp_path):
-    from fedattn.tiny_model import build_tiny_model
+    from fedattn.runtime.tiny_model import build_tiny_model
 
     model, tokenizer = build_tiny_model(seed=1)  # tiny-random's shape, other weights
     model.save_pretrained(tmp_path)

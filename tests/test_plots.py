@@ -10,13 +10,13 @@ import pytest
 from matplotlib import image
 
 from fedattn.errors import FedAttnError
-from fedattn.eval_gsm8k import run_configuration
-from fedattn.participant import RunConfig
-from fedattn.plots import (
+from fedattn.evaluation.eval_gsm8k import run_configuration
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.evaluation.plots import (
     MISSING, Result, add_arguments, load_results, plot_ablation, plot_frontier, plot_privacy, plot_vs_parameter, run, schedule_label,
     sent_blocks, worst_recovery,
 )
-from fedattn.schedule import Schedule, every, placement
+from fedattn.systems.fedattn.schedule import Schedule, every, placement
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS = 24

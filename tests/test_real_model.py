@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedattn.models import DEFAULT_MODEL, KNOWN_MODELS, cache_complete, load_model
-from fedattn.participant import RunConfig
-from fedattn.query import answer_question, stop_rule
-from fedattn.prompting import build_segments
-from fedattn.engine import run_in_process
-from fedattn.schedule import Schedule, all_layers, every
+from fedattn.runtime.models import DEFAULT_MODEL, KNOWN_MODELS, cache_complete, load_model
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.query import answer_question, stop_rule
+from fedattn.runtime.prompting import build_segments
+from fedattn.systems.fedattn.inprocess import run_in_process
+from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
 
 pytestmark = pytest.mark.real_model
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"

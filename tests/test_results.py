@@ -3,7 +3,7 @@ import json
 import pytest
 
 from fedattn.errors import FedAttnError
-from fedattn.results import ResultStore
+from fedattn.evaluation.results import ResultStore
 
 
 def test_resume_skips_finished_items_and_drops_a_torn_line(tmp_path):

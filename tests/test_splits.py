@@ -1,9 +1,9 @@
 import pytest
 
-from fedattn import gsm8k
+from fedattn.evaluation.tasks import gsm8k
 from fedattn.errors import FedAttnError
-from fedattn.splits import SPLITS, even_sizes, split_prompt
-from fedattn.tiny_model import build_tiny_tokenizer
+from fedattn.systems.fedattn.splits import SPLITS, even_sizes, split_prompt
+from fedattn.runtime.tiny_model import build_tiny_tokenizer
 
 EXEMPLARS = [
     "Question: 1+1?\nLet's think step by step\n1+1=2\nThe answer is 2",

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fedattn.cli import main
-from fedattn.sweep import load_sweep, option_words, points
+from fedattn.cli.main import main
+from fedattn.evaluation.sweep import load_sweep, option_words, points
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

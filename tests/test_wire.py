@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fedattn.errors import FedAttnError, ProtocolError
-from fedattn.kv_codec import CODECS, get_codec
-from fedattn.transport import InProcessGrid
-from fedattn.wire import (
+from fedattn.network.kv_codec import CODECS, get_codec
+from fedattn.network.transport import InProcessGrid
+from fedattn.network.frames import (
     FLAG_WHOLE_SEGMENT,
     KIND_KV,
     KIND_DONE,

