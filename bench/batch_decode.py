@@ -18,8 +18,8 @@ import time
 import torch
 
 from fedattn.evaluation.tasks import gsm8k
-from fedattn.systems.fedattn.inprocess import run_many_in_process
 from fedattn.runtime.models import DEFAULT_MODEL, load_model
+from fedattn.systems.fedattn.inprocess import run_many_in_process
 from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, every
 from fedattn.systems.fedattn.splits import split_prompt
@@ -62,12 +62,18 @@ def main() -> None:
             start = time.perf_counter()
             seconds, answers[size] = decode(size)
             timings[size].append(seconds)
-            print(f"  batch {size}: {seconds:.1f} s decoding ({time.perf_counter() - start:.1f} s with prefill)", flush=True)
+            print(
+                f"  batch {size}: {seconds:.1f} s decoding ({time.perf_counter() - start:.1f} s with prefill)",
+                flush=True,
+            )
     tokens = sum(len(answer) - 1 for answer in answers[1])
     single, batched = (statistics.median(timings[size]) for size in timings)
     same = sum(a == b for a, b in zip(answers[1], answers[args.batch_size]))
-    print(f"{args.model} ({args.dtype}), {args.problems} GSM8K problems, N = {args.parties} TokEx, H = {args.sync_every}, "
-          f"{args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
+    print(
+        f"{args.model} ({args.dtype}), {args.problems} GSM8K problems, N = {args.parties} TokEx, "
+        f"H = {args.sync_every}, "
+        f"{args.max_new_tokens} new tokens, {torch.get_num_threads()} threads"
+    )
     print(f"{'decoding':<22}{'seconds':>10}{'tokens/s':>12}")
     print(f"{'one at a time':<22}{single:>10.1f}{tokens / single:>12.1f}")
     print(f"{f'batch of {args.batch_size}':<22}{batched:>10.1f}{tokens / batched:>12.1f}")

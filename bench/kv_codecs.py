@@ -21,12 +21,12 @@ import time
 import torch
 
 from fedattn.evaluation.tasks import gsm8k
-from fedattn.runtime.attention import federated_attention_enabled
-from fedattn.runtime.decoding import StopRule
-from fedattn.runtime.batch_decode import decode_rows
-from fedattn.systems.fedattn.inprocess import _prefill
 from fedattn.network.kv_codec import CODECS
+from fedattn.runtime.attention import federated_attention_enabled
+from fedattn.runtime.batch_decode import decode_rows
+from fedattn.runtime.decoding import StopRule
 from fedattn.runtime.models import DEFAULT_MODEL, load_model
+from fedattn.systems.fedattn.inprocess import _prefill
 from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, all_layers
 from fedattn.systems.fedattn.splits import split_prompt
@@ -48,7 +48,9 @@ def captured_kv(model, ids: list[int], blocks: tuple[int, ...]) -> dict[int, tup
     return {block: tuple(t.clone() for t in party.store[block].view()[:2]) for block in blocks}
 
 
-def publisher_answers(model, segments: list[list[int]], configs: dict[str, RunConfig], new_tokens: int) -> dict[str, list[int]]:
+def publisher_answers(
+    model, segments: list[list[int]], configs: dict[str, RunConfig], new_tokens: int
+) -> dict[str, list[int]]:
     """The publisher's greedy tokens under each configuration: a federated prefill each, then
     every answer decoded in one batch (decoding needs no messages, so the codec plays no part)."""
     rows = {}
@@ -96,21 +98,35 @@ def main() -> None:
             decoded_key, decoded_value = codec.decode(memoryview(codec.encode(key, value)), tuple(key.shape))
             key_errors.append(relative_error(key, decoded_key))
             value_errors.append(relative_error(value, decoded_value))
-        rows.append((name, codec.payload_size(len(prompt), heads, head_dim) / len(prompt),
-                     statistics.median(key_errors), statistics.median(value_errors)))
+        rows.append(
+            (
+                name,
+                codec.payload_size(len(prompt), heads, head_dim) / len(prompt),
+                statistics.median(key_errors),
+                statistics.median(value_errors),
+            )
+        )
     configs = {name: RunConfig(schedule, codec=codec, max_new_tokens=args.new_tokens) for name, codec in CODECS.items()}
     answers = publisher_answers(model, segments, configs, args.new_tokens)
 
-    print(f"{loaded.name} (bfloat16, CPU), {args.shots}-shot GSM8K test item 0: {len(prompt)} tokens, "
-          f"TokEx segments {[len(s) for s in segments]}; K/V errors: median over blocks {list(blocks)}; "
-          f"answers: 3 parties, publisher-dense, greedy, {args.new_tokens} new tokens")
-    print(f"| codec | bytes/token/sync block | rel. error K | rel. error V | = float32 answer | = bfloat16 answer | tokens agreeing with float32 |")
+    print(
+        f"{loaded.name} (bfloat16, CPU), {args.shots}-shot GSM8K test item 0: {len(prompt)} tokens, "
+        f"TokEx segments {[len(s) for s in segments]}; K/V errors: median over blocks {list(blocks)}; "
+        f"answers: 3 parties, publisher-dense, greedy, {args.new_tokens} new tokens"
+    )
+    print(
+        "| codec | bytes/token/sync block | rel. error K | rel. error V | = float32 answer | = bfloat16 answer "
+        "| tokens agreeing with float32 |"
+    )
     print("|---|---:|---:|---:|:---:|:---:|---:|")
     for name, per_token, key_error, value_error in rows:
         same32 = "yes" if answers[name] == answers["float32"] else "no"
         same16 = "yes" if answers[name] == answers["bfloat16"] else "no"
         agree = agreeing_prefix(answers[name], answers["float32"])
-        print(f"| {name} | {per_token:.1f} | {key_error:.2e} | {value_error:.2e} | {same32} | {same16} | {agree}/{len(answers['float32'])} |")
+        print(
+            f"| {name} | {per_token:.1f} | {key_error:.2e} | {value_error:.2e} | {same32} | {same16} "
+            f"| {agree}/{len(answers['float32'])} |"
+        )
     print(f"float32 answer: {loaded.tokenizer.decode(answers['float32'])!r}")
     print(f"({time.perf_counter() - start:.0f} s)")
 

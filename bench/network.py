@@ -145,6 +145,7 @@ def stop(child: subprocess.Popen) -> None:
 
 # -- topology -----------------------------------------------------------------------------------
 
+
 class Topology:
     def __init__(self, parties: int) -> None:
         self.parties = parties
@@ -176,7 +177,21 @@ class Topology:
             sh("ip", "netns", "add", ns)
             self.created.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "link", "add", party_if(rank), "netns", ns, "type", "veth", "peer", "name", switch_if(rank), "netns", SWITCH_NS)
+            sh(
+                "ip",
+                "link",
+                "add",
+                party_if(rank),
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                switch_if(rank),
+                "netns",
+                SWITCH_NS,
+            )
             sh("ip", "-n", SWITCH_NS, "link", "set", switch_if(rank), "master", BRIDGE)
             sh("ip", "-n", SWITCH_NS, "link", "set", switch_if(rank), "up")
             sh("ip", "-n", ns, "addr", "add", f"{party_ip(rank)}/24", "dev", party_if(rank))
@@ -189,7 +204,9 @@ class Topology:
 
     def ends(self) -> list[tuple[str, str]]:
         """(namespace, device) of both ends of every party's veth: uplink and downlink."""
-        return [(party_ns(r), party_if(r)) for r in range(self.parties)] + [(SWITCH_NS, switch_if(r)) for r in range(self.parties)]
+        return [(party_ns(r), party_if(r)) for r in range(self.parties)] + [
+            (SWITCH_NS, switch_if(r)) for r in range(self.parties)
+        ]
 
     def shape(self, profile: Profile) -> dict:
         """Apply ``profile`` on every veth end; returns what was really applied."""
@@ -200,7 +217,23 @@ class Topology:
                 continue
             tbf = ["tbf", "rate", f"{profile.rate_mbit}mbit", "burst", TBF_BURST, "latency", TBF_LATENCY]
             if delay_per_hop > 0:
-                sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", f"{delay_per_hop}ms", "limit", "100000")
+                sh(
+                    "tc",
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "handle",
+                    "1:",
+                    "netem",
+                    "delay",
+                    f"{delay_per_hop}ms",
+                    "limit",
+                    "100000",
+                )
                 if profile.rate_mbit is not None:
                     sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", *tbf)
             else:
@@ -236,13 +269,20 @@ class Topology:
 
 # -- helpers run inside a namespace (hidden modes of this file) ---------------------------------
 
+
 def serve_store(port: int, world_size: int) -> None:
     import datetime
 
     import torch.distributed as dist
 
-    store = dist.TCPStore(SWITCH_IP, port, world_size, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=PARTY_TIMEOUT_S))
+    store = dist.TCPStore(
+        SWITCH_IP,
+        port,
+        world_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=PARTY_TIMEOUT_S),
+    )
     print("ready", flush=True)
     sys.stdin.read()  # until the bench closes our stdin (or we die with it)
     del store
@@ -282,10 +322,20 @@ def probe_client(host: str, port: int, length: int) -> None:
         remaining -= sent
     connection.recv(1)
     seconds = time.perf_counter() - start
-    print(json.dumps({"rtt_ms": statistics.median(rtts) * 1000, "mbit_s": length * 8 / seconds / 1e6, "bytes": length, "seconds": seconds}))
+    print(
+        json.dumps(
+            {
+                "rtt_ms": statistics.median(rtts) * 1000,
+                "mbit_s": length * 8 / seconds / 1e6,
+                "bytes": length,
+                "seconds": seconds,
+            }
+        )
+    )
 
 
 # -- the bench ----------------------------------------------------------------------------------
+
 
 def in_ns(ns: str, *command: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *command]
@@ -302,13 +352,20 @@ def probe(profile: Profile, parties: int) -> dict:
     """RTT and bulk throughput from party 0 to the publisher, across the switch (two shaped hops)."""
     length = 200_000_000 if profile.rate_mbit is None else int(profile.rate_mbit * 1e6 / 8 * 2)
     last = parties - 1
-    server = spawn(in_ns(party_ns(last), sys.executable, __file__, "--_probe-server", party_ip(last), str(PROBE_PORT)),
-                   stdout=subprocess.PIPE, text=True)
+    server = spawn(
+        in_ns(party_ns(last), sys.executable, __file__, "--_probe-server", party_ip(last), str(PROBE_PORT)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_ready(server, "the probe server")
         client = subprocess.run(
-            in_ns(party_ns(0), sys.executable, __file__, "--_probe-client", party_ip(last), str(PROBE_PORT), str(length)),
-            capture_output=True, text=True, timeout=120,
+            in_ns(
+                party_ns(0), sys.executable, __file__, "--_probe-client", party_ip(last), str(PROBE_PORT), str(length)
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if client.returncode != 0:
             return {"error": (client.stderr.strip().splitlines() or ["?"])[-1]}
@@ -357,14 +414,22 @@ def write_private(folder: Path, name: str, text: str) -> str:
 
 
 def common_env(threads: int) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
 
 
 def run_cli(words: list[str], threads: int) -> dict:
     """``fedattn run`` in this (host) namespace, no network: a baseline."""
     command = [sys.executable, "-m", "fedattn.cli", "run", *words, "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, env=common_env(threads), cwd=REPO, timeout=RUN_LIMIT_S)
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=common_env(threads), cwd=REPO, timeout=RUN_LIMIT_S
+    )
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
     document = json.loads(done.stdout)
@@ -384,8 +449,13 @@ def run_cli(words: list[str], threads: int) -> dict:
 def run_networked(topo: Topology, own: list[list[str]], shared: list[str], port: int, folder: Path) -> dict:
     """One query: a store in the switch namespace, one participant per party namespace."""
     world = topo.parties
-    store = spawn(in_ns(SWITCH_NS, sys.executable, __file__, "--_store", str(port), str(world)),
-                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(folder / f"store-{port}.txt").open("w"), text=True)
+    store = spawn(
+        in_ns(SWITCH_NS, sys.executable, __file__, "--_store", str(port), str(world)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=(folder / f"store-{port}.txt").open("w"),
+        text=True,
+    )
     parties: list[subprocess.Popen] = []
     try:
         wait_ready(store, "the rendezvous store")
@@ -395,12 +465,30 @@ def run_networked(topo: Topology, own: list[list[str]], shared: list[str], port:
             report = folder / f"report-{port}-{rank}.json"
             report.unlink(missing_ok=True)
             command = in_ns(
-                party_ns(rank), sys.executable, "-m", "fedattn.cli", "participant", "--rank", str(rank),
-                "--world-size", str(world), "--master", f"{SWITCH_IP}:{port}", "--external-store",
-                *own[rank], *shared, "--json", "--report", str(report),
+                party_ns(rank),
+                sys.executable,
+                "-m",
+                "fedattn.cli",
+                "participant",
+                "--rank",
+                str(rank),
+                "--world-size",
+                str(world),
+                "--master",
+                f"{SWITCH_IP}:{port}",
+                "--external-store",
+                *own[rank],
+                *shared,
+                "--json",
+                "--report",
+                str(report),
             )
             env = dict(common_env(1), GLOO_SOCKET_IFNAME=party_if(rank))
-            parties.append(spawn(command, env=env, stdout=subprocess.DEVNULL, stderr=(folder / f"stderr-{port}-{rank}.txt").open("w")))
+            parties.append(
+                spawn(
+                    command, env=env, stdout=subprocess.DEVNULL, stderr=(folder / f"stderr-{port}-{rank}.txt").open("w")
+                )
+            )
         codes = watch(parties, start)
         process_s = time.monotonic() - start
         after = topo.tx_bytes()
@@ -415,7 +503,11 @@ def run_networked(topo: Topology, own: list[list[str]], shared: list[str], port:
         failures = []
         for rank, code in enumerate(codes):
             if code != 0:
-                lines = [line for line in (folder / f"stderr-{port}-{rank}.txt").read_text(errors="replace").splitlines() if line.strip()]
+                lines = [
+                    line
+                    for line in (folder / f"stderr-{port}-{rank}.txt").read_text(errors="replace").splitlines()
+                    if line.strip()
+                ]
                 failures.append(f"rank {rank}: exit {code}: {lines[-1][:200] if lines else ''}")
         return {"error": "; ".join(failures), "process_s": process_s}
     reports = [json.loads((folder / f"report-{port}-{rank}.json").read_text()) for rank in range(world)]
@@ -474,7 +566,11 @@ def print_table(results: dict, profiles: list[Profile], schedules: list[str]) ->
     threads = list(baselines)
     groups = [f"in-proc {key.split('=')[1]} thr" for key in threads] + labels
     width = 17
-    header1 = f"{'':17}" + "".join(f"{label:>{width}}" for label in groups) + f"{'link MB':>9}{'wire MB':>13}  tokens = in-proc"
+    header1 = (
+        f"{'':17}"
+        + "".join(f"{label:>{width}}" for label in groups)
+        + f"{'link MB':>9}{'wire MB':>13}  tokens = in-proc"
+    )
     header2 = f"{'schedule':17}" + "".join(f"{'TTFT / total s':>{width}}" for _ in groups)
     print(header1)
     print(header2)
@@ -518,15 +614,18 @@ def bench(args: argparse.Namespace) -> int:
         "threads_of_baselines": threads,
         "load_average_before": load_average(),
         "definitions": {
-            "ttft_s": "networked: the publisher's wall_s - decode_s, i.e. from the start of its run (all parties joined, "
-                      "gloo group up; before the hello handshake) to its first token; in-process and alone: timing.prefill_s",
-            "publisher_prefill_s": "networked: the publisher's prefill_s, from the end of its hello handshake (it holds every "
-                                   "party's hello) to its first token",
+            "ttft_s": "networked: the publisher's wall_s - decode_s, i.e. from the start of its run (all parties "
+            "joined, gloo group up; before the hello handshake) to its first token; in-process and alone: "
+            "timing.prefill_s",
+            "publisher_prefill_s": "networked: the publisher's prefill_s, from the end of its hello handshake (it "
+            "holds every party's hello) to its first token",
             "total_s": "the publisher's wall_s (model load and join excluded); in-process and alone: timing.wall_s",
             "process_s": "spawn of the 4 participant processes to the last exit, model loads included",
             "link_bytes_sent": "sum over parties of the transport's link_bytes_sent (frames + size words)",
-            "expected_bytes_sent": "the cost model's bytes, one copy of each frame (link_bytes_sent counts one per addressee)",
-            "wire_tx_bytes": "sum over parties of the tx bytes counted on their veth: TCP/IP headers, ACKs and store traffic included",
+            "expected_bytes_sent": "the cost model's bytes, one copy of each frame "
+            "(link_bytes_sent counts one per addressee)",
+            "wire_tx_bytes": "sum over parties of the tx bytes counted on their veth: TCP/IP headers, ACKs and "
+            "store traffic included",
         },
         "store": f"a TCPStore helper in the switch namespace at {SWITCH_IP}, parties use --external-store",
         "baselines": {},
@@ -545,12 +644,19 @@ def bench(args: argparse.Namespace) -> int:
             question_arg = write_private(folder, "question.txt", question)
             own = [["--context", a] for a in context_args] + [["--question", question_arg]]
             base = ["--model", args.model, "--raw", "--max-new-tokens", str(args.max_new_tokens), "--device", "cpu"]
-            print(f"{args.model}: N = {args.parties}, prompt {prompt['total_tokens']} tokens in {prompt['segment_tokens']} "
-                  f"(same ids as tokex_segments: {prompt['same_ids_as_tokex_segments']}), --raw, {args.max_new_tokens} new tokens, "
-                  f"OMP_NUM_THREADS=1 in every party process ({args.parties} parties share {os.cpu_count()} cores), "
-                  f"{' and '.join(map(str, threads))} in the in-process and publisher-alone runs", flush=True)
+            print(
+                f"{args.model}: N = {args.parties}, prompt {prompt['total_tokens']} tokens in "
+                f"{prompt['segment_tokens']} "
+                f"(same ids as tokex_segments: {prompt['same_ids_as_tokex_segments']}), --raw, "
+                f"{args.max_new_tokens} new tokens, "
+                f"OMP_NUM_THREADS=1 in every party process ({args.parties} parties share {os.cpu_count()} cores), "
+                f"{' and '.join(map(str, threads))} in the in-process and publisher-alone runs",
+                flush=True,
+            )
             if topo.netem_error:
-                results["delay_emulation"] = f"unavailable: netem: {topo.netem_error}; delay is 0 in every profile (rate only, tbf)"
+                results["delay_emulation"] = (
+                    f"unavailable: netem: {topo.netem_error}; delay is 0 in every profile (rate only, tbf)"
+                )
             else:
                 results["delay_emulation"] = "netem, half the one-way delay on each hop"
             print(f"delay emulation: {results['delay_emulation']}", flush=True)
@@ -569,8 +675,15 @@ def bench(args: argparse.Namespace) -> int:
                 results["shaping"][profile.name] = topo.shape(profile)
                 results["probes"][profile.name] = probe(profile, args.parties)
                 got = results["probes"][profile.name]
-                print(f"{profile.label}: probe p0 -> p{args.parties - 1}: " + (
-                    f"{got['mbit_s']:.1f} Mbit/s, RTT {got['rtt_ms']:.2f} ms" if "error" not in got else f"failed: {got['error']}"), flush=True)
+                print(
+                    f"{profile.label}: probe p0 -> p{args.parties - 1}: "
+                    + (
+                        f"{got['mbit_s']:.1f} Mbit/s, RTT {got['rtt_ms']:.2f} ms"
+                        if "error" not in got
+                        else f"failed: {got['error']}"
+                    ),
+                    flush=True,
+                )
                 for name, words in schedules:
                     port += 1
                     shared = [*base, *words, "--timeout", str(PARTY_TIMEOUT_S)]
@@ -589,19 +702,28 @@ def bench(args: argparse.Namespace) -> int:
     print()
     print_table(results, profiles, [name for name, _ in schedules])
     answers = {}
-    flat = [(f"in-proc {name} ({key})", entry) for key, group in results["baselines"].items() for name, entry in group.items()]
+    flat = [
+        (f"in-proc {name} ({key})", entry)
+        for key, group in results["baselines"].items()
+        for name, entry in group.items()
+    ]
     for key, entry in [*flat, *results["runs"].items()]:
         if "answer" in entry:
             answers.setdefault(entry["answer"], []).append(key)
     print()
     for answer, keys in answers.items():
         print(f"answer {json.dumps(answer[:110])}{'...' if len(answer) > 110 else ''}\n    from: {', '.join(keys)}")
-    print(f"\nTTFT: networked = publisher wall_s - decode_s (its run after join, handshake included, to its first token); "
-          f"in-process / alone = timing.prefill_s. total = publisher wall_s. Single runs; 1 thread per party process, "
-          f"{' or '.join(map(str, threads))} for in-process / alone.")
+    print(
+        f"\nTTFT: networked = publisher wall_s - decode_s (its run after join, handshake included, "
+        f"to its first token); "
+        f"in-process / alone = timing.prefill_s. total = publisher wall_s. Single runs; 1 thread per party process, "
+        f"{' or '.join(map(str, threads))} for in-process / alone."
+    )
     print(f"delay: {results['delay_emulation']}")
-    print(f"load average before/after: {results['load_average_before']} / {results['load_average_after']}; "
-          f"elapsed {results['elapsed_s']:.0f} s")
+    print(
+        f"load average before/after: {results['load_average_before']} / {results['load_average_after']}; "
+        f"elapsed {results['elapsed_s']:.0f} s"
+    )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.out}")
@@ -614,7 +736,10 @@ def _brief(entry: dict) -> str:
         return f"FAILED: {entry['error']}"
     text = f"TTFT {entry['ttft_s']:.2f} s, total {entry['total_s']:.2f} s"
     if "link_bytes_sent" in entry:
-        text += f", link {mb(entry['link_bytes_sent'])} MB, wire {mb(entry['wire_tx_bytes'])} MB, processes {entry['process_s']:.1f} s"
+        text += (
+            f", link {mb(entry['link_bytes_sent'])} MB, wire {mb(entry['wire_tx_bytes'])} MB, "
+            f"processes {entry['process_s']:.1f} s"
+        )
     return text
 
 
@@ -647,9 +772,13 @@ def main() -> int:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--item", type=int, default=0, help="GSM8K test item used as the question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--baseline-threads", default=f"1,{os.cpu_count()}", metavar="T1,T2",
-                        help="thread counts of the in-process and publisher-alone runs (default: 1, as each party, and all "
-                             "cores, which the party processes share)")
+    parser.add_argument(
+        "--baseline-threads",
+        default=f"1,{os.cpu_count()}",
+        metavar="T1,T2",
+        help="thread counts of the in-process and publisher-alone runs (default: 1, as each party, and all "
+        "cores, which the party processes share)",
+    )
     args = parser.parse_args()
 
     def terminate(signum, frame):  # noqa: ARG001 - SIGTERM runs the same cleanup as Ctrl-C

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from fedattn.evaluation.tasks import gsm8k
-from fedattn.systems.fedattn.inprocess import run_in_process
 from fedattn.runtime.models import DEFAULT_MODEL, load_model
+from fedattn.systems.fedattn.inprocess import run_in_process
 from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, every
 
@@ -91,8 +91,10 @@ def main() -> None:
     segments = tokex_segments(tokenizer, args.parties, args.shots, args.item)
     ids = torch.tensor([sum(segments, [])])
     layers = model.config.num_hidden_layers
-    print(f"{args.model}: {layers} blocks, prompt {ids.shape[1]} tokens in {[len(s) for s in segments]}, "
-          f"{args.threads} threads, {args.repeats} repeats, {args.new_tokens} new tokens")
+    print(
+        f"{args.model}: {layers} blocks, prompt {ids.shape[1]} tokens in {[len(s) for s in segments]}, "
+        f"{args.threads} threads, {args.repeats} repeats, {args.new_tokens} new tokens"
+    )
 
     configs = {h: RunConfig(Schedule(layers, every(h, layers)), max_new_tokens=1) for h in (1, 8)}
     decode_config = RunConfig(Schedule(layers, every(1, layers)), max_new_tokens=args.new_tokens)
@@ -103,7 +105,12 @@ def main() -> None:
     rss_before = rss_mb("VmRSS")
 
     times: dict[str, list[float]] = {
-        "hf_prefill": [], "separate_forwards": [], "fed_prefill_h1": [], "fed_prefill_h8": [], "hf_decode_tps": [], "fed_decode_tps": []
+        "hf_prefill": [],
+        "separate_forwards": [],
+        "fed_prefill_h1": [],
+        "fed_prefill_h8": [],
+        "hf_decode_tps": [],
+        "fed_decode_tps": [],
     }
     same_tokens = True
     for _ in range(args.repeats):
@@ -116,29 +123,61 @@ def main() -> None:
         hf_decode = hf_generate_s(model, ids, args.new_tokens) - statistics.median(times["hf_prefill"])
         times["hf_decode_tps"].append((args.new_tokens - 1) / hf_decode)
         with torch.inference_mode():
-            reference = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-        same_tokens &= reference[0, ids.shape[1]:].tolist() == result.answer_token_ids
+            reference = model.generate(
+                ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+            )
+        same_tokens &= reference[0, ids.shape[1] :].tolist() == result.answer_token_ids
     peak_mb = rss_mb("VmHWM")
 
     med = {key: statistics.median(values) for key, values in times.items()}
     rows = [
         ("prefill, HF centralized (s)", med["hf_prefill"], 1.0, ""),
-        (f"prefill, {args.parties} plain HF forwards (s)", med["separate_forwards"], med["separate_forwards"] / med["hf_prefill"], "floor: no exchange"),
-        ("prefill, FedAttn H=1 (s)", med["fed_prefill_h1"], med["fed_prefill_h1"] / med["hf_prefill"], "target <= 1.15x"),
+        (
+            f"prefill, {args.parties} plain HF forwards (s)",
+            med["separate_forwards"],
+            med["separate_forwards"] / med["hf_prefill"],
+            "floor: no exchange",
+        ),
+        (
+            "prefill, FedAttn H=1 (s)",
+            med["fed_prefill_h1"],
+            med["fed_prefill_h1"] / med["hf_prefill"],
+            "target <= 1.15x",
+        ),
         ("prefill, FedAttn H=8 (s)", med["fed_prefill_h8"], med["fed_prefill_h8"] / med["hf_prefill"], "target < H=1"),
         ("decode, HF generate (tok/s)", med["hf_decode_tps"], 1.0, ""),
-        ("decode, FedAttn publisher (tok/s)", med["fed_decode_tps"], med["fed_decode_tps"] / med["hf_decode_tps"], "target >= 0.9x"),
+        (
+            "decode, FedAttn publisher (tok/s)",
+            med["fed_decode_tps"],
+            med["fed_decode_tps"] / med["hf_decode_tps"],
+            "target >= 0.9x",
+        ),
     ]
     print(f"{'measure':38} {'median':>10} {'ratio':>8}")
     for name, value, ratio, note in rows:
         print(f"{name:38} {value:10.3f} {ratio:7.2f}x  {note}")
     print(f"H=1 decode tokens identical to HF generate: {same_tokens}")
-    print(f"memory: parameters {param_mb:.0f} MiB; resident before runs {rss_before:.0f} MiB, peak during runs {peak_mb:.0f} MiB "
-          f"(+{peak_mb - rss_before:.0f} MiB over the loaded model)")
+    print(
+        f"memory: parameters {param_mb:.0f} MiB; resident before runs {rss_before:.0f} MiB, "
+        f"peak during runs {peak_mb:.0f} MiB "
+        f"(+{peak_mb - rss_before:.0f} MiB over the loaded model)"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"medians": med, "samples": times, "same_tokens": same_tokens,
-                                         "param_mib": param_mb, "rss_before_mib": rss_before, "peak_mib": peak_mb,
-                                         "segments": [len(s) for s in segments], "model": args.model}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "medians": med,
+                    "samples": times,
+                    "same_tokens": same_tokens,
+                    "param_mib": param_mb,
+                    "rss_before_mib": rss_before,
+                    "peak_mib": peak_mb,
+                    "segments": [len(s) for s in segments],
+                    "model": args.model,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

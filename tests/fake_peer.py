@@ -7,8 +7,9 @@ CASE is one of ``CASES``; PORT is the rendezvous store's (served by the test); S
 publisher's shared options (``--model tiny-random --sync-every 1 ...``), from which this script
 builds the same run configuration as the CLI, so its handshake fingerprints match. Frames leave
 exactly as ``TorchTransport`` frames them (``distributed.frame_messages``: an int64 size word, then
-the payload with its end mark), so a case is one defect and nothing else. Afterwards it keeps its heartbeat going and waits, so the publisher's
-reaction is its own and not a reaction to this process leaving.
+the payload with its end mark), so a case is one defect and nothing else. Afterwards it keeps its
+heartbeat going and waits, so the publisher's reaction is its own and not a reaction to this
+process leaving.
 
 It prints one line per step on stdout (``fake: ...``); the line of the bad message ends with the
 time it was sent (``time.time()``), so the test can tell a prompt refusal from a timeout.
@@ -26,11 +27,11 @@ import torch
 import torch.distributed as dist
 
 from fedattn.cli import main as cli
-from fedattn.network.torch_transport import PAYLOAD_TAG, SIZE_TAG, frame_messages
+from fedattn.network.frames import KV_HEADER, Hello, KVBlock, decode_hello, encode_hello, encode_kv
 from fedattn.network.handshake import run_fingerprints
 from fedattn.network.kv_codec import CODECS
+from fedattn.network.torch_transport import PAYLOAD_TAG, SIZE_TAG, frame_messages
 from fedattn.systems.fedattn.networked import max_frame_bytes
-from fedattn.network.frames import KV_HEADER, KVBlock, Hello, decode_hello, encode_hello, encode_kv
 
 RANK, WORLD_SIZE, PUBLISHER = 0, 2, 1
 SEGMENT = [72, 101, 108, 108, 111, 33]  # any short token list: the fake never runs the model
@@ -98,7 +99,7 @@ def bad_message(case: str, codec, heads: int, head_dim: int, limit: int) -> tupl
         fields[4], fields[8] = 0, 0  # flags, tokens
         frame = KV_HEADER.pack(*fields)
     elif case == "size-mismatch":  # 6 tokens in the header, one float short in the bytes
-        frame = encode_kv(kv_block(0, heads, head_dim), codec, **whole)[:-codec.bytes_per_element]
+        frame = encode_kv(kv_block(0, heads, head_dim), codec, **whole)[: -codec.bytes_per_element]
     elif case == "nan":
         block = kv_block(0, heads, head_dim)
         block.value[1, 2, 3] = float("nan")
@@ -127,8 +128,20 @@ def main(argv: list[str]) -> int:
         raise SystemExit(__doc__)
     port = int(port)
     args = cli.build_parser().parse_args(
-        ["participant", "--rank", str(RANK), "--world-size", str(WORLD_SIZE), "--master", f"127.0.0.1:{port}",
-         "--external-store", "--context", "unused", *shared, "--json"]
+        [
+            "participant",
+            "--rank",
+            str(RANK),
+            "--world-size",
+            str(WORLD_SIZE),
+            "--master",
+            f"127.0.0.1:{port}",
+            "--external-store",
+            "--context",
+            "unused",
+            *shared,
+            "--json",
+        ]
     )
     loaded, config, _ = cli.load_and_configure(args)
     model_config = loaded.model.config
@@ -144,7 +157,10 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=heartbeat, args=(port, stop), daemon=True).start()
     store.set(f"fedattn/joined/{RANK}", "1")
     dist.init_process_group(
-        "gloo", store=dist.PrefixStore("fedattn/pg", store), rank=RANK, world_size=WORLD_SIZE,
+        "gloo",
+        store=dist.PrefixStore("fedattn/pg", store),
+        rank=RANK,
+        world_size=WORLD_SIZE,
         timeout=datetime.timedelta(seconds=60),
     )
     say("joined")
@@ -157,7 +173,10 @@ def main(argv: list[str]) -> int:
     if case != "model-mismatch":
         size, payload = bad_message(case, config.codec, heads, head_dim, max_frame_bytes(model_config, config.codec))
         send_messages(size, payload, pending)
-        say(f"sent {case}: size message {size.tolist()}, payload {None if payload is None else payload.numel()} bytes at {time.time():.3f}")
+        say(
+            f"sent {case}: size message {size.tolist()}, "
+            f"payload {None if payload is None else payload.numel()} bytes at {time.time():.3f}"
+        )
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         time.sleep(0.1)

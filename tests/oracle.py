@@ -70,7 +70,7 @@ def oracle_generate(
             owners.append(party)
             kept_rank.append(rank)
     prompt_size = len(ids)
-    sent_sets = {(p, l): set(sent(p, l).tolist()) for p in range(len(segments)) for l in range(num_layers)}
+    sent_sets = {(p, layer): set(sent(p, layer).tolist()) for p in range(len(segments)) for layer in range(num_layers)}
     generated: list[int] = [] if first_token is None else [first_token]
     first_logits = None
     previous = model.config._attn_implementation
@@ -80,7 +80,9 @@ def oracle_generate(
             sequence = ids + generated
             pos = positions + [total + g for g in range(len(generated))]
             own = owners + [decoder] * len(generated)
-            _MASKS[:] = [_mask(layer, pos, own, kept_rank, prompt_size, visible, sent_sets) for layer in range(num_layers)]
+            _MASKS[:] = [
+                _mask(layer, pos, own, kept_rank, prompt_size, visible, sent_sets) for layer in range(num_layers)
+            ]
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([sequence]), position_ids=torch.tensor([pos])).logits[0, -1]
             if first_logits is None:

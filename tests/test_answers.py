@@ -29,12 +29,15 @@ def test_boxed_beats_answer_is_beats_last_number():
     assert extract_answer("The answer is 5. Then 7 more") == "5"
 
 
-@pytest.mark.parametrize(("solution", "gold"), [
-    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72", "72"),
-    ("#### 1,072", "1072"),
-    ("72", "72"),
-    ("#### -4", "-4"),
-])
+@pytest.mark.parametrize(
+    ("solution", "gold"),
+    [
+        ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72", "72"),
+        ("#### 1,072", "1072"),
+        ("72", "72"),
+        ("#### -4", "-4"),
+    ],
+)
 def test_gold_is_the_number_after_hashes(solution, gold):
     assert gold_answer(solution) == gold
 
@@ -46,6 +49,9 @@ def test_exact_match_ignores_formatting_only():
     assert not is_correct("no idea", "0")
 
 
-@pytest.mark.parametrize(("raw", "normal"), [("1,234", "1234"), ("$18", "18"), ("25%", "25"), ("2.50", "2.5"), ("18.0", "18"), ("-0", "0"), ("72.", "72")])
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [("1,234", "1234"), ("$18", "18"), ("25%", "25"), ("2.50", "2.5"), ("18.0", "18"), ("-0", "0"), ("72.", "72")],
+)
 def test_number_normalisation(raw, normal):
     assert normalize_number(raw) == normal

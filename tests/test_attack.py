@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from fedattn.privacy import kv_attack as attack
 from fedattn.cli.main import main
-from fedattn.privacy.noise import add_kv_noise
 from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import get_codec
+from fedattn.privacy import kv_attack as attack
+from fedattn.privacy.noise import add_kv_noise
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,23 @@ def test_default_blocks():
 
 def test_cli_writes_records_summary_and_plot(tmp_path, capsys, one_torch_thread):
     out = tmp_path / "attack"
-    argv = ["attack", "--model", "tiny-random", "--dtype", "float32", "--blocks", "0,1", "--noise", "0,3",
-            "--count", "2", "--train-tokens", "600", "--out", str(out)]
+    argv = [
+        "attack",
+        "--model",
+        "tiny-random",
+        "--dtype",
+        "float32",
+        "--blocks",
+        "0,1",
+        "--noise",
+        "0,3",
+        "--count",
+        "2",
+        "--train-tokens",
+        "600",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sorted((record["block"], record["noise"]) for record in records) == [(0, 0.0), (0, 3.0), (1, 0.0), (1, 3.0)]

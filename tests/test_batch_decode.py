@@ -7,8 +7,8 @@ rows are padded differently per block and leave the batch at different steps.
 
 import pytest
 import torch
-
 from conftest import random_segments
+
 from fedattn.runtime.decoding import Decoding, StopRule
 from fedattn.systems.fedattn.inprocess import run_in_process, run_many_in_process
 from fedattn.systems.fedattn.party import RunConfig
@@ -34,7 +34,9 @@ def queries() -> list[list[list[int]]]:
 )
 def test_batch_equals_one_at_a_time(tiny, schedule, all_answers, decoding):
     model, _ = tiny
-    config = RunConfig(schedule=schedule, decoding=decoding, max_new_tokens=12, all_answers=all_answers, record_logits=True)
+    config = RunConfig(
+        schedule=schedule, decoding=decoding, max_new_tokens=12, all_answers=all_answers, record_logits=True
+    )
     alone = [run_in_process(model, segments, config, STOP) for segments in queries()]
     together = run_many_in_process(model, queries(), config, STOP)
     lengths = {len(tokens) for result in alone for tokens in result.answers.values()}

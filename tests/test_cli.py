@@ -73,20 +73,27 @@ def test_unknown_model(capsys):
 
 def test_sync_block_out_of_range(capsys):
     assert_usage_error(
-        capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-layers", "0,99"],
-        "--sync-layers: block 99 is out of range", "blocks 0..7",
+        capsys,
+        [*BASE, *CONTEXTS, *QUESTION, "--sync-layers", "0,99"],
+        "--sync-layers: block 99 is out of range",
+        "blocks 0..7",
     )
 
 
 def test_sync_layers_junk(capsys):
-    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-layers", "0,x"], "--sync-layers takes comma-separated")
+    assert_usage_error(
+        capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-layers", "0,x"], "--sync-layers takes comma-separated"
+    )
 
 
 @pytest.mark.parametrize(
-    "option, value", [("--ratio-comm", "0"), ("--ratio-comp", "1.5"), ("--ratio-comm", "-0.1"), ("--ratio-comp-publisher", "2")]
+    "option, value",
+    [("--ratio-comm", "0"), ("--ratio-comp", "1.5"), ("--ratio-comm", "-0.1"), ("--ratio-comp-publisher", "2")],
 )
 def test_ratio_outside_unit_interval(capsys, option, value):
-    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, option, value], option, f"ratio must be in (0, 1], got {value}")
+    assert_usage_error(
+        capsys, [*BASE, *CONTEXTS, *QUESTION, option, value], option, f"ratio must be in (0, 1], got {value}"
+    )
 
 
 def test_ratio_not_a_number(capsys):
@@ -114,21 +121,28 @@ def test_directory_as_file(capsys, tmp_path):
 
 def test_placement_with_sync_layers(capsys):
     assert_usage_error(
-        capsys, [*BASE, *CONTEXTS, *QUESTION, "--placement", "deep-half", "--sync-layers", "0,4"],
+        capsys,
+        [*BASE, *CONTEXTS, *QUESTION, "--placement", "deep-half", "--sync-layers", "0,4"],
         "--placement and --sync-layers exclude each other",
     )
 
 
 def test_sync_every_with_sync_layers(capsys):
-    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-every", "2", "--sync-layers", "0"], "not allowed with")
+    assert_usage_error(
+        capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-every", "2", "--sync-layers", "0"], "not allowed with"
+    )
 
 
 def test_unknown_kv_codec(capsys):
-    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-codec", "int3"], "unknown KV codec 'int3'", "float32", "int4-kivi")
+    assert_usage_error(
+        capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-codec", "int3"], "unknown KV codec 'int3'", "float32", "int4-kivi"
+    )
 
 
 def test_the_old_kv_dtype_option_is_gone(capsys):
-    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-dtype", "bfloat16"], "unrecognized arguments: --kv-dtype")
+    assert_usage_error(
+        capsys, [*BASE, *CONTEXTS, *QUESTION, "--kv-dtype", "bfloat16"], "unrecognized arguments: --kv-dtype"
+    )
 
 
 def test_bad_exchange_options(capsys):
@@ -139,7 +153,11 @@ def test_bad_exchange_options(capsys):
 
 
 def test_budget_too_small_for_one_token_per_frame(capsys):
-    line = assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-every", "4", "--kv-budget", "100"], "--kv-budget 100 bytes cannot carry one token")
+    line = assert_usage_error(
+        capsys,
+        [*BASE, *CONTEXTS, *QUESTION, "--sync-every", "4", "--kv-budget", "100"],
+        "--kv-budget 100 bytes cannot carry one token",
+    )
     assert "K/V frames (at least" in line
 
 
@@ -198,7 +216,11 @@ def test_publisher_layers_ranges(capsys):
 
 
 def test_publisher_layers_with_a_named_schedule(capsys):
-    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--publisher-layers", "1", "--schedule", "publisher-dense"], "not allowed with")
+    assert_usage_error(
+        capsys,
+        [*BASE, *CONTEXTS, *QUESTION, "--publisher-layers", "1", "--schedule", "publisher-dense"],
+        "not allowed with",
+    )
 
 
 def test_publisher_dense_alone(capsys):
@@ -223,10 +245,17 @@ def test_raw_and_file_contexts(capsys, tmp_path):
     first.write_text("Alice keeps a cat named Tom.\n", encoding="utf-8")
     question = tmp_path / "question.txt"
     question.write_text("Who keeps the cat?", encoding="utf-8")
-    from_files = run_json(capsys, [*BASE, "--context", f"@{first}", "--context", "Bob.", "--question", f"@{question}", "--raw"])
-    inline = run_json(capsys, [*BASE, "--context", first.read_text(), "--context", "Bob.", "--question", "Who keeps the cat?", "--raw"])
+    from_files = run_json(
+        capsys, [*BASE, "--context", f"@{first}", "--context", "Bob.", "--question", f"@{question}", "--raw"]
+    )
+    inline = run_json(
+        capsys,
+        [*BASE, "--context", first.read_text(), "--context", "Bob.", "--question", "Who keeps the cat?", "--raw"],
+    )
     assert [p["tokens"] for p in from_files["participants"]] == [
-        len(first.read_bytes()), len(b"Bob."), len(b"Who keeps the cat?")
+        len(first.read_bytes()),
+        len(b"Bob."),
+        len(b"Who keeps the cat?"),
     ]  # raw: no chat template, one token per byte
     assert from_files["answer_token_ids"] == inline["answer_token_ids"]
     templated = run_json(capsys, [*BASE, "--context", f"@{first}", "--context", "Bob.", "--question", f"@{question}"])
@@ -288,7 +317,9 @@ def test_console_script_usage_error():
     assert FEDATTN.exists(), FEDATTN
     result = subprocess.run(
         [str(FEDATTN), "run", "--model", "tiny-random", "--question", ""],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result
     lines = result.stderr.splitlines()
@@ -311,11 +342,19 @@ def test_every_shared_option_reaches_the_launched_parties():
 
 def test_named_retrieval_schedule(capsys):
     document = run_json(capsys, [*BASE, *CONTEXTS, *QUESTION, "--schedule", "retrieval"])
-    assert (document["sync_layers"], document["publisher_layers"], document["kv_codec"]) == (list(range(8)), [], "int4-kivi")
+    assert (document["sync_layers"], document["publisher_layers"], document["kv_codec"]) == (
+        list(range(8)),
+        [],
+        "int4-kivi",
+    )
     assert all(document["measured_bytes"][key] == document["expected_bytes"][key] for key in ("sent", "received"))
     overridden = run_json(capsys, [*BASE, *CONTEXTS, *QUESTION, "--schedule", "retrieval", "--kv-codec", "int8"])
     assert overridden["kv_codec"] == "int8"
 
 
 def test_named_schedule_that_fixes_the_sync_blocks_refuses_others(capsys):
-    assert_usage_error(capsys, [*BASE, *CONTEXTS, *QUESTION, "--schedule", "retrieval", "--sync-every", "2"], "sets the sync blocks itself")
+    assert_usage_error(
+        capsys,
+        [*BASE, *CONTEXTS, *QUESTION, "--schedule", "retrieval", "--sync-every", "2"],
+        "sets the sync blocks itself",
+    )

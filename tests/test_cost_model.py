@@ -1,16 +1,15 @@
 """Measured bytes equal the spec's cost model exactly, for every codec, selection, budget and noise."""
 
 import pytest
-
 from conftest import random_segments
-from fedattn.systems.fedattn.costs import ModelDims, expected_costs
-from fedattn.systems.fedattn.inprocess import run_in_process
-from fedattn.systems.fedattn.exchange import Exchange
+
 from fedattn.network.kv_codec import CODECS, get_codec
+from fedattn.systems.fedattn.costs import ModelDims, expected_costs
+from fedattn.systems.fedattn.exchange import Exchange
+from fedattn.systems.fedattn.inprocess import run_in_process
 from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
 from fedattn.systems.fedattn.sparsity import Sparsity
-
 
 HEADER = 22  # KV frame header: magic 4, 4 x u8, 3 x u16, 2 x u32
 SMALL = 14  # token / completion frame: magic 4, u8, u8, u64
@@ -60,7 +59,11 @@ def test_publisher_only_sends_forwards(tiny):
     [
         (Schedule(8, (0, 4)), Sparsity(), True),
         (Schedule(8, (), publisher_layers=all_layers(8)), Sparsity(), False),
-        (Schedule(8, (1, 6), publisher_layers=all_layers(8), publisher_sync_every=3), Sparsity(comp=0.7, comm=0.4, seed=2), True),
+        (
+            Schedule(8, (1, 6), publisher_layers=all_layers(8), publisher_sync_every=3),
+            Sparsity(comp=0.7, comm=0.4, seed=2),
+            True,
+        ),
         (Schedule(8, every(2, 8)), Sparsity(comp=0.5, comm=0.5, comp_publisher=1.0, comm_publisher=0.9, seed=1), False),
     ],
 )
@@ -68,7 +71,9 @@ def test_publisher_only_sends_forwards(tiny):
 def test_wire_bytes_match_cost_model(tiny, one_torch_thread, schedule, sparsity, all_answers, codec_name):
     model, _ = tiny
     lengths = [9, 4, 12, 7]
-    config = RunConfig(schedule, sparsity=sparsity, codec=get_codec(codec_name), max_new_tokens=3, all_answers=all_answers)
+    config = RunConfig(
+        schedule, sparsity=sparsity, codec=get_codec(codec_name), max_new_tokens=3, all_answers=all_answers
+    )
     result = run_in_process(model, random_segments(lengths, seed=6), config)
     costs = expected_costs(ModelDims.from_config(model.config), schedule, sparsity, config.codec, lengths, all_answers)
     for party, cost in zip(result.parties, costs):
@@ -86,14 +91,25 @@ def test_wire_bytes_match_cost_model(tiny, one_torch_thread, schedule, sparsity,
         (Exchange(select="random", budget=9000, noise=1.0), True),
     ],
 )
-def test_wire_bytes_match_cost_model_with_budget_selection_and_noise(tiny, one_torch_thread, codec_name, exchange, all_answers):
+def test_wire_bytes_match_cost_model_with_budget_selection_and_noise(
+    tiny, one_torch_thread, codec_name, exchange, all_answers
+):
     model, _ = tiny
     lengths = [9, 4, 12, 7]
     schedule = Schedule(8, (1, 6), publisher_layers=all_layers(8), publisher_sync_every=3)
     sparsity = Sparsity(comp=0.8, comm=0.7, seed=2)
-    config = RunConfig(schedule, sparsity=sparsity, codec=get_codec(codec_name), exchange=exchange, max_new_tokens=3, all_answers=all_answers)
+    config = RunConfig(
+        schedule,
+        sparsity=sparsity,
+        codec=get_codec(codec_name),
+        exchange=exchange,
+        max_new_tokens=3,
+        all_answers=all_answers,
+    )
     result = run_in_process(model, random_segments(lengths, seed=6), config)
-    costs = expected_costs(ModelDims.from_config(model.config), schedule, sparsity, config.codec, lengths, all_answers, exchange)
+    costs = expected_costs(
+        ModelDims.from_config(model.config), schedule, sparsity, config.codec, lengths, all_answers, exchange
+    )
     for party, cost in zip(result.parties, costs):
         assert party.kv_payload_sent == cost.kv_bytes_sent
         assert party.bytes_sent == cost.wire_bytes_sent

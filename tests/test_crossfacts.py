@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from fedattn.evaluation import eval_crossfacts
-from fedattn.evaluation.tasks.crossfacts import VIEWS, generate, holders, similar
 from fedattn.errors import FedAttnError
+from fedattn.evaluation import eval_crossfacts
 from fedattn.evaluation.eval_crossfacts import exact_match, f1_score
+from fedattn.evaluation.tasks.crossfacts import VIEWS, generate, holders, similar
 
 
 def test_deterministic_for_a_seed():
@@ -77,7 +77,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def run_mode(tmp_path, capsys, mode: str, *extra: str) -> tuple[list[dict], dict]:
     out = tmp_path / mode
-    argv = ["--model", "tiny-random", "--count", "3", "--facts", "2", "--max-new-tokens", "2", "--mode", mode, "--out", str(out), "--json", *extra]
+    argv = [
+        "--model",
+        "tiny-random",
+        "--count",
+        "3",
+        "--facts",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--mode",
+        mode,
+        "--out",
+        str(out),
+        "--json",
+        *extra,
+    ]
     assert eval_crossfacts.run(parse(argv)) == 0
     printed = json.loads(capsys.readouterr().out)
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]

@@ -8,8 +8,8 @@ import pytest
 from conftest import random_segments
 from matplotlib import image
 
-from fedattn.systems.fedattn.drift import add_arguments, measure_drift, plot_drift, run
 from fedattn.errors import FedAttnError
+from fedattn.systems.fedattn.drift import add_arguments, measure_drift, plot_drift, run
 from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, every
 
@@ -66,7 +66,19 @@ def test_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
 
 def test_command_on_a_gsm8k_item(tmp_path, capsys):
     out = tmp_path / "gsm8k.png"
-    words = ["--model", "tiny-random", "--device", "cpu", "--gsm8k-item", "0", "--parties", "3", "--shots", "1", "--json"]
+    words = [
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--gsm8k-item",
+        "0",
+        "--parties",
+        "3",
+        "--shots",
+        "1",
+        "--json",
+    ]
     assert run(parse(words + ["--out", str(out)])) == 0
     document = json.loads(capsys.readouterr().out)
     assert [party["name"] for party in document["parties"]] == ["party-1", "party-2", "publisher"]

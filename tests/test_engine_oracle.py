@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-
 from conftest import random_segments
+from oracle import oracle_generate, spec_visibility
+
 from fedattn.runtime.decoding import StopRule
 from fedattn.systems.fedattn.inprocess import run_in_process
 from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every, placement, sync_count
 from fedattn.systems.fedattn.sparsity import Sparsity, kept_indices, sent_indices
-from oracle import oracle_generate, spec_visibility
 
 MAX_NEW = 8
 LENGTHS = [9, 13, 6, 11]
@@ -18,7 +18,9 @@ LENGTHS = [9, 13, 6, 11]
 def check_against_oracle(tiny, num_parties, schedule: Schedule, sparsity=Sparsity(), all_answers=False, seed=1):
     model, tokenizer = tiny
     segments = random_segments(LENGTHS[:num_parties], seed=seed)
-    config = RunConfig(schedule=schedule, sparsity=sparsity, max_new_tokens=MAX_NEW, all_answers=all_answers, record_logits=True)
+    config = RunConfig(
+        schedule=schedule, sparsity=sparsity, max_new_tokens=MAX_NEW, all_answers=all_answers, record_logits=True
+    )
     result = run_in_process(model, segments, config, StopRule(frozenset({tokenizer.eos_token_id})))
 
     publisher = num_parties - 1
@@ -27,7 +29,9 @@ def check_against_oracle(tiny, num_parties, schedule: Schedule, sparsity=Sparsit
     def sent(party, layer):
         return sent_indices(sparsity, party, layer, len(kept[party]), party == publisher)
 
-    visible = spec_visibility(set(schedule.sync_layers), num_parties, schedule.publisher_layers, schedule.publisher_sync_every)
+    visible = spec_visibility(
+        set(schedule.sync_layers), num_parties, schedule.publisher_layers, schedule.publisher_sync_every
+    )
     expected, first_logits = oracle_generate(model, segments, visible, kept, sent, publisher, None, MAX_NEW)
     assert result.answer_token_ids == expected
     assert torch.allclose(result.answer_logits[0], first_logits, atol=1e-4)
@@ -57,14 +61,20 @@ def test_explicit_sync_layers_every_answer(tiny):
 
 @pytest.mark.parametrize("collaborator_sync", [(), (0, 4)])
 def test_publisher_dense(tiny, collaborator_sync):
-    result = check_against_oracle(tiny, 4, Schedule(8, collaborator_sync, publisher_layers=all_layers(8)), all_answers=True, seed=7)
+    result = check_against_oracle(
+        tiny, 4, Schedule(8, collaborator_sync, publisher_layers=all_layers(8)), all_answers=True, seed=7
+    )
     # the publisher sends its K/V only at collaborator syncs: 11 tokens x 2 heads x 16 dims x (K, V) x 4 bytes
     assert result.parties[-1].kv_payload_sent == len(collaborator_sync) * 11 * 2 * 16 * 2 * 4
 
 
-@pytest.mark.parametrize("publisher_layers, collaborator_sync", [((4, 5, 6, 7), ()), ((0, 1, 2, 3), (6,)), ((1, 3, 5), (3,))])
+@pytest.mark.parametrize(
+    "publisher_layers, collaborator_sync", [((4, 5, 6, 7), ()), ((0, 1, 2, 3), (6,)), ((1, 3, 5), (3,))]
+)
 def test_publisher_receives_at_some_blocks(tiny, publisher_layers, collaborator_sync):
-    check_against_oracle(tiny, 3, Schedule(8, collaborator_sync, publisher_layers=publisher_layers), all_answers=True, seed=11)
+    check_against_oracle(
+        tiny, 3, Schedule(8, collaborator_sync, publisher_layers=publisher_layers), all_answers=True, seed=11
+    )
 
 
 def test_publisher_dense_differs_from_local_only(tiny):
@@ -92,7 +102,9 @@ def test_sparse(tiny, sparsity):
 
 
 def test_sparse_publisher_dense(tiny):
-    check_against_oracle(tiny, 4, Schedule(8, (2,), publisher_layers=all_layers(8)), Sparsity(comp=0.8, comm=0.5, seed=9), seed=17)
+    check_against_oracle(
+        tiny, 4, Schedule(8, (2,), publisher_layers=all_layers(8)), Sparsity(comp=0.8, comm=0.5, seed=9), seed=17
+    )
 
 
 @pytest.mark.parametrize(
@@ -122,7 +134,9 @@ def test_importance_selection_and_budget(tiny, monkeypatch, select, sparsity, bu
     model, tokenizer = tiny
     schedule = Schedule(8, (0, 3, 6), publisher_layers=all_layers(8))
     segments = random_segments(LENGTHS[:3], seed=19)
-    config = RunConfig(schedule, sparsity, exchange=Exchange(select=select, budget=budget), max_new_tokens=MAX_NEW, record_logits=True)
+    config = RunConfig(
+        schedule, sparsity, exchange=Exchange(select=select, budget=budget), max_new_tokens=MAX_NEW, record_logits=True
+    )
     result = run_in_process(model, segments, config, StopRule(frozenset({tokenizer.eos_token_id})))
     assert chosen, "nothing was sent"
 
@@ -137,4 +151,7 @@ def test_importance_selection_and_budget(tiny, monkeypatch, select, sparsity, bu
     assert result.answer_token_ids == expected
     assert torch.allclose(result.answer_logits[0], first_logits, atol=1e-4)
     if select != "random" and sparsity.comm < 1:  # not simply the paper's draw
-        assert any(not torch.equal(chosen[key], sent_indices(sparsity, key[0], key[1], len(kept[key[0]]), False)) for key in chosen)
+        assert any(
+            not torch.equal(chosen[key], sent_indices(sparsity, key[0], key[1], len(kept[key[0]]), False))
+            for key in chosen
+        )

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import random_segments
+
 from fedattn.runtime.decoding import Decoding, StopRule
 from fedattn.systems.fedattn.inprocess import run_in_process
 from fedattn.systems.fedattn.party import RunConfig
@@ -16,7 +16,7 @@ def hf_generate(model, ids, max_new):
     out = model.generate(
         torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, output_scores=True, return_dict_in_generate=True
     )
-    return out.sequences[0, len(ids):].tolist(), [score[0] for score in out.scores]
+    return out.sequences[0, len(ids) :].tolist(), [score[0] for score in out.scores]
 
 
 @pytest.mark.parametrize("lengths", [[31], [5, 17, 9], [3, 4, 5, 6]])
@@ -49,7 +49,9 @@ def test_sampling_is_seeded(tiny):
 
     def sample(seed):
         decoding = Decoding(temperature=1.0, top_k=50, top_p=0.95, seed=seed)
-        return run_in_process(model, segments, RunConfig(Schedule(8, (0, 4)), decoding=decoding, max_new_tokens=16)).answer_token_ids
+        return run_in_process(
+            model, segments, RunConfig(Schedule(8, (0, 4)), decoding=decoding, max_new_tokens=16)
+        ).answer_token_ids
 
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from fedattn.evaluation import eval_gsm8k
 from fedattn.errors import FedAttnError
+from fedattn.evaluation import eval_gsm8k
 from fedattn.evaluation.eval_gsm8k import add_arguments, run
 
 FAST = ["--model", "tiny-random", "--device", "cpu", "--shots", "1", "--max-new-tokens", "3"]
@@ -71,10 +71,31 @@ def test_batch_size_changes_no_answer(tmp_path):
     records = {}
     for size in (1, 3):
         out = tmp_path / f"batch-{size}"
-        assert run(parse("--out", str(out), "--limit", "3", "--parties", "2", "--every-answer", "--batch-size", str(size), "--max-new-tokens", "12")) == 0
+        assert (
+            run(
+                parse(
+                    "--out",
+                    str(out),
+                    "--limit",
+                    "3",
+                    "--parties",
+                    "2",
+                    "--every-answer",
+                    "--batch-size",
+                    str(size),
+                    "--max-new-tokens",
+                    "12",
+                )
+            )
+            == 0
+        )
         records[size] = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     for alone, together in zip(records[1], records[3]):
-        assert (together["index"], together["answers"], together["bytes_sent"]) == (alone["index"], alone["answers"], alone["bytes_sent"])
+        assert (together["index"], together["answers"], together["bytes_sent"]) == (
+            alone["index"],
+            alone["answers"],
+            alone["bytes_sent"],
+        )
         assert together["batch_size"] == 3 and alone["batch_size"] == 1
 
 

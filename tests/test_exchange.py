@@ -7,22 +7,22 @@ import math
 
 import pytest
 import torch
-
 from conftest import random_segments
-from fedattn.systems.fedattn import selection
-from fedattn.systems.fedattn.budget import Frame, fit_budget
-from fedattn.systems.fedattn.costs import ModelDims, expected_costs
-from fedattn.systems.fedattn.inprocess import _prefill, run_in_process
+
 from fedattn.errors import FedAttnError
-from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts
+from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, Hello, kv_frame_size
 from fedattn.network.handshake import check_hello, run_fingerprints
 from fedattn.network.kv_codec import get_codec
 from fedattn.privacy.noise import add_kv_noise, noise_generator
+from fedattn.systems.fedattn import selection
+from fedattn.systems.fedattn.budget import Frame, fit_budget
+from fedattn.systems.fedattn.costs import ModelDims, expected_costs
+from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts
+from fedattn.systems.fedattn.inprocess import _prefill, run_in_process
 from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
 from fedattn.systems.fedattn.selection import attention_scores, key_norm_scores, select_tokens
 from fedattn.systems.fedattn.sparsity import Sparsity, sent_indices
-from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, Hello, kv_frame_size
 
 # ---------------------------------------------------------------------------------------------
 # Selection on crafted tensors
@@ -70,7 +70,7 @@ def test_attention_picks_the_token_every_later_query_looks_at():
 
 def reference_attention_mass(query, key, positions, scaling) -> list[float]:
     """Column sums of causal softmax attention, one query and one head at a time (GQA by hand)."""
-    heads, groups = key.shape[0], query.shape[0] // key.shape[0]
+    groups = query.shape[0] // key.shape[0]
     mass = [0.0] * key.shape[1]
     for head in range(query.shape[0]):
         k = key[head // groups]
@@ -92,7 +92,9 @@ def test_attention_mass_matches_a_loop_reference(monkeypatch, chunk):
     key = torch.randn(2, 7, 8, generator=generator)
     positions = torch.tensor([3, 5, 6, 9, 10, 14, 15])  # kept tokens: gaps in positions
     expected = reference_attention_mass(query, key, positions, 0.35)
-    torch.testing.assert_close(attention_scores(query, key, positions, 0.35), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention_scores(query, key, positions, 0.35), torch.tensor(expected), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_random_selection_is_the_papers_sparse_draw():
@@ -129,7 +131,10 @@ def test_budget_plan_water_fills_and_never_exceeds():
 def test_budget_too_small_for_one_token_per_frame():
     frames = [Frame((0, layer), 5, 5) for layer in range(4)]
     fit_budget(frames, 4 * toy_size(1, False), toy_size)
-    with pytest.raises(FedAttnError, match=r"--kv-budget 135 bytes cannot carry one token in each of this run's 4 K/V frames \(at least 136 bytes\)"):
+    with pytest.raises(
+        FedAttnError,
+        match=r"--kv-budget 135 bytes cannot carry one token in each of this run's 4 K/V frames \(at least 136 bytes\)",
+    ):
         fit_budget(frames, 4 * toy_size(1, False) - 1, toy_size)
 
 
@@ -167,7 +172,9 @@ def test_measured_kv_bytes_never_exceed_the_budget(tiny, one_torch_thread, sched
     segments = random_segments(LENGTHS, seed=3)
     full = frame_token_counts(schedule, Sparsity(), Exchange(), codec, LENGTHS, 2, 16, all_answers)
     frames = len(full)
-    everything = sum(kv_frame_size(tokens, tokens == LENGTHS[sender], codec, 2, 16) for (sender, _), tokens in full.items())
+    everything = sum(
+        kv_frame_size(tokens, tokens == LENGTHS[sender], codec, 2, 16) for (sender, _), tokens in full.items()
+    )
     smallest = frames * kv_frame_size(1, False, codec, 2, 16)
     budget = smallest + int(fraction * (everything - smallest))  # between one token per frame and all
     exchange = Exchange(select="key-norm", budget=budget)
@@ -176,8 +183,13 @@ def test_measured_kv_bytes_never_exceed_the_budget(tiny, one_torch_thread, sched
     sent = kv_bytes_sent(result, all_answers)
     assert sent <= budget < everything
     # the plan uses the budget: what is left is less than one more token in each frame
-    assert budget - sent < frames * (kv_frame_size(2, False, codec, 2, 16) - kv_frame_size(1, False, codec, 2, 16)) + frames
-    costs = expected_costs(ModelDims.from_config(model.config), schedule, Sparsity(), codec, LENGTHS, all_answers, exchange)
+    assert (
+        budget - sent
+        < frames * (kv_frame_size(2, False, codec, 2, 16) - kv_frame_size(1, False, codec, 2, 16)) + frames
+    )
+    costs = expected_costs(
+        ModelDims.from_config(model.config), schedule, Sparsity(), codec, LENGTHS, all_answers, exchange
+    )
     assert [p.bytes_sent for p in result.parties] == [c.wire_bytes_sent for c in costs]
 
 
@@ -186,7 +198,9 @@ def test_a_budget_above_the_traffic_changes_nothing(tiny, one_torch_thread):
     schedule = Schedule(8, every(2, 8))
     segments = random_segments(LENGTHS, seed=3)
     plain = run_in_process(model, segments, RunConfig(schedule, max_new_tokens=4, record_logits=True))
-    capped = run_in_process(model, segments, RunConfig(schedule, exchange=Exchange(budget=10**9), max_new_tokens=4, record_logits=True))
+    capped = run_in_process(
+        model, segments, RunConfig(schedule, exchange=Exchange(budget=10**9), max_new_tokens=4, record_logits=True)
+    )
     assert capped.answer_token_ids == plain.answer_token_ids
     assert torch.equal(capped.answer_logits[0], plain.answer_logits[0])
     assert [p.bytes_sent for p in capped.parties] == [p.bytes_sent for p in plain.parties]
@@ -227,13 +241,24 @@ def test_noise_has_sigma_times_each_channels_spread():
 
 def noisy_config(noise: float, seed: int = 0, **overrides) -> RunConfig:
     schedule = Schedule(8, (), publisher_layers=all_layers(8))
-    return RunConfig(schedule, sparsity=Sparsity(seed=seed), exchange=Exchange(noise=noise), max_new_tokens=6, record_logits=True, **overrides)
+    return RunConfig(
+        schedule,
+        sparsity=Sparsity(seed=seed),
+        exchange=Exchange(noise=noise),
+        max_new_tokens=6,
+        record_logits=True,
+        **overrides,
+    )
 
 
 def test_noise_off_is_bit_identical_to_a_run_without_the_option(tiny, one_torch_thread):
     model, _ = tiny
     segments = random_segments(LENGTHS, seed=8)
-    without = run_in_process(model, segments, RunConfig(Schedule(8, (), publisher_layers=all_layers(8)), max_new_tokens=6, record_logits=True))
+    without = run_in_process(
+        model,
+        segments,
+        RunConfig(Schedule(8, (), publisher_layers=all_layers(8)), max_new_tokens=6, record_logits=True),
+    )
     off = run_in_process(model, segments, noisy_config(0.0))
     assert off.answer_token_ids == without.answer_token_ids
     assert all(torch.equal(a, b) for a, b in zip(off.answer_logits, without.answer_logits))
@@ -246,7 +271,9 @@ def test_noise_is_reproducible_changes_what_is_received_and_spares_the_senders_s
     noisy = run_in_process(model, segments, noisy_config(0.5))
     again = run_in_process(model, segments, noisy_config(0.5))
     other_seed = run_in_process(model, segments, noisy_config(0.5, seed=1))
-    assert torch.equal(noisy.answer_logits[0], again.answer_logits[0]) and noisy.answer_token_ids == again.answer_token_ids
+    assert (
+        torch.equal(noisy.answer_logits[0], again.answer_logits[0]) and noisy.answer_token_ids == again.answer_token_ids
+    )
     assert not torch.allclose(noisy.answer_logits[0], clean.answer_logits[0], atol=1e-4)
     assert not torch.equal(noisy.answer_logits[0], other_seed.answer_logits[0])
     # the same bytes cross either way

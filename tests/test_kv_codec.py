@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from fedattn.errors import FedAttnError, ProtocolError
+from fedattn.network.frames import (
+    KV_HEADER,
+    POSITION_BYTES,
+    KVBlock,
+    KVExpectation,
+    decode_kv,
+    encode_kv,
+    kv_frame_size,
+)
 from fedattn.network.kv_codec import CODECS, get_codec
-from fedattn.network.frames import KV_HEADER, POSITION_BYTES, KVBlock, KVExpectation, decode_kv, encode_kv, kv_frame_size
 
 QUANTIZED = ["int8", "int4", "int8-kivi", "int4-kivi"]
 
@@ -130,7 +138,12 @@ TOKENS = 3
 def frame_and_expectation(name: str) -> tuple[bytearray, KVExpectation]:
     generator = torch.Generator().manual_seed(3)
     shape = (HEADS, TOKENS, HEAD_DIM)
-    block = KVBlock(3, torch.arange(LO, LO + TOKENS), torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+    block = KVBlock(
+        3,
+        torch.arange(LO, LO + TOKENS),
+        torch.randn(shape, generator=generator),
+        torch.randn(shape, generator=generator),
+    )
     frame = bytearray(encode_kv(block, get_codec(name), whole_segment=True))
     assert len(frame) == kv_frame_size(TOKENS, True, get_codec(name), HEADS, HEAD_DIM)
     expect = KVExpectation("party-1", 3, HEADS, HEAD_DIM, TOKENS, (LO, LO + TOKENS))
@@ -146,7 +159,9 @@ def refused(frame: bytearray, expect: KVExpectation, name: str) -> str:
 
 @pytest.mark.parametrize("name", QUANTIZED)
 @pytest.mark.parametrize("tensor", ["key", "value"])
-@pytest.mark.parametrize("what,bad", [("scale", float("nan")), ("scale", float("inf")), ("min", float("-inf")), ("min", float("nan"))])
+@pytest.mark.parametrize(
+    "what,bad", [("scale", float("nan")), ("scale", float("inf")), ("min", float("-inf")), ("min", float("nan"))]
+)
 def test_non_finite_scales_are_refused(name, tensor, what, bad):
     frame, expect = frame_and_expectation(name)
     codec = get_codec(name)

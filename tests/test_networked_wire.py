@@ -61,8 +61,20 @@ def participant(rank: int, port: int, own: list[str], model: str = "tiny-random"
     shared = list(SHARED)
     shared[1] = model
     command = [
-        sys.executable, "-m", "fedattn.cli", "participant", "--rank", str(rank), "--world-size", "2",
-        "--master", f"127.0.0.1:{port}", "--external-store", *own, *shared, "--json",
+        sys.executable,
+        "-m",
+        "fedattn.cli",
+        "participant",
+        "--rank",
+        str(rank),
+        "--world-size",
+        "2",
+        "--master",
+        f"127.0.0.1:{port}",
+        "--external-store",
+        *own,
+        *shared,
+        "--json",
     ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 

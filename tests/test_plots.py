@@ -11,11 +11,21 @@ from matplotlib import image
 
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.eval_gsm8k import run_configuration
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.evaluation.plots import (
-    MISSING, Result, add_arguments, load_results, plot_ablation, plot_frontier, plot_privacy, plot_vs_parameter, run, schedule_label,
-    sent_blocks, worst_recovery,
+    MISSING,
+    Result,
+    add_arguments,
+    load_results,
+    plot_ablation,
+    plot_frontier,
+    plot_privacy,
+    plot_vs_parameter,
+    run,
+    schedule_label,
+    sent_blocks,
+    worst_recovery,
 )
+from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, every, placement
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -38,7 +48,11 @@ def result_folder(root: Path, name: str, summary: dict) -> Path:
 
 
 def gsm8k_folder(root: Path, name: str, parties: int, sync_layers: tuple[int, ...], em: float, sent: float) -> Path:
-    summary = {"em": {"publisher": em, "average": em}, "bytes": {"mean_sent_per_query": sent}, "config": gsm8k_config(parties, sync_layers)}
+    summary = {
+        "em": {"publisher": em, "average": em},
+        "bytes": {"mean_sent_per_query": sent},
+        "config": gsm8k_config(parties, sync_layers),
+    }
     return result_folder(root, name, summary)
 
 
@@ -61,7 +75,12 @@ def sweep(tmp_path) -> list[Path]:
 
 def test_settings_are_recovered_from_the_stored_schedule(sweep):
     h8, deep = (Result(folder, json.loads((folder / "summary.json").read_text())) for folder in sweep[1:3])
-    assert (h8.get("sync_every"), h8.get("placement"), h8.get("parties"), h8.get("model")) == (8, "every", 4, "tiny-random")
+    assert (h8.get("sync_every"), h8.get("placement"), h8.get("parties"), h8.get("model")) == (
+        8,
+        "every",
+        4,
+        "tiny-random",
+    )
     assert (deep.get("placement"), deep.get("sync_blocks"), deep.get("ratio_comm")) == ("deep-half", 3, 1.0)
     assert (h8.get("em_publisher"), h8.get("bytes_per_query")) == (0.25, 1024.0)
 
@@ -82,7 +101,9 @@ def test_each_plot_is_a_png(sweep, tmp_path):
 
 
 def test_a_folder_without_the_metric_is_skipped_with_a_message(sweep, tmp_path, capsys):
-    partial = result_folder(tmp_path, "partial", {"bytes": {"mean_sent_per_query": 2048.0}, "config": gsm8k_config(4, every(4, LAYERS))})
+    partial = result_folder(
+        tmp_path, "partial", {"bytes": {"mean_sent_per_query": 2048.0}, "config": gsm8k_config(4, every(4, LAYERS))}
+    )
     assert_png(plot_vs_parameter(sweep + [partial], tmp_path / "h.png"))
     assert f"skipping {partial}: no 'em_publisher'" in capsys.readouterr().err
     assert plot_frontier([partial], tmp_path / "none.png") is None
@@ -146,7 +167,11 @@ def test_a_publisher_only_schedule_has_no_sync_interval(tmp_path):
 def test_leakage_is_the_best_attacked_block_the_run_sends(tmp_path, capsys):
     attack = tmp_path / "attack" / "summary.json"
     attack.parent.mkdir()
-    attack.write_text(json.dumps({"rate": {"0": {"0": 1.0, "0.3": 0.3}, "8": {"0": 0.4, "0.3": 0.35}}, "config": {"kv_codec": "float32"}}))
+    attack.write_text(
+        json.dumps(
+            {"rate": {"0": {"0": 1.0, "0.3": 0.3}, "8": {"0": 0.4, "0.3": 0.35}}, "config": {"kv_codec": "float32"}}
+        )
+    )
     h8 = gsm8k_folder(tmp_path / "runs", "h8", 4, every(8, LAYERS), 0.25, 1024.0)  # sends 0, 8, 16
     noisy = gsm8k_config(4, ())
     noisy["schedule"]["publisher_layers"] = list(range(LAYERS))
@@ -155,7 +180,11 @@ def test_leakage_is_the_best_attacked_block_the_run_sends(tmp_path, capsys):
     late = gsm8k_folder(tmp_path / "runs", "late", 4, (16,), 0.1, 512.0)  # a block the attack did not cover
     summary = json.loads(attack.read_text())
     results = load_results([h8, dense, late])
-    assert [worst_recovery(summary, sent_blocks(result), float(result.get("kv_noise"))) for result in results] == [(1.0, 0), (0.35, 8), None]
+    assert [worst_recovery(summary, sent_blocks(result), float(result.get("kv_noise"))) for result in results] == [
+        (1.0, 0),
+        (0.35, 8),
+        None,
+    ]
     assert_png(plot_privacy([h8, dense, late], [attack], tmp_path / "leak.png"))
     assert "skipping" in capsys.readouterr().err
     quantized = gsm8k_config(4, every(8, LAYERS))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fedattn.runtime.models import DEFAULT_MODEL, KNOWN_MODELS, cache_complete, load_model
-from fedattn.systems.fedattn.party import RunConfig
-from fedattn.systems.fedattn.query import answer_question, stop_rule
 from fedattn.runtime.prompting import build_segments
 from fedattn.systems.fedattn.inprocess import run_in_process
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.query import answer_question, stop_rule
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
 
 pytestmark = pytest.mark.real_model
@@ -34,7 +34,7 @@ def test_sync_every_block_equals_centralized_generation(qwen):
     ids = torch.tensor([sum(segments, [])])
     with torch.inference_mode():
         reference = model.generate(ids, max_new_tokens=12, do_sample=False)
-    assert result.answer_token_ids == reference[0, ids.shape[1]:].tolist()
+    assert result.answer_token_ids == reference[0, ids.shape[1] :].tolist()
 
 
 def test_publisher_dense_answers_from_another_partys_record(qwen):

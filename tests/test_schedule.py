@@ -3,7 +3,15 @@
 import pytest
 
 from fedattn.errors import FedAttnError
-from fedattn.systems.fedattn.schedule import Schedule, all_layers, every, format_layers, parse_layers, placement, sync_count
+from fedattn.systems.fedattn.schedule import (
+    Schedule,
+    all_layers,
+    every,
+    format_layers,
+    parse_layers,
+    placement,
+    sync_count,
+)
 
 
 def test_every():

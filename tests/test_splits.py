@@ -1,9 +1,9 @@
 import pytest
 
-from fedattn.evaluation.tasks import gsm8k
 from fedattn.errors import FedAttnError
-from fedattn.systems.fedattn.splits import SPLITS, even_sizes, split_prompt
+from fedattn.evaluation.tasks import gsm8k
 from fedattn.runtime.tiny_model import build_tiny_tokenizer
+from fedattn.systems.fedattn.splits import SPLITS, even_sizes, split_prompt
 
 EXEMPLARS = [
     "Question: 1+1?\nLet's think step by step\n1+1=2\nThe answer is 2",
@@ -47,7 +47,7 @@ def test_tokag_cuts_the_whole_sequence_evenly(tokenizer, parties):
     assert [token for segment in segments for token in segment] == whole
     assert_even(segments, len(whole))
     question = ids(tokenizer, QUESTION)
-    assert segments[-1][-len(question):] == question
+    assert segments[-1][-len(question) :] == question
 
 
 @pytest.mark.parametrize("parties", [2, 3, 4, 7])
@@ -64,11 +64,16 @@ def test_semag_deals_whole_exemplars_in_contiguous_groups(tokenizer):
     pieces = [ids(tokenizer, text) for text in units(EXEMPLARS)]
     question = ids(tokenizer, QUESTION)
     assert split_prompt(tokenizer, EXEMPLARS[:4], QUESTION, "SemAg", 4) == [
-        pieces[0], pieces[1], pieces[2], pieces[3] + question
+        pieces[0],
+        pieces[1],
+        pieces[2],
+        pieces[3] + question,
     ]
     # 5 exemplars among 3 parties: groups of 2, 2, 1 (larger groups first)
     assert split_prompt(tokenizer, EXEMPLARS, QUESTION, "SemAg", 3) == [
-        pieces[0] + pieces[1], pieces[2] + pieces[3], pieces[4] + question
+        pieces[0] + pieces[1],
+        pieces[2] + pieces[3],
+        pieces[4] + question,
     ]
     # fewer exemplars than parties: the publisher may hold the question alone
     assert split_prompt(tokenizer, EXEMPLARS[:3], QUESTION, "SemAg", 4)[-1] == question
@@ -78,7 +83,9 @@ def test_semex_deals_whole_exemplars_to_collaborators_only(tokenizer):
     pieces = [ids(tokenizer, text) for text in units(EXEMPLARS)]
     question = ids(tokenizer, QUESTION)
     assert split_prompt(tokenizer, EXEMPLARS, QUESTION, "SemEx", 3) == [
-        pieces[0] + pieces[1] + pieces[2], pieces[3] + pieces[4], question
+        pieces[0] + pieces[1] + pieces[2],
+        pieces[3] + pieces[4],
+        question,
     ]
     assert split_prompt(tokenizer, EXEMPLARS[:4], QUESTION, "SemEx", 5) == [*pieces[:4], question]
 
@@ -98,14 +105,17 @@ def test_real_gsm8k_prompt_concatenates_to_the_centralized_text(tokenizer, split
     assert tokenizer.decode(segments[-1]).endswith(question)
 
 
-@pytest.mark.parametrize(("split", "exemplars", "parties", "message"), [
-    ("SemEx", EXEMPLARS[:2], 4, "2 exemplars cannot be dealt"),
-    ("SemAg", EXEMPLARS[:2], 4, "needs at least 3"),
-    ("TokEx", [], 3, "too few to cut"),
-    ("TokAg", ["ab"], 100, "too few to cut among 100"),
-    ("Tok", EXEMPLARS, 2, "unknown split"),
-    ("TokAg", EXEMPLARS, 0, "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("split", "exemplars", "parties", "message"),
+    [
+        ("SemEx", EXEMPLARS[:2], 4, "2 exemplars cannot be dealt"),
+        ("SemAg", EXEMPLARS[:2], 4, "needs at least 3"),
+        ("TokEx", [], 3, "too few to cut"),
+        ("TokAg", ["ab"], 100, "too few to cut among 100"),
+        ("Tok", EXEMPLARS, 2, "unknown split"),
+        ("TokAg", EXEMPLARS, 0, "must be >= 1"),
+    ],
+)
 def test_impossible_splits_are_refused(tokenizer, split, exemplars, parties, message):
     with pytest.raises(FedAttnError, match=message):
         split_prompt(tokenizer, exemplars, QUESTION, split, parties)

@@ -18,7 +18,7 @@ def test_two_point_grid_writes_records_and_a_png(tmp_path):
     config.write_text(
         f"""
 benchmark = "gsm8k"
-out = "{tmp_path / 'results'}"
+out = "{tmp_path / "results"}"
 plot = true
 
 [base]
@@ -46,13 +46,18 @@ sync_every = [1, 2]
 
 def test_grid_expansion_and_option_words(tmp_path):
     config = tmp_path / "s.toml"
-    config.write_text('benchmark = "gsm8k"\nout = "x"\n[base]\nall_answers = true\n[grid]\nsync_every = [2, 4]\nparties = [3, 4]\n')
+    config.write_text(
+        'benchmark = "gsm8k"\nout = "x"\n[base]\nall_answers = true\n[grid]\nsync_every = [2, 4]\nparties = [3, 4]\n'
+    )
     sweep = load_sweep(config)
     assert len(points(sweep)) == 4
     assert option_words({"sync_every": 4, "all_answers": True, "raw": False}) == ["--sync-every", "4", "--all-answers"]
 
 
-@pytest.mark.parametrize("text,message", [("benchmark = 'nope'\nout='x'", "benchmark"), ("benchmark='gsm8k'", "'out'"), ("[[", "not valid TOML")])
+@pytest.mark.parametrize(
+    "text,message",
+    [("benchmark = 'nope'\nout='x'", "benchmark"), ("benchmark='gsm8k'", "'out'"), ("[[", "not valid TOML")],
+)
 def test_bad_sweep_files(tmp_path, capsys, text, message):
     config = tmp_path / "bad.toml"
     config.write_text(text)

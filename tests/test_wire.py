@@ -14,12 +14,10 @@ import pytest
 import torch
 
 from fedattn.errors import FedAttnError, ProtocolError
-from fedattn.network.kv_codec import CODECS, get_codec
-from fedattn.network.transport import InProcessGrid
 from fedattn.network.frames import (
     FLAG_WHOLE_SEGMENT,
-    KIND_KV,
     KIND_DONE,
+    KIND_KV,
     KIND_TOKEN,
     KV_HEADER,
     MAGIC,
@@ -35,6 +33,8 @@ from fedattn.network.frames import (
     encode_small,
     kv_frame_size,
 )
+from fedattn.network.kv_codec import CODECS, get_codec
+from fedattn.network.transport import InProcessGrid
 
 HEADS, HEAD_DIM = 2, 16
 LAYER = 3
@@ -62,7 +62,11 @@ def make_block(positions: list[int], layer: int = LAYER, seed: int = 0) -> KVBlo
 
 def expectation(max_tokens: int = SEGMENT, lo: int = LO, layer: int = LAYER) -> KVExpectation:
     return KVExpectation(
-        sender=SENDER, layer=layer, num_kv_heads=HEADS, head_dim=HEAD_DIM, max_tokens=max_tokens,
+        sender=SENDER,
+        layer=layer,
+        num_kv_heads=HEADS,
+        head_dim=HEAD_DIM,
+        max_tokens=max_tokens,
         position_range=(lo, lo + max_tokens),
     )
 
@@ -112,8 +116,17 @@ def test_header_layout_matches_the_patch_helper():
     assert KV_HEADER.size == 22
     frame = whole_frame()
     widths = dict(zip(FIELDS, (4, 1, 1, 1, 1, 2, 2, 2, 4, 4)))
-    for name, value in [("version", 9), ("kind", 7), ("codec", 5), ("flags", 0x80), ("layer", 513),
-                        ("heads", 258), ("head_dim", 259), ("tokens", 0x01020304), ("first", 0x0A0B0C0D)]:
+    for name, value in [
+        ("version", 9),
+        ("kind", 7),
+        ("codec", 5),
+        ("flags", 0x80),
+        ("layer", 513),
+        ("heads", 258),
+        ("head_dim", 259),
+        ("tokens", 0x01020304),
+        ("first", 0x0A0B0C0D),
+    ]:
         patched = patch(frame, **{name: value})
         assert int.from_bytes(patched[OFFSET[name] : OFFSET[name] + widths[name]], "little") == value, name
         assert patched[KV_HEADER.size :] == frame[KV_HEADER.size :]
@@ -127,7 +140,12 @@ def test_float32_round_trip_is_bit_exact(whole):
     block = make_block(positions)
     frame = encode_kv(block, F32, whole_segment=whole)
     assert len(frame) == kv_frame_size(len(positions), whole, F32, HEADS, HEAD_DIM)
-    assert len(frame) == KV_HEADER.size + (0 if whole else POSITION_BYTES * len(positions)) + 2 * HEADS * len(positions) * HEAD_DIM * 4
+    assert (
+        len(frame)
+        == KV_HEADER.size
+        + (0 if whole else POSITION_BYTES * len(positions))
+        + 2 * HEADS * len(positions) * HEAD_DIM * 4
+    )
     decoded = decode_kv(frame, expectation(), F32)
     assert decoded.layer == LAYER
     assert decoded.positions.tolist() == positions
@@ -152,7 +170,9 @@ def test_half_precision_round_trip_matches_the_codec(name, whole):
     assert decoded.key.dtype == codec.dtype
     assert torch.equal(decoded.key, key) and torch.equal(decoded.value, value)
     # exactly the cast of the original, and close to it within the dtype's precision
-    assert torch.equal(decoded.key, block.key.to(codec.dtype)) and torch.equal(decoded.value, block.value.to(codec.dtype))
+    assert torch.equal(decoded.key, block.key.to(codec.dtype)) and torch.equal(
+        decoded.value, block.value.to(codec.dtype)
+    )
     eps = torch.finfo(codec.dtype).eps
     torch.testing.assert_close(decoded.key.float(), block.key, rtol=eps, atol=1e-6)
     torch.testing.assert_close(decoded.value.float(), block.value, rtol=eps, atol=1e-6)
@@ -210,7 +230,7 @@ def test_wrong_head_count():
 def test_wrong_head_dim():
     message = rejected(patch(whole_frame(), head_dim=HEAD_DIM // 2))
     assert f"shape {HEADS} KV heads x {HEAD_DIM // 2}, the model has {HEADS} x {HEAD_DIM}" in message
-    assert f"x 65535, the model has" in rejected(patch(whole_frame(), head_dim=0xFFFF))
+    assert "x 65535, the model has" in rejected(patch(whole_frame(), head_dim=0xFFFF))
 
 
 def test_zero_tokens():
@@ -273,7 +293,11 @@ def test_truncated_header(length):
 
 
 NON_FINITE = {
-    "float32": {"nan": struct.pack("<f", math.nan), "inf": struct.pack("<f", math.inf), "-inf": struct.pack("<f", -math.inf)},
+    "float32": {
+        "nan": struct.pack("<f", math.nan),
+        "inf": struct.pack("<f", math.inf),
+        "-inf": struct.pack("<f", -math.inf),
+    },
     "bfloat16": {"nan": b"\xc0\x7f", "inf": b"\x80\x7f", "-inf": b"\x80\xff"},
     "float16": {"nan": b"\x00\x7e", "inf": b"\x00\x7c", "-inf": b"\x00\xfc"},
 }
@@ -376,7 +400,9 @@ def test_small_frame_wrong_kind():
 
 def test_small_frame_wrong_magic_and_version():
     assert "not a fedattn frame" in small_rejected(SMALL_FRAME.pack(b"XXXX", VERSION, KIND_DONE, 5))
-    assert f"protocol version 7, this build speaks {VERSION}" in small_rejected(SMALL_FRAME.pack(MAGIC, 7, KIND_DONE, 5))
+    assert f"protocol version 7, this build speaks {VERSION}" in small_rejected(
+        SMALL_FRAME.pack(MAGIC, 7, KIND_DONE, 5)
+    )
 
 
 @pytest.mark.parametrize("value", [100, 101, (1 << 64) - 1])

@@ -40,4 +40,6 @@ def float_where(allowed: Callable[[float], bool], requirement: str) -> Callable[
 
 positive_float = float_where(lambda number: number > 0, "must be > 0")
 ratio = float_where(lambda number: 0.0 < number <= 1.0, "ratio must be in (0, 1]")  # a keep ratio
-non_negative_float = float_where(lambda number: 0.0 <= number < float("inf"), "must be a finite number >= 0")  # a noise scale
+non_negative_float = float_where(
+    lambda number: 0.0 <= number < float("inf"), "must be a finite number >= 0"
+)  # a noise scale

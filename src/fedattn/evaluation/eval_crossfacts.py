@@ -40,9 +40,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks import narrativeqa
 from fedattn.evaluation.tasks.crossfacts import VIEWS, Item, check_sizes, generate_item
-from fedattn.errors import FedAttnError
 from fedattn.report.render import progress_bar
 
 DEFAULT_MAX_NEW_TOKENS = 32  # gold answers are a few tokens; the first line is all that is scored
@@ -64,16 +64,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_shared_options(parser)
     parser.set_defaults(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--source", choices=SOURCES, default="crossfacts", help="generated records or NarrativeQA stories (default crossfacts)")
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="crossfacts",
+        help="generated records or NarrativeQA stories (default crossfacts)",
+    )
     parser.add_argument("--count", type=positive_int, default=100, help="items generated or drawn (default 100)")
     parser.add_argument("--parties", type=positive_int, default=3, help="parties including the publisher (default 3)")
-    parser.add_argument("--facts", type=positive_int, help=f"crossfacts only: people (4 facts each) per collaborator's document (default {DEFAULT_FACTS})")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated items (--seed is the sampling seed)")
+    parser.add_argument(
+        "--facts",
+        type=positive_int,
+        help=f"crossfacts only: people (4 facts each) per collaborator's document (default {DEFAULT_FACTS})",
+    )
+    parser.add_argument(
+        "--data-seed", type=int, default=0, help="seed of the generated items (--seed is the sampling seed)"
+    )
     parser.add_argument("--offset", type=non_negative_int, default=0, help="first item to evaluate")
     parser.add_argument("--limit", type=positive_int, help="evaluate at most this many items from --offset")
     parser.add_argument("--mode", choices=tuple(VIEWS), default="federated", help="who holds what (default federated)")
-    parser.add_argument("--out", type=Path, required=True, help="results folder (records.jsonl, summary.json); reruns resume")
-    parser.add_argument("--batch-size", type=positive_int, default=16, metavar="B", help="items decoded together (default 16)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="results folder (records.jsonl, summary.json); reruns resume"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, metavar="B", help="items decoded together (default 16)"
+    )
 
 
 def normalize(text: str) -> list[str]:
@@ -213,8 +228,8 @@ def _store(args: argparse.Namespace, source: ItemSource, loaded, config):
 def evaluate_items(loaded, config, args: argparse.Namespace, indices: list[int], items: list[Item]) -> list[dict]:
     """Items in ``args.mode``: segments, one in-process run each with decoding batched, scores and
     traffic. A record's ``decode_s`` and ``wall_s`` are its share of the batch's time."""
-    from fedattn.systems.fedattn.inprocess import run_many_in_process
     from fedattn.runtime.prompting import build_segments, check_context_window
+    from fedattn.systems.fedattn.inprocess import run_many_in_process
     from fedattn.systems.fedattn.query import stop_rule
 
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -232,7 +247,9 @@ def evaluate_items(loaded, config, args: argparse.Namespace, indices: list[int],
     ]
 
 
-def _record(loaded, config, args: argparse.Namespace, index: int, item: Item, segments: list[list[int]], result) -> dict:
+def _record(
+    loaded, config, args: argparse.Namespace, index: int, item: Item, segments: list[list[int]], result
+) -> dict:
     """One item's answer, score, traffic (measured and predicted) and times."""
     from fedattn.systems.fedattn.costs import ModelDims, run_costs
 
@@ -295,5 +312,3 @@ def summary_line(summary: dict, args: argparse.Namespace, path: Path) -> str:
         f"over {summary['items']} items; {summary['mean_bytes_sent'] / 1e6:.2f} MB sent per query; "
         f"{summary['total_s']:.1f} s in all -> {path}"
     )
-
-

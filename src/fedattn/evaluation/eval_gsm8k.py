@@ -21,18 +21,18 @@ from dataclasses import asdict
 from pathlib import Path
 from statistics import mean
 
+from fedattn.errors import FedAttnError
+from fedattn.evaluation.results import ResultStore
 from fedattn.evaluation.tasks import gsm8k
 from fedattn.evaluation.tasks.gsm8k_scoring import extract_answer, is_correct
-from fedattn.systems.fedattn.costs import ModelDims, PartyCost, run_costs
-from fedattn.runtime.decoding import StopRule
-from fedattn.systems.fedattn.inprocess import RunResult, party_names, run_many_in_process
-from fedattn.errors import FedAttnError
-from fedattn.runtime.models import LoadedModel
-from fedattn.systems.fedattn.party import RunConfig
-from fedattn.runtime.prompting import check_context_window
-from fedattn.systems.fedattn.query import stop_rule
 from fedattn.report.render import format_bytes, progress_bar
-from fedattn.evaluation.results import ResultStore
+from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.models import LoadedModel
+from fedattn.runtime.prompting import check_context_window
+from fedattn.systems.fedattn.costs import ModelDims, PartyCost, run_costs
+from fedattn.systems.fedattn.inprocess import RunResult, party_names, run_many_in_process
+from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.splits import SPLITS, split_prompt
 
 STOP_TEXTS = ("\nQuestion:", "Question:")  # the model starting the next few-shot item
@@ -47,14 +47,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_shared_options(parser)
     parser.set_defaults(max_new_tokens=PAPER_MAX_NEW_TOKENS)
-    parser.add_argument("--split", choices=SPLITS, default="TokEx", help="how the prompt is dealt to the parties (default TokEx)")
-    parser.add_argument("--parties", type=positive_int, default=4, metavar="N", help="parties, the publisher included; 1 = centralized (default 4)")
-    parser.add_argument("--shots", type=non_negative_int, default=4, metavar="K", help="exemplars: the first K GSM8K train problems (default 4)")
-    parser.add_argument("--limit", type=positive_int, metavar="M", help="evaluate M test problems (default: all from --offset)")
+    parser.add_argument(
+        "--split", choices=SPLITS, default="TokEx", help="how the prompt is dealt to the parties (default TokEx)"
+    )
+    parser.add_argument(
+        "--parties",
+        type=positive_int,
+        default=4,
+        metavar="N",
+        help="parties, the publisher included; 1 = centralized (default 4)",
+    )
+    parser.add_argument(
+        "--shots",
+        type=non_negative_int,
+        default=4,
+        metavar="K",
+        help="exemplars: the first K GSM8K train problems (default 4)",
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, metavar="M", help="evaluate M test problems (default: all from --offset)"
+    )
     parser.add_argument("--offset", type=non_negative_int, default=0, help="first test problem (default 0)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="records, summary and configuration; rerun to resume")
-    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="problems decoded together (default 8)")
-    parser.add_argument("--every-answer", action="store_true", help="decode and score every participant's answer, not only the publisher's")
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="records, summary and configuration; rerun to resume"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, metavar="B", help="problems decoded together (default 8)"
+    )
+    parser.add_argument(
+        "--every-answer",
+        action="store_true",
+        help="decode and score every participant's answer, not only the publisher's",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
             advance(len(batch))
     summary = summarize(store.records()) | {"device": device}
     store.write_summary(summary)
-    print(json.dumps(summary | {"config": store.config}, indent=2) if args.json else describe(summary, store.config, store.summary_path))
+    print(
+        json.dumps(summary | {"config": store.config}, indent=2)
+        if args.json
+        else describe(summary, store.config, store.summary_path)
+    )
     return 0
 
 
@@ -99,7 +127,10 @@ def run_configuration(args: argparse.Namespace, loaded: LoadedModel, config: Run
         "parties": args.parties,
         "shots": args.shots,
         "schedule": asdict(config.schedule)  # tuples as JSON reads them back
-        | {"sync_layers": list(config.schedule.sync_layers), "publisher_layers": list(config.schedule.publisher_layers)},
+        | {
+            "sync_layers": list(config.schedule.sync_layers),
+            "publisher_layers": list(config.schedule.publisher_layers),
+        },
         "sparsity": asdict(config.sparsity),
         "decoding": asdict(config.decoding),
         "max_new_tokens": config.max_new_tokens,
@@ -121,23 +152,35 @@ def evaluate_problems(
 
     A record's ``decode_s`` and ``wall_s`` are its share of the batch's time."""
     start = time.perf_counter()
-    queries = [split_prompt(loaded.tokenizer, exemplars, gsm8k.question_text(problem), split, parties) for problem in problems]
+    queries = [
+        split_prompt(loaded.tokenizer, exemplars, gsm8k.question_text(problem), split, parties) for problem in problems
+    ]
     for segments in queries:
         check_context_window(segments, config.max_new_tokens, loaded.model.config.max_position_embeddings)
     results = run_many_in_process(loaded.model, queries, config, stop, loaded.identity)
     wall_s = (time.perf_counter() - start) / len(problems)
     return [
-        _record(loaded, config, stop, problem, index, segments, result) | {"wall_s": wall_s, "batch_size": len(problems)}
+        _record(loaded, config, stop, problem, index, segments, result)
+        | {"wall_s": wall_s, "batch_size": len(problems)}
         for problem, index, segments, result in zip(problems, indices, queries, results)
     ]
 
 
 def _record(
-    loaded: LoadedModel, config: RunConfig, stop: StopRule, problem: gsm8k.Problem, index: int, segments: list[list[int]], result: RunResult
+    loaded: LoadedModel,
+    config: RunConfig,
+    stop: StopRule,
+    problem: gsm8k.Problem,
+    index: int,
+    segments: list[list[int]],
+    result: RunResult,
 ) -> dict:
     """One problem's answers, scores, traffic (measured and predicted), FLOPs and times."""
     names = party_names(len(segments))
-    texts = {names[rank]: stop.trim(loaded.tokenizer.decode(ids, skip_special_tokens=True)) for rank, ids in result.answers.items()}
+    texts = {
+        names[rank]: stop.trim(loaded.tokenizer.decode(ids, skip_special_tokens=True))
+        for rank, ids in result.answers.items()
+    }
     lengths = [len(segment) for segment in segments]
     dims = ModelDims.from_config(loaded.model.config)
     expected = run_costs(dims, config, lengths)
@@ -205,7 +248,8 @@ def describe(summary: dict, config: dict, path: Path) -> str:
         best = em["best_collaborator"]
         text += f"; average over all parties {em['average']:.1%}, best collaborator {best['name']} {best['em']:.1%}"
     return text + (
-        f". Per query {format_bytes(traffic['mean_sent_per_query'])} sent (cost model {format_bytes(traffic['mean_expected_sent_per_query'])}), "
+        f". Per query {format_bytes(traffic['mean_sent_per_query'])} sent "
+        f"(cost model {format_bytes(traffic['mean_expected_sent_per_query'])}), "
         f"{summary['mean_flops_per_query']:.3g} FLOPs; {timing['total_s']:.1f} s in all, "
         f"{timing['tokens_per_s']:.1f} new tokens/s while decoding. Summary: {path}"
     )
@@ -234,6 +278,3 @@ def _problem_range(count: int, offset: int, limit: int | None) -> range:
     if offset >= count:
         raise FedAttnError(f"--offset {offset} is past the last of the {count} GSM8K test problems")
     return range(offset, count if limit is None else min(count, offset + limit))
-
-
-

@@ -44,17 +44,48 @@ SETTING_NAMES = {  # config paths -> option names
     "kv_exchange.noise": "kv_noise",
     "kv_exchange.budget": "kv_budget",
 }
-NOT_SETTINGS = ("model.identity", "model.dtype", "schedule.describe", "schedule.num_layers", "schedule.sync_layers", "schedule.publisher_layers")
-EXCHANGE_SETTINGS = ("sync_every", "sync_blocks", "placement", "sync_layers", "publisher_layers", "publisher_sync_every",
-                     "kv_codec", "kv_select", "kv_noise", "kv_budget", "ratio_comm", "ratio_comm_publisher")
+NOT_SETTINGS = (
+    "model.identity",
+    "model.dtype",
+    "schedule.describe",
+    "schedule.num_layers",
+    "schedule.sync_layers",
+    "schedule.publisher_layers",
+)
+EXCHANGE_SETTINGS = (
+    "sync_every",
+    "sync_blocks",
+    "placement",
+    "sync_layers",
+    "publisher_layers",
+    "publisher_sync_every",
+    "kv_codec",
+    "kv_select",
+    "kv_noise",
+    "kv_budget",
+    "ratio_comm",
+    "ratio_comm_publisher",
+)
 SWEEPS = ("sync_every", "parties")  # line plots: EM vs H, EM vs N
 ABLATIONS = ("placement", "ratio_comp", "ratio_comm", "publisher_sync_every")  # bar charts
 # settings that change along with a compared one: H fixes the number of sync blocks; a placement
 # keeps that number but has no H
 DEPENDENT = {"sync_every": ("sync_blocks",), "placement": ("sync_every", "sync_layers")}
-LABEL_DEFAULTS = {"parties": None, "sync_every": None, "placement": "every", "sync_blocks": None, "sync_layers": None,
-                  "publisher_layers": "none", "publisher_sync_every": None, "ratio_comp": 1.0, "ratio_comm": 1.0,
-                  "kv_codec": None, "kv_select": "random", "kv_budget": None, "kv_noise": 0.0}
+LABEL_DEFAULTS = {
+    "parties": None,
+    "sync_every": None,
+    "placement": "every",
+    "sync_blocks": None,
+    "sync_layers": None,
+    "publisher_layers": "none",
+    "publisher_sync_every": None,
+    "ratio_comp": 1.0,
+    "ratio_comm": 1.0,
+    "kv_codec": None,
+    "kv_select": "random",
+    "kv_budget": None,
+    "kv_noise": 0.0,
+}
 FLOAT_CODECS = ("float32", "bfloat16", "float16")  # lossless for a model computing in that dtype: not labelled
 MISSING = object()
 
@@ -102,7 +133,9 @@ def settings(config: dict) -> dict[str, Any]:
     if isinstance(publisher_layers, list) and isinstance(num_layers, int):
         named["publisher_layers"] = publisher_setting(publisher_layers, num_layers)
     if named.get("parties") == 1 or named.get("mode", "federated") != "federated":  # nothing is exchanged
-        named = {key: value for key, value in named.items() if key not in EXCHANGE_SETTINGS} | {"mode": named.get("mode", "centralized")}
+        named = {key: value for key, value in named.items() if key not in EXCHANGE_SETTINGS} | {
+            "mode": named.get("mode", "centralized")
+        }
     return named
 
 
@@ -183,7 +216,11 @@ def series(results: list[Result], x: str) -> dict[str, list[Result]]:
     """Group by the settings that differ among ``results`` (besides ``x``), so one plot of a mixed
     set of folders shows each sweep as its own line instead of zig-zagging across them."""
     ignored = {x, *DEPENDENT.get(x, ())}
-    varying = sorted(key for key in {key for result in results for key in result.settings} if key not in ignored and _distinct(results, key, missing=True) > 1)
+    varying = sorted(
+        key
+        for key in {key for result in results for key in result.settings}
+        if key not in ignored and _distinct(results, key, missing=True) > 1
+    )
     groups: dict[str, list[Result]] = defaultdict(list)
     for result in results:
         label = ", ".join(f"{key}={_text(result.settings.get(key))}" for key in varying)
@@ -203,14 +240,24 @@ def matched(results: list[Result], key: str) -> list[Result]:
     if _distinct(best, key) < 2:
         return results
     if len(best) < len(results):
-        print(f"fedattn plot: {key}: comparing the {len(best)} runs that differ only in {key}, not the other {len(results) - len(best)}", file=sys.stderr)
+        print(
+            f"fedattn plot: {key}: comparing the {len(best)} runs that differ only in {key}, "
+            f"not the other {len(results) - len(best)}",
+            file=sys.stderr,
+        )
     return best
 
 
 def _distinct(results: list[Result], key: str, missing: bool = False) -> int:
     """How many values of ``key`` the results take (a missing value counts only with ``missing``)."""
     values = [result.get(key) for result in results]
-    return len({json.dumps(None if value is MISSING else value, sort_keys=True) for value in values if missing or value is not MISSING})
+    return len(
+        {
+            json.dumps(None if value is MISSING else value, sort_keys=True)
+            for value in values
+            if missing or value is not MISSING
+        }
+    )
 
 
 def _text(value: Any) -> str:
@@ -256,12 +303,16 @@ def plot_vs_parameter(
     A run that is not federated and lacks ``x`` (centralized N = 1 against H) is a reference line.
     Returns None (after saying why) when no folder has both values."""
     loaded = _as_results(folders)
-    references = [result for result in loaded if _is_reference(result) and result.get(x) is MISSING and _is_number(result.get(y))]
+    references = [
+        result for result in loaded if _is_reference(result) and result.get(x) is MISSING and _is_number(result.get(y))
+    ]
     results = having([result for result in loaded if result not in references], numbers=(x, y))
     drawn = [result for group in series(results, x).values() if _distinct(group, x) > 1 for result in group]
     lines = series(drawn, x)  # labels name only what differs among the lines drawn
     if not lines:
-        print(f"fedattn plot: no runs alike in all but {x!r} take two values of it; {out.name} not drawn", file=sys.stderr)
+        print(
+            f"fedattn plot: no runs alike in all but {x!r} take two values of it; {out.name} not drawn", file=sys.stderr
+        )
         return None
     figure, axes = new_figure()
     for reference in references:
@@ -275,7 +326,14 @@ def plot_vs_parameter(
         axes.plot(xs, [result.get(y) for result in group], marker="o", color=colour, label=name or label or y)
         with_bytes = [result for result in group if _is_number(result.get(bytes_key))]
         if twin is not None and with_bytes:
-            twin.plot([r.get(x) for r in with_bytes], [r.get(bytes_key) for r in with_bytes], linestyle="--", marker="x", color=colour, alpha=0.6)
+            twin.plot(
+                [r.get(x) for r in with_bytes],
+                [r.get(bytes_key) for r in with_bytes],
+                linestyle="--",
+                marker="x",
+                color=colour,
+                alpha=0.6,
+            )
     if all(isinstance(result.get(x), int) for group in lines.values() for result in group):
         from matplotlib.ticker import MaxNLocator
 
@@ -299,7 +357,10 @@ def plot_ablation(folders: list[Path | Result], out: Path, key: str, y: str = DE
     results = matched(results, key)
     results = sorted(results, key=lambda result: (result.get(key) is not None, str(result.get(key))))
     labels = [_text(result.get(key)) for result in results]
-    labels = [f"{label}\n({result.folder.name})" if labels.count(label) > 1 else label for label, result in zip(labels, results)]
+    labels = [
+        f"{label}\n({result.folder.name})" if labels.count(label) > 1 else label
+        for label, result in zip(labels, results)
+    ]
     figure, axes = new_figure()
     axes.bar(range(len(results)), [result.get(y) for result in results], color="C0")
     axes.set_xticks(range(len(results)), labels, fontsize=7)
@@ -319,14 +380,24 @@ def schedule_label(result: Result) -> str:
     mode alone, since its schedule settings are unused."""
     if _is_reference(result):
         return str(result.settings["mode"])
-    shown = {key: default for key, default in LABEL_DEFAULTS.items() if not (key == "sync_blocks" and "sync_every" in result.settings)}
+    shown = {
+        key: default
+        for key, default in LABEL_DEFAULTS.items()
+        if not (key == "sync_blocks" and "sync_every" in result.settings)
+    }
     if result.settings.get("kv_codec") in FLOAT_CODECS:
         shown["kv_codec"] = result.settings["kv_codec"]
-    parts = [f"{key}={result.settings[key]}" for key, default in shown.items() if result.settings.get(key, default) not in (default, None)]
+    parts = [
+        f"{key}={result.settings[key]}"
+        for key, default in shown.items()
+        if result.settings.get(key, default) not in (default, None)
+    ]
     return " ".join(parts) or result.folder.name
 
 
-def plot_frontier(folders: list[Path | Result], out: Path, y: str = DEFAULT_METRIC, bytes_key: str = DEFAULT_BYTES) -> Path | None:
+def plot_frontier(
+    folders: list[Path | Result], out: Path, y: str = DEFAULT_METRIC, bytes_key: str = DEFAULT_BYTES
+) -> Path | None:
     """Quality against bytes per query, one labelled point per schedule, log x. Runs that send
     nothing (centralized, publisher alone) cannot sit on a log axis: they become reference lines."""
     results = having(_as_results(folders), numbers=(y, bytes_key))
@@ -340,7 +411,9 @@ def plot_frontier(folders: list[Path | Result], out: Path, y: str = DEFAULT_METR
     for number, result in enumerate(points, start=1):  # numbered points, labels in the legend: no overlaps
         x, value = result.get(bytes_key), result.get(y)
         axes.scatter([x], [value], color="C0", zorder=3, label=f"{number}: {schedule_label(result)}")
-        axes.annotate(str(number), (x, value), fontsize=7, xytext=(3, 3), textcoords="offset points", annotation_clip=True)
+        axes.annotate(
+            str(number), (x, value), fontsize=7, xytext=(3, 3), textcoords="offset points", annotation_clip=True
+        )
     if points:
         axes.set_xscale("log")
         from matplotlib.ticker import NullFormatter
@@ -372,7 +445,9 @@ def worst_recovery(attack: dict, blocks: set[int], noise: float) -> tuple[float,
     return max(rates) if rates else None
 
 
-def plot_privacy(folders: list[Path | Result], attack_summaries: list[Path], out: Path, y: str = DEFAULT_METRIC) -> Path | None:
+def plot_privacy(
+    folders: list[Path | Result], attack_summaries: list[Path], out: Path, y: str = DEFAULT_METRIC
+) -> Path | None:
     """Quality against leakage, one point per run: the leakage of a run is the best recovery rate
     ``fedattn attack`` measured at any block the run sends, through the run's K/V codec and at its
     ``--kv-noise`` (an attacker picks its best block; blocks the attack did not cover are not
@@ -386,17 +461,30 @@ def plot_privacy(folders: list[Path | Result], attack_summaries: list[Path], out
         if _is_reference(result):
             continue
         attack = attacks.get(result.settings.get("kv_codec"))
-        worst = None if attack is None else worst_recovery(attack, sent_blocks(result), float(result.settings.get("kv_noise", 0.0)))
+        worst = (
+            None
+            if attack is None
+            else worst_recovery(attack, sent_blocks(result), float(result.settings.get("kv_noise", 0.0)))
+        )
         if worst is None:
-            skip(result.folder, f"no attack measured its sent blocks through codec {result.settings.get('kv_codec')} at its noise level")
+            skip(
+                result.folder,
+                f"no attack measured its sent blocks through codec {result.settings.get('kv_codec')} "
+                "at its noise level",
+            )
         else:
             points.append((result, *worst))
     if not points:
-        print(f"fedattn plot: no run matches an attack's codec, blocks and noise levels; {out.name} not drawn", file=sys.stderr)
+        print(
+            f"fedattn plot: no run matches an attack's codec, blocks and noise levels; {out.name} not drawn",
+            file=sys.stderr,
+        )
         return None
     figure, axes = new_figure()
     for number, (result, rate, block) in enumerate(points, start=1):
-        axes.scatter([rate], [result.get(y)], color="C0", zorder=3, label=f"{number}: {schedule_label(result)} (block {block})")
+        axes.scatter(
+            [rate], [result.get(y)], color="C0", zorder=3, label=f"{number}: {schedule_label(result)} (block {block})"
+        )
         axes.annotate(str(number), (rate, result.get(y)), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.set_xlabel("tokens recovered by the attack (best sent block)")
     axes.set_ylabel(y)
@@ -409,11 +497,28 @@ def plot_privacy(folders: list[Path | Result], attack_summaries: list[Path], out
 
 # -- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("results", nargs="+", type=Path, metavar="RESULTS", help="result folders (or folders holding them)")
+    parser.add_argument(
+        "results", nargs="+", type=Path, metavar="RESULTS", help="result folders (or folders holding them)"
+    )
     parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"quality: a dotted path in summary.json such as em.average, or {DEFAULT_METRIC} (default: the publisher's EM of any benchmark)")
-    parser.add_argument("--attack", type=Path, action="append", metavar="DIR", help="a `fedattn attack` folder (repeat for other codecs): also draw quality against leakage")
-    parser.add_argument("--bytes-metric", default=DEFAULT_BYTES, help=f"communication per query: a dotted path, or {DEFAULT_BYTES} (default: bytes sent per query)")
+    parser.add_argument(
+        "--metric",
+        default=DEFAULT_METRIC,
+        help=f"quality: a dotted path in summary.json such as em.average, or {DEFAULT_METRIC} "
+        "(default: the publisher's EM of any benchmark)",
+    )
+    parser.add_argument(
+        "--attack",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="a `fedattn attack` folder (repeat for other codecs): also draw quality against leakage",
+    )
+    parser.add_argument(
+        "--bytes-metric",
+        default=DEFAULT_BYTES,
+        help=f"communication per query: a dotted path, or {DEFAULT_BYTES} (default: bytes sent per query)",
+    )
 
 
 def _swept(results: list[Result], x: str) -> bool:
@@ -431,7 +536,11 @@ def run(args: argparse.Namespace) -> int:
     written = []
     for x in SWEEPS:
         if _swept(folders, x):
-            written.append(plot_vs_parameter(folders, args.out / f"{args.metric}_vs_{x}.png", x, args.metric, True, args.bytes_metric))
+            written.append(
+                plot_vs_parameter(
+                    folders, args.out / f"{args.metric}_vs_{x}.png", x, args.metric, True, args.bytes_metric
+                )
+            )
     for key in ABLATIONS:
         if _distinct(folders, key) > 1:
             written.append(plot_ablation(folders, args.out / f"{args.metric}_by_{key}.png", key, args.metric))
@@ -444,7 +553,9 @@ def run(args: argparse.Namespace) -> int:
         written.append(plot_privacy(folders, summaries, args.out / f"{args.metric}_vs_leakage.png", args.metric))
     written = [path for path in written if path is not None]
     if not written:
-        raise FedAttnError(f"nothing to plot: no folder carries {args.metric!r} (and {args.bytes_metric!r} for the frontier)")
+        raise FedAttnError(
+            f"nothing to plot: no folder carries {args.metric!r} (and {args.bytes_metric!r} for the frontier)"
+        )
     for path in written:
         print(path)
     return 0

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from fedattn.errors import FedAttnError
 
@@ -53,7 +54,9 @@ def points(sweep: dict) -> list[dict]:
     """Every combination of the grid, each merged over the base options."""
     grid = sweep.get("grid", {})
     keys = sorted(grid)
-    return [dict(sweep.get("base", {})) | dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    return [
+        dict(sweep.get("base", {})) | dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))
+    ]
 
 
 def point_folder(sweep: dict, point: dict) -> Path:
@@ -89,5 +92,7 @@ def run(args: argparse.Namespace) -> int:
             if code != 0:
                 return code
     if sweep.get("plot") and not args.dry_run:
-        return run_parsed(build_parser().parse_args(["plot", *map(str, folders), "--out", str(Path(sweep["out"]) / "plots")]))
+        return run_parsed(
+            build_parser().parse_args(["plot", *map(str, folders), "--out", str(Path(sweep["out"]) / "plots")])
+        )
     return 0

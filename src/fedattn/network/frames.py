@@ -58,8 +58,16 @@ def encode_kv(block: KVBlock, codec: KVCodec, whole_segment: bool) -> bytes:
     """``whole_segment``: the block covers every token of the sender's segment, so positions are implied."""
     num_heads, num_tokens, head_dim = block.key.shape
     header = KV_HEADER.pack(
-        MAGIC, VERSION, KIND_KV, codec.code, FLAG_WHOLE_SEGMENT if whole_segment else 0,
-        block.layer, num_heads, head_dim, num_tokens, int(block.positions[0]),
+        MAGIC,
+        VERSION,
+        KIND_KV,
+        codec.code,
+        FLAG_WHOLE_SEGMENT if whole_segment else 0,
+        block.layer,
+        num_heads,
+        head_dim,
+        num_tokens,
+        int(block.positions[0]),
     )
     explicit = b"" if whole_segment else block.positions.to(torch.int32).numpy().tobytes()
     return header + explicit + codec.encode(block.key, block.value)
@@ -103,7 +111,9 @@ def decode_kv(frame: bytes, expect: KVExpectation, codec: KVCodec) -> KVBlock:
     offset = KV_HEADER.size
     if whole_segment:
         if num_tokens != expect.max_tokens or first != expect.position_range[0]:
-            raise ProtocolError(f"bad KV frame {where}: marked whole-segment but covers {num_tokens} tokens from {first}")
+            raise ProtocolError(
+                f"bad KV frame {where}: marked whole-segment but covers {num_tokens} tokens from {first}"
+            )
         positions = torch.arange(first, first + num_tokens)
     else:
         positions = torch.frombuffer(bytearray(frame[offset : offset + POSITION_BYTES * num_tokens]), dtype=torch.int32)
@@ -138,7 +148,9 @@ class Hello:
 
 
 def encode_hello(hello: Hello) -> bytes:
-    return HELLO_FRAME.pack(MAGIC, VERSION, KIND_HELLO, hello.rank, hello.world_size, hello.segment_length, *hello.fingerprints)
+    return HELLO_FRAME.pack(
+        MAGIC, VERSION, KIND_HELLO, hello.rank, hello.world_size, hello.segment_length, *hello.fingerprints
+    )
 
 
 def decode_hello(frame: bytes, sender: str) -> Hello:

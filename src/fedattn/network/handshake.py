@@ -24,7 +24,14 @@ def run_fingerprints(config, model_identity: str, model_config) -> tuple[bytes, 
     """One fingerprint per ``HELLO_FIELDS`` entry, in that order."""
     shape = {
         key: getattr(model_config, key, None)
-        for key in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+        for key in (
+            "model_type",
+            "num_hidden_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
     }
     decoding = asdict(config.decoding) | {"max_new_tokens": config.max_new_tokens, "all_answers": config.all_answers}
     return (
@@ -42,7 +49,8 @@ def check_hello(mine: Hello, theirs: Hello, sender: str, expected_rank: int) -> 
     """Refuse a peer that is not who it should be or does not run what we run."""
     if theirs.rank != expected_rank or theirs.world_size != mine.world_size:
         raise FedAttnError(
-            f"{sender} says it is rank {theirs.rank} of {theirs.world_size}; expected rank {expected_rank} of {mine.world_size}"
+            f"{sender} says it is rank {theirs.rank} of {theirs.world_size}; "
+            f"expected rank {expected_rank} of {mine.world_size}"
         )
     differing = [field for field, a, b in zip(HELLO_FIELDS, mine.fingerprints, theirs.fingerprints) if a != b]
     if differing:

@@ -146,14 +146,17 @@ class QuantCodec(KVCodec):
     def decode(self, payload: memoryview, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         heads, tokens, head_dim = shape
         split = self._tensor_size(self.keys, tokens, heads, head_dim)
-        return self._decode_one(payload[:split], shape, self.keys), self._decode_one(payload[split:], shape, self.values)
+        return self._decode_one(payload[:split], shape, self.keys), self._decode_one(
+            payload[split:], shape, self.values
+        )
 
     # -- one tensor ----------------------------------------------------------------------------
     def _encode_one(self, x: torch.Tensor, grouping: Grouping) -> bytes:
         x = x.detach().to("cpu", torch.float32)
         if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > FLOAT16_MAX:
             raise FedAttnError(
-                f"K/V values beyond +-{FLOAT16_MAX:g} (or not finite) cannot be carried by {self.name}'s float16 scales; "
+                f"K/V values beyond +-{FLOAT16_MAX:g} (or not finite) cannot be carried by "
+                f"{self.name}'s float16 scales; "
                 "use a float --kv-codec"
             )
         grouped = grouping.groups(x)
@@ -226,4 +229,3 @@ def get_codec(name: str) -> KVCodec:
 
 def codec_by_code(code: int) -> KVCodec | None:
     return next((codec for codec in CODECS.values() if codec.code == code), None)
-

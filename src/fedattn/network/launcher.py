@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from fedattn.systems.fedattn.inprocess import party_names
 from fedattn.errors import FedAttnError
+from fedattn.systems.fedattn.inprocess import party_names
 
 EXIT_PEER_FAILURE = 3
 GRACE_S = 10.0
@@ -34,15 +34,23 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def launch_local(args: argparse.Namespace, contexts: list[str], question: str, publisher_context: str | None,
-                 shared_argv: list[str]) -> int:
+def launch_local(
+    args: argparse.Namespace, contexts: list[str], question: str, publisher_context: str | None, shared_argv: list[str]
+) -> int:
     world_size = len(contexts) + 1
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
     names = party_names(world_size)
     with tempfile.TemporaryDirectory(prefix="fedattn-") as workdir:
         folder = Path(workdir)
         children = [
-            _spawn(folder, rank, world_size, store.port, shared_argv, _own_words(folder, rank, contexts, question, publisher_context))
+            _spawn(
+                folder,
+                rank,
+                world_size,
+                store.port,
+                shared_argv,
+                _own_words(folder, rank, contexts, question, publisher_context),
+            )
             for rank in range(world_size)
         ]
         codes, exited_at = _watch(children, args.timeout + GRACE_S)
@@ -62,6 +70,7 @@ def launch_local(args: argparse.Namespace, contexts: list[str], question: str, p
 
 def _own_words(folder: Path, rank: int, contexts: list[str], question: str, publisher_context: str | None) -> list[str]:
     """This child's own text, through files only it is told about (mode 0600)."""
+
     def private(name: str, text: str) -> str:
         path = folder / f"{name}-{rank}.txt"
         path.touch(mode=0o600)
@@ -76,16 +85,38 @@ def _own_words(folder: Path, rank: int, contexts: list[str], question: str, publ
     return words
 
 
-def _spawn(folder: Path, rank: int, world_size: int, port: int, shared_argv: list[str], own: list[str]) -> subprocess.Popen:
+def _spawn(
+    folder: Path, rank: int, world_size: int, port: int, shared_argv: list[str], own: list[str]
+) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "fedattn.cli", "participant", "--rank", str(rank), "--world-size", str(world_size),
-        "--master", f"127.0.0.1:{port}", "--external-store", "--report", str(folder / f"report-{rank}.json"),
-        *own, *[word for word in shared_argv if word != "--json"], "--json",
+        sys.executable,
+        "-m",
+        "fedattn.cli",
+        "participant",
+        "--rank",
+        str(rank),
+        "--world-size",
+        str(world_size),
+        "--master",
+        f"127.0.0.1:{port}",
+        "--external-store",
+        "--report",
+        str(folder / f"report-{rank}.json"),
+        *own,
+        *[word for word in shared_argv if word != "--json"],
+        "--json",
     ]
-    environment = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    environment = dict(
+        os.environ,
+        GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
     return subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=(folder / f"stderr-{rank}.txt").open("w"),
-        env=environment, preexec_fn=_die_with_parent,
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=(folder / f"stderr-{rank}.txt").open("w"),
+        env=environment,
+        preexec_fn=_die_with_parent,
     )
 
 

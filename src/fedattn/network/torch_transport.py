@@ -125,7 +125,9 @@ class TorchTransport(Transport):
     model's context window); each frame is validated exactly later, by the wire layer.
     """
 
-    def __init__(self, rank: int, names: Sequence[str], liveness: Liveness, timeout_s: float, max_frame_bytes: int) -> None:
+    def __init__(
+        self, rank: int, names: Sequence[str], liveness: Liveness, timeout_s: float, max_frame_bytes: int
+    ) -> None:
         super().__init__(rank, names)
         self.liveness = liveness
         self.timeout_s = timeout_s
@@ -196,7 +198,9 @@ class TorchTransport(Transport):
             return PeerFailure(f"the rendezvous store is unreachable (its host is gone); {waiting}")
         gone = [rank for rank in self._inbox if self.liveness.silent_for(rank) > STALE_AFTER_S]
         if gone:
-            names = "; ".join(f"{self._who(rank)} is gone (last seen at {self.liveness.phase_of(rank)})" for rank in gone)
+            names = "; ".join(
+                f"{self._who(rank)} is gone (last seen at {self.liveness.phase_of(rank)})" for rank in gone
+            )
             return PeerFailure(f"{names}; {waiting}")
         return PeerFailure(f"{waiting}: {detail or 'a peer stopped answering'}")
 
@@ -212,14 +216,16 @@ class TorchTransport(Transport):
                 length = int(size.item())
                 if not 0 < length <= self.max_frame_bytes:
                     raise ProtocolError(
-                        f"{self.name_of(sender)} announced a {length}-byte frame; frames are 1..{self.max_frame_bytes} bytes"
+                        f"{self.name_of(sender)} announced a {length}-byte frame; "
+                        f"frames are 1..{self.max_frame_bytes} bytes"
                     )
                 payload = torch.empty(length + 1, dtype=torch.uint8)
                 payload[length] = 0
                 dist.recv(payload, src=sender, tag=PAYLOAD_TAG)
                 if int(payload[length]) != END_MARK:
                     raise ProtocolError(
-                        f"{self.name_of(sender)} sent a truncated frame: fewer bytes than the {length} its size word announced"
+                        f"{self.name_of(sender)} sent a truncated frame: "
+                        f"fewer bytes than the {length} its size word announced"
                     )
                 self._inbox[sender].put(payload[:length].numpy().tobytes())
         except BaseException as error:  # noqa: BLE001 - handed to the main thread

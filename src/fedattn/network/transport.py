@@ -40,10 +40,10 @@ class Transport(ABC):
     def name_of(self, rank: int) -> str:
         return self.names[rank]
 
-    def note(self, phase: str) -> None:
+    def note(self, phase: str) -> None:  # noqa: B027 - deliberate no-op default, overridden by networked transports
         """This party moved on to ``phase``; a networked transport tells waiting peers (liveness)."""
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - deliberate no-op default, overridden by networked transports
         """Block until everything sent has left; a networked transport needs it before exiting."""
 
     def send(self, frame: bytes, to: Sequence[int]) -> None:
@@ -82,7 +82,7 @@ class InProcessGrid:
         size = len(self.names)
         self._mailboxes = {(s, r): queue.Queue() for s in range(size) for r in range(size) if s != r}
 
-    def endpoint(self, rank: int) -> "InProcessTransport":
+    def endpoint(self, rank: int) -> InProcessTransport:
         return InProcessTransport(self, rank)
 
     def pending(self) -> int:

@@ -50,13 +50,13 @@ from pathlib import Path
 
 import torch
 
-from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.argtypes import non_negative_float, non_negative_int, positive_int
-from fedattn.privacy.noise import add_kv_noise
 from fedattn.errors import FedAttnError
-from fedattn.network.kv_codec import KVCodec
-from fedattn.runtime.prompting import Piece, chat_template_parts, collaborator_pieces, party_pieces, tokenize_pieces
 from fedattn.network.frames import KVBlock, KVExpectation, decode_kv, encode_kv
+from fedattn.network.kv_codec import KVCodec
+from fedattn.privacy.noise import add_kv_noise
+from fedattn.runtime.attention import federated_attention_enabled
+from fedattn.runtime.prompting import Piece, chat_template_parts, collaborator_pieces, party_pieces, tokenize_pieces
 
 DEFAULT_NOISE = (0.0, 0.1, 0.3, 1.0)
 DEFAULT_TRAIN_TOKENS = 8000
@@ -119,7 +119,9 @@ def gsm8k_victims(tokenizer, count: int) -> list[Victim]:
     from fedattn.evaluation.tasks.gsm8k import load
 
     template = chat_template_parts(tokenizer)
-    return [_victim(tokenizer, collaborator_pieces(problem.question, True, template), 0) for problem in load("test")[:count]]
+    return [
+        _victim(tokenizer, collaborator_pieces(problem.question, True, template), 0) for problem in load("test")[:count]
+    ]
 
 
 SOURCES = {"crossfacts": crossfacts_victims, "gsm8k": lambda tokenizer, count, _seed: gsm8k_victims(tokenizer, count)}
@@ -167,7 +169,9 @@ class _Recorder:
 
 
 @torch.inference_mode()
-def capture_kv(model: torch.nn.Module, victim: Victim, blocks: set[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def capture_kv(
+    model: torch.nn.Module, victim: Victim, blocks: set[int]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The K/V (heads, tokens, head_dim) the victim computes at ``blocks`` over its own segment."""
     positions = victim.positions.to(model.device)
     recorder = _Recorder(positions, blocks)
@@ -178,7 +182,13 @@ def capture_kv(model: torch.nn.Module, victim: Victim, blocks: set[int]) -> dict
 
 
 def received(
-    key: torch.Tensor, value: torch.Tensor, victim: Victim, layer: int, codec: KVCodec, sigma: float, generator: torch.Generator
+    key: torch.Tensor,
+    value: torch.Tensor,
+    victim: Victim,
+    layer: int,
+    codec: KVCodec,
+    sigma: float,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the attacker decodes: the sender's noise, then a real frame through ``codec`` and back."""
     key, value = add_kv_noise(key, value, sigma, generator)
@@ -340,7 +350,9 @@ def attack_block(setup: AttackSetup, block: int, sigma: float) -> tuple[torch.Te
     """(guessed ids, true ids) of the victims' private tokens at ``block`` under noise ``sigma``."""
     frames = received_frames(setup, block, sigma)
     queries = private_features(setup, block, frames)
-    truth = torch.tensor([token for victim in setup.victims for token, private in zip(victim.token_ids, victim.private) if private])
+    truth = torch.tensor(
+        [token for victim in setup.victims for token, private in zip(victim.token_ids, victim.private) if private]
+    )
     if block == 0:
         return table_attack(setup.table, queries, sigma), truth
     embeddings = setup.model.base_model.embed_tokens.weight.detach()
@@ -378,7 +390,9 @@ class _PrefixStep:
         if layer not in self.store:
             shape = (key.shape[1], self.capacity, key.shape[3])
             self.store[layer] = (key.new_empty(shape), value.new_empty(shape))
-        keys, values = (part[:, : self.length].unsqueeze(0).expand(key.shape[0], -1, -1, -1) for part in self.store[layer])
+        keys, values = (
+            part[:, : self.length].unsqueeze(0).expand(key.shape[0], -1, -1, -1) for part in self.store[layer]
+        )
         return torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2), None
 
     def keep(self, row: int) -> None:
@@ -391,7 +405,12 @@ class _PrefixStep:
 
 @torch.inference_mode()
 def verify_segment(
-    model: torch.nn.Module, victim: Victim, sent: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor, block: int
+    model: torch.nn.Module,
+    victim: Victim,
+    sent: torch.Tensor,
+    candidates: torch.Tensor,
+    weights: torch.Tensor,
+    block: int,
 ) -> torch.Tensor:
     """Left to right, recompute the attacked block's K/V of each candidate token behind the prefix
     recovered so far and keep the one closest to what was received (weighted as ``match_weights``).
@@ -423,7 +442,9 @@ def verify_segment(
     return torch.tensor(chosen)
 
 
-def train_probes(model, tokenizer, blocks: set[int], tokens: int, seed: int, unrotated_keys: bool, advance) -> dict[int, RidgeProbe]:
+def train_probes(
+    model, tokenizer, blocks: set[int], tokens: int, seed: int, unrotated_keys: bool, advance
+) -> dict[int, RidgeProbe]:
     """One ridge probe per block, fitted on K/V of public text (``public_sequences``)."""
     if not blocks:
         return {}
@@ -458,7 +479,13 @@ def score(guessed: torch.Tensor, truth: torch.Tensor, loose: LooseForm) -> dict:
     exact = int((guessed == truth).sum())
     close = sum(loose(int(a)) == loose(int(b)) for a, b in zip(guessed.tolist(), truth.tolist()))
     total = len(truth)
-    return {"tokens": total, "recovered": exact, "rate": exact / total, "loose_recovered": close, "loose_rate": close / total}
+    return {
+        "tokens": total,
+        "recovered": exact,
+        "rate": exact / total,
+        "loose_recovered": close,
+        "loose_rate": close / total,
+    }
 
 
 def sample(setup: AttackSetup, guessed: torch.Tensor) -> dict:
@@ -500,20 +527,68 @@ def verify_size(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fedattn.runtime.models import DEFAULT_MODEL
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})")
-    parser.add_argument("--blocks", metavar="0,1,4,8", help="sync blocks to attack, list or ranges (default 0, 1, 2, every sixth of the depth, the last)")
-    parser.add_argument("--noise", type=noise_levels, default=DEFAULT_NOISE, metavar="0,0.1,0.3,1", help="sender noise levels sigma (times each channel's spread; see defenses.add_kv_noise)")
-    parser.add_argument("--kv-codec", default="bfloat16", help="the K/V codec on the wire (see fedattn run --help; default bfloat16)")
-    parser.add_argument("--source", choices=tuple(SOURCES), default="crossfacts", help="victims' private text: CrossFacts documents or GSM8K test questions (default crossfacts)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--blocks",
+        metavar="0,1,4,8",
+        help="sync blocks to attack, list or ranges (default 0, 1, 2, every sixth of the depth, the last)",
+    )
+    parser.add_argument(
+        "--noise",
+        type=noise_levels,
+        default=DEFAULT_NOISE,
+        metavar="0,0.1,0.3,1",
+        help="sender noise levels sigma (times each channel's spread; see defenses.add_kv_noise)",
+    )
+    parser.add_argument(
+        "--kv-codec", default="bfloat16", help="the K/V codec on the wire (see fedattn run --help; default bfloat16)"
+    )
+    parser.add_argument(
+        "--source",
+        choices=tuple(SOURCES),
+        default="crossfacts",
+        help="victims' private text: CrossFacts documents or GSM8K test questions (default crossfacts)",
+    )
     parser.add_argument("--count", type=positive_int, default=20, help="victim segments attacked (default 20)")
-    parser.add_argument("--train-tokens", type=positive_int, default=DEFAULT_TRAIN_TOKENS, help=f"public-text tokens the deep-block probe is fitted on (default {DEFAULT_TRAIN_TOKENS})")
-    parser.add_argument("--verify", type=verify_size, default=0, metavar="K", help=f"deep blocks: check the probe's top K (<= {SHORTLIST}) by recomputing their K/V behind the prefix recovered so far (slow: one batched step per token; default 0, off)")
-    parser.add_argument("--keys", choices=KEY_MODES, default="unrotated", help="probe features: keys rotated back by their positions (default) or as sent")
+    parser.add_argument(
+        "--train-tokens",
+        type=positive_int,
+        default=DEFAULT_TRAIN_TOKENS,
+        help=f"public-text tokens the deep-block probe is fitted on (default {DEFAULT_TRAIN_TOKENS})",
+    )
+    parser.add_argument(
+        "--verify",
+        type=verify_size,
+        default=0,
+        metavar="K",
+        help=f"deep blocks: check the probe's top K (<= {SHORTLIST}) by recomputing their K/V behind the prefix "
+        "recovered so far (slow: one batched step per token; default 0, off)",
+    )
+    parser.add_argument(
+        "--keys",
+        choices=KEY_MODES,
+        default="unrotated",
+        help="probe features: keys rotated back by their positions (default) or as sent",
+    )
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the CrossFacts items")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the probe's training offsets")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model (default bfloat16)")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype of the model (default bfloat16)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--out", type=Path, required=True, help="results folder: records.jsonl, summary.json, recovery.png; reruns resume")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="results folder: records.jsonl, summary.json, recovery.png; reruns resume",
+    )
 
 
 def _config(args: argparse.Namespace, loaded, blocks: tuple[int, ...]) -> dict:
@@ -563,17 +638,19 @@ def _setup(args: argparse.Namespace, loaded, codec: KVCodec, blocks: tuple[int, 
 
 def run(args: argparse.Namespace) -> int:
     """Attack every (block, noise) pair; one record each, then the summary and the plot."""
-    from fedattn.network.kv_codec import get_codec
-    from fedattn.runtime.models import load_model
-    from fedattn.report.render import progress_bar
     from fedattn.evaluation.results import ResultStore
+    from fedattn.network.kv_codec import get_codec
+    from fedattn.report.render import progress_bar
+    from fedattn.runtime.models import load_model
     from fedattn.systems.fedattn.schedule import parse_layers
 
     codec = get_codec(args.kv_codec)
     torch_dtype = getattr(torch, args.dtype)
     loaded = load_model(args.model, device=args.device, dtype=torch_dtype)
     num_layers = loaded.model.config.num_hidden_layers
-    blocks = parse_layers(args.blocks, num_layers, "--blocks") if args.blocks is not None else default_blocks(num_layers)
+    blocks = (
+        parse_layers(args.blocks, num_layers, "--blocks") if args.blocks is not None else default_blocks(num_layers)
+    )
     store = ResultStore(args.out, _config(args, loaded, blocks))
     grid = [(block, sigma) for block in blocks for sigma in args.noise]
     done = store.done_keys()
@@ -581,7 +658,9 @@ def run(args: argparse.Namespace) -> int:
     if any(_record_key(*point) not in done for point in grid):
         setup = _setup(args, loaded, codec, blocks, costs)
         loose = LooseForm(loaded.tokenizer)
-        with progress_bar("attacking (block, noise)", len(grid), completed=len(done & {_record_key(*p) for p in grid})) as advance:
+        with progress_bar(
+            "attacking (block, noise)", len(grid), completed=len(done & {_record_key(*p) for p in grid})
+        ) as advance:
             for block, sigma in grid:
                 if _record_key(block, sigma) in done:
                     continue
@@ -589,8 +668,17 @@ def run(args: argparse.Namespace) -> int:
                 guessed, truth = attack_block(setup, block, sigma)
                 seconds = time.perf_counter() - start
                 method = "vocabulary-table" if block == 0 else method_name(args.keys, args.verify)
-                store.append({"key": _record_key(block, sigma), "block": block, "noise": sigma, "method": method,
-                              "attack_s": seconds, **score(guessed, truth, loose), "sample": sample(setup, guessed)})
+                store.append(
+                    {
+                        "key": _record_key(block, sigma),
+                        "block": block,
+                        "noise": sigma,
+                        "method": method,
+                        "attack_s": seconds,
+                        **score(guessed, truth, loose),
+                        "sample": sample(setup, guessed),
+                    }
+                )
                 advance()
     costs["peak_rss_mb"] = peak_rss_mb()
     summary = summarize(store.records(), costs)
@@ -633,7 +721,9 @@ def print_table(summary: dict) -> None:
     for level in levels:
         table.add_column(f"sigma {level}", justify="right")
     for block, row in summary["rate"].items():
-        cells = [f"{row[level]:.1%} ({summary['loose_rate'][block][level]:.1%})" if level in row else "" for level in levels]
+        cells = [
+            f"{row[level]:.1%} ({summary['loose_rate'][block][level]:.1%})" if level in row else "" for level in levels
+        ]
         table.add_row(block, *cells)
     Console().print(table)
 

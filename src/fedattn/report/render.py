@@ -28,7 +28,9 @@ def print_report(report: QueryReport, model_name: str, console: Console | None =
     for rank, text in report.answer_texts.items():
         if rank != len(result.parties) - 1:
             console.print(f"[dim]{result.parties[rank].name}[/dim]: {escape(text)}")
-    table = Table(title=escape(f"{model_name} · {report.config.schedule.describe()} · K/V as {report.config.codec.name}"))
+    table = Table(
+        title=escape(f"{model_name} · {report.config.schedule.describe()} · K/V as {report.config.codec.name}")
+    )
     table.add_column("party", no_wrap=True)
     for column in ("tokens", "kept", "sent", "received", "predicted", "prefill s", "decode s"):
         table.add_column(column, justify="right")
@@ -46,7 +48,8 @@ def print_report(report: QueryReport, model_name: str, console: Console | None =
     console.print(table)
     console.print(
         f"prefill {result.prefill_s:.2f} s · decode {result.decode_s:.2f} s "
-        f"({result.decode_tokens_per_s:.1f} tok/s) · total traffic {format_bytes(sum(p.bytes_sent for p in result.parties))} sent"
+        f"({result.decode_tokens_per_s:.1f} tok/s) · "
+        f"total traffic {format_bytes(sum(p.bytes_sent for p in result.parties))} sent"
     )
 
 
@@ -74,9 +77,15 @@ def _party_table(title: str, parties: list[dict]) -> Table:
         table.add_column(column, justify="right")
     for party in parties:
         table.add_row(
-            party["name"], str(party["tokens"]), format_bytes(party["bytes_sent"]), format_bytes(party["bytes_received"]),
-            format_bytes(party["expected_bytes_sent"]), format_bytes(party["link_bytes_sent"]),
-            f"{party['prefill_s']:.2f}", f"{party['wait_s']:.2f}", f"{party['decode_s']:.2f}",
+            party["name"],
+            str(party["tokens"]),
+            format_bytes(party["bytes_sent"]),
+            format_bytes(party["bytes_received"]),
+            format_bytes(party["expected_bytes_sent"]),
+            format_bytes(party["link_bytes_sent"]),
+            f"{party['prefill_s']:.2f}",
+            f"{party['wait_s']:.2f}",
+            f"{party['decode_s']:.2f}",
         )
     return table
 
@@ -93,7 +102,11 @@ def print_merged_report(merged: dict, console: Console | None = None) -> None:
     """The launcher's view of a networked run."""
     console = console or Console()
     console.print(f"[bold]Answer[/bold] (publisher): {escape(merged['answer'] or '')}")
-    console.print(_party_table(f"{merged['model']['name']} · {merged['schedule']} · {merged['transport']}", merged["participants"]))
+    console.print(
+        _party_table(
+            f"{merged['model']['name']} · {merged['schedule']} · {merged['transport']}", merged["participants"]
+        )
+    )
     measured, naive = merged["measured_bytes"]["sent"], merged["all_gather_bytes_sent"]
     console.print(
         f"wall {merged['timing']['wall_s']:.2f} s · sent {format_bytes(measured)} "
@@ -109,8 +122,14 @@ def progress_bar(label: str, total: int, completed: int = 0, quiet: bool = False
     if quiet:
         yield lambda count=1: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total, completed=completed)
         yield lambda count=1: bar.advance(task, count)

@@ -24,7 +24,12 @@ class ForwardStep(Protocol):
     """What one forward pass supplies to every block."""
 
     def attend(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None, scaling: float | None = None
+        self,
+        layer: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        query: torch.Tensor | None = None,
+        scaling: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store this block's fresh K/V (batch, heads, n, d), exchange as scheduled, and return
         (K, V, boolean mask or None) over everything the queries may see. ``query`` (batch,

@@ -70,7 +70,12 @@ class _BatchDecodeStep:
         self.layers = layers
 
     def attend(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None, scaling: float | None = None
+        self,
+        layer: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        query: torch.Tensor | None = None,
+        scaling: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.layers[layer].append(key, value)
 
@@ -103,9 +108,15 @@ def decode_rows(
     step = 0
     while active:
         input_ids = torch.tensor([[tokens[index][-1]] for index in active], device=device)
-        positions = torch.tensor([[rows[index].first_position + len(tokens[index]) - 1] for index in active], device=device)
+        positions = torch.tensor(
+            [[rows[index].first_position + len(tokens[index]) - 1] for index in active], device=device
+        )
         output = model(
-            input_ids=input_ids, position_ids=positions, fedattn_step=_BatchDecodeStep(layers), use_cache=False, logits_to_keep=1
+            input_ids=input_ids,
+            position_ids=positions,
+            fedattn_step=_BatchDecodeStep(layers),
+            use_cache=False,
+            logits_to_keep=1,
         )
         logits = output.logits[:, -1].float()
         for slot, index in enumerate(active):

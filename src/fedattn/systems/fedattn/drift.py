@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from fedattn.systems.fedattn.inprocess import party_names, run_in_process
 from fedattn.errors import FedAttnError
+from fedattn.systems.fedattn.inprocess import party_names, run_in_process
 from fedattn.systems.fedattn.party import RunConfig
 
 
@@ -91,6 +91,7 @@ def _recording(model: torch.nn.Module) -> Iterator[_Recorder]:
     recorder = _Recorder()
     handles = []
     for index, layer in enumerate(_decoder_layers(model)):
+
         def before(module, args, kwargs, index=index):
             recorder.begin_block(index, kwargs["position_ids"])
 
@@ -120,7 +121,9 @@ def _centralized(model: torch.nn.Module, segments: list[list[int]]) -> tuple[lis
     return recorder.passes[0], output.logits[0, -1].float()
 
 
-def _federated(model: torch.nn.Module, segments: list[list[int]], config: RunConfig) -> tuple[list[list[BlockCapture]], torch.Tensor]:
+def _federated(
+    model: torch.nn.Module, segments: list[list[int]], config: RunConfig
+) -> tuple[list[list[BlockCapture]], torch.Tensor]:
     """The engine's prefill only (one token, publisher's answer), with the publisher's logits kept."""
     prefill_only = replace(config, max_new_tokens=1, record_logits=True, all_answers=False)
     with _recording(model) as recorder:
@@ -195,13 +198,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fedattn.cli.main import add_shared_options
     from fedattn.systems.fedattn.splits import SPLITS
 
-    parser.add_argument("--context", action="append", default=[], metavar="TEXT|@FILE", help="one collaborator's private text, in order (repeat)")
+    parser.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="TEXT|@FILE",
+        help="one collaborator's private text, in order (repeat)",
+    )
     parser.add_argument("--question", metavar="TEXT|@FILE", help="the task publisher's question")
-    parser.add_argument("--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question")
-    parser.add_argument("--gsm8k-item", type=int, metavar="K", help="instead of texts: GSM8K test item K, prompted as by 'fedattn eval gsm8k' (raw text)")
-    parser.add_argument("--split", choices=SPLITS, default="TokEx", help="with --gsm8k-item: how the prompt is dealt (default TokEx)")
-    parser.add_argument("--parties", type=positive_int, default=4, metavar="N", help="with --gsm8k-item: parties, the publisher included (default 4)")
-    parser.add_argument("--shots", type=positive_int, default=4, metavar="K", help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)")
+    parser.add_argument(
+        "--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question"
+    )
+    parser.add_argument(
+        "--gsm8k-item",
+        type=int,
+        metavar="K",
+        help="instead of texts: GSM8K test item K, prompted as by 'fedattn eval gsm8k' (raw text)",
+    )
+    parser.add_argument(
+        "--split", choices=SPLITS, default="TokEx", help="with --gsm8k-item: how the prompt is dealt (default TokEx)"
+    )
+    parser.add_argument(
+        "--parties",
+        type=positive_int,
+        default=4,
+        metavar="N",
+        help="with --gsm8k-item: parties, the publisher included (default 4)",
+    )
+    parser.add_argument(
+        "--shots",
+        type=positive_int,
+        default=4,
+        metavar="K",
+        help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)",
+    )
     parser.add_argument("--out", type=Path, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
     add_shared_options(parser)
 
@@ -266,4 +296,3 @@ def run(args: argparse.Namespace) -> int:
         print_table(report)
         print(f"wrote {written}")
     return 0
-

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedattn.systems.fedattn.budget import Frame, fit_budget
 from fedattn.errors import FedAttnError
+from fedattn.network.frames import kv_frame_size
 from fedattn.network.kv_codec import KVCodec
+from fedattn.systems.fedattn.budget import Frame, fit_budget
 from fedattn.systems.fedattn.schedule import Schedule
 from fedattn.systems.fedattn.sparsity import Sparsity, sample_count
-from fedattn.network.frames import kv_frame_size
 
 SELECTIONS = ("random", "key-norm", "attention")
 
@@ -62,7 +62,11 @@ def frame_token_counts(
     publisher = count - 1
     kept = kept_counts(sparsity, segment_lengths)
     frames = [
-        Frame((sender, layer), sample_count(kept[sender], sparsity.comm_ratio(sender == publisher)), segment_lengths[sender])
+        Frame(
+            (sender, layer),
+            sample_count(kept[sender], sparsity.comm_ratio(sender == publisher)),
+            segment_lengths[sender],
+        )
         for layer in range(schedule.num_layers)
         for sender in range(count)
         if schedule.receivers(layer, sender, count, all_answers)

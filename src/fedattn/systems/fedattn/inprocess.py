@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedattn.network.transport import InProcessGrid
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.batch_decode import decode_rows
 from fedattn.runtime.decoding import StopRule
 from fedattn.systems.fedattn.party import Participant, RunConfig
-from fedattn.network.transport import InProcessGrid
 
 
 @dataclass

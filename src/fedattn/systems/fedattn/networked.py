@@ -15,17 +15,23 @@ from dataclasses import asdict, dataclass
 
 import torch.distributed as dist
 
-from fedattn.runtime.attention import federated_attention_enabled
-from fedattn.systems.fedattn.costs import ModelDims, run_costs
-from fedattn.network.torch_transport import NO_DEADLINE, Liveness, PeerFailure, TorchTransport
-from fedattn.systems.fedattn.inprocess import party_names
 from fedattn.errors import FedAttnError
-from fedattn.network.kv_codec import KVCodec
-from fedattn.runtime.models import LoadedModel
-from fedattn.systems.fedattn.party import Participant, RunConfig
-from fedattn.runtime.prompting import check_context_window, collaborator_pieces, publisher_pieces, template_for, tokenize_party
-from fedattn.systems.fedattn.query import stop_rule
 from fedattn.network.frames import kv_frame_size
+from fedattn.network.kv_codec import KVCodec
+from fedattn.network.torch_transport import NO_DEADLINE, Liveness, PeerFailure, TorchTransport
+from fedattn.runtime.attention import federated_attention_enabled
+from fedattn.runtime.models import LoadedModel
+from fedattn.runtime.prompting import (
+    check_context_window,
+    collaborator_pieces,
+    publisher_pieces,
+    template_for,
+    tokenize_party,
+)
+from fedattn.systems.fedattn.costs import ModelDims, run_costs
+from fedattn.systems.fedattn.inprocess import party_names
+from fedattn.systems.fedattn.party import Participant, RunConfig
+from fedattn.systems.fedattn.query import stop_rule
 
 STORE_POLL_S = 0.1
 LEAVE_GRACE_S = 5.0
@@ -42,8 +48,14 @@ class Rendezvous:
     timeout_s: float
 
 
-def own_segment(loaded: LoadedModel, rendezvous: Rendezvous, text: str | None, question: str | None,
-                publisher_context: str | None, raw: bool) -> list[int]:
+def own_segment(
+    loaded: LoadedModel,
+    rendezvous: Rendezvous,
+    text: str | None,
+    question: str | None,
+    publisher_context: str | None,
+    raw: bool,
+) -> list[int]:
     """This party's tokens, from its own text alone (the publisher is the last rank)."""
     template = template_for(loaded.tokenizer, raw)
     is_publisher = rendezvous.rank == rendezvous.world_size - 1
@@ -55,7 +67,9 @@ def own_segment(loaded: LoadedModel, rendezvous: Rendezvous, text: str | None, q
         pieces = publisher_pieces(question, publisher_context, rendezvous.world_size == 1, template)
     else:
         if text is None or question is not None or publisher_context is not None:
-            raise FedAttnError(f"rank {rendezvous.rank} is a collaborator: it takes exactly one --context and no --question")
+            raise FedAttnError(
+                f"rank {rendezvous.rank} is a collaborator: it takes exactly one --context and no --question"
+            )
         pieces = collaborator_pieces(text, rendezvous.rank == 0, template)
     return tokenize_party(loaded.tokenizer, pieces, f"rank {rendezvous.rank}")
 
@@ -74,15 +88,23 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
     liveness = Liveness(rendezvous.host, rendezvous.port, rendezvous.rank, rendezvous.world_size)
     _barrier(store, "joined", rendezvous, names, "join the rendezvous")
     dist.init_process_group(
-        "gloo", store=dist.PrefixStore("fedattn/pg", store), rank=rendezvous.rank,
-        world_size=rendezvous.world_size, timeout=NO_DEADLINE,
+        "gloo",
+        store=dist.PrefixStore("fedattn/pg", store),
+        rank=rendezvous.rank,
+        world_size=rendezvous.world_size,
+        timeout=NO_DEADLINE,
     )
     transport = TorchTransport(
         rendezvous.rank, names, liveness, rendezvous.timeout_s, max_frame_bytes(loaded.model.config, config.codec)
     )
     party = Participant(
-        rendezvous.rank, segment, loaded.model, transport, config,
-        stop_rule(loaded.tokenizer, loaded.model), loaded.identity,
+        rendezvous.rank,
+        segment,
+        loaded.model,
+        transport,
+        config,
+        stop_rule(loaded.tokenizer, loaded.model),
+        loaded.identity,
     )
     start = time.perf_counter()
     try:
@@ -112,8 +134,12 @@ def _flush_before_failing(transport: TorchTransport) -> None:
 def _connect_store(rendezvous: Rendezvous) -> dist.TCPStore:
     try:
         return dist.TCPStore(
-            rendezvous.host, rendezvous.port, rendezvous.world_size, is_master=rendezvous.host_store,
-            timeout=datetime.timedelta(seconds=rendezvous.timeout_s), wait_for_workers=False,
+            rendezvous.host,
+            rendezvous.port,
+            rendezvous.world_size,
+            is_master=rendezvous.host_store,
+            timeout=datetime.timedelta(seconds=rendezvous.timeout_s),
+            wait_for_workers=False,
         )
     except (RuntimeError, OSError) as error:
         raise FedAttnError(
@@ -145,7 +171,9 @@ def _leave(store: dist.TCPStore, rendezvous: Rendezvous) -> None:
         time.sleep(STORE_POLL_S)
 
 
-def _report(loaded: LoadedModel, party: Participant, transport: TorchTransport, answer: list[int], wall_s: float) -> dict:
+def _report(
+    loaded: LoadedModel, party: Participant, transport: TorchTransport, answer: list[int], wall_s: float
+) -> dict:
     stats = transport.stats
     config, dims = party.config, ModelDims.from_config(loaded.model.config)
     cost, naive = (

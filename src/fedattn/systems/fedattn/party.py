@@ -1,10 +1,11 @@
 """One FedAttn party: its own tokens, its own KV store, and messages as its only link to the others.
 
 The life of a participant, in order: a handshake (segment lengths, which global positions need,
-and fingerprints of what every party must run alike); prefill over its own kept tokens, sending K/V where the schedule says and
-attending to what earlier parties sent (causality means later parties cannot matter yet); take the
-K/V that later parties sent (only if it will decode); decode from the publisher's first token
-without any communication; the publisher's completion message ends every party's run.
+and fingerprints of what every party must run alike); prefill over its own kept tokens, sending
+K/V where the schedule says and attending to what earlier parties sent (causality means later
+parties cannot matter yet); take the K/V that later parties sent (only if it will decode); decode
+from the publisher's first token without any communication; the publisher's completion message
+ends every party's run.
 """
 
 from __future__ import annotations
@@ -14,18 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedattn.runtime.batch_decode import DecodeRow, decode_rows
-from fedattn.runtime.decoding import Decoding, StopRule
 from fedattn.errors import FedAttnError
-from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts
-from fedattn.network.kv_codec import CODECS, KVCodec
-from fedattn.runtime.kv_store import ParticipantKVStore
-from fedattn.privacy.noise import add_kv_noise, noise_generator
-from fedattn.systems.fedattn.schedule import Schedule
-from fedattn.systems.fedattn.selection import select_tokens
-from fedattn.systems.fedattn.sparsity import Sparsity, kept_indices
-from fedattn.network.transport import Transport
-from fedattn.network.handshake import check_hello, run_fingerprints
 from fedattn.network.frames import (
     KIND_DONE,
     KIND_TOKEN,
@@ -40,6 +30,17 @@ from fedattn.network.frames import (
     encode_kv,
     encode_small,
 )
+from fedattn.network.handshake import check_hello, run_fingerprints
+from fedattn.network.kv_codec import CODECS, KVCodec
+from fedattn.network.transport import Transport
+from fedattn.privacy.noise import add_kv_noise, noise_generator
+from fedattn.runtime.batch_decode import DecodeRow, decode_rows
+from fedattn.runtime.decoding import Decoding, StopRule
+from fedattn.runtime.kv_store import ParticipantKVStore
+from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts
+from fedattn.systems.fedattn.schedule import Schedule
+from fedattn.systems.fedattn.selection import select_tokens
+from fedattn.systems.fedattn.sparsity import Sparsity, kept_indices
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ class Participant:
         if not token_ids:
             raise FedAttnError(f"{transport.name_of(rank)} has an empty segment")
         if len(token_ids) > MAX_TOKENS:
-            raise FedAttnError(f"{transport.name_of(rank)} has {len(token_ids)} tokens; at most {MAX_TOKENS} are allowed")
+            raise FedAttnError(
+                f"{transport.name_of(rank)} has {len(token_ids)} tokens; at most {MAX_TOKENS} are allowed"
+            )
         self.rank = rank
         self.name = transport.name_of(rank)
         self.device = model.device
@@ -99,9 +102,13 @@ class Participant:
         model_config = model.config
         self.num_layers = model_config.num_hidden_layers
         self.num_kv_heads = model_config.num_key_value_heads
-        self.head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        self.head_dim = (
+            getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        )
         self.vocab_size = model_config.vocab_size
-        self.hello = Hello(rank, self.world_size, len(token_ids), run_fingerprints(config, model_identity, model_config))
+        self.hello = Hello(
+            rank, self.world_size, len(token_ids), run_fingerprints(config, model_identity, model_config)
+        )
         self.store = ParticipantKVStore(self.num_layers)
         self.segment_lengths: list[int] = []  # every party's, known after receive_hellos
         self.offsets: list[int] = []
@@ -136,8 +143,14 @@ class Participant:
         self.kept_positions = self.offsets[self.rank] + self.kept
         config = self.config
         self.frame_tokens = frame_token_counts(
-            config.schedule, config.sparsity, config.exchange, config.codec, lengths,
-            self.num_kv_heads, self.head_dim, config.all_answers,
+            config.schedule,
+            config.sparsity,
+            config.exchange,
+            config.codec,
+            lengths,
+            self.num_kv_heads,
+            self.head_dim,
+            config.all_answers,
         )
 
     # -- phase 2: prefill --------------------------------------------------------------------
@@ -158,7 +171,12 @@ class Participant:
         self.timings.prefill_s += time.perf_counter() - start
 
     def send_kv(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None, scaling: float | None = None
+        self,
+        layer: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        query: torch.Tensor | None = None,
+        scaling: float | None = None,
     ) -> None:
         """Send this block's K/V (heads, kept tokens, d) where scheduled: the planned number of
         tokens, chosen by ``--kv-select`` (``query``, (heads, kept tokens, d), serves ``attention``),
@@ -195,7 +213,9 @@ class Participant:
             )
             block = decode_kv(self._recv(sender, f"its K/V of block {layer}", layer), expect, self.config.codec)
             dtype, device = self.model.dtype, self.model.device
-            self.store[layer].append(block.key.to(device, dtype), block.value.to(device, dtype), block.positions.to(device))
+            self.store[layer].append(
+                block.key.to(device, dtype), block.value.to(device, dtype), block.positions.to(device)
+            )
 
     # -- phase 3: what later parties sent ----------------------------------------------------
     @torch.inference_mode()
@@ -259,7 +279,9 @@ class Participant:
     def await_done(self) -> int:
         self.transport.note("waiting for the publisher's completion")
         frame = self._recv(self.publisher, "the publisher's completion")
-        return decode_small(frame, KIND_DONE, self.name_of(self.publisher), "completion", self.config.max_new_tokens + 1)
+        return decode_small(
+            frame, KIND_DONE, self.name_of(self.publisher), "completion", self.config.max_new_tokens + 1
+        )
 
     def run(self) -> list[int]:
         """This party's whole run when every party has its own process (the networked path).
@@ -308,7 +330,12 @@ class _PrefillStep:
         self.query_positions = positions
 
     def attend(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None, scaling: float | None = None
+        self,
+        layer: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        query: torch.Tensor | None = None,
+        scaling: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         party = self.party
         party.transport.note(f"prefill block {layer}")

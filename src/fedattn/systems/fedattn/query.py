@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from fedattn.systems.fedattn.costs import ModelDims, PartyCost, run_costs
 from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.prompting import build_segments, check_context_window
+from fedattn.systems.fedattn.costs import ModelDims, PartyCost, run_costs
 from fedattn.systems.fedattn.inprocess import RunResult, run_in_process
 from fedattn.systems.fedattn.party import RunConfig
-from fedattn.runtime.prompting import build_segments, check_context_window
 
 
 @dataclass

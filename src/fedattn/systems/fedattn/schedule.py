@@ -37,7 +37,9 @@ class Schedule:
         for what, layers in (("sync", self.sync_layers), ("publisher receive", self.publisher_layers)):
             for layer in layers:
                 if not 0 <= layer < self.num_layers:
-                    raise FedAttnError(f"{what} block {layer} is out of range: the model has blocks 0..{self.num_layers - 1}")
+                    raise FedAttnError(
+                        f"{what} block {layer} is out of range: the model has blocks 0..{self.num_layers - 1}"
+                    )
             if list(layers) != sorted(set(layers)):
                 raise FedAttnError(f"{what} blocks must be distinct and increasing, got {list(layers)}")
         if self.publisher_sync_every is not None and self.publisher_sync_every < 1:

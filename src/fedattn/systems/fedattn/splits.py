@@ -76,7 +76,9 @@ def _tokens_around(tokenizer: PreTrainedTokenizerBase, context: str, question: s
     A token that spans the boundary (a tokenizer merging across it) goes to the question side, so
     no collaborator holds any of the question.
     """
-    encoding = tokenizer(context + question, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    encoding = tokenizer(
+        context + question, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+    )
     ids, offsets = encoding.input_ids, encoding.offset_mapping
     boundary = next((index for index, (_, end) in enumerate(offsets) if end > len(context)), len(ids))
     return ids[:boundary], ids[boundary:]
@@ -102,7 +104,10 @@ def _deal(units: list[list[int]], parts: int, minimum_last: int) -> list[list[in
     last at least ``minimum_last`` (SemAg's publisher may hold only the question)."""
     needed = parts - 1 + minimum_last
     if len(units) < needed:
-        raise FedAttnError(f"{len(units)} exemplars cannot be dealt as whole units: the split needs at least {needed} (use more --shots or fewer --parties)")
+        raise FedAttnError(
+            f"{len(units)} exemplars cannot be dealt as whole units: the split needs at least {needed} "
+            "(use more --shots or fewer --parties)"
+        )
     groups, start = [], 0
     for size in even_sizes(len(units), parts):
         groups.append([token for unit in units[start : start + size] for token in unit])
