@@ -10,13 +10,49 @@ from fedattn.report.schema import PartyReport, RunReport
 
 def sample() -> RunReport:
     parties = [
-        PartyReport("party-1", 0, "collaborator", 100, 0, 2, 0, 100, 0, 130, {"prefill_s": 0.5, "wait_s": 0.0},
-                    details={"tokens": 7, "block_wait_s": {"0": 0.1}}),
-        PartyReport("publisher", 1, "publisher", 10, 100, 1, 2, 10, 100, None, {"prefill_s": 0.25, "decode_s": 1.0},
-                    answer="42", answer_token_ids=[5, 6], details={"tokens": 3}),
+        PartyReport(
+            "party-1",
+            0,
+            "collaborator",
+            100,
+            0,
+            2,
+            0,
+            100,
+            0,
+            130,
+            {"prefill_s": 0.5, "wait_s": 0.0},
+            details={"tokens": 7, "block_wait_s": {"0": 0.1}},
+        ),
+        PartyReport(
+            "publisher",
+            1,
+            "publisher",
+            10,
+            100,
+            1,
+            2,
+            10,
+            100,
+            None,
+            {"prefill_s": 0.25, "decode_s": 1.0},
+            answer="42",
+            answer_token_ids=[5, 6],
+            details={"tokens": 3},
+        ),
     ]
-    return RunReport("fedattn", "inprocess", {"name": "tiny-random", "identity": "x"}, {"codec": "float32"}, "42",
-                     [5, 6], parties, {"sent": 110, "received": 100}, {"wall_s": 2.0}, {"sync_layers": [0, 4]})
+    return RunReport(
+        "fedattn",
+        "inprocess",
+        {"name": "tiny-random", "identity": "x"},
+        {"codec": "float32"},
+        "42",
+        [5, 6],
+        parties,
+        {"sent": 110, "received": 100},
+        {"wall_s": 2.0},
+        {"sync_layers": [0, 4]},
+    )
 
 
 def test_json_is_flat_where_readers_look_and_round_trips():
@@ -49,3 +85,34 @@ def test_details_may_not_shadow_fields():
 def test_malformed_documents_are_refused(document):
     with pytest.raises(FedAttnError):
         RunReport.from_json(document)
+
+
+def test_a_fedattn_query_reports_through_the_schema(tiny):
+    from fedattn.systems.fedattn.costs import ModelDims
+    from fedattn.systems.fedattn.party import RunConfig
+    from fedattn.systems.fedattn.query import answer_question
+    from fedattn.systems.fedattn.reporting import run_report
+    from fedattn.systems.fedattn.schedule import Schedule, every
+
+    model, tokenizer = tiny
+    config = RunConfig(Schedule(8, every(2, 8)), max_new_tokens=3)
+    query = answer_question(model, tokenizer, ["alpha beta", "gamma"], "which?", config)
+    report = run_report(
+        query.result,
+        query.expected,
+        ModelDims.from_config(model.config),
+        config,
+        {"name": "tiny-random"},
+        query.answer_texts,
+        query.wall_s,
+    )
+    document = RunReport.from_json(json.loads(json.dumps(report.to_json()))).to_json()
+    legacy = query.to_json()
+    assert document["measured_bytes"] == legacy["measured_bytes"]
+    assert document["expected_bytes"] == legacy["expected_bytes"]
+    assert document["measured_bytes"]["sent"] == document["expected_bytes"]["sent"]  # the cost model, exactly
+    for ours, theirs in zip(document["parties"], legacy["participants"], strict=True):
+        assert {key: ours[key] for key in theirs if key != "block_wait_s"} == {
+            key: value for key, value in theirs.items() if key != "block_wait_s"
+        }
+    assert [party["role"] for party in document["parties"]] == ["collaborator", "collaborator", "publisher"]
