@@ -26,8 +26,8 @@ from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.batch_decode import decode_rows
 from fedattn.runtime.decoding import StopRule
 from fedattn.runtime.models import DEFAULT_MODEL, load_model
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import _prefill
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, all_layers
 from fedattn.systems.fedattn.splits import split_prompt
 

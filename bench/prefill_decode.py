@@ -22,8 +22,8 @@ import torch
 
 from fedattn.evaluation.tasks import gsm8k
 from fedattn.runtime.models import DEFAULT_MODEL, load_model
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import run_in_process
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, every
 
 

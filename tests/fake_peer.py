@@ -143,7 +143,7 @@ def main(argv: list[str]) -> int:
             "--json",
         ]
     )
-    loaded, config, _ = cli.load_and_configure(args)
+    loaded, config, _ = cli.configure(args)
     model_config = loaded.model.config
     heads = model_config.num_key_value_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads

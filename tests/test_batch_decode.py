@@ -10,8 +10,8 @@ import torch
 from conftest import random_segments
 
 from fedattn.runtime.decoding import Decoding, StopRule
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import run_in_process, run_many_in_process
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
 
 LENGTHS = ([9, 13, 6], [4, 20, 11], [15, 3, 7], [8, 8, 8])

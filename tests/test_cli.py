@@ -332,10 +332,10 @@ def test_every_shared_option_reaches_the_launched_parties():
     children run another configuration (and the handshake refuse it)."""
     import argparse
 
-    from fedattn.cli.main import SHARED_OPTIONS, add_shared_options
+    from fedattn.systems.fedattn.config import SHARED_OPTIONS, add_options
 
     parser = argparse.ArgumentParser()
-    add_shared_options(parser)
+    add_options(parser)
     dests = {action.dest for action in parser._actions if action.dest != "help"}
     assert dests - {"json"} == set(SHARED_OPTIONS)
 

@@ -4,10 +4,10 @@ import pytest
 from conftest import random_segments
 
 from fedattn.network.kv_codec import CODECS, get_codec
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.costs import ModelDims, expected_costs
 from fedattn.systems.fedattn.exchange import Exchange
 from fedattn.systems.fedattn.inprocess import run_in_process
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
 from fedattn.systems.fedattn.sparsity import Sparsity
 

@@ -9,8 +9,8 @@ from conftest import random_segments
 from matplotlib import image
 
 from fedattn.errors import FedAttnError
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.drift import add_arguments, measure_drift, plot_drift, run
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, every
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -6,8 +6,8 @@ from conftest import random_segments
 from oracle import oracle_generate, spec_visibility
 
 from fedattn.runtime.decoding import StopRule
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import run_in_process
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every, placement, sync_count
 from fedattn.systems.fedattn.sparsity import Sparsity, kept_indices, sent_indices
 

@@ -5,8 +5,8 @@ import torch
 from conftest import random_segments
 
 from fedattn.runtime.decoding import Decoding, StopRule
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import run_in_process
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, every
 
 MAX_NEW = 12

@@ -16,10 +16,10 @@ from fedattn.network.kv_codec import get_codec
 from fedattn.privacy.noise import add_kv_noise, noise_generator
 from fedattn.systems.fedattn import selection
 from fedattn.systems.fedattn.budget import Frame, fit_budget
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.costs import ModelDims, expected_costs
 from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts
 from fedattn.systems.fedattn.inprocess import _prefill, run_in_process
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
 from fedattn.systems.fedattn.selection import attention_scores, key_norm_scores, select_tokens
 from fedattn.systems.fedattn.sparsity import Sparsity, sent_indices

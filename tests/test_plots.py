@@ -25,7 +25,7 @@ from fedattn.evaluation.plots import (
     sent_blocks,
     worst_recovery,
 )
-from fedattn.systems.fedattn.party import RunConfig
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.schedule import Schedule, every, placement
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

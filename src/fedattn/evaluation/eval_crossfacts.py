@@ -60,9 +60,9 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The shared model/schedule/decoding options plus the benchmark's own."""
     from fedattn.argtypes import non_negative_int, positive_int
-    from fedattn.cli.main import add_shared_options
+    from fedattn.systems.fedattn.config import add_options
 
-    add_shared_options(parser)
+    add_options(parser)
     parser.set_defaults(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument(
         "--source",
@@ -167,12 +167,12 @@ def item_source(args: argparse.Namespace) -> ItemSource:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the selected items not yet in --out, then write and print the summary."""
-    from fedattn.cli.main import load_and_configure
+    from fedattn.systems.fedattn.config import configure
 
     source = item_source(args)
     if args.offset >= args.count:
         raise FedAttnError(f"--offset {args.offset} is past the last item ({args.count - 1})")
-    loaded, config, device = load_and_configure(args)
+    loaded, config, device = configure(args)
     store = _store(args, source, loaded, config)
     done = store.done_keys()
     stop_at = args.count if args.limit is None else min(args.count, args.offset + args.limit)

@@ -29,9 +29,9 @@ from fedattn.report.render import format_bytes, progress_bar
 from fedattn.runtime.decoding import StopRule
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import check_context_window
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.costs import ModelDims, PartyCost, run_costs
 from fedattn.systems.fedattn.inprocess import RunResult, party_names, run_many_in_process
-from fedattn.systems.fedattn.party import RunConfig
 from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.splits import SPLITS, split_prompt
 
@@ -43,9 +43,9 @@ PUBLISHER = "publisher"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The shared model/schedule/sparsity/decoding options, then the evaluation's own."""
     from fedattn.argtypes import non_negative_int, positive_int
-    from fedattn.cli.main import add_shared_options
+    from fedattn.systems.fedattn.config import add_options
 
-    add_shared_options(parser)
+    add_options(parser)
     parser.set_defaults(max_new_tokens=PAPER_MAX_NEW_TOKENS)
     parser.add_argument(
         "--split", choices=SPLITS, default="TokEx", help="how the prompt is dealt to the parties (default TokEx)"
@@ -83,13 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the problems not yet in --out, write the summary, print it; 0 on success."""
-    from fedattn.cli.main import load_and_configure
+    from fedattn.systems.fedattn.config import configure
 
     args.all_answers = args.all_answers or args.every_answer
     test = gsm8k.load("test")
     exemplars = _exemplars(gsm8k.load("train"), args.shots)
     indices = _problem_range(len(test), args.offset, args.limit)
-    loaded, config, device = load_and_configure(args)
+    loaded, config, device = configure(args)
     # refuse an impossible split before the results folder records this configuration
     split_prompt(loaded.tokenizer, exemplars, gsm8k.question_text(test[indices[0]]), args.split, args.parties)
     store = ResultStore(args.out, run_configuration(args, loaded, config))

@@ -16,7 +16,7 @@ from fedattn.systems.fedattn.schedule import Schedule
 from fedattn.systems.fedattn.sparsity import Sparsity
 
 if TYPE_CHECKING:
-    from fedattn.systems.fedattn.party import RunConfig
+    from fedattn.systems.fedattn.config import RunConfig
 
 SWIGLU_FFN_FACTOR = 6
 

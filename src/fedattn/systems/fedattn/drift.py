@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from fedattn.errors import FedAttnError
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import party_names, run_in_process
-from fedattn.systems.fedattn.party import RunConfig
 
 
 @dataclass
@@ -195,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K item as the
     evaluation prompts it) and the shared run options."""
     from fedattn.argtypes import positive_int
-    from fedattn.cli.main import add_shared_options
+    from fedattn.systems.fedattn.config import add_options
     from fedattn.systems.fedattn.splits import SPLITS
 
     parser.add_argument(
@@ -233,7 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)",
     )
     parser.add_argument("--out", type=Path, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
-    add_shared_options(parser)
+    add_options(parser)
 
 
 def gsm8k_segments(tokenizer, item: int, split: str, parties: int, shots: int) -> list[list[int]]:
@@ -282,10 +282,10 @@ def print_table(report: DriftReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedattn.cli.main import load_and_configure
     from fedattn.runtime.prompting import check_context_window
+    from fedattn.systems.fedattn.config import configure
 
-    loaded, config, _ = load_and_configure(args)
+    loaded, config, _ = configure(args)
     segments = _segments(args, loaded.tokenizer)
     check_context_window(segments, 1, loaded.model.config.max_position_embeddings)
     report = measure_drift(loaded.model, segments, config)

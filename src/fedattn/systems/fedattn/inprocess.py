@@ -18,7 +18,8 @@ from fedattn.network.transport import InProcessGrid
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.batch_decode import decode_rows
 from fedattn.runtime.decoding import StopRule
-from fedattn.systems.fedattn.party import Participant, RunConfig
+from fedattn.systems.fedattn.config import RunConfig
+from fedattn.systems.fedattn.party import Participant
 
 
 @dataclass

@@ -28,9 +28,10 @@ from fedattn.runtime.prompting import (
     template_for,
     tokenize_party,
 )
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.costs import ModelDims, run_costs
 from fedattn.systems.fedattn.inprocess import party_names
-from fedattn.systems.fedattn.party import Participant, RunConfig
+from fedattn.systems.fedattn.party import Participant
 from fedattn.systems.fedattn.query import stop_rule
 
 STORE_POLL_S = 0.1

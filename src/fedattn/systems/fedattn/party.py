@@ -31,30 +31,15 @@ from fedattn.network.frames import (
     encode_small,
 )
 from fedattn.network.handshake import check_hello, run_fingerprints
-from fedattn.network.kv_codec import CODECS, KVCodec
 from fedattn.network.transport import Transport
 from fedattn.privacy.noise import add_kv_noise, noise_generator
 from fedattn.runtime.batch_decode import DecodeRow, decode_rows
-from fedattn.runtime.decoding import Decoding, StopRule
+from fedattn.runtime.decoding import StopRule
 from fedattn.runtime.kv_store import ParticipantKVStore
-from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts
-from fedattn.systems.fedattn.schedule import Schedule
+from fedattn.systems.fedattn.config import RunConfig
+from fedattn.systems.fedattn.exchange import frame_token_counts
 from fedattn.systems.fedattn.selection import select_tokens
-from fedattn.systems.fedattn.sparsity import Sparsity, kept_indices
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything the parties must agree on before a run."""
-
-    schedule: Schedule
-    sparsity: Sparsity = field(default_factory=Sparsity)
-    codec: KVCodec = CODECS["float32"]
-    exchange: Exchange = field(default_factory=Exchange)
-    decoding: Decoding = field(default_factory=Decoding)
-    max_new_tokens: int = 64
-    all_answers: bool = False
-    record_logits: bool = False
+from fedattn.systems.fedattn.sparsity import kept_indices
 
 
 @dataclass

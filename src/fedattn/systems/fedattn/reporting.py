@@ -11,10 +11,10 @@ from dataclasses import asdict
 from typing import Any
 
 from fedattn.report.schema import PartyReport, RunReport
+from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.costs import ModelDims, PartyCost
 from fedattn.systems.fedattn.inprocess import PartyReport as PartyOutcome
 from fedattn.systems.fedattn.inprocess import RunResult
-from fedattn.systems.fedattn.party import RunConfig
 
 SYSTEM = "fedattn"
 
