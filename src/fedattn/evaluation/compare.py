@@ -63,7 +63,7 @@ def table(results: list[Result], attacks: dict[str, dict]) -> list[str]:
 
 def leakage_cell(result: Result, attacks: dict[str, dict]) -> str:
     if result.summary.get("exposure") is None:
-        return "none sent"
+        return "nothing exposed"
     worst = leakage(result, attacks)
     return "not measured" if worst is None else f"{worst[0]:.1%} (block {worst[1]})"
 

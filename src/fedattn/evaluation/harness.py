@@ -74,14 +74,17 @@ def run_batches(
 
 
 # -- fedattn eval TASK ---------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
-    """The task's options, the system's (today's one system: its options are simply added; a
-    second system's options would be added once ``--system`` is parsed) and the harness's."""
+def add_arguments(parser: argparse.ArgumentParser, task: Task, system: str = DEFAULT_SYSTEM) -> None:
+    """The task's options, those of ``system`` and the harness's. Two systems' options may clash
+    (both have --model), so a parser holds one system's: the CLI builds it for the default system,
+    which is every evaluation while FedAttn is the only one registered."""
     task.add_options(parser)
-    parser.add_argument(
-        "--system", choices=tuple(SYSTEMS), default=DEFAULT_SYSTEM, help=f"who answers (default {DEFAULT_SYSTEM})"
-    )
-    get_system(DEFAULT_SYSTEM).add_options(parser, task)
+    parser.add_argument("--system", choices=tuple(SYSTEMS), default=system, help=f"who answers (default {system})")
+    get_system(system).add_options(parser, task)
+    try:
+        parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    except argparse.ArgumentError:  # the system's own options have it (FedAttn's, for ``fedattn run``)
+        pass
     parser.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="records, summary and configuration; rerun to resume"
     )
