@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from statistics import mean
 from typing import Any, Protocol, TypeVar
@@ -109,7 +110,7 @@ def evaluate(task: Task, args: argparse.Namespace) -> int:
     with ResultStore(args.out, config) as store:
         todo = pending(store, run.items, lambda item: item.key)
         label = f"{run.title} · {system.name} on {setup.device}"
-        answer = lambda batch: answer_records(run, system, setup, batch)  # noqa: E731
+        answer = partial(answer_records, run, system, setup)
         run_batches(store, todo, answer, args.batch_size, label, len(run.items), quiet=args.json)
         summary = summarize(run, system, config, store.records()) | {"device": setup.device}
         path = store.write_summary(summary)

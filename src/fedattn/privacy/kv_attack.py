@@ -662,7 +662,10 @@ def run(args: argparse.Namespace) -> int:
         if todo:  # the victims' K/V and the attacks' tables only when something is left to attack
             setup = _setup(args, loaded, codec, blocks, costs)
             loose = LooseForm(loaded.tokenizer)
-            attack = lambda batch: [attack_record(setup, *point, args, loose) for point in batch]  # noqa: E731
+
+            def attack(points: list[tuple[int, float]]) -> list[dict]:
+                return [attack_record(setup, block, sigma, args, loose) for block, sigma in points]
+
             run_batches(store, todo, attack, 1, "attacking (block, noise)", len(grid))
         costs["peak_rss_mb"] = peak_rss_mb()
         summary = summarize(store.records(), costs)
