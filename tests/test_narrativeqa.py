@@ -193,7 +193,7 @@ def test_facts_is_refused_with_narrativeqa(fake_file, tmp_path):
 
 
 def test_crossfacts_folders_keep_their_configuration(tmp_path):
-    """No 'source' key for CrossFacts, so folders written before --source existed still resume."""
+    """No 'source' key for CrossFacts, as before --source existed (the task's name says the source)."""
     guard = eval_crossfacts.item_source(parse(["--out", str(tmp_path)])).guard
     assert guard == {"facts": eval_crossfacts.DEFAULT_FACTS}
 

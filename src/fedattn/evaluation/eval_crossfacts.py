@@ -120,7 +120,7 @@ def item_source(args: argparse.Namespace) -> ItemSource:
         return ItemSource(lambda index: narrativeqa.generate_item(args.data_seed, index, args.parties), guard)
     facts = DEFAULT_FACTS if args.facts is None else args.facts
     check_sizes(args.count, args.parties, facts)
-    # no "source" key: CrossFacts folders written before --source existed keep resuming
+    # no "source" key, as before --source existed: the task's name says which source it is
     return ItemSource(lambda index: generate_item(args.data_seed, index, args.parties, facts), {"facts": facts})
 
 
@@ -161,11 +161,12 @@ class CrossFacts:
             raise FedAttnError(f"--offset {args.offset} is past the last item ({args.count - 1})")
         stop = args.count if args.limit is None else min(args.count, args.offset + args.limit)
         sizes = {"data_seed": args.data_seed, "count": args.count, "parties": args.parties}
+        facts = {"facts": source.guard["facts"]} if "facts" in source.guard else {}
         return base.TaskRun(
             name=args.source,
             title=f"{args.source}, {args.parties} parties",
             config=source.guard | sizes | {"scoring": SCORING[args.source]},
-            settings={"source": args.source, **{k: v for k, v in source.guard.items() if k == "facts"}, **sizes},
+            settings={"source": args.source, **facts, **sizes},
             items=[task_item(index, source.item(index)) for index in range(args.offset, stop)],
             score=lambda item, answer: score(args.source, answer, item.references),
             main_metric="em",

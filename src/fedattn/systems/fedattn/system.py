@@ -25,6 +25,7 @@ from fedattn.systems.fedattn import reporting
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.costs import ModelDims, run_costs
 from fedattn.systems.fedattn.inprocess import run_many_in_process
+from fedattn.systems.fedattn.networked import own_segment, run_party
 from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.schedule import PLACEMENTS, every, format_layers, placement
 from fedattn.systems.fedattn.splits import SPLITS, split_prompt
@@ -163,7 +164,7 @@ class FedAttnSystem:
         stop = stop_rule(tokenizer, model, stop_texts.pop())
         results = run_many_in_process(model, queries, setup.config, stop, setup.loaded.identity)
         wall_s = (time.perf_counter() - start) / len(items)
-        dims = ModelDims.from_config(model.config)
+        dims, model_json = ModelDims.from_config(model.config), _model_json(setup)
         reports = []
         for query, result in zip(queries, results):
             expected = run_costs(dims, setup.config, [len(segment) for segment in query])
@@ -171,7 +172,6 @@ class FedAttnSystem:
                 rank: stop.trim(tokenizer.decode(ids, skip_special_tokens=True)).strip()
                 for rank, ids in result.answers.items()
             }
-            model_json = _model_json(setup)
             reports.append(reporting.run_report(result, expected, dims, setup.config, model_json, texts, wall_s))
         return reports
 
@@ -183,8 +183,6 @@ class FedAttnSystem:
         question: str | None,
         publisher_context: str | None,
     ) -> RunReport:
-        from fedattn.systems.fedattn.networked import own_segment, run_party
-
         segment = own_segment(setup.loaded, rendezvous, text, question, publisher_context, setup.raw)
         return run_party(setup.loaded, rendezvous, segment, setup.config)
 
