@@ -185,7 +185,7 @@ def described(system: System, system_config: dict, task_settings: dict) -> dict[
 
 def mean_scores(scores: list[dict]) -> dict[str, float]:
     """The mean of every numeric score (a bool counts as 0 or 1), in the scorer's order."""
-    names = [name for name, value in (scores[0] if scores else {}).items() if _is_number(value)]
+    names = [name for name, value in (scores[0] if scores else {}).items() if _is_score(value)]
     return {name: mean(float(entry[name]) for entry in scores) for name in names}
 
 
@@ -228,7 +228,7 @@ def time_totals(reports: list[RunReport]) -> dict[str, float]:
 def summary_line(summary: dict, run: TaskRun, path: Path) -> str:
     """The summary as one paragraph for a person."""
     metrics, main = summary["metrics"], summary["main_metric"]
-    ordered = [main] + [name for name, value in metrics.items() if name != main and _is_number(value)]
+    ordered = [main] + [name for name, value in metrics.items() if name != main and _is_score(value)]
     scores = ", ".join(f"{name.upper()} {metrics[name]:.1%}" for name in ordered if name in metrics)
     setting = " ".join(part for part in (summary["system"], summary["setting"]) if part)
     text = f"{run.title}, {setting}: {scores} over {summary['items']} {run.unit}"
@@ -250,5 +250,6 @@ def _mean(values: list[float]) -> float | None:
     return mean(values) if values else None
 
 
-def _is_number(value: Any) -> bool:
+def _is_score(value: Any) -> bool:
+    """A number to average (a bool counts as 0 or 1)."""
     return isinstance(value, (int, float))

@@ -29,15 +29,18 @@ LOCK_FILE = ".lock"
 def read_config(directory: Path) -> dict | None:
     """The folder's ``config.json``, None when there is none; a clear error when it is not a JSON object."""
     path = directory / "config.json"
-    if not path.exists():
-        return None
+    return read_json_object(path) if path.exists() else None
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a file of a results folder, or one line saying what is wrong with which file."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FedAttnError(f"{path} is not readable JSON ({error}); fix or remove the folder") from None
-    if not isinstance(config, dict):
+    if not isinstance(document, dict):
         raise FedAttnError(f"{path} is not a JSON object; fix or remove the folder")
-    return config
+    return document
 
 
 def summary_paths(root: Path) -> list[Path]:

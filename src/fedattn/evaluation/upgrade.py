@@ -19,7 +19,7 @@ from typing import Any
 
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.harness import SUMMARY_FORMAT, described
-from fedattn.evaluation.results import summary_paths
+from fedattn.evaluation.results import read_json_object, summary_paths
 from fedattn.systems import get_system
 
 EARLIER_SUMMARY = "summary.v1.json"
@@ -116,12 +116,7 @@ def _crossfacts(summary: dict) -> tuple[dict, dict, dict, dict]:
 def upgrade_folder(folder: Path) -> str:
     """Convert one folder's summary in place; what was done, in a few words."""
     path = folder / "summary.json"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FedAttnError(f"{path} is not readable JSON ({error})") from None
-    if not isinstance(summary, dict):
-        raise FedAttnError(f"{path} is not a JSON object")
+    summary = read_json_object(path)
     if summary.get("format") == SUMMARY_FORMAT:
         return "already current"
     if "rate" in summary:
