@@ -251,7 +251,8 @@ def _record(
     loaded, config, args: argparse.Namespace, index: int, item: Item, segments: list[list[int]], result
 ) -> dict:
     """One item's answer, score, traffic (measured and predicted) and times."""
-    from fedattn.systems.fedattn.costs import ModelDims, run_costs
+    from fedattn.runtime.dims import ModelDims
+    from fedattn.systems.fedattn.costs import run_costs
 
     expected = run_costs(ModelDims.from_config(loaded.model.config), config, [len(segment) for segment in segments])
     answer = loaded.tokenizer.decode(result.answer_token_ids, skip_special_tokens=True).strip()

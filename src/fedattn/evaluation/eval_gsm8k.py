@@ -27,10 +27,11 @@ from fedattn.evaluation.tasks import gsm8k
 from fedattn.evaluation.tasks.gsm8k_scoring import extract_answer, is_correct
 from fedattn.report.render import format_bytes, progress_bar
 from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import check_context_window
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import ModelDims, PartyCost, run_costs
+from fedattn.systems.fedattn.costs import PartyCost, run_costs
 from fedattn.systems.fedattn.inprocess import RunResult, party_names, run_many_in_process
 from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.splits import SPLITS, split_prompt
