@@ -36,9 +36,8 @@ BLOCKS = (0, 5, 11, 17, 23)
 
 
 def prompt_segments(tokenizer, shots: int, parties: int) -> list[list[int]]:
-    train, test = gsm8k.load("train"), gsm8k.load("test")
-    exemplars = [gsm8k.exemplar_text(problem) for problem in train[:shots]]
-    return split_prompt(tokenizer, exemplars, gsm8k.question_text(test[0]), "TokEx", parties)
+    prompt = gsm8k.few_shot_prompt(0, shots)
+    return split_prompt(tokenizer, prompt.exemplars, prompt.question, "TokEx", parties)
 
 
 def captured_kv(model, ids: list[int], blocks: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
