@@ -3,14 +3,18 @@ positive where the publisher sees only itself."""
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import random_segments
 from matplotlib import image
 
 from fedattn.errors import FedAttnError
-from fedattn.systems.fedattn.config import RunConfig
+from fedattn.systems.fedattn.config import RunConfig, configure
 from fedattn.systems.fedattn.drift import add_arguments, gsm8k_segments, mean_report, measure_drift, plot_drift, run
+from fedattn.systems.fedattn.inprocess import run_in_process
 from fedattn.systems.fedattn.schedule import Schedule, every
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -86,15 +90,34 @@ def gsm8k_words(items: str, out) -> list[str]:
     ]
 
 
-def test_command_on_a_gsm8k_item(tmp_path, capsys, tiny):
+def reference_kl(words: list[str]) -> float:
+    """KL(central || fed) of the publisher's next token, from scratch: the model's own forward over the
+    whole prompt against the engine's first answer logits, by torch's kl_div (not drift's code)."""
+    loaded, config, _ = configure(parse(words))
+    segments = gsm8k_segments(loaded.tokenizer, 0, "TokEx", 3, 1)
+    ids = torch.tensor([[token for segment in segments for token in segment]])
+    with torch.inference_mode():
+        central = loaded.model(input_ids=ids).logits[0, -1].double()
+    federated = run_in_process(loaded.model, segments, replace(config, max_new_tokens=1, record_logits=True))
+    log_fed = torch.log_softmax(federated.answer_logits[0].double(), dim=-1)
+    log_central = torch.log_softmax(central, dim=-1)
+    return float(F.kl_div(log_fed, log_central, log_target=True, reduction="sum"))
+
+
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_command_on_a_gsm8k_item(tmp_path, capsys, sync_every):
+    """H = 1 is exact (KL ~0); every 4th block global drifts (KL clearly positive); both as computed by hand."""
     out = tmp_path / "gsm8k.png"
-    assert run(parse(gsm8k_words("0", out))) == 0
+    words = gsm8k_words("0", out) + ["--sync-every", str(sync_every)]
+    assert run(parse(words)) == 0
     document = json.loads(capsys.readouterr().out)
     assert [party["name"] for party in document["parties"]] == ["party-1", "party-2", "publisher"]
-    model, tokenizer = tiny  # the same seeded model and tokenizer as the command's tiny-random
-    direct = measure_drift(model, gsm8k_segments(tokenizer, 0, "TokEx", 3, 1), config(every(4, 8)))
-    assert document["kl_publisher"] == pytest.approx(direct.kl_publisher, rel=1e-6) and direct.kl_publisher > 0
-    assert [party["tokens"] for party in document["parties"]] == [party.tokens for party in direct.parties]
+    expected = reference_kl(words)
+    if sync_every == 1:
+        assert abs(expected) < 1e-6 and document["kl_publisher"] < 1e-6
+    else:
+        assert expected > 1e-3
+        assert document["kl_publisher"] == pytest.approx(expected, rel=1e-4)
     assert out.is_file()
 
 

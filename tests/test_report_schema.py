@@ -88,8 +88,8 @@ def test_malformed_documents_are_refused(document):
 
 
 def test_a_fedattn_query_reports_through_the_schema(tiny):
+    from fedattn.runtime.dims import ModelDims
     from fedattn.systems.fedattn.config import RunConfig
-    from fedattn.systems.fedattn.costs import ModelDims
     from fedattn.systems.fedattn.query import answer_question
     from fedattn.systems.fedattn.reporting import run_report
     from fedattn.systems.fedattn.schedule import Schedule, every

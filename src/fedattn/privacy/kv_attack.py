@@ -44,7 +44,6 @@ import argparse
 import random
 import resource
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +57,7 @@ from fedattn.network.kv_codec import KVCodec
 from fedattn.privacy.noise import add_kv_noise
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.prompting import Piece, chat_template_parts, collaborator_pieces, party_pieces, tokenize_pieces
+from fedattn.runtime.seeding import seeded_generator
 
 if TYPE_CHECKING:
     from fedattn.evaluation.plots import Drawn
@@ -333,7 +333,7 @@ class AttackSetup:
 
 def received_frames(setup: AttackSetup, block: int, sigma: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every victim's (key, value) at ``block`` as the attacker decodes it under noise ``sigma``."""
-    generator = torch.Generator().manual_seed(zlib.crc32(f"attack:{setup.seed}:{block}:{sigma}".encode()))
+    generator = seeded_generator("attack", setup.seed, block, sigma)
     return [
         received(*captured[block], victim, block, setup.codec, sigma, generator)
         for victim, captured in zip(setup.victims, setup.captured)

@@ -20,6 +20,7 @@ from fedattn.network.frames import kv_frame_size
 from fedattn.network.kv_codec import KVCodec
 from fedattn.network.torch_transport import NO_DEADLINE, Liveness, PeerFailure, TorchTransport
 from fedattn.runtime.attention import federated_attention_enabled
+from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import (
     check_context_window,
@@ -29,7 +30,7 @@ from fedattn.runtime.prompting import (
     tokenize_party,
 )
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import ModelDims, run_costs
+from fedattn.systems.fedattn.costs import run_costs
 from fedattn.systems.fedattn.inprocess import party_names
 from fedattn.systems.fedattn.party import Participant
 from fedattn.systems.fedattn.query import stop_rule
@@ -77,8 +78,8 @@ def own_segment(
 
 def max_frame_bytes(model_config, codec: KVCodec) -> int:
     """The largest valid frame: K/V with explicit positions for a whole context window."""
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return kv_frame_size(model_config.max_position_embeddings, False, codec, model_config.num_key_value_heads, head_dim)
+    dims = ModelDims.from_config(model_config)
+    return kv_frame_size(model_config.max_position_embeddings, False, codec, dims.num_kv_heads, dims.head_dim)
 
 
 def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], config: RunConfig) -> dict:

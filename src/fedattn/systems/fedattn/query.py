@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass
 from transformers import PreTrainedTokenizerBase
 
 from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.prompting import build_segments, check_context_window
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import ModelDims, PartyCost, run_costs
+from fedattn.systems.fedattn.costs import PartyCost, run_costs
 from fedattn.systems.fedattn.inprocess import RunResult, run_in_process
 
 

@@ -11,8 +11,9 @@ from dataclasses import asdict
 from typing import Any
 
 from fedattn.report.schema import PartyReport, RunReport
+from fedattn.runtime.dims import ModelDims
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import ModelDims, PartyCost
+from fedattn.systems.fedattn.costs import PartyCost
 from fedattn.systems.fedattn.inprocess import PartyReport as PartyOutcome
 from fedattn.systems.fedattn.inprocess import RunResult
 

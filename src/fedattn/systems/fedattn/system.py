@@ -17,13 +17,14 @@ from typing import Any
 from fedattn.argtypes import positive_int
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
+from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import CONTEXT_SEPARATOR, build_segments, check_context_window
 from fedattn.systems.base import Description, Exposure
 from fedattn.systems.fedattn import config as run_config
 from fedattn.systems.fedattn import reporting
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import ModelDims, run_costs
+from fedattn.systems.fedattn.costs import run_costs
 from fedattn.systems.fedattn.inprocess import run_many_in_process
 from fedattn.systems.fedattn.networked import own_segment, run_party
 from fedattn.systems.fedattn.query import stop_rule
