@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from fedattn.cli.main import EXIT_PEER_FAILURE, EXIT_USAGE
+from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE
 
 FAKE_PEER = Path(__file__).with_name("fake_peer.py")
 PEER_TIMEOUT_S = 8  # the publisher's --timeout: its liveness fallback for a silent peer
