@@ -2,6 +2,7 @@
 
 The party goes through ``protocol.PHASES`` alone, blocking on its transport where a phase waits
 for a peer, and reports its own view as a ``RunReport`` with one party (the launcher merges them).
+
 Start-up: connect to the rendezvous store, publish heartbeats, wait (with a deadline) until every
 rank has joined, then open the gloo process group. End: flush, then wait until every rank has
 finished before closing links, so no party's exit looks like a crash to one still working.

@@ -133,7 +133,7 @@ class Participant:
         """The publisher always answers; a collaborator only when every answer is requested."""
         return self.is_publisher or self.config.all_answers
 
-    # -- phase 1: handshake --------------------------------------------------------------------
+    # -- handshake --------------------------------------------------------------------
     def send_hello(self) -> None:
         self.transport.send(encode_hello(self.hello), self._others())
 
@@ -164,7 +164,7 @@ class Participant:
             config.all_answers,
         )
 
-    # -- phase 2: prefill --------------------------------------------------------------------
+    # -- prefill --------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self) -> None:
         """Run the model over the kept tokens; the publisher keeps its last-position logits."""
@@ -228,7 +228,7 @@ class Participant:
                 block.key.to(device, dtype), block.value.to(device, dtype), block.positions.to(device)
             )
 
-    # -- phase 3: what later parties sent ----------------------------------------------------
+    # -- what later parties sent ----------------------------------------------------
     @torch.inference_mode()
     def receive_from_later_parties(self) -> None:
         """K/V of later parties: useless during prefill (causal), needed only to decode."""
@@ -236,7 +236,7 @@ class Participant:
         for layer in range(self.num_layers):
             self.receive_kv(layer, range(self.rank + 1, self.world_size))
 
-    # -- phase 4: decoding -------------------------------------------------------------------
+    # -- decoding -------------------------------------------------------------------
     def first_token(self) -> int:
         """The publisher's prediction at the last prompt position (sampled with its generator)."""
         if self._first_token_logits is None:
@@ -278,7 +278,7 @@ class Participant:
         self.answer = tokens
         self.timings.decode_s += seconds
 
-    # -- phase 5: completion -----------------------------------------------------------------
+    # -- completion -----------------------------------------------------------------
     def send_done(self) -> None:
         """The publisher tells everyone the query is answered: no collaborator exits cleanly before."""
         self.transport.send(encode_small(KIND_DONE, len(self.answer)), self._others())

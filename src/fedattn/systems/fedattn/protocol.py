@@ -42,7 +42,7 @@ def collaborator(party: Participant) -> bool:
     return not party.is_publisher
 
 
-def answering(party: Participant) -> bool:
+def answers(party: Participant) -> bool:
     return party.answers
 
 
@@ -55,7 +55,7 @@ def sharing_publisher(party: Participant) -> bool:
     return party.is_publisher and party.config.all_answers
 
 
-DECODE = Phase("decode", "decode", answering, Participant.decode_row)
+DECODE = Phase("decode", "decode", answers, Participant.decode_row)
 
 PHASES: tuple[Phase, ...] = (
     Phase("hello", "handshake", everyone, Participant.send_hello),
@@ -96,14 +96,15 @@ def run(queries: Sequence[Sequence[Participant]], decode: Decoder) -> list[dict[
     seconds = [take(parties, BEFORE_DECODING) for parties in queries]
     # the publisher's row first, then the collaborators': the batch layout the runner always had,
     # so batched answers stay bit for bit those of earlier runs
-    rows = [party for parties in queries for party in sorted(parties, key=collaborator) if DECODE.takes_part(party)]
+    answering = [
+        party for parties in queries for party in sorted(parties, key=collaborator) if DECODE.takes_part(party)
+    ]
     start = time.perf_counter()
-    answers = decode([DECODE.step(party) for party in rows])
+    decoded = decode([DECODE.step(party) for party in answering])
     decode_s = time.perf_counter() - start
-    for party, tokens in zip(rows, answers, strict=True):
-        party.record_answer(tokens, decode_s / len(rows))
+    for party, tokens in zip(answering, decoded, strict=True):
+        party.record_answer(tokens, decode_s / len(answering))
     for parties, stages in zip(queries, seconds):
         stages["decode"] = decode_s / len(queries)
-        for stage, spent in take(parties, AFTER_DECODING).items():
-            stages[stage] = stages.get(stage, 0.0) + spent
+        stages.update(take(parties, AFTER_DECODING))
     return seconds
