@@ -30,7 +30,8 @@ def format_bytes(count: float) -> str:
 
 
 def print_report(report: RunReport, console: Console | None = None) -> None:
-    """The answers, a traffic table, a time table and the run's totals."""
+    """The answers, what ran (model, setting, transport), a traffic table, a time table and the
+    run's totals."""
     console = console or Console()
     *others, last = report.parties
     if report.answer is not None:
@@ -38,8 +39,10 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     for party in others:
         if party.answer is not None:
             console.print(f"[dim]{escape(party.name)}[/dim]: {escape(party.answer)}")
-    title = " · ".join(part for part in (report.model.get("name"), report.setting, report.transport) if part)
-    console.print(traffic_table(title, report.parties))
+    console.print(
+        escape(" · ".join(part for part in (report.model.get("name"), report.setting, report.transport) if part))
+    )
+    console.print(traffic_table(report.parties))
     times = time_table(report.parties)
     if times.columns[1:]:
         console.print(times)
@@ -47,7 +50,7 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
         console.print(line)
 
 
-def traffic_table(title: str, parties: list[PartyReport]) -> Table:
+def traffic_table(parties: list[PartyReport]) -> Table:
     """Bytes per party: measured at its transport, predicted by the cost model, and (networked)
     what crossed its links."""
     columns: dict[str, Callable[[PartyReport], str]] = {}
@@ -63,7 +66,7 @@ def traffic_table(title: str, parties: list[PartyReport]) -> Table:
         columns["predicted"] = lambda party: format_bytes(party.expected_bytes_sent)
     if all(party.link_bytes_sent is not None for party in parties):
         columns["link"] = lambda party: format_bytes(party.link_bytes_sent)
-    return _table(escape(title), parties, columns)
+    return _table("bytes", parties, columns)
 
 
 def time_table(parties: list[PartyReport]) -> Table:
