@@ -62,7 +62,10 @@ def in_process(capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def networked(argv: list[str], timeout: float = 120, env=None) -> subprocess.CompletedProcess:
+HANG_S = 300  # a run still going after this hangs (start-up alone takes a minute on a busy 2-core machine)
+
+
+def networked(argv: list[str], timeout: float = HANG_S, env=None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "fedattn.cli", *argv, "--transport", "torch"]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or ENV)
 
@@ -231,7 +234,7 @@ def test_under_torchrun_each_rank_reads_only_its_own_file(capsys, tmp_path):
         "--question",
         f"@{tmp_path}/question.txt",
     ]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=HANG_S, env=ENV)
     assert finished.returncode == 0, finished.stderr[-2000:]
     publisher = json.loads((tmp_path / "report-2.json").read_text())
     assert [party["name"] for party in publisher["parties"]] == ["publisher"]  # a rank reports its own party
