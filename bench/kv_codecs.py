@@ -25,6 +25,7 @@ from fedattn.network.kv_codec import CODECS
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.batch_decode import decode_rows
 from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import DEFAULT_MODEL, load_model
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import _prefill
@@ -35,9 +36,8 @@ BLOCKS = (0, 5, 11, 17, 23)
 
 
 def prompt_segments(tokenizer, shots: int, parties: int) -> list[list[int]]:
-    train, test = gsm8k.load("train"), gsm8k.load("test")
-    exemplars = [gsm8k.exemplar_text(problem) for problem in train[:shots]]
-    return split_prompt(tokenizer, exemplars, gsm8k.question_text(test[0]), "TokEx", parties)
+    prompt = gsm8k.few_shot_prompt(0, shots)
+    return split_prompt(tokenizer, prompt.exemplars, prompt.question, "TokEx", parties)
 
 
 def captured_kv(model, ids: list[int], blocks: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -87,7 +87,7 @@ def main() -> None:
     segments = prompt_segments(loaded.tokenizer, args.shots, parties=3)
     prompt = [token for segment in segments for token in segment]
     heads = model.config.num_key_value_heads
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    head_dim = ModelDims.from_config(model.config).head_dim
     blocks = tuple(block for block in BLOCKS if block < model.config.num_hidden_layers)
     kv = captured_kv(model, prompt, blocks)
     schedule = Schedule(model.config.num_hidden_layers, (), publisher_layers=all_layers(model.config.num_hidden_layers))

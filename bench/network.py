@@ -387,12 +387,12 @@ def prompt_texts(model: str, parties: int, shots: int, item: int) -> tuple[list[
 
     directory = ensure_cache(KNOWN_MODELS[model], progress=False) if model in KNOWN_MODELS else Path(model)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    train, test = gsm8k.load("train"), gsm8k.load("test")
-    exemplars = "\n".join(gsm8k.exemplar_text(problem) for problem in train[:shots])
+    prompt = gsm8k.few_shot_prompt(item, shots)
+    exemplars = gsm8k.SEPARATOR.join(prompt.exemplars)
     ids = tokenizer(exemplars, add_special_tokens=False).input_ids
     cuts = [round(i * len(ids) / (parties - 1)) for i in range(parties)]
     contexts = [tokenizer.decode(ids[cuts[i] : cuts[i + 1]]) for i in range(parties - 1)]
-    question = gsm8k.question_text(test[item])
+    question = prompt.question
     segments = build_segments(tokenizer, contexts, question, raw=True)  # what --raw parties will tokenize
     reference = tokex_segments(tokenizer, parties, shots, item)
     info = {

@@ -28,12 +28,11 @@ from fedattn.systems.fedattn.schedule import Schedule, every
 
 
 def tokex_segments(tokenizer, parties: int, shots: int, item: int) -> list[list[int]]:
-    train, test = gsm8k.load("train"), gsm8k.load("test")
-    exemplars = "\n".join(gsm8k.exemplar_text(problem) for problem in train[:shots])
-    ids = tokenizer(exemplars, add_special_tokens=False).input_ids
+    prompt = gsm8k.few_shot_prompt(item, shots)
+    ids = tokenizer(gsm8k.SEPARATOR.join(prompt.exemplars), add_special_tokens=False).input_ids
     cuts = [round(i * len(ids) / (parties - 1)) for i in range(parties)]
     segments = [ids[cuts[i] : cuts[i + 1]] for i in range(parties - 1)]
-    return segments + [tokenizer(gsm8k.question_text(test[item]), add_special_tokens=False).input_ids]
+    return segments + [tokenizer(prompt.question, add_special_tokens=False).input_ids]
 
 
 def hf_prefill_s(model, ids: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ def one_torch_thread():
 def tiny():
     """(model, tokenizer) of tiny-random: 8 blocks, 4 heads, 2 KV heads, byte-level vocabulary."""
     torch.set_num_threads(1)
-    return build_tiny_model(num_layers=8)
+    return build_tiny_model()
 
 
 def random_segments(lengths: list[int], seed: int, vocab: int = 256) -> list[list[int]]:

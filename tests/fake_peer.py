@@ -31,6 +31,7 @@ from fedattn.network.frames import KV_HEADER, Hello, KVBlock, decode_hello, enco
 from fedattn.network.handshake import run_fingerprints
 from fedattn.network.kv_codec import CODECS
 from fedattn.network.torch_transport import PAYLOAD_TAG, SIZE_TAG, frame_messages
+from fedattn.runtime.dims import ModelDims
 from fedattn.systems.fedattn.networked import max_frame_bytes
 
 RANK, WORLD_SIZE, PUBLISHER = 0, 2, 1
@@ -146,7 +147,7 @@ def main(argv: list[str]) -> int:
     loaded, config, _ = cli.configure(args)
     model_config = loaded.model.config
     heads = model_config.num_key_value_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    head_dim = ModelDims.from_config(model_config).head_dim
     fingerprints = run_fingerprints(config, loaded.identity, model_config)
     if case == "model-mismatch":  # other weights, everything else the same
         fingerprints = (bytes(8 * [0xAB]), *fingerprints[1:])

@@ -132,9 +132,28 @@ def test_cli_writes_records_summary_and_plot(tmp_path, capsys, one_torch_thread)
     assert summary["rate"]["0"]["0"] == 1.0
     assert set(summary["cost"]) >= {"attack_s", "peak_rss_mb", "probe_fit_s", "vocabulary_table_s"}
     assert (out / "recovery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(argv) == 0  # a rerun resumes: nothing new
-    assert len((out / "records.jsonl").read_text().splitlines()) == 4
     assert "block" in capsys.readouterr().out
+
+
+def test_cli_resumes_only_the_points_not_yet_attacked(tmp_path, capsys, monkeypatch, one_torch_thread):
+    out = tmp_path / "attack"
+    argv = ["attack", "--model", "tiny-random", "--dtype", "float32", "--blocks", "0", "--noise", "0,1,3"]
+    argv += ["--count", "1", "--out", str(out)]
+    assert main(argv) == 0
+    lines = (out / "records.jsonl").read_text().splitlines()
+    (out / "records.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # interrupted in the third
+    attacked = []
+    real = attack.attack_block
+    monkeypatch.setattr(attack, "attack_block", lambda setup, *point: attacked.append(point) or real(setup, *point))
+    assert main(argv) == 0
+    assert attacked == [(0, 3.0)]
+    assert "records.jsonl:3: dropped a half-written record" in capsys.readouterr().err
+    monkeypatch.setattr(attack, "_setup", lambda *args: pytest.fail("nothing left to attack: no setup"))
+    assert main(argv) == 0  # a rerun resumes: nothing new
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [record["key"] for record in records] == ["block=0 noise=0", "block=0 noise=1", "block=0 noise=3"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rate"]["0"] == {f"{record['noise']:g}": record["rate"] for record in records}
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,9 @@ import pytest
 from conftest import random_segments
 
 from fedattn.network.kv_codec import CODECS, get_codec
+from fedattn.runtime.dims import ModelDims
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import ModelDims, expected_costs
+from fedattn.systems.fedattn.costs import expected_costs
 from fedattn.systems.fedattn.exchange import Exchange
 from fedattn.systems.fedattn.inprocess import run_in_process
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
@@ -133,7 +134,7 @@ def test_per_token_quantized_bytes_follow_the_formula(tiny, one_torch_thread, co
 def test_qwen_example_from_spec():
     """Qwen2.5-0.5B (H_kv = 2, d_h = 64) in bf16: 512 bytes per token per sync block."""
     dims = ModelDims(num_layers=24, hidden=896, num_heads=14, num_kv_heads=2, head_dim=64, ffn=4864, vocab=151936)
-    assert dims.kv_bytes_per_token(2) == 512
+    assert get_codec("bfloat16").payload_size(1, dims.num_kv_heads, dims.head_dim) == 512
 
 
 def test_prefill_flops_formula():

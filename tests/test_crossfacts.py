@@ -7,8 +7,10 @@ import pytest
 
 from fedattn.errors import FedAttnError
 from fedattn.evaluation import eval_crossfacts
-from fedattn.evaluation.eval_crossfacts import exact_match, f1_score
-from fedattn.evaluation.tasks.crossfacts import VIEWS, generate, holders, similar
+from fedattn.evaluation.eval_crossfacts import exact_match, f1_score, task_item
+from fedattn.evaluation.tasks.crossfacts import generate, generate_item, holders, similar
+from fedattn.report.schema import RunReport
+from fedattn.systems.fedattn.system import VIEWS
 
 
 def test_deterministic_for_a_seed():
@@ -50,7 +52,13 @@ def test_a_similar_name_with_other_facts_is_present():
 
 
 def test_views_hold_the_same_text_in_each_mode():
-    item = generate(4, 1)[0]
+    generated = generate(4, 1)[0]
+    item = task_item(0, generated)  # what the harness hands a system
+    assert (item.documents, item.question, item.references) == (
+        generated.documents,
+        generated.question,
+        generated.golds,
+    )
     federated, centralized, alone = (VIEWS[mode](item) for mode in ("federated", "centralized", "alone"))
     assert federated.contexts == item.documents and federated.publisher_context is None
     assert centralized.contexts == () and centralized.publisher_context == "\n\n".join(item.documents)
@@ -100,25 +108,40 @@ def run_mode(tmp_path, capsys, mode: str, *extra: str) -> tuple[list[dict], dict
     return records, printed
 
 
+def segment_tokens(record: dict) -> list[int]:
+    return [party["tokens"] for party in record["report"]["parties"]]
+
+
 @pytest.mark.parametrize("mode", ["federated", "centralized", "alone"])
 def test_end_to_end_writes_records_and_summary(tmp_path, capsys, one_torch_thread, mode):
     records, summary = run_mode(tmp_path, capsys, mode, "--batch-size", "2")  # a batch of 2, then 1
     assert [record["key"] for record in records] == ["0", "1", "2"]
-    assert summary["items"] == 3 and 0.0 <= summary["em"] <= 1.0
-    assert summary["config"]["mode"] == mode and summary["config"]["model"]["name"] == "tiny-random"
+    assert summary["items"] == 3 and 0.0 <= summary["metrics"]["em"] <= 1.0
+    assert summary["config"]["system"]["mode"] == mode and summary["config"]["system"]["model"]["name"] == "tiny-random"
+    assert summary["task"] == "crossfacts" and summary["reference"] == (mode != "federated")
     parties = 3 if mode == "federated" else 1
-    for record in records:
-        assert len(record["segment_tokens"]) == parties
-        assert record["bytes_sent"] == record["expected_bytes_sent"]
-        assert record["bytes_received"] == record["expected_bytes_received"]
-        assert (record["bytes_sent"] > 0) == (mode == "federated")
+    for index, record in enumerate(records):
+        item = generate_item(0, index, 3, 2)
+        assert (record["gold"], record["field"], record["question"]) == (item.answer, item.field, item.question)
+        answer = record["answer"]
+        assert record["scores"] == {"em": int(exact_match(answer, item.answer)), "f1": f1_score(answer, item.answer)}
+        assert answer == RunReport.from_json(record["report"]).party("publisher").answer
+        report = RunReport.from_json(record["report"])
+        assert len(segment_tokens(record)) == parties
+        assert report.measured_bytes["sent"] == report.expected_bytes["sent"]
+        assert report.measured_bytes["received"] == report.expected_bytes["received"]
+        assert (report.measured_bytes["sent"] > 0) == (mode == "federated")
+    assert summary["metrics"]["em"] == sum(record["scores"]["em"] for record in records) / 3
+    fields = {record["field"] for record in records}
+    assert set(summary["metrics"]["em_by_field"]) == fields
+    assert (summary["exposure"] is None) == (mode != "federated")
 
 
 def test_the_same_text_reaches_the_model_federated_and_centralized(tmp_path, capsys, one_torch_thread):
     federated, _ = run_mode(tmp_path, capsys, "federated")
     centralized, _ = run_mode(tmp_path, capsys, "centralized")
     for a, b in zip(federated, centralized):
-        assert sum(a["segment_tokens"]) == sum(b["segment_tokens"])  # byte-level tokens: same text
+        assert sum(segment_tokens(a)) == sum(segment_tokens(b))  # byte-level tokens: same text
 
 
 def test_resume_skips_finished_items(tmp_path, capsys, one_torch_thread):
@@ -128,5 +151,5 @@ def test_resume_skips_finished_items(tmp_path, capsys, one_torch_thread):
     assert [record["key"] for record in records] == ["0", "1", "2"]
     assert records[:2] == first  # untouched, not recomputed
     assert summary["items"] == 3
-    with pytest.raises(FedAttnError, match="differs in"):
+    with pytest.raises(FedAttnError, match=r"differs in task\.data_seed\)"):
         run_mode(tmp_path, capsys, "federated", "--data-seed", "1")

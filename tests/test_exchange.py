@@ -14,10 +14,11 @@ from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, Hello, kv_frame_siz
 from fedattn.network.handshake import check_hello, run_fingerprints
 from fedattn.network.kv_codec import get_codec
 from fedattn.privacy.noise import add_kv_noise, noise_generator
+from fedattn.runtime.dims import ModelDims
 from fedattn.systems.fedattn import selection
 from fedattn.systems.fedattn.budget import Frame, fit_budget
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import ModelDims, expected_costs
+from fedattn.systems.fedattn.costs import expected_costs
 from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts
 from fedattn.systems.fedattn.inprocess import _prefill, run_in_process
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every

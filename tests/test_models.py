@@ -159,3 +159,27 @@ def test_install_rejects_names_it_cannot_install():
         models.install_model(TINY_RANDOM)
     with pytest.raises(FedAttnError, match="installable"):
         models.install_model("no-such-model")
+
+
+def test_loading_shows_our_progress_not_transformers(tmp_path, capsys):
+    """transformers' "Loading weights" bar and warnings are silenced while we load (our own line
+    replaces them), and its settings are back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    save_tiny(tmp_path / "tiny")
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_progress_bar()
+    load_model(str(tmp_path / "tiny"), progress=True)
+    printed = capsys.readouterr()
+    assert "Loading tiny" in printed.err and "Loading weights" not in printed.err and printed.out == ""
+    assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == hf_logging.WARNING
+    load_model(str(tmp_path / "tiny"), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_pip_output_is_shown_only_when_pip_fails(capfd):
+    models._pip_install(("pip",), "pip, already there", progress=False)
+    assert capfd.readouterr() == ("", "")
+    with pytest.raises(FedAttnError, match="pip exited with .* its output is above"):
+        models._pip_install(("not a requirement!",), "a bad requirement", progress=False)
+    assert "Invalid requirement" in capfd.readouterr().err

@@ -10,7 +10,7 @@ from fedattn.errors import FedAttnError
 from fedattn.evaluation import eval_crossfacts
 from fedattn.evaluation.eval_crossfacts import squad_exact_match, squad_f1
 from fedattn.evaluation.tasks import narrativeqa
-from fedattn.evaluation.tasks.crossfacts import VIEWS
+from fedattn.systems.fedattn.system import VIEWS
 
 STORIES = 6
 QUESTIONS_PER_STORY = 4
@@ -81,7 +81,7 @@ def test_each_collaborator_holds_a_different_story_and_the_holder_the_asked_one(
 
 
 def test_the_publisher_holds_only_the_question(fake_file):
-    item = narrativeqa.generate(3, 1, parties=4)[0]
+    item = eval_crossfacts.task_item(0, narrativeqa.generate(3, 1, parties=4)[0])  # as the harness hands it over
     federated, centralized, alone = (VIEWS[mode](item) for mode in ("federated", "centralized", "alone"))
     assert federated.contexts == item.documents and federated.publisher_context is None
     assert centralized.contexts == () and centralized.publisher_context == "\n\n".join(item.documents)
@@ -170,12 +170,17 @@ def test_eval_writes_references_em_f1_and_resumes(fake_file, tmp_path, capsys, o
     items = narrativeqa.generate(0, 3)
     for record, item in zip(records, items):
         assert record["references"] == list(item.references) and record["question"] == item.question
-        assert record["em"] in (0, 1) and 0.0 <= record["f1"] <= 1.0
-        assert record["holder_party"] == item.holder + 1 and len(record["segment_tokens"]) == 3
-        assert record["bytes_sent"] == record["expected_bytes_sent"] > 0
-    assert summary["items"] == 3 and set(summary) >= {"em", "f1", "em_by_field"}
-    assert summary["config"]["source"] == "narrativeqa" and "facts" not in summary["config"]
-    assert summary["config"]["data_sha256"] == narrativeqa.load().sha256
+        assert record["scores"]["em"] in (0, 1) and 0.0 <= record["scores"]["f1"] <= 1.0
+        assert record["scores"]["em"] == int(squad_exact_match(record["answer"], item.references))
+        assert record["scores"]["f1"] == squad_f1(record["answer"], item.references)
+        assert record["holder_party"] == item.holder + 1 and len(record["report"]["parties"]) == 3
+        measured, expected = record["report"]["measured_bytes"], record["report"]["expected_bytes"]
+        assert measured["sent"] == expected["sent"] > 0
+    assert summary["items"] == 3 and set(summary["metrics"]) >= {"em", "f1", "em_by_field"}
+    assert summary["task"] == "narrativeqa"
+    task = summary["config"]["task"]
+    assert task["source"] == "narrativeqa" and "facts" not in task
+    assert task["data_sha256"] == narrativeqa.load().sha256
     with pytest.raises(FedAttnError, match=r"differs in .*source"):
         eval_crossfacts.run(parse(["--model", "tiny-random", "--count", "3", "--out", str(out)]))
 

@@ -1,5 +1,6 @@
-"""The result plots from hand-written result folders: valid PNGs, settings recovered from the
-stored schedule, and folders lacking a value skipped with a message."""
+"""The result plots from hand-made result folders: the series each figure draws (read back from the
+figure itself), settings recovered from the stored schedule, and folders lacking a value skipped
+with a message."""
 
 import argparse
 import json
@@ -10,7 +11,7 @@ import pytest
 from matplotlib import image
 
 from fedattn.errors import FedAttnError
-from fedattn.evaluation.eval_gsm8k import run_configuration
+from fedattn.evaluation.harness import SUMMARY_FORMAT, described
 from fedattn.evaluation.plots import (
     MISSING,
     Result,
@@ -21,45 +22,72 @@ from fedattn.evaluation.plots import (
     plot_privacy,
     plot_vs_parameter,
     run,
-    schedule_label,
-    sent_blocks,
     worst_recovery,
 )
 from fedattn.systems.fedattn.config import RunConfig
+from fedattn.systems.fedattn.exchange import Exchange
 from fedattn.systems.fedattn.schedule import Schedule, every, placement
+from fedattn.systems.fedattn.system import SYSTEM, FedAttnSetup
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS = 24
 
 
-def gsm8k_config(parties: int, sync_layers: tuple[int, ...]) -> dict:
-    """The configuration ``fedattn eval gsm8k`` stores, as JSON reads it back."""
-    args = SimpleNamespace(dtype="float32", split="TokEx", parties=parties, shots=4)
+def system_config(parties: int | None, sync_layers, publisher_layers=(), noise=0.0, codec="float32", mode=None) -> dict:
+    """The configuration FedAttn stores for a run, as JSON reads it back."""
+    from fedattn.network.kv_codec import get_codec
+
+    config = RunConfig(
+        schedule=Schedule(LAYERS, tuple(sync_layers), tuple(publisher_layers)),
+        codec=get_codec(codec),
+        exchange=Exchange(noise=noise),
+    )
     loaded = SimpleNamespace(name="tiny-random", identity="abc")
-    config = run_configuration(args, loaded, RunConfig(schedule=Schedule(LAYERS, sync_layers)))
-    return json.loads(json.dumps(config))
+    split = None if mode else "TokEx"
+    setup = FedAttnSetup(loaded, config, "cpu", "float32", False, split=split, parties=parties, mode=mode)
+    return json.loads(json.dumps({"name": "fedattn", **SYSTEM.config_json(setup)}))
 
 
-def result_folder(root: Path, name: str, summary: dict) -> Path:
+def summary(config: dict, task_settings: dict, em: float | None, sent: float | None, task: str = "gsm8k") -> dict:
+    """A summary of the harness's shape (the fields plots read)."""
+    metrics = {} if em is None else {"em": em}
+    return {
+        "format": SUMMARY_FORMAT,
+        "task": task,
+        "system": "fedattn",
+        "config": {"task": {"name": task}, "system": config},
+        "items": 100,
+        "main_metric": "em",
+        "metrics": metrics,
+        **described(SYSTEM, config, task_settings),
+        "bytes_per_query": sent,
+        "expected_bytes_per_query": sent,
+        "time_per_query_s": 1.5,
+    }
+
+
+def result_folder(root: Path, name: str, document: dict) -> Path:
     folder = root / name
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "summary.json").write_text(json.dumps(document))
     return folder
 
 
-def gsm8k_folder(root: Path, name: str, parties: int, sync_layers: tuple[int, ...], em: float, sent: float) -> Path:
-    summary = {
-        "em": {"publisher": em, "average": em},
-        "bytes": {"mean_sent_per_query": sent},
-        "config": gsm8k_config(parties, sync_layers),
-    }
-    return result_folder(root, name, summary)
+def gsm8k_folder(
+    root: Path, name: str, parties: int, sync_layers, em: float | None, sent: float | None, **options
+) -> Path:
+    return result_folder(root, name, summary(system_config(parties, sync_layers, **options), {"shots": 4}, em, sent))
 
 
-def assert_png(path: Path | None) -> None:
-    assert path is not None and path.read_bytes()[:8] == PNG_SIGNATURE
-    width = 900 if path.name.endswith(("frontier.png", "leak.png")) else 600  # legend beside the axes
-    assert image.imread(path).shape[:2] == (400, width)
+def crossfacts_folder(root: Path, name: str, mode: str, em: float, sent: float) -> Path:
+    config = system_config(None, every(4, LAYERS), mode=mode)
+    return result_folder(root, name, summary(config, {"source": "crossfacts", "parties": 3}, em, sent, "crossfacts"))
+
+
+def assert_png(drawn) -> None:
+    assert drawn is not None and drawn.path.read_bytes()[:8] == PNG_SIGNATURE
+    width = 900 if drawn.path.name.endswith(("frontier.png", "leak.png")) else 600  # legend beside the axes
+    assert image.imread(drawn.path).shape[:2] == (400, width)
 
 
 @pytest.fixture
@@ -74,7 +102,7 @@ def sweep(tmp_path) -> list[Path]:
 
 
 def test_settings_are_recovered_from_the_stored_schedule(sweep):
-    h8, deep = (Result(folder, json.loads((folder / "summary.json").read_text())) for folder in sweep[1:3])
+    h8, deep = load_results(sweep[1:3])
     assert (h8.get("sync_every"), h8.get("placement"), h8.get("parties"), h8.get("model")) == (
         8,
         "every",
@@ -82,43 +110,86 @@ def test_settings_are_recovered_from_the_stored_schedule(sweep):
         "tiny-random",
     )
     assert (deep.get("placement"), deep.get("sync_blocks"), deep.get("ratio_comm")) == ("deep-half", 3, 1.0)
-    assert (h8.get("em_publisher"), h8.get("bytes_per_query")) == (0.25, 1024.0)
+    assert deep.get("sync_every") is MISSING
+    assert (h8.get("em"), h8.get("bytes_per_query"), h8.get("shots")) == (0.25, 1024.0, 4)
 
 
-def test_crossfacts_summary_names_resolve_too(tmp_path):
-    folder = result_folder(tmp_path, "cf", {"em": 0.75, "mean_bytes_sent": 10.0, "config": {"parties": 3}})
-    (result,) = load_results([folder])
-    assert (result.get("em_publisher"), result.get("bytes_per_query"), result.get("parties")) == (0.75, 10.0, 3)
+def test_a_task_that_holds_the_parties_resolves_too(tmp_path):
+    (result,) = load_results([crossfacts_folder(tmp_path, "cf", "federated", 0.75, 10.0)])
+    assert (result.get("em"), result.get("bytes_per_query"), result.get("parties"), result.get("mode")) == (
+        0.75,
+        10.0,
+        3,
+        "federated",
+    )
 
 
-def test_each_plot_is_a_png(sweep, tmp_path):
-    assert_png(plot_vs_parameter(sweep, tmp_path / "h.png", x="sync_every", y="em_publisher"))
+def test_the_h_sweep_draws_one_line_its_bytes_and_the_centralized_reference(sweep, tmp_path, capsys):
+    drawn = plot_vs_parameter(sweep, tmp_path / "h.png", x="sync_every", y="em")
+    assert_png(drawn)
+    line = drawn.labelled("parties=4")  # the sweep's label without the swept sync_every
+    assert (line.kind, line.x, line.y, line.axis) == ("line", [2, 8], [0.5, 0.25], 0)
+    traffic = drawn.labelled("parties=4 (bytes_per_query)")
+    assert (traffic.x, traffic.y, traffic.axis) == ([2, 8], [4096.0, 1024.0], 1)
+    reference = drawn.labelled("centralized")
+    assert reference.y == [0.6, 0.6]  # a horizontal line at the centralized EM
+    assert len(drawn.series) == 3
+    assert "skipping" in capsys.readouterr().err  # the placement run has no H
+
+
+def test_the_n_sweep_draws_the_runs_alike_but_in_n(sweep, tmp_path):
     assert plot_vs_parameter(sweep, tmp_path / "none.png", x="parties") is None  # no two runs alike but in N
     n2 = gsm8k_folder(tmp_path, "n2", 2, every(8, LAYERS), 0.4, 512.0)  # with h8: N = 2 and 4 at H = 8
-    assert_png(plot_vs_parameter(sweep + [n2], tmp_path / "n.png", x="parties", bytes_axis=False))
-    assert_png(plot_ablation(sweep, tmp_path / "placement.png", key="placement"))
-    assert_png(plot_frontier(sweep, tmp_path / "frontier.png"))
+    drawn = plot_vs_parameter(sweep + [n2], tmp_path / "n.png", x="parties", bytes_axis=False)
+    assert_png(drawn)
+    (line,) = [entry for entry in drawn.series if entry.kind == "line" and entry.label != "centralized"]
+    assert (line.label, line.x, line.y) == ("sync_every=8", [2, 4], [0.4, 0.25])
+
+
+def test_the_placement_ablation_compares_the_runs_alike_but_in_placement(sweep, tmp_path):
+    drawn = plot_ablation(sweep, tmp_path / "placement.png", key="placement", y="em")
+    assert_png(drawn)
+    (bars,) = drawn.series
+    assert (bars.kind, bars.x, bars.y) == ("bars", ["deep-half", "every"], [0.3, 0.25])  # h8 and deep: 3 blocks each
+
+
+def test_the_frontier_has_a_point_per_run_and_a_line_for_the_one_sending_nothing(sweep, tmp_path):
+    drawn = plot_frontier(sweep, tmp_path / "frontier.png", y="em")
+    assert_png(drawn)
+    points = {entry.label: (entry.x, entry.y) for entry in drawn.series if entry.kind == "points"}
+    assert points == {
+        "1: parties=4 sync_every=2": ([4096.0], [0.5]),
+        "2: parties=4 sync_every=8": ([1024.0], [0.25]),
+        "3: parties=4 placement=deep-half sync_blocks=3": ([1024.0], [0.3]),
+    }
+    assert drawn.labelled("centralized (0 bytes)").y == [0.6, 0.6]
 
 
 def test_a_folder_without_the_metric_is_skipped_with_a_message(sweep, tmp_path, capsys):
-    partial = result_folder(
-        tmp_path, "partial", {"bytes": {"mean_sent_per_query": 2048.0}, "config": gsm8k_config(4, every(4, LAYERS))}
-    )
-    assert_png(plot_vs_parameter(sweep + [partial], tmp_path / "h.png"))
-    assert f"skipping {partial}: no 'em_publisher'" in capsys.readouterr().err
-    assert plot_frontier([partial], tmp_path / "none.png") is None
+    partial = gsm8k_folder(tmp_path, "partial", 4, every(4, LAYERS), None, 2048.0)
+    drawn = plot_vs_parameter(sweep + [partial], tmp_path / "h.png", y="em")
+    assert f"skipping {partial}: no 'em'" in capsys.readouterr().err
+    assert drawn.labelled("parties=4").x == [2, 8]  # drawn without it
+    assert plot_frontier([partial], tmp_path / "none.png", y="em") is None
     assert not (tmp_path / "none.png").exists()
 
 
-def test_unreadable_and_empty_folders_are_skipped(tmp_path, capsys):
+def test_unreadable_empty_earlier_and_attack_folders_are_skipped(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "summary.json").write_text("{not json")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert load_results([broken, empty]) == []
+    earlier = result_folder(tmp_path, "earlier", {"em": {"publisher": 0.5}, "config": {"task": "gsm8k-test"}})
+    attack = result_folder(tmp_path, "attack", {"rate": {"0": {"0": 1.0}}, "config": {"kv_codec": "float32"}})
+    assert load_results([broken, empty, earlier, attack]) == []
     err = capsys.readouterr().err
     assert "unreadable summary.json" in err and "no summary.json" in err
+    assert (
+        f"skipping {earlier}: a summary of an earlier fedattn (convert it once: fedattn results upgrade {earlier})"
+        in err
+    )
+    assert f"skipping {attack}: an attack's folder (give it with --attack)" in err
 
 
 def parse(words: list[str]) -> argparse.Namespace:
@@ -132,10 +203,10 @@ def test_command_draws_what_the_folders_support(sweep, tmp_path, capsys):
     assert run(parse([str(tmp_path), "--out", str(out)])) == 0  # a parent folder: found below it
     listed = capsys.readouterr().out.split()
     # no N sweep: the 1-party run differs from the others in more than the number of parties
-    expected = {"em_publisher_vs_sync_every.png", "em_publisher_by_placement.png", "em_publisher_frontier.png"}
+    expected = {"em_vs_sync_every.png", "em_by_placement.png", "em_frontier.png"}
     assert {Path(path).name for path in listed} == expected
     for path in listed:
-        assert_png(Path(path))
+        assert Path(path).read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_command_with_nothing_to_plot_says_so(sweep, tmp_path):
@@ -144,52 +215,44 @@ def test_command_with_nothing_to_plot_says_so(sweep, tmp_path):
 
 
 def test_runs_that_are_not_federated_are_labelled_by_their_mode(tmp_path):
-    summary = {"em": 0.75, "mean_bytes_sent": 0, "config": {"mode": "centralized", "parties": 3}}
-    result = load_results([result_folder(tmp_path, "c", summary)])[0]
-    assert schedule_label(result) == "centralized"
+    (result,) = load_results([crossfacts_folder(tmp_path, "c", "centralized", 0.75, 0)])
+    assert result.label == "centralized" and result.reference
+    assert result.get("sync_every") is MISSING and result.get("kv_codec") is MISSING  # nothing is exchanged
 
 
 def test_a_one_party_run_has_no_schedule_and_is_the_reference_line_against_h(sweep, tmp_path, capsys):
-    central = load_results([sweep[3]])[0]
-    assert central.get("sync_every") is MISSING and schedule_label(central) == "centralized"
-    assert_png(plot_vs_parameter(sweep, tmp_path / "h.png", x="sync_every"))
+    (central,) = load_results([sweep[3]])
+    assert central.get("sync_every") is MISSING and central.label == "centralized"
+    drawn = plot_vs_parameter(sweep, tmp_path / "h.png", x="sync_every")
     assert "central" not in capsys.readouterr().err  # drawn as the reference, not skipped
+    assert drawn.labelled("centralized").kind == "line"
 
 
 def test_a_publisher_only_schedule_has_no_sync_interval(tmp_path):
-    config = gsm8k_config(4, ())
-    config["schedule"]["publisher_layers"] = list(range(LAYERS))
-    (result,) = load_results([result_folder(tmp_path, "pdense", {"em": {"publisher": 0.3}, "config": config})])
+    folder = gsm8k_folder(tmp_path, "pdense", 4, (), 0.3, 100.0, publisher_layers=range(LAYERS))
+    (result,) = load_results([folder])
     assert result.get("sync_every") is MISSING and result.get("placement") is MISSING
-    assert schedule_label(result) == "parties=4 sync_blocks=0 publisher_layers=dense"
+    assert result.label == "parties=4 sync_blocks=0 publisher_layers=dense"
 
 
 def test_leakage_is_the_best_attacked_block_the_run_sends(tmp_path, capsys):
-    attack = tmp_path / "attack" / "summary.json"
-    attack.parent.mkdir()
-    attack.write_text(
-        json.dumps(
-            {"rate": {"0": {"0": 1.0, "0.3": 0.3}, "8": {"0": 0.4, "0.3": 0.35}}, "config": {"kv_codec": "float32"}}
-        )
-    )
+    attack = {"rate": {"0": {"0": 1.0, "0.3": 0.3}, "8": {"0": 0.4, "0.3": 0.35}}, "config": {"kv_codec": "float32"}}
     h8 = gsm8k_folder(tmp_path / "runs", "h8", 4, every(8, LAYERS), 0.25, 1024.0)  # sends 0, 8, 16
-    noisy = gsm8k_config(4, ())
-    noisy["schedule"]["publisher_layers"] = list(range(LAYERS))
-    noisy["kv_exchange"] = {"select": "random", "noise": 0.3, "budget": None}
-    dense = result_folder(tmp_path / "runs", "dense-noise", {"em": {"publisher": 0.2}, "config": noisy})
+    dense = gsm8k_folder(tmp_path / "runs", "dense-noise", 4, (), 0.2, 99.0, publisher_layers=range(LAYERS), noise=0.3)
     late = gsm8k_folder(tmp_path / "runs", "late", 4, (16,), 0.1, 512.0)  # a block the attack did not cover
-    summary = json.loads(attack.read_text())
     results = load_results([h8, dense, late])
-    assert [worst_recovery(summary, sent_blocks(result), float(result.get("kv_noise"))) for result in results] == [
-        (1.0, 0),
-        (0.35, 8),
-        None,
-    ]
-    assert_png(plot_privacy([h8, dense, late], [attack], tmp_path / "leak.png"))
-    assert "skipping" in capsys.readouterr().err
-    quantized = gsm8k_config(4, every(8, LAYERS))
-    quantized["kv_codec"] = "int8"  # the attack went through float32 frames: it says nothing about int8 ones
-    int8 = result_folder(tmp_path / "runs", "h8-int8", {"em": {"publisher": 0.2}, "config": quantized})
-    assert plot_privacy([int8], [attack], tmp_path / "none.png") is None
+    assert [worst_recovery(attack, result.summary["exposure"]) for result in results] == [(1.0, 0), (0.35, 8), None]
+    drawn = plot_privacy([h8, dense, late], {"float32": attack}, tmp_path / "leak.png")
+    assert_png(drawn)
+    points = {entry.label: (entry.x, entry.y) for entry in drawn.series}
+    assert points == {
+        "1: parties=4 sync_every=8 (block 0)": ([1.0], [0.25]),
+        "2: parties=4 sync_blocks=0 publisher_layers=dense kv_noise=0.3 (block 8)": ([0.35], [0.2]),
+    }
+    assert f"skipping {late}" in capsys.readouterr().err
+    int8 = gsm8k_folder(tmp_path / "runs", "h8-int8", 4, every(8, LAYERS), 0.2, 512.0, codec="int8")
+    assert (
+        plot_privacy([int8], {"float32": attack}, tmp_path / "none.png") is None
+    )  # float32 frames say nothing of int8
     assert "through codec int8" in capsys.readouterr().err
-    assert schedule_label(results[1]) == "parties=4 sync_blocks=0 publisher_layers=dense kv_noise=0.3"
+    assert Result(int8, json.loads((int8 / "summary.json").read_text())).label == "parties=4 sync_every=8 kv_codec=int8"

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in EVALUATIONS.items():
         _evaluation(name).add_arguments(benchmarks.add_parser(name, help=help_text))
 
-    from fedattn.evaluation import plots, sweep
+    from fedattn.evaluation import compare, plots, sweep, upgrade
     from fedattn.privacy import kv_attack as attack
 
     sweep.add_arguments(
@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plots.add_arguments(
         commands.add_parser("plot", help="draw PNGs (EM vs H, EM vs N, ablations, frontier) from result folders")
+    )
+    compare.add_arguments(
+        commands.add_parser("compare", help="a Markdown table across systems from result folders (and attack folders)")
+    )
+    results = commands.add_parser("results", help="maintain result folders")
+    maintenance = results.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    upgrade.add_arguments(
+        maintenance.add_parser("upgrade", help="convert folders of an earlier fedattn once (for plot and compare)")
     )
 
     attack.add_arguments(
@@ -291,6 +299,14 @@ def run_parsed(args: argparse.Namespace) -> int:
         return run(args)
     if args.command == "plot":
         from fedattn.evaluation.plots import run
+
+        return run(args)
+    if args.command == "compare":
+        from fedattn.evaluation.compare import run
+
+        return run(args)
+    if args.command == "results":
+        from fedattn.evaluation.upgrade import run
 
         return run(args)
     if args.command == "attack":

@@ -1,12 +1,16 @@
 """``fedattn plot RESULTS...``: the paper's figures from evaluation result folders.
 
-A result folder (see ``results.ResultStore``) holds ``summary.json``: metrics, possibly nested
-(``em.publisher``), and the run's ``config``. Plots name the values they need; a name is looked
-up as a dotted path in the metrics, through ``METRIC_ALIASES`` (so one name covers every
-benchmark's summary), then among the run's settings (``settings``: the config flattened and named
-like the command-line options, with the sync blocks turned back into ``sync_every`` or a
-placement). A folder that lacks a value is skipped with a one-line message on stderr: a sweep
-half finished, or mixed with other runs, still plots what it can.
+A result folder's ``summary.json`` has the harness's one shape (``fedattn.evaluation.harness``):
+the task's ``metrics``, the bytes and time per query, and ``settings``, the system's reading of
+its configuration, flat and named like the command-line options (``sync_every``, ``parties``).
+Plots name the values they need; a name is looked up as a dotted path in the metrics
+(``average.em``), then among the summary's own numbers (``bytes_per_query``), then among the
+settings. A folder that lacks a value is skipped with a one-line message on stderr: a sweep half
+finished, or mixed with other runs, still plots what it can. Folders of an earlier fedattn are
+skipped with the command that converts them (``fedattn results upgrade``).
+
+Each plot returns what it drew (``Drawn``: every line, point set and bar set read back from the
+figure before it is saved), so what a figure shows can be checked without looking at pixels.
 """
 
 from __future__ import annotations
@@ -14,79 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedattn.errors import FedAttnError
-from fedattn.systems.fedattn.schedule import PLACEMENTS, every, format_layers, placement
+from fedattn.evaluation.harness import SUMMARY_FORMAT
+from fedattn.evaluation.results import summary_paths
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FIGURE_SIZE = (6, 4)  # inches
 DPI = 100
-DEFAULT_METRIC = "em_publisher"
 DEFAULT_BYTES = "bytes_per_query"
-METRIC_ALIASES = {  # first found wins: gsm8k's summary, then crossfacts'
-    "em_publisher": ("em.publisher", "em"),
-    "bytes_per_query": ("bytes.mean_sent_per_query", "mean_bytes_sent"),
-}
-SETTING_NAMES = {  # config paths -> option names
-    "model.name": "model",
-    "sparsity.comp": "ratio_comp",
-    "sparsity.comm": "ratio_comm",
-    "sparsity.comp_publisher": "ratio_comp_publisher",
-    "sparsity.comm_publisher": "ratio_comm_publisher",
-    "schedule.publisher_sync_every": "publisher_sync_every",
-    "kv_exchange.select": "kv_select",
-    "kv_exchange.noise": "kv_noise",
-    "kv_exchange.budget": "kv_budget",
-}
-NOT_SETTINGS = (
-    "model.identity",
-    "model.dtype",
-    "schedule.describe",
-    "schedule.num_layers",
-    "schedule.sync_layers",
-    "schedule.publisher_layers",
-)
-EXCHANGE_SETTINGS = (
-    "sync_every",
-    "sync_blocks",
-    "placement",
-    "sync_layers",
-    "publisher_layers",
-    "publisher_sync_every",
-    "kv_codec",
-    "kv_select",
-    "kv_noise",
-    "kv_budget",
-    "ratio_comm",
-    "ratio_comm_publisher",
-)
 SWEEPS = ("sync_every", "parties")  # line plots: EM vs H, EM vs N
 ABLATIONS = ("placement", "ratio_comp", "ratio_comm", "publisher_sync_every")  # bar charts
 # settings that change along with a compared one: H fixes the number of sync blocks; a placement
 # keeps that number but has no H
 DEPENDENT = {"sync_every": ("sync_blocks",), "placement": ("sync_every", "sync_layers")}
-LABEL_DEFAULTS = {
-    "parties": None,
-    "sync_every": None,
-    "placement": "every",
-    "sync_blocks": None,
-    "sync_layers": None,
-    "publisher_layers": "none",
-    "publisher_sync_every": None,
-    "ratio_comp": 1.0,
-    "ratio_comm": 1.0,
-    "kv_codec": None,
-    "kv_select": "random",
-    "kv_budget": None,
-    "kv_noise": 0.0,
-}
-FLOAT_CODECS = ("float32", "bfloat16", "float16")  # lossless for a model computing in that dtype: not labelled
 MISSING = object()
 
 
@@ -98,54 +49,6 @@ def _lookup(document: Any, path: str) -> Any:
     return document
 
 
-def _flatten(document: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in document.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def schedule_settings(sync_layers: list[int], num_layers: int) -> dict[str, Any]:
-    """The options that give these sync blocks: every H, else a placement of k blocks, else the list."""
-    layers = tuple(sync_layers)
-    if not layers:  # no collaborator sync (publisher-only schedules): no H, no placement
-        return {"sync_blocks": 0}
-    for interval in range(1, num_layers + 1):
-        if every(interval, num_layers) == layers:
-            return {"placement": "every", "sync_every": interval, "sync_blocks": len(layers)}
-    for name in PLACEMENTS:
-        if layers and placement(name, len(layers), num_layers) == layers:
-            return {"placement": name, "sync_blocks": len(layers)}
-    return {"placement": "custom", "sync_layers": list(layers)}
-
-
-def settings(config: dict) -> dict[str, Any]:
-    """The run's configuration as flat, comparable settings named like the command-line options."""
-    flat = _flatten(config)
-    named = {SETTING_NAMES.get(key, key): value for key, value in flat.items() if key not in NOT_SETTINGS}
-    sync_layers, num_layers = flat.get("schedule.sync_layers"), flat.get("schedule.num_layers")
-    if isinstance(sync_layers, list) and isinstance(num_layers, int):
-        named |= schedule_settings(sync_layers, num_layers)
-    publisher_layers = flat.get("schedule.publisher_layers")
-    if isinstance(publisher_layers, list) and isinstance(num_layers, int):
-        named["publisher_layers"] = publisher_setting(publisher_layers, num_layers)
-    if named.get("parties") == 1 or named.get("mode", "federated") != "federated":  # nothing is exchanged
-        named = {key: value for key, value in named.items() if key not in EXCHANGE_SETTINGS} | {
-            "mode": named.get("mode", "centralized")
-        }
-    return named
-
-
-def publisher_setting(layers: list[int], num_layers: int) -> str:
-    """The publisher's receive blocks as a label: 'none', 'dense' (all), or the blocks ('12-23')."""
-    if not layers:
-        return "none"
-    return "dense" if len(layers) == num_layers else format_layers(layers)
-
-
 @dataclass
 class Result:
     """One result folder's summary."""
@@ -155,16 +58,27 @@ class Result:
     settings: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        config = self.summary.get("config")
-        self.settings = settings(config if isinstance(config, dict) else {})
+        self.settings = self.summary.get("settings", {})
 
     def get(self, name: str) -> Any:
-        """A metric (or an alias of one), else a setting, else ``MISSING`` (None is a real value)."""
-        for path in (name, *METRIC_ALIASES.get(name, ())):
-            value = MISSING if path.split(".")[0] == "config" else _lookup(self.summary, path)
-            if value is not MISSING and (path == name or _is_number(value)):
-                return value
+        """A metric, else one of the summary's numbers, else a setting, else ``MISSING`` (None is a real value)."""
+        value = _lookup(self.summary.get("metrics", {}), name)
+        if value is not MISSING:
+            return value
+        own = self.summary.get(name, MISSING)
+        if own is None or _is_number(own):
+            return own
         return self.settings.get(name, MISSING)
+
+    @property
+    def reference(self) -> bool:
+        """A baseline that exchanges nothing (centralized, publisher alone)."""
+        return bool(self.summary.get("reference"))
+
+    @property
+    def label(self) -> str:
+        """What sets this run apart (the system's label), else the folder's name."""
+        return self.summary.get("setting") or self.folder.name
 
 
 def skip(folder: Path, reason: str) -> None:
@@ -175,15 +89,32 @@ def load_results(paths: list[Path]) -> list[Result]:
     """Each path is a result folder, or a folder whose subfolders (at any depth) are result folders."""
     results = []
     for path in paths:
-        summaries = [path / "summary.json"] if (path / "summary.json").is_file() else sorted(path.rglob("summary.json"))
+        summaries = summary_paths(path)
         if not summaries:
             skip(path, "no summary.json in it or below it")
         for summary in summaries:
             try:
-                results.append(Result(summary.parent, json.loads(summary.read_text(encoding="utf-8"))))
+                document = json.loads(summary.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 skip(summary.parent, f"unreadable summary.json ({error})")
+                continue
+            reason = not_a_result(document, summary.parent)
+            if reason:
+                skip(summary.parent, reason)
+            else:
+                results.append(Result(summary.parent, document))
     return results
+
+
+def not_a_result(document: Any, folder: Path) -> str | None:
+    """Why a summary is no evaluation result of the harness's shape; None when it is one."""
+    if not isinstance(document, dict):
+        return "summary.json is not a JSON object"
+    if "rate" in document:
+        return "an attack's folder (give it with --attack)"
+    if document.get("format") != SUMMARY_FORMAT:
+        return f"a summary of an earlier fedattn (convert it once: fedattn results upgrade {folder})"
+    return None
 
 
 def _as_results(items: list[Path | Result]) -> list[Result]:
@@ -278,33 +209,79 @@ def _pyplot():
 FRONTIER_SIZE = (9, 4)  # room for the legend beside the axes
 
 
+@dataclass(frozen=True)
+class Series:
+    """One thing drawn: a line (an axhline too: its x is the axes' 0..1), a set of points, or bars
+    (x: their tick labels). ``axis`` 0 is the main axes, 1 a second y axis."""
+
+    kind: str  # "line", "points" or "bars"
+    label: str
+    x: list
+    y: list
+    axis: int = 0
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """A saved figure and everything drawn on it, read back from the figure's own artists."""
+
+    path: Path
+    series: list[Series]
+
+    def labelled(self, label: str) -> Series:
+        matches = [entry for entry in self.series if entry.label == label]
+        if len(matches) != 1:
+            raise KeyError(f"{len(matches)} series labelled {label!r} in {self.path.name}")
+        return matches[0]
+
+
 def new_figure() -> tuple[Figure, Any]:
     figure, axes = _pyplot().subplots(figsize=FIGURE_SIZE, dpi=DPI)
     return figure, axes
 
 
-def save_figure(figure: Figure, out: Path) -> Path:
+def save_figure(figure: Figure, out: Path) -> Drawn:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(out, dpi=DPI, format="png")
+    drawn = Drawn(out, drawn_series(figure))
     _pyplot().close(figure)
-    return out
+    return drawn
+
+
+def drawn_series(figure: Figure) -> list[Series]:
+    """Every line, scatter and bar set on the figure's axes, as plain numbers and labels."""
+    found = []
+    for axis, axes in enumerate(figure.axes):
+        for line in axes.get_lines():
+            found.append(Series("line", line.get_label(), _plain(line.get_xdata()), _plain(line.get_ydata()), axis))
+        for points in axes.collections:
+            offsets = points.get_offsets()
+            found.append(Series("points", points.get_label(), _plain(offsets[:, 0]), _plain(offsets[:, 1]), axis))
+        if axes.patches:
+            ticks = [tick.get_text() for tick in axes.get_xticklabels()]
+            found.append(Series("bars", axes.get_ylabel(), ticks, [bar.get_height() for bar in axes.patches], axis))
+    return found
+
+
+def _plain(values: Any) -> list:
+    return [value.item() if hasattr(value, "item") else value for value in values]
 
 
 def plot_vs_parameter(
     folders: list[Path | Result],
     out: Path,
     x: str = "sync_every",
-    y: str = DEFAULT_METRIC,
+    y: str = "em",
     bytes_axis: bool = True,
     bytes_key: str = DEFAULT_BYTES,
-) -> Path | None:
+) -> Drawn | None:
     """``y`` against a swept parameter (EM vs H, EM vs N), with bytes per query on a second axis.
-    A run that is not federated and lacks ``x`` (centralized N = 1 against H) is a reference line.
-    Returns None (after saying why) when no folder has both values."""
+    A baseline that lacks ``x`` (centralized N = 1 against H) is a reference line. Returns None
+    (after saying why) when no folder has both values."""
     loaded = _as_results(folders)
     references = [
-        result for result in loaded if _is_reference(result) and result.get(x) is MISSING and _is_number(result.get(y))
+        result for result in loaded if result.reference and result.get(x) is MISSING and _is_number(result.get(y))
     ]
     results = having([result for result in loaded if result not in references], numbers=(x, y))
     drawn = [result for group in series(results, x).values() if _distinct(group, x) > 1 for result in group]
@@ -316,13 +293,13 @@ def plot_vs_parameter(
         return None
     figure, axes = new_figure()
     for reference in references:
-        axes.axhline(reference.get(y), color="grey", linestyle=":", label=schedule_label(reference))
+        axes.axhline(reference.get(y), color="grey", linestyle=":", label=reference.label)
     twin = axes.twinx() if bytes_axis else None
     for index, (label, group) in enumerate(lines.items()):  # a lone point is no sweep
         group = sorted(group, key=lambda result: result.get(x))
         colour = f"C{index}"
         xs = [result.get(x) for result in group]
-        name = " ".join(part for part in schedule_label(group[0]).split() if not part.startswith(f"{x}="))
+        name = " ".join(part for part in group[0].label.split() if not part.startswith(f"{x}="))
         axes.plot(xs, [result.get(y) for result in group], marker="o", color=colour, label=name or label or y)
         with_bytes = [result for result in group if _is_number(result.get(bytes_key))]
         if twin is not None and with_bytes:
@@ -333,6 +310,7 @@ def plot_vs_parameter(
                 marker="x",
                 color=colour,
                 alpha=0.6,
+                label=f"{name or label or y} ({bytes_key})",
             )
     if all(isinstance(result.get(x), int) for group in lines.values() for result in group):
         from matplotlib.ticker import MaxNLocator
@@ -347,9 +325,9 @@ def plot_vs_parameter(
     return save_figure(figure, out)
 
 
-def plot_ablation(folders: list[Path | Result], out: Path, key: str, y: str = DEFAULT_METRIC) -> Path | None:
+def plot_ablation(folders: list[Path | Result], out: Path, key: str, y: str = "em") -> Drawn | None:
     """A bar per value of ``key`` (placement, sparsity ratio, publisher sync interval); a None value
-    is the run without that variant and is labelled 'default'."""
+    is the run without that variant and is labelled 'none'."""
     results = having(_as_results(folders), key, numbers=(y,))
     if not results:
         print(f"fedattn plot: no folder has both {key!r} and {y!r}; {out.name} not drawn", file=sys.stderr)
@@ -370,36 +348,11 @@ def plot_ablation(folders: list[Path | Result], out: Path, key: str, y: str = DE
     return save_figure(figure, out)
 
 
-def _is_reference(result: Result) -> bool:
-    return result.settings.get("mode", "federated") != "federated"
-
-
-def schedule_label(result: Result) -> str:
-    """The schedule settings that differ from the defaults, e.g. 'parties=4 sync_every=8 ratio_comm=0.5';
-    a run that is not federated (crossfacts' centralized or publisher-alone modes) is named by its
-    mode alone, since its schedule settings are unused."""
-    if _is_reference(result):
-        return str(result.settings["mode"])
-    shown = {
-        key: default
-        for key, default in LABEL_DEFAULTS.items()
-        if not (key == "sync_blocks" and "sync_every" in result.settings)
-    }
-    if result.settings.get("kv_codec") in FLOAT_CODECS:
-        shown["kv_codec"] = result.settings["kv_codec"]
-    parts = [
-        f"{key}={result.settings[key]}"
-        for key, default in shown.items()
-        if result.settings.get(key, default) not in (default, None)
-    ]
-    return " ".join(parts) or result.folder.name
-
-
 def plot_frontier(
-    folders: list[Path | Result], out: Path, y: str = DEFAULT_METRIC, bytes_key: str = DEFAULT_BYTES
-) -> Path | None:
-    """Quality against bytes per query, one labelled point per schedule, log x. Runs that send
-    nothing (centralized, publisher alone) cannot sit on a log axis: they become reference lines."""
+    folders: list[Path | Result], out: Path, y: str = "em", bytes_key: str = DEFAULT_BYTES
+) -> Drawn | None:
+    """Quality against bytes per query, one labelled point per run, log x. Runs that send nothing
+    (centralized, publisher alone) cannot sit on a log axis: they become reference lines."""
     results = having(_as_results(folders), numbers=(y, bytes_key))
     if not results:
         print(f"fedattn plot: no folder has both {y!r} and {bytes_key!r}; {out.name} not drawn", file=sys.stderr)
@@ -407,10 +360,10 @@ def plot_frontier(
     figure, axes = new_figure()
     points = [result for result in results if result.get(bytes_key) > 0]
     for index, result in enumerate(result for result in results if result.get(bytes_key) <= 0):
-        axes.axhline(result.get(y), color=f"C{index + 1}", linestyle=":", label=f"{schedule_label(result)} (0 bytes)")
+        axes.axhline(result.get(y), color=f"C{index + 1}", linestyle=":", label=f"{result.label} (0 bytes)")
     for number, result in enumerate(points, start=1):  # numbered points, labels in the legend: no overlaps
         x, value = result.get(bytes_key), result.get(y)
-        axes.scatter([x], [value], color="C0", zorder=3, label=f"{number}: {schedule_label(result)}")
+        axes.scatter([x], [value], color="C0", zorder=3, label=f"{number}: {result.label}")
         axes.annotate(
             str(number), (x, value), fontsize=7, xytext=(3, 3), textcoords="offset points", annotation_clip=True
         )
@@ -427,15 +380,10 @@ def plot_frontier(
     return save_figure(figure, out)
 
 
-def sent_blocks(result: Result) -> set[int]:
-    """Every block at which the run sends some party's K/V to another: what a receiver can attack."""
-    schedule = result.summary.get("config", {}).get("schedule", {})
-    return set(schedule.get("sync_layers", [])) | set(schedule.get("publisher_layers", []))
-
-
-def worst_recovery(attack: dict, blocks: set[int], noise: float) -> tuple[float, int] | None:
+def worst_recovery(attack: dict, exposure: dict) -> tuple[float, int] | None:
     """The highest token recovery rate over the attacked blocks the run sends, at its noise level,
     and that block; None when the attack covered none of them at this noise."""
+    blocks, noise = set(exposure["blocks"]), float(exposure["noise"])
     rates = [
         (by_noise[key], int(block))
         for block, by_noise in attack.get("rate", {}).items()
@@ -445,32 +393,40 @@ def worst_recovery(attack: dict, blocks: set[int], noise: float) -> tuple[float,
     return max(rates) if rates else None
 
 
-def plot_privacy(
-    folders: list[Path | Result], attack_summaries: list[Path], out: Path, y: str = DEFAULT_METRIC
-) -> Path | None:
+def read_attacks(folders: list[Path]) -> dict[str, dict]:
+    """``fedattn attack`` summaries by the K/V codec they attacked through."""
+    attacks = {}
+    for folder in folders:
+        path = folder / "summary.json"
+        if not path.is_file():
+            raise FedAttnError(f"--attack {folder}: no summary.json (run fedattn attack --out {folder} first)")
+        attack = json.loads(path.read_text(encoding="utf-8"))
+        attacks[attack.get("config", {}).get("kv_codec")] = attack
+    return attacks
+
+
+def leakage(result: Result, attacks: dict[str, dict]) -> tuple[float, int] | None:
+    """The run's leakage by the attack through its K/V codec: see ``plot_privacy``."""
+    exposure = result.summary.get("exposure")
+    attack = None if exposure is None else attacks.get(exposure["kv_codec"])
+    return None if attack is None else worst_recovery(attack, exposure)
+
+
+def plot_privacy(folders: list[Path | Result], attacks: dict[str, dict], out: Path, y: str = "em") -> Drawn | None:
     """Quality against leakage, one point per run: the leakage of a run is the best recovery rate
     ``fedattn attack`` measured at any block the run sends, through the run's K/V codec and at its
     ``--kv-noise`` (an attacker picks its best block; blocks the attack did not cover are not
     counted, so this is a lower bound)."""
-    attacks = {}
-    for path in attack_summaries:
-        attack = json.loads(path.read_text(encoding="utf-8"))
-        attacks[attack.get("config", {}).get("kv_codec")] = attack
     points = []
     for result in having(_as_results(folders), numbers=(y,)):
-        if _is_reference(result):
+        if result.reference:
             continue
-        attack = attacks.get(result.settings.get("kv_codec"))
-        worst = (
-            None
-            if attack is None
-            else worst_recovery(attack, sent_blocks(result), float(result.settings.get("kv_noise", 0.0)))
-        )
+        worst = leakage(result, attacks)
         if worst is None:
+            exposure = result.summary.get("exposure") or {}
             skip(
                 result.folder,
-                f"no attack measured its sent blocks through codec {result.settings.get('kv_codec')} "
-                "at its noise level",
+                f"no attack measured its sent blocks through codec {exposure.get('kv_codec')} at its noise level",
             )
         else:
             points.append((result, *worst))
@@ -482,9 +438,7 @@ def plot_privacy(
         return None
     figure, axes = new_figure()
     for number, (result, rate, block) in enumerate(points, start=1):
-        axes.scatter(
-            [rate], [result.get(y)], color="C0", zorder=3, label=f"{number}: {schedule_label(result)} (block {block})"
-        )
+        axes.scatter([rate], [result.get(y)], color="C0", zorder=3, label=f"{number}: {result.label} (block {block})")
         axes.annotate(str(number), (rate, result.get(y)), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.set_xlabel("tokens recovered by the attack (best sent block)")
     axes.set_ylabel(y)
@@ -503,9 +457,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)")
     parser.add_argument(
         "--metric",
-        default=DEFAULT_METRIC,
-        help=f"quality: a dotted path in summary.json such as em.average, or {DEFAULT_METRIC} "
-        "(default: the publisher's EM of any benchmark)",
+        help="quality: a dotted path in the summary's metrics such as f1 or party_average.em "
+        "(default: the tasks' main metric, em for GSM8K and CrossFacts)",
     )
     parser.add_argument(
         "--attack",
@@ -517,8 +470,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bytes-metric",
         default=DEFAULT_BYTES,
-        help=f"communication per query: a dotted path, or {DEFAULT_BYTES} (default: bytes sent per query)",
+        help=f"communication per query: a summary number such as expected_bytes_per_query (default {DEFAULT_BYTES})",
     )
+
+
+def main_metric(results: list[Result]) -> str:
+    """The main metric the folders' tasks share."""
+    metrics = Counter(result.summary["main_metric"] for result in results)
+    if len(metrics) > 1:
+        raise FedAttnError(f"the folders' tasks measure different qualities ({', '.join(metrics)}): choose --metric")
+    return next(iter(metrics))
 
 
 def _swept(results: list[Result], x: str) -> bool:
@@ -532,29 +493,24 @@ def run(args: argparse.Namespace) -> int:
     results = load_results(args.results)
     if not results:
         raise FedAttnError("no result folder with a summary.json among the given paths")
-    folders = having(results, numbers=(args.metric,))
-    written = []
+    metric = args.metric or main_metric(results)
+    attacks = read_attacks(args.attack or [])
+    folders = having(results, numbers=(metric,))
+    drawn = []
     for x in SWEEPS:
         if _swept(folders, x):
-            written.append(
-                plot_vs_parameter(
-                    folders, args.out / f"{args.metric}_vs_{x}.png", x, args.metric, True, args.bytes_metric
-                )
-            )
+            out = args.out / f"{metric}_vs_{x}.png"
+            drawn.append(plot_vs_parameter(folders, out, x, metric, True, args.bytes_metric))
     for key in ABLATIONS:
         if _distinct(folders, key) > 1:
-            written.append(plot_ablation(folders, args.out / f"{args.metric}_by_{key}.png", key, args.metric))
-    written.append(plot_frontier(folders, args.out / f"{args.metric}_frontier.png", args.metric, args.bytes_metric))
-    if args.attack:
-        for folder in args.attack:
-            if not (folder / "summary.json").is_file():
-                raise FedAttnError(f"--attack {folder}: no summary.json (run fedattn attack --out {folder} first)")
-        summaries = [folder / "summary.json" for folder in args.attack]
-        written.append(plot_privacy(folders, summaries, args.out / f"{args.metric}_vs_leakage.png", args.metric))
-    written = [path for path in written if path is not None]
+            drawn.append(plot_ablation(folders, args.out / f"{metric}_by_{key}.png", key, metric))
+    drawn.append(plot_frontier(folders, args.out / f"{metric}_frontier.png", metric, args.bytes_metric))
+    if attacks:
+        drawn.append(plot_privacy(folders, attacks, args.out / f"{metric}_vs_leakage.png", metric))
+    written = [entry.path for entry in drawn if entry is not None]
     if not written:
         raise FedAttnError(
-            f"nothing to plot: no folder carries {args.metric!r} (and {args.bytes_metric!r} for the frontier)"
+            f"nothing to plot: no folder carries {metric!r} (and {args.bytes_metric!r} for the frontier)"
         )
     for path in written:
         print(path)

@@ -44,9 +44,9 @@ import argparse
 import random
 import resource
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -57,6 +57,10 @@ from fedattn.network.kv_codec import KVCodec
 from fedattn.privacy.noise import add_kv_noise
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.prompting import Piece, chat_template_parts, collaborator_pieces, party_pieces, tokenize_pieces
+from fedattn.runtime.seeding import seeded_generator
+
+if TYPE_CHECKING:
+    from fedattn.evaluation.plots import Drawn
 
 DEFAULT_NOISE = (0.0, 0.1, 0.3, 1.0)
 DEFAULT_TRAIN_TOKENS = 8000
@@ -329,7 +333,7 @@ class AttackSetup:
 
 def received_frames(setup: AttackSetup, block: int, sigma: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every victim's (key, value) at ``block`` as the attacker decodes it under noise ``sigma``."""
-    generator = torch.Generator().manual_seed(zlib.crc32(f"attack:{setup.seed}:{block}:{sigma}".encode()))
+    generator = seeded_generator("attack", setup.seed, block, sigma)
     return [
         received(*captured[block], victim, block, setup.codec, sigma, generator)
         for victim, captured in zip(setup.victims, setup.captured)
@@ -637,10 +641,10 @@ def _setup(args: argparse.Namespace, loaded, codec: KVCodec, blocks: tuple[int, 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Attack every (block, noise) pair; one record each, then the summary and the plot."""
+    """Attack every (block, noise) pair not yet in --out; one record each, then the summary and the plot."""
+    from fedattn.evaluation.harness import pending, run_batches
     from fedattn.evaluation.results import ResultStore
     from fedattn.network.kv_codec import get_codec
-    from fedattn.report.render import progress_bar
     from fedattn.runtime.models import load_model
     from fedattn.systems.fedattn.schedule import parse_layers
 
@@ -651,42 +655,41 @@ def run(args: argparse.Namespace) -> int:
     blocks = (
         parse_layers(args.blocks, num_layers, "--blocks") if args.blocks is not None else default_blocks(num_layers)
     )
-    store = ResultStore(args.out, _config(args, loaded, blocks))
-    grid = [(block, sigma) for block in blocks for sigma in args.noise]
-    done = store.done_keys()
-    costs: dict[str, float] = {}
-    if any(_record_key(*point) not in done for point in grid):
-        setup = _setup(args, loaded, codec, blocks, costs)
-        loose = LooseForm(loaded.tokenizer)
-        with progress_bar(
-            "attacking (block, noise)", len(grid), completed=len(done & {_record_key(*p) for p in grid})
-        ) as advance:
-            for block, sigma in grid:
-                if _record_key(block, sigma) in done:
-                    continue
-                start = time.perf_counter()
-                guessed, truth = attack_block(setup, block, sigma)
-                seconds = time.perf_counter() - start
-                method = "vocabulary-table" if block == 0 else method_name(args.keys, args.verify)
-                store.append(
-                    {
-                        "key": _record_key(block, sigma),
-                        "block": block,
-                        "noise": sigma,
-                        "method": method,
-                        "attack_s": seconds,
-                        **score(guessed, truth, loose),
-                        "sample": sample(setup, guessed),
-                    }
-                )
-                advance()
-    costs["peak_rss_mb"] = peak_rss_mb()
-    summary = summarize(store.records(), costs)
-    store.write_summary(summary)
+    with ResultStore(args.out, _config(args, loaded, blocks)) as store:
+        grid = [(block, sigma) for block in blocks for sigma in args.noise]
+        todo = pending(store, grid, lambda point: _record_key(*point))
+        costs: dict[str, float] = {}
+        if todo:  # the victims' K/V and the attacks' tables only when something is left to attack
+            setup = _setup(args, loaded, codec, blocks, costs)
+            loose = LooseForm(loaded.tokenizer)
+
+            def attack(points: list[tuple[int, float]]) -> list[dict]:
+                return [attack_record(setup, block, sigma, args, loose) for block, sigma in points]
+
+            run_batches(store, todo, attack, 1, "attacking (block, noise)", len(grid))
+        costs["peak_rss_mb"] = peak_rss_mb()
+        summary = summarize(store.records(), costs)
+        store.write_summary(summary)
     plot_recovery(summary["rate"], store.directory / "recovery.png", f"{loaded.name} · K/V as {codec.name}")
     print_table(summary)
     print(f"results in {store.directory}")
     return 0
+
+
+def attack_record(setup: AttackSetup, block: int, sigma: float, args: argparse.Namespace, loose: LooseForm) -> dict:
+    """One (block, noise) point: the recovery rates, what the attack took, and a sample."""
+    start = time.perf_counter()
+    guessed, truth = attack_block(setup, block, sigma)
+    seconds = time.perf_counter() - start
+    return {
+        "key": _record_key(block, sigma),
+        "block": block,
+        "noise": sigma,
+        "method": "vocabulary-table" if block == 0 else method_name(args.keys, args.verify),
+        "attack_s": seconds,
+        **score(guessed, truth, loose),
+        "sample": sample(setup, guessed),
+    }
 
 
 def method_name(keys: str, verify: int) -> str:
@@ -728,7 +731,7 @@ def print_table(summary: dict) -> None:
     Console().print(table)
 
 
-def plot_recovery(rate: dict[str, dict[str, float]], out: Path, title: str) -> Path:
+def plot_recovery(rate: dict[str, dict[str, float]], out: Path, title: str) -> Drawn:
     """Recovery rate against the attacked block, one line per noise level."""
     from fedattn.evaluation.plots import new_figure, save_figure
 

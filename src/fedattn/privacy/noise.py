@@ -7,11 +7,10 @@ figure and a run's accuracy figure refer to the same noise.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from fedattn.errors import FedAttnError
+from fedattn.runtime.seeding import seeded_generator
 
 
 def add_kv_noise(
@@ -45,5 +44,4 @@ def _noisy(tensor: torch.Tensor, sigma: float, generator: torch.Generator | None
 def noise_generator(seed: int, party: int, layer: int) -> torch.Generator:
     """The sender's draw for one frame: a pure function of (seed, party, block), so a run is
     reproducible in one process or many."""
-    digest = hashlib.sha256(f"{seed}:noise:{party}:{layer}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return seeded_generator(seed, "noise", party, layer)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fedattn.errors import FedAttnError
+from fedattn.runtime.seeding import seeded_generator
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Decoding:
         return self.temperature == 0.0
 
     def generator(self, party: int) -> torch.Generator | None:
-        return None if self.greedy else torch.Generator().manual_seed(self.seed * 1_000_003 + party)
+        return None if self.greedy else seeded_generator(self.seed, "decode", party)
 
     def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         """The next token id from one vector of logits."""

@@ -64,7 +64,3 @@ class ParticipantKVStore:
 
     def __getitem__(self, layer: int) -> LayerKV:
         return self.layers[layer]
-
-    def lengths(self) -> list[int]:
-        """Visible K/V entries per block (what decoding attends to)."""
-        return [layer.length for layer in self.layers]

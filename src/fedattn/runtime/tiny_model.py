@@ -40,18 +40,16 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model(
-    num_layers: int = 8, seed: int = 0, hidden_size: int = 64, num_heads: int = 4, num_kv_heads: int = 2
-) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """The model and tokenizer of ``tiny-random``; same seed, same weights."""
+def build_tiny_model(seed: int = 0) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """The model and tokenizer of ``tiny-random``: 8 blocks, d = 64, 4 heads, 2 KV heads; same seed, same weights."""
     tokenizer = build_tiny_tokenizer()
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         max_position_embeddings=4096,
         initializer_range=0.1,
         tie_word_embeddings=False,

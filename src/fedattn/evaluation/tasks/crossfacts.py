@@ -19,7 +19,6 @@ import random
 from dataclasses import dataclass
 
 from fedattn.errors import FedAttnError
-from fedattn.runtime.prompting import CONTEXT_SEPARATOR
 
 FIELDS = ("code", "amount", "date", "city")
 
@@ -143,33 +142,6 @@ class Item:
     def holder_party(self) -> int:
         """The holder's party number (1-based, as in the engine's 'party-N')."""
         return self.holder + 1
-
-
-@dataclass(frozen=True)
-class View:
-    """What the parties hold in one evaluation mode: collaborators' texts, the publisher's own text, the question."""
-
-    contexts: tuple[str, ...]
-    question: str
-    publisher_context: str | None = None
-
-
-def federated(item: Item) -> View:
-    """Each collaborator holds its document; the publisher holds only the question."""
-    return View(item.documents, item.question)
-
-
-def centralized(item: Item) -> View:
-    """One party holds every document and the question: the same prompt text as federated, N = 1."""
-    return View((), item.question, CONTEXT_SEPARATOR.join(item.documents))
-
-
-def publisher_alone(item: Item) -> View:
-    """The publisher without collaborators: the same question, no documents."""
-    return View((), item.question)
-
-
-VIEWS = {"federated": federated, "centralized": centralized, "alone": publisher_alone}
 
 
 def generate(seed: int, count: int, parties: int = 3, facts_per_party: int = 4) -> list[Item]:

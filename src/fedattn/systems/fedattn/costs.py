@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, kv_frame_size
 from fedattn.network.kv_codec import KVCodec
+from fedattn.runtime.dims import ModelDims
 from fedattn.systems.fedattn.exchange import Exchange, frame_token_counts, kept_counts
 from fedattn.systems.fedattn.schedule import Schedule
 from fedattn.systems.fedattn.sparsity import Sparsity
@@ -21,40 +22,10 @@ if TYPE_CHECKING:
 SWIGLU_FFN_FACTOR = 6
 
 
-@dataclass(frozen=True)
-class ModelDims:
-    num_layers: int
-    hidden: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-
-    @classmethod
-    def from_config(cls, config) -> ModelDims:
-        return cls(
-            num_layers=config.num_hidden_layers,
-            hidden=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            ffn=config.intermediate_size,
-            vocab=config.vocab_size,
-        )
-
-    @property
-    def kv_ratio(self) -> float:
-        """r = H_kv / attention heads."""
-        return self.num_kv_heads / self.num_heads
-
-    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
-        """K and V of one token at one block: H_kv * d_h * 2 * b."""
-        return self.num_kv_heads * self.head_dim * 2 * bytes_per_element
-
-    def token_flops(self) -> float:
-        """Projections and FFN of one token at one block: 2 d^2 (2 + 2r) + c_ffn d d_ff."""
-        return 2 * self.hidden**2 * (2 + 2 * self.kv_ratio) + SWIGLU_FFN_FACTOR * self.hidden * self.ffn
+def token_flops(dims: ModelDims) -> float:
+    """Projections and FFN of one token at one block: 2 d^2 (2 + 2r) + c_ffn d d_ff, with r = H_kv / heads."""
+    kv_ratio = dims.num_kv_heads / dims.num_heads
+    return 2 * dims.hidden**2 * (2 + 2 * kv_ratio) + SWIGLU_FFN_FACTOR * dims.hidden * dims.ffn
 
 
 @dataclass
@@ -70,7 +41,7 @@ class PartyCost:
         """L G (2 d^2 (2+2r) + c d d_ff) + 4 d sum_l (G T0_l + G(G-1)/2) + 2 G d V."""
         attention = sum(steps * t0 + steps * (steps - 1) / 2 for t0 in self.prompt_kv_per_layer or [])
         return (
-            dims.num_layers * steps * dims.token_flops()
+            dims.num_layers * steps * token_flops(dims)
             + 4 * dims.hidden * attention
             + 2 * steps * dims.hidden * dims.vocab
         )
@@ -123,7 +94,7 @@ def expected_costs(
             visible = [m for m in range(count) if m != n and schedule.receives(layer, n, m, publisher)]
             earlier = sum(sent[m] for m in visible if m < n)
             causal_pairs = kept[n] * earlier + kept[n] * (kept[n] + 1) // 2
-            cost.prefill_flops += kept[n] * dims.token_flops() + 4 * dims.hidden * causal_pairs
+            cost.prefill_flops += kept[n] * token_flops(dims) + 4 * dims.hidden * causal_pairs
             cost.prompt_kv_per_layer.append(kept[n] + sum(sent[m] for m in visible))
     costs[publisher].prefill_flops += 2 * dims.hidden * dims.vocab
     return costs

@@ -13,17 +13,22 @@ same position-dependent orthogonal rotation, so the relative deviation equals th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedattn.errors import FedAttnError
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import party_names, run_in_process
+
+if TYPE_CHECKING:
+    from fedattn.evaluation.plots import Drawn
 
 
 @dataclass
@@ -171,7 +176,7 @@ def measure_drift(model: torch.nn.Module, segments: list[list[int]], config: Run
 
 
 # -- plot ---------------------------------------------------------------------------------------
-def plot_drift(report: DriftReport, out: Path, title: str = "") -> Path:
+def plot_drift(report: DriftReport, out: Path, title: str = "") -> Drawn:
     """One line per party (hidden-state deviation vs block); sync blocks as vertical lines."""
     from fedattn.evaluation.plots import new_figure, save_figure
 
@@ -190,7 +195,49 @@ def plot_drift(report: DriftReport, out: Path, title: str = "") -> Path:
     return save_figure(figure, out)
 
 
+# -- over several prompts ----------------------------------------------------------------------
+def mean_report(reports: list[DriftReport]) -> DriftReport:
+    """Per party and block, the mean deviation over prompts of one schedule (and the mean KL);
+    a party's ``tokens`` are the positions compared over all of them."""
+    parties = []
+    for index, party in enumerate(reports[0].parties):
+        same = [report.parties[index] for report in reports]
+        deviations = [_mean_lists([getattr(drift, what) for drift in same]) for what in ("hidden", "key", "value")]
+        parties.append(PartyDrift(party.name, sum(drift.tokens for drift in same), *deviations))
+    first = reports[0]
+    kl = sum(report.kl_publisher for report in reports) / len(reports)
+    return DriftReport(first.schedule, first.sync_layers, first.publisher_sync_layers, parties, kl)
+
+
+def _mean_lists(lists: list[list[float]]) -> list[float]:
+    return [sum(values) / len(lists) for values in zip(*lists)]
+
+
+def report_from_json(document: dict) -> DriftReport:
+    parties = [PartyDrift(**party) for party in document["parties"]]
+    fields = ("schedule", "sync_layers", "publisher_sync_layers", "kl_publisher")
+    return DriftReport(**{key: document[key] for key in fields}, parties=parties)
+
+
 # -- command line -------------------------------------------------------------------------------
+def gsm8k_items(text: str) -> tuple[int, ...]:
+    """'0', '0-9' or '0,4,7-9': GSM8K test items, in order."""
+    from fedattn.evaluation.tasks import gsm8k
+
+    count = len(gsm8k.load("test"))
+    items: set[int] = set()
+    try:
+        for part in filter(None, (part.strip() for part in text.split(","))):
+            low, _, high = part.partition("-")
+            items.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise FedAttnError(f"--gsm8k-item takes K, a range K-M or a list of them, got {text!r}") from None
+    wrong = [item for item in sorted(items) if not 0 <= item < count]
+    if wrong or not items:
+        raise FedAttnError(f"--gsm8k-item must be in 0..{count - 1}, got {text}")
+    return tuple(sorted(items))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K item as the
     evaluation prompts it) and the shared run options."""
@@ -211,9 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gsm8k-item",
-        type=int,
         metavar="K",
-        help="instead of texts: GSM8K test item K, prompted as by 'fedattn eval gsm8k' (raw text)",
+        help="instead of texts: GSM8K test item K (or items: 0-9, 0,4,7), prompted as by 'fedattn eval gsm8k' "
+        "(raw text); several items show the mean deviation",
     )
     parser.add_argument(
         "--split", choices=SPLITS, default="TokEx", help="with --gsm8k-item: how the prompt is dealt (default TokEx)"
@@ -233,35 +280,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)",
     )
     parser.add_argument("--out", type=Path, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        metavar="DIR",
+        help="also keep each prompt's measurement there (records.jsonl, summary.json); reruns resume",
+    )
     add_options(parser)
 
 
 def gsm8k_segments(tokenizer, item: int, split: str, parties: int, shots: int) -> list[list[int]]:
-    """The prompt ``fedattn eval gsm8k`` gives test item ``item``: the first ``shots`` train
-    problems as exemplars, the question last, dealt to ``parties`` by ``split``."""
+    """The prompt ``fedattn eval gsm8k`` gives test item ``item`` (``gsm8k.few_shot_prompt``),
+    dealt to ``parties`` by ``split``."""
     from fedattn.evaluation.tasks import gsm8k
     from fedattn.systems.fedattn.splits import split_prompt
 
-    test = gsm8k.load("test")
-    if not 0 <= item < len(test):
-        raise FedAttnError(f"--gsm8k-item must be in 0..{len(test) - 1}, got {item}")
-    exemplars = [gsm8k.exemplar_text(problem) for problem in gsm8k.load("train")[:shots]]
-    return split_prompt(tokenizer, exemplars, gsm8k.question_text(test[item]), split, parties)
+    prompt = gsm8k.few_shot_prompt(item, shots)
+    return split_prompt(tokenizer, prompt.exemplars, prompt.question, split, parties)
 
 
-def _segments(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+@dataclass(frozen=True)
+class Prompts:
+    """What drift measures: each prompt's key and segments (made on demand), and what identifies them."""
+
+    keys: tuple[str, ...]
+    segments: Callable[[str], list[list[int]]]
+    config: dict  # part of a results folder's configuration
+
+
+def _prompts(args: argparse.Namespace, tokenizer) -> Prompts:
     from fedattn.cli.main import _text_arg
     from fedattn.runtime.prompting import build_segments
 
     if args.gsm8k_item is not None:
         if args.question is not None or args.context:
             raise FedAttnError("--gsm8k-item replaces --context/--question; give one or the other")
-        return gsm8k_segments(tokenizer, args.gsm8k_item, args.split, args.parties, args.shots)
+        items = gsm8k_items(args.gsm8k_item)
+        config = {"gsm8k": {"split": args.split, "parties": args.parties, "shots": args.shots}}
+        return Prompts(
+            tuple(map(str, items)),
+            lambda key: gsm8k_segments(tokenizer, int(key), args.split, args.parties, args.shots),
+            config,
+        )
     if args.question is None:
         raise FedAttnError("give --question (and --context ...) or --gsm8k-item")
     publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None
     contexts = [_text_arg(value) for value in args.context]
-    return build_segments(tokenizer, contexts, _text_arg(args.question), publisher_context, args.raw)
+    question = _text_arg(args.question)
+    texts = json.dumps([contexts, question, publisher_context]).encode()
+    config = {"texts_sha256": hashlib.sha256(texts).hexdigest(), "raw": args.raw}
+    segments = build_segments(tokenizer, contexts, question, publisher_context, args.raw)
+    return Prompts(("prompt",), lambda key: segments, config)
 
 
 def print_table(report: DriftReport) -> None:
@@ -282,14 +351,35 @@ def print_table(report: DriftReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Measure every prompt not yet in --results (or every prompt, without it); print and plot."""
+    from fedattn.evaluation.harness import pending, run_batches
+    from fedattn.evaluation.results import RecordList, ResultStore
     from fedattn.runtime.prompting import check_context_window
     from fedattn.systems.fedattn.config import configure
+    from fedattn.systems.fedattn.reporting import config_json
 
     loaded, config, _ = configure(args)
-    segments = _segments(args, loaded.tokenizer)
-    check_context_window(segments, 1, loaded.model.config.max_position_embeddings)
-    report = measure_drift(loaded.model, segments, config)
-    written = plot_drift(report, args.out, title=loaded.name)
+    prompts = _prompts(args, loaded.tokenizer)
+
+    def measure(keys: list[str]) -> list[dict]:
+        segments = prompts.segments(keys[0])
+        check_context_window(segments, 1, loaded.model.config.max_position_embeddings)
+        return [{"key": keys[0]} | measure_drift(loaded.model, segments, config).to_json()]
+
+    if args.results is None:
+        store = RecordList()
+    else:
+        model = {"name": loaded.name, "identity": loaded.identity}
+        stored = {"model": model, "dtype": args.dtype, **config_json(config), **prompts.config}
+        store = ResultStore(args.results, stored)
+    with store:
+        todo = pending(store, prompts.keys, lambda key: key)
+        run_batches(store, todo, measure, 1, "drift: prompts measured", len(prompts.keys), quiet=args.json)
+        by_key = {record["key"]: record for record in store.records()}
+        report = mean_report([report_from_json(by_key[key]) for key in prompts.keys])
+        if args.results is not None:
+            store.write_summary(report.to_json() | {"items": len(prompts.keys)})
+    written = plot_drift(report, args.out, title=loaded.name).path
     if args.json:
         print(json.dumps(report.to_json() | {"model": loaded.name, "plot": str(written)}, indent=2))
     else:

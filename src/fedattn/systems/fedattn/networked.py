@@ -25,6 +25,7 @@ from fedattn.network.torch_transport import NO_DEADLINE, Liveness, PeerFailure, 
 from fedattn.report.schema import RunReport
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.batch_decode import DecodeRow, decode_rows
+from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import (
     check_context_window,
@@ -84,8 +85,8 @@ def own_segment(
 
 def max_frame_bytes(model_config, codec: KVCodec) -> int:
     """The largest valid frame: K/V with explicit positions for a whole context window."""
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return kv_frame_size(model_config.max_position_embeddings, False, codec, model_config.num_key_value_heads, head_dim)
+    dims = ModelDims.from_config(model_config)
+    return kv_frame_size(model_config.max_position_embeddings, False, codec, dims.num_kv_heads, dims.head_dim)
 
 
 def rank_inputs(contexts: list[str], question: str, publisher_context: str | None) -> list[dict[str, str]]:

@@ -32,6 +32,7 @@ from fedattn.network.transport import Transport
 from fedattn.privacy.noise import add_kv_noise, noise_generator
 from fedattn.runtime.batch_decode import DecodeRow
 from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.kv_store import ParticipantKVStore
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.exchange import frame_token_counts
@@ -106,9 +107,7 @@ class Participant:
         model_config = model.config
         self.num_layers = model_config.num_hidden_layers
         self.num_kv_heads = model_config.num_key_value_heads
-        self.head_dim = (
-            getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        )
+        self.head_dim = ModelDims.from_config(model_config).head_dim
         self.vocab_size = model_config.vocab_size
         self.hello = Hello(
             rank, self.world_size, len(token_ids), run_fingerprints(config, model_identity, model_config)

@@ -11,9 +11,10 @@ from transformers import PreTrainedTokenizerBase
 
 from fedattn.report.schema import RunReport
 from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.prompting import build_segments, check_context_window
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import ModelDims, run_costs
+from fedattn.systems.fedattn.costs import run_costs
 from fedattn.systems.fedattn.inprocess import run_in_process
 from fedattn.systems.fedattn.reporting import run_report
 

@@ -13,9 +13,10 @@ from dataclasses import asdict
 from typing import Any
 
 from fedattn.report.schema import PartyReport, RunReport
+from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import ModelDims, PartyCost, run_costs
+from fedattn.systems.fedattn.costs import PartyCost, run_costs
 from fedattn.systems.fedattn.inprocess import RunResult
 from fedattn.systems.fedattn.party import Participant, PartyOutcome
 

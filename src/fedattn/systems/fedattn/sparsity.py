@@ -6,12 +6,12 @@ the same in one process or many, and the test oracle can ask for the very same s
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from fedattn.errors import FedAttnError
+from fedattn.runtime.seeding import seeded_generator
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,5 @@ def draw_sent(seed: int, party: int, layer: int, num_kept: int, count: int) -> t
 def _draw(seed: int, purpose: str, party: int, layer: int, population: int, count: int) -> torch.Tensor:
     if population < 0 or count > population:
         raise FedAttnError(f"cannot sample {count} of {population} tokens")
-    digest = hashlib.sha256(f"{seed}:{purpose}:{party}:{layer}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    generator = seeded_generator(seed, purpose, party, layer)
     return torch.randperm(population, generator=generator)[:count].sort().values

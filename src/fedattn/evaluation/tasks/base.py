@@ -1,0 +1,65 @@
+"""What a task gives the evaluation harness: items every system can answer, and how to score an answer.
+
+A task knows its data and its scoring, never a system: it does not say how many parties there
+are or who holds what beyond the documents themselves, so the same items evaluate FedAttn,
+SpecFed or any other system (``fedattn.systems.base``). FedAttn's ``--split``, ``--parties`` (for
+a few-shot prompt) and ``--mode`` are FedAttn's ways of dealing an item out, not the task's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question as every system sees it.
+
+    ``documents[k]`` is the private text of holder k (a collaborator), in order; the one who asks
+    holds only the question. ``exemplars`` are public few-shot examples: an item with exemplars is
+    a plain-text prompt for a base model (the exemplars joined by newlines, then the question, no
+    chat template), which a system may deal out as it likes. ``fields`` are what the record shows
+    of the item (its index, the gold answer, ...); ``references`` are what the scorer accepts.
+    """
+
+    key: str
+    question: str
+    documents: tuple[str, ...] = ()
+    exemplars: tuple[str, ...] = ()
+    stop_texts: tuple[str, ...] = ()  # the answer ends before any of these (the next few-shot item)
+    references: tuple[str, ...] = ()
+    fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass
+class TaskRun:
+    """A task with its options applied (data read, sizes checked): what the harness evaluates."""
+
+    name: str  # the summary's task, e.g. "gsm8k" or "narrativeqa": results of one name are comparable
+    title: str  # for people: "GSM8K 4-shot"
+    config: dict  # everything that decides the items and their scores (part of the folder's configuration)
+    settings: dict[str, Any]  # the comparable settings among ``config``, named like the options (shots, parties)
+    items: list[Item]  # the selected items, in order
+    score: Callable[[Item, str], dict[str, Any]]  # an answer's scores (numbers are averaged) and other findings
+    main_metric: str  # the score that is the task's quality (a key of ``score``'s result)
+    unit: str = "items"  # what an item is called in messages: "problems"
+    extra_metrics: Callable[[list[dict]], dict[str, Any]] = lambda records: {}  # e.g. EM per question kind
+
+
+class Task(Protocol):
+    """A benchmark for ``fedattn eval NAME``."""
+
+    name: str
+    description: str  # the command's help
+    documents: bool  # items carry private documents (else a public prompt for the system to deal)
+    max_new_tokens: int  # the default answer length
+    batch_size: int  # the default number of items answered together
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        """The task's own options (item selection, data)."""
+
+    def prepare(self, args: argparse.Namespace) -> TaskRun:
+        """Read the data and select the items; refuse bad sizes before any model is loaded."""

@@ -1,0 +1,95 @@
+"""The contract through which a system plugs into the CLI and the evaluation harness.
+
+A system (FedAttn today; SpecFed, FedSEA and FedRefine next) is a folder under ``systems/`` with a
+module that implements ``System`` and is named in the registry (``fedattn.systems.SYSTEMS``). The
+layers below it never name a system: the harness finds one by its name (``--system``, default
+``fedattn``), and everything it reads back is the one report schema (``fedattn.report.schema``).
+
+What a system gives:
+
+* ``name`` and ``description``: what ``--system`` and the help call it.
+* ``add_options(parser, task)``: its options, added to ``fedattn eval TASK``'s parser (model,
+  schedule, decoding; and how it deals out the task's items: FedAttn's ``--split``/``--parties``
+  for a public few-shot prompt, ``--mode`` for private documents). The task's ``max_new_tokens``
+  is the system's default answer length.
+* ``configure(args) -> setup``: the system's configuration from parsed options, validated before
+  the slow part (loading models), then loaded. ``setup.device`` names where it runs.
+* ``check(setup, item)``: refuse an item this setup cannot answer (a split with too few
+  exemplars), before the results folder records the configuration.
+* ``answer_many(setup, items) -> list[RunReport]``: answer a batch of items in this process, one
+  report per item in order. Each report carries the system's answer, every party's measured
+  traffic and timings, its expected costs (``expected_bytes``, from the system's cost model: the
+  harness and the comparison read predicted bytes only there) and ``timing['wall_s']``, the item's
+  share of the batch's wall time.
+* ``run_rank(setup, rendezvous, text, question, publisher_context) -> RunReport``: run this
+  process's one rank of a networked query (``fedattn participant``), from its own input alone.
+* ``config_json(setup) -> dict``: the configuration as JSON, stored in the results folder: a
+  folder holds the records of one configuration, and resuming with another is refused.
+* ``describe(config, task_settings) -> Description``: what plots and the comparison need of a
+  stored configuration: comparable settings named like the options, a label, and what an attacker
+  sees (``Exposure``). It must read every configuration ``config_json`` ever wrote.
+
+The harness then writes one record per item (the task's fields and scores, the RunReport) and one
+summary of one shape for every (task, system): see ``fedattn.evaluation.harness``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fedattn.evaluation.tasks.base import Item, Task
+from fedattn.report.schema import RunReport
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What a curious party receives of another's private text: K/V at these blocks, through this
+    codec, after this much noise (``fedattn attack`` measures the recovery for exactly that)."""
+
+    kv_codec: str
+    blocks: tuple[int, ...]
+    noise: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kv_codec": self.kv_codec, "blocks": list(self.blocks), "noise": self.noise}
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> Exposure:
+        return cls(document["kv_codec"], tuple(document["blocks"]), float(document.get("noise", 0.0)))
+
+
+@dataclass(frozen=True)
+class Description:
+    """A stored configuration as plots and the comparison read it."""
+
+    settings: dict[str, Any]  # flat, comparable, named like the command-line options (sync_every, parties)
+    label: str  # the settings that set this run apart from the system's defaults ('' when none)
+    exposure: Exposure | None = None  # None: nothing private leaves its holder
+    reference: bool = False  # a baseline that exchanges nothing (centralized, publisher alone)
+
+
+class Setup(Protocol):
+    device: str
+
+
+class System(Protocol):
+    name: str
+    description: str
+
+    def add_options(self, parser: argparse.ArgumentParser, task: Task) -> None: ...
+
+    def configure(self, args: argparse.Namespace) -> Setup: ...
+
+    def check(self, setup: Setup, item: Item) -> None: ...
+
+    def answer_many(self, setup: Setup, items: list[Item]) -> list[RunReport]: ...
+
+    def run_rank(
+        self, setup: Setup, rendezvous: Any, text: str | None, question: str | None, publisher_context: str | None
+    ) -> RunReport: ...
+
+    def config_json(self, setup: Setup) -> dict[str, Any]: ...
+
+    def describe(self, config: dict[str, Any], task_settings: dict[str, Any]) -> Description: ...
