@@ -58,7 +58,8 @@ def publisher_answers(
         for name, config in configs.items():
             parties, _, _ = _prefill(model, segments, config, StopRule(), "")
             publisher = parties[-1]
-            rows[name] = publisher.decode_row(publisher.first_token())
+            publisher.first_token()
+            rows[name] = publisher.decode_row()
         tokens = decode_rows(model, list(rows.values()), new_tokens)
     return dict(zip(rows, tokens))
 

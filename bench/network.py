@@ -510,7 +510,8 @@ def run_networked(topo: Topology, own: list[list[str]], shared: list[str], port:
                 ]
                 failures.append(f"rank {rank}: exit {code}: {lines[-1][:200] if lines else ''}")
         return {"error": "; ".join(failures), "process_s": process_s}
-    reports = [json.loads((folder / f"report-{port}-{rank}.json").read_text()) for rank in range(world)]
+    documents = [json.loads((folder / f"report-{port}-{rank}.json").read_text()) for rank in range(world)]
+    reports = [party for document in documents for party in document["parties"]]  # each rank reports its own
     publisher = reports[-1]
     wire = [b - a for a, b in zip(before, after)]
     return {
@@ -528,7 +529,7 @@ def run_networked(topo: Topology, own: list[list[str]], shared: list[str], port:
         "wire_tx_bytes_per_party": wire,
         "answer": publisher["answer"],
         "answer_token_ids": publisher["answer_token_ids"],
-        "sync_layers": publisher["sync_layers"],
+        "sync_layers": documents[-1]["sync_layers"],
     }
 
 

@@ -268,7 +268,7 @@ def test_human_output(capsys, monkeypatch):
     assert code == 0, err
     assert "Answer (publisher):" in out
     rows = [line.strip("│ ").split(" ")[0] for line in out.splitlines() if line.startswith("│")]
-    assert rows == ["party-1", "party-2", "publisher"], out
+    assert rows == ["party-1", "party-2", "publisher"] * 2, out  # the traffic table, then the time table
     assert "tiny-random" in out
     assert "Traceback" not in err
 
@@ -298,7 +298,8 @@ def test_names_are_not_shortened_at_80_columns(capsys, monkeypatch):
     code, models, err = run_cli(capsys, ["models"])
     assert code == 0, err
     rows = [line.strip("│ ").split(" ")[0] for line in out.splitlines() if line.startswith("│")]
-    assert rows == ["party-1", "party-2", "publisher"], out
+    assert rows == ["party-1", "party-2", "publisher"] * 2, out
+    assert "\u2026" not in out, out
     assert "\u2026" not in models, models
 
 

@@ -1,6 +1,7 @@
 """The networked transport (one process per party over gloo on loopback) against the in-process
 engine, and its behaviour when a party dies or stalls."""
 
+import argparse
 import json
 import os
 import re
@@ -13,10 +14,40 @@ import psutil
 import pytest
 
 from fedattn.cli.main import main
+from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, kv_frame_size
+from fedattn.systems.fedattn.config import add_options, configure
+from fedattn.systems.fedattn.exchange import frame_token_counts
 
 CONTEXTS = ["Alice's locker code is 4417 and she lives in Oslo.", "Bob's locker code is 9230.", "Carol keeps the key."]
 QUESTION = "What is Alice's locker code?"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+MARK = f"test-networked-{os.getpid()}"  # in every process this file starts: others' runs are not ours to count
+ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", FEDATTN_TEST_MARK=MARK)
+COPY_FRAMING = 8 + 1  # per copy on a link: the int64 size word, and the end mark after the frame
+
+
+def expected_link_bytes(options: list[str], lengths: list[int]) -> list[int]:
+    """Per party, what its point-to-point links carry (README, Telemetry): every frame it sends
+    (handshake, K/V where the schedule sends it, the publisher's first token and completion), once
+    per addressee, each copy with its framing."""
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    loaded, config, _ = configure(parser.parse_args(["--model", "tiny-random", *options, "--json"]))
+    model, count = loaded.model.config, len(lengths)
+    heads, head_dim = model.num_key_value_heads, model.hidden_size // model.num_attention_heads
+    tokens = frame_token_counts(
+        config.schedule, config.sparsity, config.exchange, config.codec, lengths, heads, head_dim, config.all_answers
+    )
+    links = [(HELLO_FRAME.size + COPY_FRAMING) * (count - 1)] * count
+    for sender in range(count):
+        for layer in range(model.num_hidden_layers):
+            receivers = config.schedule.receivers(layer, sender, count, config.all_answers)
+            if receivers:
+                sent = tokens[(sender, layer)]
+                size = kv_frame_size(sent, sent == lengths[sender], config.codec, heads, head_dim)
+                links[sender] += (size + COPY_FRAMING) * len(receivers)
+    publisher_frames = 2 if config.all_answers else 1  # the completion, and the first token if all answer
+    links[-1] += publisher_frames * (SMALL_FRAME.size + COPY_FRAMING) * (count - 1)
+    return links
 
 
 def words(parties: int, options: list[str]) -> list[str]:
@@ -31,7 +62,10 @@ def in_process(capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def networked(argv: list[str], timeout: float = 120, env=None) -> subprocess.CompletedProcess:
+HANG_S = 300  # a run still going after this hangs (start-up alone takes a minute on a busy 2-core machine)
+
+
+def networked(argv: list[str], timeout: float = HANG_S, env=None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "fedattn.cli", *argv, "--transport", "torch"]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or ENV)
 
@@ -40,9 +74,16 @@ def leftover_parties() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if "fedattn.cli" in cmdline and "participant" in cmdline:
+        if "fedattn.cli" in cmdline and "participant" in cmdline and _started_here(process):
             found.append(process)
     return found
+
+
+def _started_here(process: psutil.Process) -> bool:
+    try:
+        return process.environ().get("FEDATTN_TEST_MARK") == MARK
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
 
 
 @pytest.mark.parametrize(
@@ -100,8 +141,9 @@ def test_same_answer_and_bytes_as_in_process(capsys, parties, options):
         assert ours["bytes_received"] == theirs["bytes_received"] == ours["expected_bytes_received"]
         if "answer" in theirs:
             assert ours["answer"] == theirs["answer"]
-    # point-to-point links carry one copy per addressee plus an 8-byte size word per frame
-    assert merged["measured_bytes"]["link_sent"] >= merged["measured_bytes"]["sent"]
+    links = expected_link_bytes(options, [party["tokens"] for party in reference["participants"]])
+    assert [party["link_bytes_sent"] for party in merged["participants"]] == links
+    assert merged["measured_bytes"]["link_sent"] == sum(links)
     if "--all-answers" not in options:
         assert merged["measured_bytes"]["sent"] < merged["all_gather_bytes_sent"]
 
@@ -192,8 +234,8 @@ def test_under_torchrun_each_rank_reads_only_its_own_file(capsys, tmp_path):
         "--question",
         f"@{tmp_path}/question.txt",
     ]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=HANG_S, env=ENV)
     assert finished.returncode == 0, finished.stderr[-2000:]
     publisher = json.loads((tmp_path / "report-2.json").read_text())
-    assert publisher["name"] == "publisher"
+    assert [party["name"] for party in publisher["parties"]] == ["publisher"]  # a rank reports its own party
     assert publisher["answer_token_ids"] == reference["answer_token_ids"]

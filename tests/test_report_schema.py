@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedattn.errors import FedAttnError
-from fedattn.report.schema import PartyReport, RunReport
+from fedattn.report.schema import PartyReport, RunReport, merge
 
 
 def sample() -> RunReport:
@@ -87,32 +87,108 @@ def test_malformed_documents_are_refused(document):
         RunReport.from_json(document)
 
 
+def test_aliases_are_copies_that_reading_drops():
+    report = sample()
+    report.aliases = {"participants": "parties", "codec": "config.codec"}
+    document = json.loads(json.dumps(report.to_json()))
+    assert document["participants"] == document["parties"] and document["codec"] == "float32"
+    assert document["aliases"] == report.aliases
+    again = RunReport.from_json(document)
+    assert again == report and "participants" not in again.details
+
+
+def test_merge_adds_up_the_ranks():
+    first, second = sample(), sample()
+    for party in second.parties:
+        party.rank += 2
+        party.name += "-b"
+    first.baselines, second.baselines = {"all-gather": 500}, {"all-gather": 700}
+    first.timing, second.timing = {"wall_s": 2.0, "prefill_s": 0.5}, {"wall_s": 1.5, "prefill_s": 0.75}
+    second.answer, second.answer_token_ids = "43", [7]
+    merged = merge([first, second])
+    assert [party.name for party in merged.parties] == ["party-1", "publisher", "party-1-b", "publisher-b"]
+    assert merged.expected_bytes == {"sent": 220, "received": 200}
+    assert merged.measured_bytes == {"sent": 220, "received": 200}
+    assert merged.baselines == {"all-gather": 1200}
+    assert merged.timing == {"wall_s": 2.0, "prefill_s": 0.75}  # the ranks ran at once: the slowest
+    assert (merged.answer, merged.answer_token_ids) == ("43", [7])  # the last rank asked
+
+
+def test_merge_refuses_ranks_of_different_systems():
+    other = sample()
+    other.system = "specfed"
+    with pytest.raises(FedAttnError, match="different systems"):
+        merge([sample(), other])
+
+
+# the keys of a party in FedAttn's --json before the one schema; scripts read them
+FEDATTN_PARTY_KEYS = {
+    "rank",
+    "name",
+    "tokens",
+    "kept_tokens",
+    "bytes_sent",
+    "bytes_received",
+    "frames_sent",
+    "frames_received",
+    "kv_payload_sent",
+    "prefill_s",
+    "decode_s",
+    "wait_s",
+    "block_wait_s",
+    "generated_tokens",
+    "expected_bytes_sent",
+    "expected_bytes_received",
+    "expected_kv_bytes_sent",
+    "expected_kv_bytes_received",
+    "prefill_flops",
+}
+# the top-level keys the README documents for --json
+FEDATTN_RUN_KEYS = {
+    "answer",
+    "answer_token_ids",
+    "sync_layers",
+    "participants",
+    "expected_bytes",
+    "measured_bytes",
+    "flops",
+    "timing",
+}
+
+
 def test_a_fedattn_query_reports_through_the_schema(tiny):
     from fedattn.runtime.dims import ModelDims
+    from fedattn.runtime.prompting import build_segments
     from fedattn.systems.fedattn.config import RunConfig
-    from fedattn.systems.fedattn.query import answer_question
-    from fedattn.systems.fedattn.reporting import run_report
+    from fedattn.systems.fedattn.costs import run_costs
+    from fedattn.systems.fedattn.inprocess import run_in_process
+    from fedattn.systems.fedattn.query import answer_question, stop_rule
     from fedattn.systems.fedattn.schedule import Schedule, every
 
     model, tokenizer = tiny
     config = RunConfig(Schedule(8, every(2, 8)), max_new_tokens=3)
-    query = answer_question(model, tokenizer, ["alpha beta", "gamma"], "which?", config)
-    report = run_report(
-        query.result,
-        query.expected,
-        ModelDims.from_config(model.config),
-        config,
-        {"name": "tiny-random"},
-        query.answer_texts,
-        query.wall_s,
-    )
-    document = RunReport.from_json(json.loads(json.dumps(report.to_json()))).to_json()
-    legacy = query.to_json()
-    assert document["measured_bytes"] == legacy["measured_bytes"]
-    assert document["expected_bytes"] == legacy["expected_bytes"]
+    contexts, question = ["alpha beta", "gamma"], "which?"
+    report = answer_question(model, tokenizer, contexts, question, config, model_info={"name": "tiny-random"})
+    document = json.loads(json.dumps(report.to_json()))
+    assert RunReport.from_json(document) == report
+    assert FEDATTN_RUN_KEYS <= set(document)
+    assert document["participants"] == document["parties"]
     assert document["measured_bytes"]["sent"] == document["expected_bytes"]["sent"]  # the cost model, exactly
-    for ours, theirs in zip(document["parties"], legacy["participants"], strict=True):
-        assert {key: ours[key] for key in theirs if key != "block_wait_s"} == {
-            key: value for key, value in theirs.items() if key != "block_wait_s"
-        }
+    assert document["measured_bytes"]["received"] == document["expected_bytes"]["received"]
+    # every party's figures are the runner's own, and the cost model's for the same segments
+    segments = build_segments(tokenizer, contexts, question)
+    result = run_in_process(model, segments, config, stop_rule(tokenizer, model))
+    costs = run_costs(ModelDims.from_config(model.config), config, [len(segment) for segment in segments])
+    for party, outcome, cost in zip(document["parties"], result.parties, costs, strict=True):
+        assert FEDATTN_PARTY_KEYS <= set(party)
+        for key in ("rank", "name", "tokens", "kept_tokens", "bytes_sent", "bytes_received", "kv_payload_sent"):
+            assert party[key] == getattr(outcome, key), key
+        assert party["generated_tokens"] == outcome.generated_tokens
+        assert (party["expected_bytes_sent"], party["expected_kv_bytes_received"]) == (
+            cost.wire_bytes_sent,
+            cost.kv_bytes_received,
+        )
     assert [party["role"] for party in document["parties"]] == ["collaborator", "collaborator", "publisher"]
+    assert document["answer_token_ids"] == result.answer_token_ids == document["parties"][-1]["answer_token_ids"]
+    all_gather = run_costs(ModelDims.from_config(model.config), config, [len(s) for s in segments], all_answers=True)
+    assert document["all_gather_bytes_sent"] == sum(cost.wire_bytes_sent for cost in all_gather)

@@ -15,11 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedattn.argtypes import positive_int
-from fedattn.errors import FedAttnError, ProtocolError
+from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError, ProtocolError
+from fedattn.report.schema import RunReport
 from fedattn.systems.fedattn.config import SHARED_OPTIONS, add_options, configure
-
-EXIT_USAGE = 2
-EXIT_PEER_FAILURE = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,23 +125,43 @@ def _run(args: argparse.Namespace) -> int:
     question = _text_arg(args.question)
     publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None
     if args.transport == "torch":
-        from fedattn.network.launcher import launch_local
-
-        return launch_local(args, contexts, question, publisher_context, _shared_argv(args))
+        return _run_networked(args, contexts, question, publisher_context)
     loaded, config, device = configure(args)
     with _busy(f"{len(contexts) + 1} parties: prefill and decode on {device}", quiet=args.json):
         report = answer_question(
-            loaded.model, loaded.tokenizer, contexts, question, config, publisher_context, args.raw
+            loaded.model,
+            loaded.tokenizer,
+            contexts,
+            question,
+            config,
+            publisher_context,
+            args.raw,
+            {"name": loaded.name, "identity": loaded.identity},
         )
-    if args.json:
-        document = report.to_json()
-        document["model"] = {"name": loaded.name, "identity": loaded.identity}
-        print(json.dumps(document, indent=2))
+    _print_report(report, args.json)
+    return 0
+
+
+def _run_networked(args: argparse.Namespace, contexts: list[str], question: str, publisher_context: str | None) -> int:
+    """One local process per party (the launcher), their reports merged into one."""
+    from fedattn.network.launcher import launch_local
+    from fedattn.report.schema import RunReport, merge
+    from fedattn.systems.fedattn.networked import rank_inputs
+    from fedattn.systems.fedattn.party import party_names
+
+    inputs = rank_inputs(contexts, question, publisher_context)
+    documents = launch_local(party_names(len(inputs)), ["participant", *_shared_argv(args)], inputs, args.timeout)
+    _print_report(merge([RunReport.from_json(document) for document in documents]), args.json)
+    return 0
+
+
+def _print_report(report: RunReport, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
     else:
         from fedattn.report.render import print_report
 
-        print_report(report, loaded.name)
-    return 0
+        print_report(report)
 
 
 def _shared_argv(args: argparse.Namespace) -> list[str]:
@@ -186,15 +204,9 @@ def _participant(args: argparse.Namespace) -> int:
     loaded, config, _ = configure(args)
     segment = own_segment(loaded, rendezvous, text, question, publisher_context, args.raw)
     report = run_party(loaded, rendezvous, segment, config)
-    document = json.dumps(report, indent=2)
     if args.report is not None:
-        Path(str(args.report).replace("{rank}", str(rank))).write_text(document)
-    if args.json:
-        print(document)
-    else:
-        from fedattn.report.render import print_party_report
-
-        print_party_report(report)
+        Path(str(args.report).replace("{rank}", str(rank))).write_text(json.dumps(report.to_json(), indent=2))
+    _print_report(report, args.json)
     exit_now(0)
     return 0
 

@@ -1,14 +1,17 @@
-"""``fedattn run --transport torch``: one local OS process per party, then one merged report.
+"""``fedattn run --transport torch``: one local OS process per party, and their reports back.
 
-The launcher serves the rendezvous store (so any party may die without taking it down), hands
-each child only its own text (a private temporary file), and watches the children: if one fails,
-the others get ``timeout + 10`` seconds to notice and exit by themselves, after which they are
+The launcher knows no system: it starts one rank command per party (``python -m fedattn.cli``
+with the words it is given, plus the rank's place in the run), hands each its own private words,
+and returns the JSON report every rank wrote; merging them is the report layer's job.
+
+It serves the rendezvous store (so any party may die without taking it down), hands each child
+its own words through private temporary files, and watches the children: if one fails, the
+others get ``timeout + 10`` seconds to notice and exit by themselves, after which they are
 killed. Children die with the launcher (parent-death signal), so nothing is left orphaned.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
@@ -22,9 +25,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from fedattn.errors import FedAttnError
-from fedattn.systems.fedattn.inprocess import party_names
+from fedattn.network.torch_transport import PeerFailure
 
-EXIT_PEER_FAILURE = 3
 GRACE_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
@@ -34,65 +36,44 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def launch_local(
-    args: argparse.Namespace, contexts: list[str], question: str, publisher_context: str | None, shared_argv: list[str]
-) -> int:
-    world_size = len(contexts) + 1
+def launch_local(names: list[str], command: list[str], private: list[dict[str, str]], timeout_s: float) -> list[dict]:
+    """Run ``fedattn COMMAND...`` once per party (rank r gets the options in ``private[r]``, each
+    value through a file only it is told about) and return every rank's report, in rank order.
+    Raises ``PeerFailure`` naming each rank that failed, and how."""
+    world_size = len(names)
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
-    names = party_names(world_size)
     with tempfile.TemporaryDirectory(prefix="fedattn-") as workdir:
         folder = Path(workdir)
         children = [
-            _spawn(
-                folder,
-                rank,
-                world_size,
-                store.port,
-                shared_argv,
-                _own_words(folder, rank, contexts, question, publisher_context),
-            )
+            _spawn(folder, rank, world_size, store.port, command, _private_words(folder, rank, private[rank]))
             for rank in range(world_size)
         ]
-        codes, exited_at = _watch(children, args.timeout + GRACE_S)
-        reports = [_read_report(folder / f"report-{rank}.json") for rank in range(world_size)]
+        codes, exited_at = _watch(children, timeout_s + GRACE_S)
         if any(code != 0 for code in codes):
-            print(_failure_summary(folder, names, codes, exited_at), file=sys.stderr)
-            return EXIT_PEER_FAILURE
-    merged = merge_reports(reports)
-    if args.json:
-        print(json.dumps(merged, indent=2))
-    else:
-        from fedattn.report.render import print_merged_report
-
-        print_merged_report(merged)
-    return 0
+            raise PeerFailure(_failure_summary(folder, names, codes, exited_at))
+        reports = [_read_report(folder / f"report-{rank}.json") for rank in range(world_size)]
+    if any(report is None for report in reports):
+        raise FedAttnError("a party finished without writing its report")
+    return reports
 
 
-def _own_words(folder: Path, rank: int, contexts: list[str], question: str, publisher_context: str | None) -> list[str]:
+def _private_words(folder: Path, rank: int, options: dict[str, str]) -> list[str]:
     """This child's own text, through files only it is told about (mode 0600)."""
-
-    def private(name: str, text: str) -> str:
-        path = folder / f"{name}-{rank}.txt"
+    words = []
+    for option, text in options.items():
+        path = folder / f"{option.lstrip('-')}-{rank}.txt"
         path.touch(mode=0o600)
         path.write_text(text, encoding="utf-8")
-        return f"@{path}"
-
-    if rank < len(contexts):
-        return ["--context", private("context", contexts[rank])]
-    words = ["--question", private("question", question)]
-    if publisher_context is not None:
-        words += ["--publisher-context", private("publisher-context", publisher_context)]
+        words += [option, f"@{path}"]
     return words
 
 
-def _spawn(
-    folder: Path, rank: int, world_size: int, port: int, shared_argv: list[str], own: list[str]
-) -> subprocess.Popen:
-    command = [
+def _spawn(folder: Path, rank: int, world_size: int, port: int, command: list[str], own: list[str]) -> subprocess.Popen:
+    words = [
         sys.executable,
         "-m",
         "fedattn.cli",
-        "participant",
+        *[word for word in command if word != "--json"],
         "--rank",
         str(rank),
         "--world-size",
@@ -103,7 +84,6 @@ def _spawn(
         "--report",
         str(folder / f"report-{rank}.json"),
         *own,
-        *[word for word in shared_argv if word != "--json"],
         "--json",
     ]
     environment = dict(
@@ -112,7 +92,7 @@ def _spawn(
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
     )
     return subprocess.Popen(
-        command,
+        words,
         stdout=subprocess.DEVNULL,
         stderr=(folder / f"stderr-{rank}.txt").open("w"),
         env=environment,
@@ -149,7 +129,7 @@ def _read_report(path: Path) -> dict | None:
 
 def _failure_summary(folder: Path, names: list[str], codes: list[int], exited_at: list[float]) -> str:
     first_failure = min(at for at, code in zip(exited_at, codes) if code != 0)
-    lines = ["fedattn: error: the networked run failed"]
+    lines = ["the networked run failed"]
     for rank, code in enumerate(codes):
         if code == 0:
             continue
@@ -166,32 +146,3 @@ def _last_line(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1].removeprefix("fedattn: error: ")[:300] if lines else ""
-
-
-def merge_reports(reports: list[dict | None]) -> dict:
-    """The launcher's summary: the publisher's answer, every rank's traffic, totals and savings."""
-    if any(report is None for report in reports):
-        raise FedAttnError("a party finished without writing its report")
-    publisher = reports[-1]
-    return {
-        "answer": publisher["answer"],
-        "answer_token_ids": publisher["answer_token_ids"],
-        "sync_layers": publisher["sync_layers"],
-        "schedule": publisher["schedule"],
-        "model": publisher["model"],
-        "transport": "torch (gloo)",
-        "participants": reports,
-        "expected_bytes": {"sent": sum(r["expected_bytes_sent"] for r in reports)},
-        "measured_bytes": {
-            "sent": sum(r["bytes_sent"] for r in reports),
-            "received": sum(r["bytes_received"] for r in reports),
-            "link_sent": sum(r["link_bytes_sent"] for r in reports),
-        },
-        "all_gather_bytes_sent": sum(r["all_gather_bytes_sent"] for r in reports),
-        "timing": {
-            "wall_s": max(r["wall_s"] for r in reports),
-            "prefill_s": max(r["prefill_s"] for r in reports),
-            "decode_s": publisher["decode_s"],
-            "wait_s": {r["name"]: r["wait_s"] for r in reports},
-        },
-    }

@@ -1,4 +1,10 @@
-"""Human-readable output: the answer and the per-party traffic table."""
+"""Human-readable output: a run's answer, its traffic and its times, sized for an 80-column terminal.
+
+One ``print_report`` serves every view of a run (in-process, one networked party, the launcher's
+merge): it reads only the report schema. Besides the schema's fields it shows, where a system
+reports them in a party's details, ``tokens`` (the prompt tokens the party holds) and
+``kept_tokens`` (those it computed on, when fewer).
+"""
 
 from __future__ import annotations
 
@@ -10,47 +16,100 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fedattn.systems.fedattn.query import QueryReport
+from fedattn.report.schema import PartyReport, RunReport
 
 
 def format_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+    if count < 1000:
+        return f"{count:.0f} B"
+    for unit in ("KB", "MB"):
         count /= 1000
-    return f"{count}"
+        if count < 1000:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1000:.1f} GB"
 
 
-def print_report(report: QueryReport, model_name: str, console: Console | None = None) -> None:
+def print_report(report: RunReport, console: Console | None = None) -> None:
+    """The answers, what ran (model, setting, transport), a traffic table, a time table and the
+    run's totals."""
     console = console or Console()
-    result = report.result
-    console.print(f"[bold]Answer[/bold] (publisher): {escape(report.answer)}")
-    for rank, text in report.answer_texts.items():
-        if rank != len(result.parties) - 1:
-            console.print(f"[dim]{result.parties[rank].name}[/dim]: {escape(text)}")
-    table = Table(
-        title=escape(f"{model_name} · {report.config.schedule.describe()} · K/V as {report.config.codec.name}")
-    )
-    table.add_column("party", no_wrap=True)
-    for column in ("tokens", "kept", "sent", "received", "predicted", "prefill s", "decode s"):
-        table.add_column(column, justify="right")
-    for party, cost in zip(result.parties, report.expected):
-        table.add_row(
-            party.name,
-            str(party.tokens),
-            str(party.kept_tokens),
-            format_bytes(party.bytes_sent),
-            format_bytes(party.bytes_received),
-            format_bytes(cost.wire_bytes_sent),
-            f"{party.prefill_s:.2f}",
-            f"{party.decode_s:.2f}",
-        )
-    console.print(table)
+    *others, last = report.parties
+    if report.answer is not None:
+        console.print(f"[bold]Answer[/bold] ({escape(last.name)}): {escape(report.answer)}")
+    for party in others:
+        if party.answer is not None:
+            console.print(f"[dim]{escape(party.name)}[/dim]: {escape(party.answer)}")
     console.print(
-        f"prefill {result.prefill_s:.2f} s · decode {result.decode_s:.2f} s "
-        f"({result.decode_tokens_per_s:.1f} tok/s) · "
-        f"total traffic {format_bytes(sum(p.bytes_sent for p in result.parties))} sent"
+        escape(" · ".join(part for part in (report.model.get("name"), report.setting, report.transport) if part))
     )
+    console.print(traffic_table(report.parties))
+    times = time_table(report.parties)
+    if times.columns[1:]:
+        console.print(times)
+    for line in _totals(report):
+        console.print(line)
+
+
+def traffic_table(parties: list[PartyReport]) -> Table:
+    """Bytes per party: measured at its transport, predicted by the cost model, and (networked)
+    what crossed its links."""
+    columns: dict[str, Callable[[PartyReport], str]] = {}
+    tokens = [party.details.get("tokens") for party in parties]
+    kept = [party.details.get("kept_tokens", count) for party, count in zip(parties, tokens)]
+    if None not in tokens:
+        columns["tokens"] = lambda party: str(party.details["tokens"])
+    if kept != tokens:
+        columns["kept"] = lambda party: str(party.details.get("kept_tokens", ""))
+    columns["sent"] = lambda party: format_bytes(party.bytes_sent)
+    columns["received"] = lambda party: format_bytes(party.bytes_received)
+    if all(party.expected_bytes_sent is not None for party in parties):
+        columns["predicted"] = lambda party: format_bytes(party.expected_bytes_sent)
+    if all(party.link_bytes_sent is not None for party in parties):
+        columns["link"] = lambda party: format_bytes(party.link_bytes_sent)
+    return _table("bytes", parties, columns)
+
+
+def time_table(parties: list[PartyReport]) -> Table:
+    """Seconds per party and phase; a phase no party spent time in is left out."""
+    keys = dict.fromkeys(key for party in parties for key in party.timing)
+    spent = [key for key in keys if any(party.timing.get(key) for party in parties)]
+    columns = {_time_header(key): _seconds(key) for key in spent}
+    return _table("seconds", parties, columns)
+
+
+def _table(title: str, parties: list[PartyReport], columns: dict[str, Callable[[PartyReport], str]]) -> Table:
+    table = Table(title=title)
+    table.add_column("party", no_wrap=True)
+    for header in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    for party in parties:
+        table.add_row(escape(party.name), *(cell(party) for cell in columns.values()))
+    return table
+
+
+def _time_header(key: str) -> str:
+    return {"wait_s": "waited"}.get(key, key.removesuffix("_s"))
+
+
+def _seconds(key: str) -> Callable[[PartyReport], str]:
+    return lambda party: f"{party.timing.get(key, 0.0):.2f}"
+
+
+def _totals(report: RunReport) -> list[str]:
+    """The run's times, then its traffic against the prediction and the baselines."""
+    times = []
+    for key, value in report.timing.items():
+        if key.endswith("_per_s"):
+            times.append(f"{value:.1f} {key.removesuffix('_per_s').replace('_', ' ')}/s")
+        else:
+            times.append(f"{key.removesuffix('_s')} {value:.2f} s")
+    sent = report.measured_bytes["sent"]
+    traffic = [f"sent {format_bytes(sent)}"]
+    if "sent" in report.expected_bytes:
+        traffic[0] += f" (predicted {format_bytes(report.expected_bytes['sent'])})"
+    for name, baseline in report.baselines.items():
+        traffic.append(f"{escape(name)} {format_bytes(baseline)} ({format_bytes(baseline - sent)} saved)")
+    return [" · ".join(times), " · ".join(traffic)]
 
 
 def print_models(rows: list[dict], console: Console | None = None) -> None:
@@ -68,50 +127,6 @@ def _cell(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return "" if value is None else str(value)
-
-
-def _party_table(title: str, parties: list[dict]) -> Table:
-    table = Table(title=escape(title))
-    table.add_column("party", no_wrap=True)
-    for column in ("tokens", "sent", "received", "predicted", "link sent", "prefill s", "waited s", "decode s"):
-        table.add_column(column, justify="right")
-    for party in parties:
-        table.add_row(
-            party["name"],
-            str(party["tokens"]),
-            format_bytes(party["bytes_sent"]),
-            format_bytes(party["bytes_received"]),
-            format_bytes(party["expected_bytes_sent"]),
-            format_bytes(party["link_bytes_sent"]),
-            f"{party['prefill_s']:.2f}",
-            f"{party['wait_s']:.2f}",
-            f"{party['decode_s']:.2f}",
-        )
-    return table
-
-
-def print_party_report(report: dict, console: Console | None = None) -> None:
-    """One networked party's own view (``fedattn participant``)."""
-    console = console or Console()
-    if report["answer"] is not None:
-        console.print(f"[bold]Answer[/bold] ({report['name']}): {escape(report['answer'])}")
-    console.print(_party_table(f"{report['name']} · {report['schedule']}", [report]))
-
-
-def print_merged_report(merged: dict, console: Console | None = None) -> None:
-    """The launcher's view of a networked run."""
-    console = console or Console()
-    console.print(f"[bold]Answer[/bold] (publisher): {escape(merged['answer'] or '')}")
-    console.print(
-        _party_table(
-            f"{merged['model']['name']} · {merged['schedule']} · {merged['transport']}", merged["participants"]
-        )
-    )
-    measured, naive = merged["measured_bytes"]["sent"], merged["all_gather_bytes_sent"]
-    console.print(
-        f"wall {merged['timing']['wall_s']:.2f} s · sent {format_bytes(measured)} "
-        f"(a naive all-gather would send {format_bytes(naive)}: {format_bytes(naive - measured)} saved)"
-    )
 
 
 @contextmanager

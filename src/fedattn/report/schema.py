@@ -6,6 +6,10 @@ record, and plots and the cross-system comparison read it back. Fields every sys
 fields; what only one system has (FedAttn's sync blocks, SpecFed's acceptance rate) goes in
 ``details`` and is written at the top level of the JSON, so a reader never needs to know which
 system wrote a document to find its traffic, timing or answer.
+
+A system that renamed a key may keep the old name for its readers (``aliases``: old top-level
+name -> where the value now is, e.g. FedAttn's ``participants`` -> ``parties``); the document
+lists them under ``aliases`` and reading it back drops the copies.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ class RunReport:
     expected_bytes: dict[str, int] = field(default_factory=dict)  # sent, received (whole run)
     timing: dict[str, float] = field(default_factory=dict)  # wall_s, and per phase
     details: dict[str, Any] = field(default_factory=dict)
+    setting: str = ""  # the configuration in a few words, for titles and comparison rows
+    # bytes other ways of answering the same query would send, by name: the yardsticks of savings
+    baselines: dict[str, int] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # old name -> dotted path of its value
 
     @property
     def measured_bytes(self) -> dict[str, int]:
@@ -103,8 +111,14 @@ class RunReport:
             "expected_bytes": self.expected_bytes,
             "measured_bytes": self.measured_bytes,
             "timing": self.timing,
+            "setting": self.setting,
+            "baselines": self.baselines,
         }
         _merge_unique(document, self.details, "the run")
+        copies = {old: _at(document, path) for old, path in self.aliases.items()}
+        _merge_unique(document, copies, "the run's aliases")
+        if self.aliases:
+            document["aliases"] = dict(self.aliases)
         return document
 
     @classmethod
@@ -115,7 +129,7 @@ class RunReport:
         try:
             parties = [PartyReport.from_json(party) for party in document["parties"]]
             known = {f.name for f in fields(cls)} - {"parties", "details"}
-            derived = {"schema", "measured_bytes"}
+            derived = {"schema", "measured_bytes", *document.get("aliases", {})}
             details = {key: value for key, value in document.items() if key not in known | derived | {"parties"}}
             return cls(
                 **{key: document[key] for key in known if key in document},
@@ -124,6 +138,48 @@ class RunReport:
             )
         except (KeyError, TypeError) as error:
             raise FedAttnError(f"a run report is malformed ({error})") from None
+
+
+def merge(reports: list[RunReport]) -> RunReport:
+    """One networked run from its ranks' reports (in rank order), each with its own parties.
+
+    The last rank asked the question, so its answer, configuration and details are the run's;
+    traffic and predictions add up over the ranks; each time is the slowest rank's, as the ranks
+    ran at once."""
+    if not reports:
+        raise FedAttnError("no rank reported")
+    systems = {report.system for report in reports}
+    if len(systems) > 1:
+        raise FedAttnError(f"the ranks ran different systems: {', '.join(sorted(systems))}")
+    last = reports[-1]
+    return RunReport(
+        system=last.system,
+        transport=last.transport,
+        model=last.model,
+        config=last.config,
+        answer=last.answer,
+        answer_token_ids=last.answer_token_ids,
+        parties=[party for report in reports for party in report.parties],
+        expected_bytes=_sums([report.expected_bytes for report in reports]),
+        timing={key: max(report.timing.get(key, 0.0) for report in reports) for key in last.timing},
+        details=last.details,
+        setting=last.setting,
+        baselines=_sums([report.baselines for report in reports]),
+        aliases=last.aliases,
+    )
+
+
+def _sums(counts: list[dict[str, int]]) -> dict[str, int]:
+    keys = dict.fromkeys(key for count in counts for key in count)
+    return {key: sum(count.get(key, 0) for count in counts) for key in keys}
+
+
+def _at(document: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path ("config.kv_codec")."""
+    value: Any = document
+    for key in path.split("."):
+        value = value[key]
+    return value
 
 
 def _is_timing(key: str, value: Any) -> bool:

@@ -1,15 +1,13 @@
-"""Running one FedAttn query with every party in this process (the embedded default).
+"""Running FedAttn queries with every party in this process (the embedded default).
 
 Parties share only the model weights (read-only) and the in-process grid; each keeps its own
-tokens and KV store. The phases of ``Participant.run`` are interleaved party by party in segment
-order, which causality makes exact: during prefill a party needs only what earlier parties have
-already sent, so no party ever waits and no thread is needed. Decoding needs no messages, so the
-answers of several queries (an evaluation's problems) are decoded together in one batch.
+tokens and KV store. The parties of a query go through ``protocol.PHASES`` together, each phase
+in segment order (see ``protocol`` for why that is exact without threads); the answers of several
+queries (an evaluation's problems) are decoded together in one batch.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,33 +16,16 @@ from fedattn.network.transport import InProcessGrid
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.batch_decode import decode_rows
 from fedattn.runtime.decoding import StopRule
+from fedattn.systems.fedattn import protocol
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.party import Participant
-
-
-@dataclass
-class PartyReport:
-    rank: int
-    name: str
-    tokens: int
-    kept_tokens: int
-    bytes_sent: int
-    bytes_received: int
-    frames_sent: int
-    frames_received: int
-    kv_payload_sent: int
-    prefill_s: float
-    decode_s: float
-    wait_s: float
-    block_wait_s: dict[int, float]
-    generated_tokens: int
+from fedattn.systems.fedattn.party import Participant, PartyOutcome, party_names
 
 
 @dataclass
 class RunResult:
     answer_token_ids: list[int]
     answers: dict[int, list[int]]
-    parties: list[PartyReport]
+    parties: list[PartyOutcome]
     prefill_s: float
     decode_s: float
     answer_logits: list[torch.Tensor] = field(default_factory=list)
@@ -54,11 +35,6 @@ class RunResult:
         publisher = self.parties[-1]
         steps = max(publisher.generated_tokens - 1, 0)
         return steps / publisher.decode_s if publisher.decode_s > 0 else 0.0
-
-
-def party_names(count: int) -> list[str]:
-    """'party-1' .. 'party-(N-1)' and 'publisher' for the last."""
-    return [f"party-{n + 1}" for n in range(count - 1)] + ["publisher"]
 
 
 def run_in_process(
@@ -79,94 +55,47 @@ def run_many_in_process(
     stop: StopRule = StopRule(),
     model_identity: str = "",
 ) -> list[RunResult]:
-    """Several independent queries: each prefilled on its own grid, then every answer of every
-    query decoded in one batch (decoding needs no messages). Each result's ``decode_s`` is its
-    share of the batch's decoding time."""
+    """Several independent queries, each on its own grid, every answer of every query decoded in
+    one batch. Each result's ``decode_s`` is its share of the batch's decoding time."""
+    grids = [_parties(model, segments, config, stop, model_identity) for segments in queries]
     with federated_attention_enabled(model):
-        prefilled = [_prefill(model, segments, config, stop, model_identity) for segments in queries]
-        deciders = [_decoding_parties(parties, config) for parties, _, _ in prefilled]
-        rows = [party.decode_row(first) for decoding in deciders for party, first in decoding]
-        decode_start = time.perf_counter()
-        tokens = iter(decode_rows(model, rows, config.max_new_tokens))
-        decode_s = time.perf_counter() - decode_start
-        results = []
-        for (parties, grid, prefill_s), decoding in zip(prefilled, deciders):
-            answers = {}
-            for party, _ in decoding:
-                answers[party.rank] = next(tokens)
-                party.record_decode(decode_s / len(rows), answers[party.rank])
-            results.append(_finish(parties, grid, answers, prefill_s, decode_s / len(queries)))
-    return results
+        seconds = protocol.run(
+            [parties for parties, _ in grids], lambda rows: decode_rows(model, rows, config.max_new_tokens)
+        )
+    return [_result(parties, grid, stages) for (parties, grid), stages in zip(grids, seconds)]
 
 
-def _prefill(
+def _parties(
     model: torch.nn.Module, segments: list[list[int]], config: RunConfig, stop: StopRule, model_identity: str
-) -> tuple[list[Participant], InProcessGrid, float]:
-    """Handshake and prefill of every party, in segment order; the parties, their grid, the time."""
+) -> tuple[list[Participant], InProcessGrid]:
     grid = InProcessGrid(party_names(len(segments)), timeout=0.0)
     parties = [
         Participant(rank, segment, model, grid.endpoint(rank), config, stop, model_identity)
         for rank, segment in enumerate(segments)
     ]
-    for party in parties:
-        party.send_hello()
-    for party in parties:
-        party.receive_hellos()
-    start = time.perf_counter()
-    for party in parties:
-        party.prefill()
-    if config.all_answers:
-        for party in parties[:-1]:
-            party.receive_from_later_parties()
-    return parties, grid, time.perf_counter() - start
+    return parties, grid
 
 
-def _decoding_parties(parties: list[Participant], config: RunConfig) -> list[tuple[Participant, int]]:
-    """(party, first token) of every party that answers: the publisher first, then, if asked,
-    the collaborators, who learn the first token from the publisher's message."""
-    publisher = parties[-1]
-    first = publisher.first_token()
-    if not config.all_answers:
-        return [(publisher, first)]
-    publisher.share_first_token(first)
-    return [(publisher, first)] + [(party, party.receive_first_token()) for party in parties[:-1]]
+def _prefill(
+    model: torch.nn.Module, segments: list[list[int]], config: RunConfig, stop: StopRule, model_identity: str
+) -> tuple[list[Participant], InProcessGrid, float]:
+    """One query's parties after the handshake and prefill (for callers that inspect their stores
+    or decode on their own); the parties, their grid, the prefill time."""
+    parties, grid = _parties(model, segments, config, stop, model_identity)
+    seconds = protocol.take(parties, protocol.PREFILLED)
+    return parties, grid, seconds["prefill"]
 
 
-def _finish(
-    parties: list[Participant], grid: InProcessGrid, answers: dict[int, list[int]], prefill_s: float, decode_s: float
-) -> RunResult:
-    """The completion messages, a check that every frame was consumed, and the result."""
-    publisher = parties[-1]
-    publisher.send_done(len(answers[publisher.rank]))
-    for party in parties[:-1]:
-        party.await_done()
+def _result(parties: list[Participant], grid: InProcessGrid, seconds: dict[str, float]) -> RunResult:
+    """A check that every frame was consumed, and the result."""
     if grid.pending():
         raise RuntimeError(f"{grid.pending()} frames were sent but never received: the schedule is inconsistent")
+    publisher = parties[-1]
     return RunResult(
-        answer_token_ids=answers[publisher.rank],
-        answers=dict(sorted(answers.items())),
-        parties=[_report(party, answers.get(party.rank, [])) for party in parties],
-        prefill_s=prefill_s,
-        decode_s=decode_s,
+        answer_token_ids=publisher.answer,
+        answers={party.rank: party.answer for party in parties if party.answers},
+        parties=[party.outcome() for party in parties],
+        prefill_s=seconds["prefill"],
+        decode_s=seconds["decode"],
         answer_logits=publisher.answer_logits,
-    )
-
-
-def _report(party: Participant, answer: list[int]) -> PartyReport:
-    stats = party.transport.stats
-    return PartyReport(
-        rank=party.rank,
-        name=party.name,
-        tokens=len(party.token_ids),
-        kept_tokens=len(party.kept),
-        bytes_sent=stats.bytes_sent,
-        bytes_received=stats.bytes_received,
-        frames_sent=stats.frames_sent,
-        frames_received=stats.frames_received,
-        kv_payload_sent=party.kv_payload_sent,
-        prefill_s=party.timings.prefill_s,
-        decode_s=party.timings.decode_s,
-        wait_s=party.timings.wait_s,
-        block_wait_s=dict(party.timings.block_wait_s),
-        generated_tokens=len(answer),
     )

@@ -1,5 +1,8 @@
 """One party as its own OS process (``fedattn participant``): it reads only its own text.
 
+The party goes through ``protocol.PHASES`` alone, blocking on its transport where a phase waits
+for a peer, and reports its own view as a ``RunReport`` with one party (the launcher merges them).
+
 Start-up: connect to the rendezvous store, publish heartbeats, wait (with a deadline) until every
 rank has joined, then open the gloo process group. End: flush, then wait until every rank has
 finished before closing links, so no party's exit looks like a crash to one still working.
@@ -11,7 +14,7 @@ import datetime
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
@@ -19,7 +22,9 @@ from fedattn.errors import FedAttnError
 from fedattn.network.frames import kv_frame_size
 from fedattn.network.kv_codec import KVCodec
 from fedattn.network.torch_transport import NO_DEADLINE, Liveness, PeerFailure, TorchTransport
+from fedattn.report.schema import RunReport
 from fedattn.runtime.attention import federated_attention_enabled
+from fedattn.runtime.batch_decode import DecodeRow, decode_rows
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import (
@@ -29,11 +34,13 @@ from fedattn.runtime.prompting import (
     template_for,
     tokenize_party,
 )
+from fedattn.systems.fedattn import protocol
 from fedattn.systems.fedattn.config import RunConfig
-from fedattn.systems.fedattn.costs import run_costs
-from fedattn.systems.fedattn.inprocess import party_names
-from fedattn.systems.fedattn.party import Participant
+from fedattn.systems.fedattn.party import Participant, party_names
 from fedattn.systems.fedattn.query import stop_rule
+from fedattn.systems.fedattn.reporting import rank_report
+
+TRANSPORT = "torch (gloo)"
 
 STORE_POLL_S = 0.1
 LEAVE_GRACE_S = 5.0
@@ -82,7 +89,16 @@ def max_frame_bytes(model_config, codec: KVCodec) -> int:
     return kv_frame_size(model_config.max_position_embeddings, False, codec, dims.num_kv_heads, dims.head_dim)
 
 
-def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], config: RunConfig) -> dict:
+def rank_inputs(contexts: list[str], question: str, publisher_context: str | None) -> list[dict[str, str]]:
+    """Each rank's own words for ``fedattn participant``, for a launcher that starts them all: a
+    collaborator's context; the publisher's (last rank's) question and own context."""
+    publisher = {"--question": question}
+    if publisher_context is not None:
+        publisher["--publisher-context"] = publisher_context
+    return [{"--context": text} for text in contexts] + [publisher]
+
+
+def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], config: RunConfig) -> RunReport:
     """Join, run this party's whole protocol, and return its report (raises FedAttnError on failure)."""
     check_context_window([segment], config.max_new_tokens, loaded.model.config.max_position_embeddings)
     names = party_names(rendezvous.world_size)
@@ -111,7 +127,7 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
     start = time.perf_counter()
     try:
         with federated_attention_enabled(loaded.model):
-            answer = party.run()
+            run_alone(party)
     except FedAttnError:
         _flush_before_failing(transport)
         raise
@@ -121,7 +137,23 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
     _barrier(store, "finished", rendezvous, names, "finish")
     liveness.stop()
     _leave(store, rendezvous)
-    return _report(loaded, party, transport, answer, wall_s)
+    return rank_report(loaded, party, TRANSPORT, transport.link_bytes_sent, wall_s)
+
+
+def run_alone(party: Participant) -> list[int]:
+    """This party's whole run over its transport: ``protocol.PHASES`` for a query of one party.
+    Returns its answer: the publisher's always, a collaborator's only with ``all_answers``."""
+
+    def decode(rows: list[DecodeRow]) -> list[list[int]]:
+        return decode_rows(
+            party.model,
+            rows,
+            party.config.max_new_tokens,
+            on_step=lambda steps: party.transport.note(f"decoding token {steps + 1}"),
+        )
+
+    protocol.run([[party]], decode)
+    return party.answer
 
 
 def _flush_before_failing(transport: TorchTransport) -> None:
@@ -171,49 +203,6 @@ def _leave(store: dist.TCPStore, rendezvous: Rendezvous) -> None:
     deadline = time.monotonic() + LEAVE_GRACE_S
     while not store.check(keys) and time.monotonic() < deadline:
         time.sleep(STORE_POLL_S)
-
-
-def _report(
-    loaded: LoadedModel, party: Participant, transport: TorchTransport, answer: list[int], wall_s: float
-) -> dict:
-    stats = transport.stats
-    config, dims = party.config, ModelDims.from_config(loaded.model.config)
-    cost, naive = (
-        run_costs(dims, config, party.segment_lengths, everyone)[party.rank]
-        for everyone in (config.all_answers, True)  # this run's exchange, and the naive all-to-all
-    )
-    return {
-        "rank": party.rank,
-        "name": party.name,
-        "tokens": len(party.token_ids),
-        "kept_tokens": len(party.kept),
-        "segment_lengths": party.segment_lengths,
-        "bytes_sent": stats.bytes_sent,
-        "bytes_received": stats.bytes_received,
-        "frames_sent": stats.frames_sent,
-        "frames_received": stats.frames_received,
-        "link_bytes_sent": transport.link_bytes_sent,
-        "kv_payload_sent": party.kv_payload_sent,
-        "expected_bytes_sent": cost.wire_bytes_sent,
-        "expected_bytes_received": cost.wire_bytes_received,
-        "all_gather_bytes_sent": naive.wire_bytes_sent,
-        "prefill_s": party.timings.prefill_s,
-        "decode_s": party.timings.decode_s,
-        "wait_s": party.timings.wait_s,
-        "block_wait_s": {str(layer): seconds for layer, seconds in sorted(party.timings.block_wait_s.items())},
-        "wall_s": wall_s,
-        "generated_tokens": len(answer),
-        "answer_token_ids": answer,
-        "answer": loaded.tokenizer.decode(answer, skip_special_tokens=True).strip() if answer else None,
-        "model": {"name": loaded.name, "identity": loaded.identity},
-        "sync_layers": list(party.config.schedule.sync_layers),
-        "schedule": party.config.schedule.describe(),
-        "config": {
-            "sparsity": asdict(party.config.sparsity),
-            "kv_codec": party.config.codec.name,
-            "kv_exchange": asdict(party.config.exchange),
-        },
-    }
 
 
 def exit_now(code: int) -> None:

@@ -1,11 +1,8 @@
 """One FedAttn party: its own tokens, its own KV store, and messages as its only link to the others.
 
-The life of a participant, in order: a handshake (segment lengths, which global positions need,
-and fingerprints of what every party must run alike); prefill over its own kept tokens, sending
-K/V where the schedule says and attending to what earlier parties sent (causality means later
-parties cannot matter yet); take the K/V that later parties sent (only if it will decode); decode
-from the publisher's first token without any communication; the publisher's completion message
-ends every party's run.
+A participant knows how to do each step of a run (send its hello, prefill, take K/V, pick or
+receive the first token, give its decoding row, end); in which order, and which role takes which
+step, is ``protocol.PHASES``, executed by both runners.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ from fedattn.network.frames import (
 from fedattn.network.handshake import check_hello, run_fingerprints
 from fedattn.network.transport import Transport
 from fedattn.privacy.noise import add_kv_noise, noise_generator
-from fedattn.runtime.batch_decode import DecodeRow, decode_rows
+from fedattn.runtime.batch_decode import DecodeRow
 from fedattn.runtime.decoding import StopRule
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.kv_store import ParticipantKVStore
@@ -43,20 +40,42 @@ from fedattn.systems.fedattn.selection import select_tokens
 from fedattn.systems.fedattn.sparsity import kept_indices
 
 
+def party_names(count: int) -> list[str]:
+    """'party-1' .. 'party-(N-1)' and 'publisher' for the last."""
+    return [f"party-{n + 1}" for n in range(count - 1)] + ["publisher"]
+
+
 @dataclass
 class PartyTimings:
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    decode_steps: int = 0
     wait_s: float = 0.0  # blocked on the transport (all phases)
     block_wait_s: dict[int, float] = field(default_factory=dict)  # prefill waits per sync block
 
 
+@dataclass
+class PartyOutcome:
+    """What one party measured in a run (its transport's counts, its payload, its times): the
+    runner's raw figures, which ``reporting`` turns into the report schema's ``PartyReport``."""
+
+    rank: int
+    name: str
+    tokens: int
+    kept_tokens: int
+    bytes_sent: int
+    bytes_received: int
+    frames_sent: int
+    frames_received: int
+    kv_payload_sent: int
+    prefill_s: float
+    decode_s: float
+    wait_s: float
+    block_wait_s: dict[int, float]
+    generated_tokens: int
+
+
 class Participant:
-    """One party. Call, in order: ``send_hello``, ``receive_hellos``, ``prefill``,
-    ``receive_from_later_parties``, then the publisher ``first_token`` / ``decode`` / ``send_done``
-    and, with every answer requested, the others ``receive_first_token`` / ``decode``;
-    collaborators end with ``await_done``."""
+    """One party; ``protocol.PHASES`` says which of its steps it takes, and in which order."""
 
     def __init__(
         self,
@@ -103,10 +122,17 @@ class Participant:
         self.kv_payload_sent = 0
         self.timings = PartyTimings()
         self.answer_logits: list[torch.Tensor] = []
+        self.first_token_id: int | None = None  # the publisher's pick, which every answer starts from
+        self.answer: list[int] = []
         self._first_token_logits: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
 
-    # -- phase 1: handshake --------------------------------------------------------------------
+    @property
+    def answers(self) -> bool:
+        """The publisher always answers; a collaborator only when every answer is requested."""
+        return self.is_publisher or self.config.all_answers
+
+    # -- handshake --------------------------------------------------------------------
     def send_hello(self) -> None:
         self.transport.send(encode_hello(self.hello), self._others())
 
@@ -137,7 +163,7 @@ class Participant:
             config.all_answers,
         )
 
-    # -- phase 2: prefill --------------------------------------------------------------------
+    # -- prefill --------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self) -> None:
         """Run the model over the kept tokens; the publisher keeps its last-position logits."""
@@ -201,7 +227,7 @@ class Participant:
                 block.key.to(device, dtype), block.value.to(device, dtype), block.positions.to(device)
             )
 
-    # -- phase 3: what later parties sent ----------------------------------------------------
+    # -- what later parties sent ----------------------------------------------------
     @torch.inference_mode()
     def receive_from_later_parties(self) -> None:
         """K/V of later parties: useless during prefill (causal), needed only to decode."""
@@ -209,7 +235,7 @@ class Participant:
         for layer in range(self.num_layers):
             self.receive_kv(layer, range(self.rank + 1, self.world_size))
 
-    # -- phase 4: decoding -------------------------------------------------------------------
+    # -- decoding -------------------------------------------------------------------
     def first_token(self) -> int:
         """The publisher's prediction at the last prompt position (sampled with its generator)."""
         if self._first_token_logits is None:
@@ -217,48 +243,44 @@ class Participant:
         self._generator = self.config.decoding.generator(self.rank)
         if self.config.record_logits:
             self.answer_logits.append(self._first_token_logits)
-        return self.config.decoding.pick(self._first_token_logits, self._generator)
+        self.first_token_id = self.config.decoding.pick(self._first_token_logits, self._generator)
+        return self.first_token_id
 
-    def share_first_token(self, token: int) -> None:
-        self.transport.send(encode_small(KIND_TOKEN, token), self._others())
+    def share_first_token(self) -> None:
+        self.transport.send(encode_small(KIND_TOKEN, self.first_token_id), self._others())
 
     def receive_first_token(self) -> int:
         self._generator = self.config.decoding.generator(self.rank)
         frame = self._recv(self.publisher, "the first answer token")
-        return decode_small(frame, KIND_TOKEN, self.name_of(self.publisher), "first token", self.vocab_size)
+        self.first_token_id = decode_small(
+            frame, KIND_TOKEN, self.name_of(self.publisher), "first token", self.vocab_size
+        )
+        return self.first_token_id
 
-    def decode_row(self, first_token: int) -> DecodeRow:
-        """This party's answer as a row for ``decode_rows`` (which may batch it with others)."""
+    def decode_row(self) -> DecodeRow:
+        """This party's answer, from the first token on, as a row for ``decode_rows`` (which may
+        batch it with others); decoding reads only the local store, so no message is needed."""
+        if self.first_token_id is None:
+            raise RuntimeError("the first token must be known before decoding")
         decoding, generator = self.config.decoding, self._generator
         return DecodeRow(
             store=self.store,
             first_position=self.prompt_length,
-            first_token=first_token,
+            first_token=self.first_token_id,
             pick=lambda logits: decoding.pick(logits, generator),
             stop=self.stop,
             logits=self.answer_logits if self.config.record_logits else None,
         )
 
-    def decode(self, first_token: int) -> list[int]:
-        """Generate from ``first_token`` on the local store alone; no message is sent or received."""
-        start = time.perf_counter()
-        [tokens] = decode_rows(
-            self.model,
-            [self.decode_row(first_token)],
-            self.config.max_new_tokens,
-            on_step=lambda steps: self.transport.note(f"decoding token {steps + 1}"),
-        )
-        self.record_decode(time.perf_counter() - start, tokens)
-        return tokens
-
-    def record_decode(self, seconds: float, tokens: list[int]) -> None:
+    def record_answer(self, tokens: list[int], seconds: float) -> None:
+        """The decoded answer and this party's share of the decoding time."""
+        self.answer = tokens
         self.timings.decode_s += seconds
-        self.timings.decode_steps += len(tokens) - 1
 
-    # -- phase 5: completion -----------------------------------------------------------------
-    def send_done(self, answer_length: int) -> None:
+    # -- completion -----------------------------------------------------------------
+    def send_done(self) -> None:
         """The publisher tells everyone the query is answered: no collaborator exits cleanly before."""
-        self.transport.send(encode_small(KIND_DONE, answer_length), self._others())
+        self.transport.send(encode_small(KIND_DONE, len(self.answer)), self._others())
 
     def await_done(self) -> int:
         self.transport.note("waiting for the publisher's completion")
@@ -267,26 +289,24 @@ class Participant:
             frame, KIND_DONE, self.name_of(self.publisher), "completion", self.config.max_new_tokens + 1
         )
 
-    def run(self) -> list[int]:
-        """This party's whole run when every party has its own process (the networked path).
-
-        Returns its answer: the publisher's always, a collaborator's only with ``all_answers``.
-        """
-        self.send_hello()
-        self.receive_hellos()
-        self.prefill()
-        if self.config.all_answers:
-            self.receive_from_later_parties()
-        if self.is_publisher:
-            first = self.first_token()
-            if self.config.all_answers:
-                self.share_first_token(first)
-            answer = self.decode(first)
-            self.send_done(len(answer))
-            return answer
-        answer = self.decode(self.receive_first_token()) if self.config.all_answers else []
-        self.await_done()
-        return answer
+    def outcome(self) -> PartyOutcome:
+        stats = self.transport.stats
+        return PartyOutcome(
+            rank=self.rank,
+            name=self.name,
+            tokens=len(self.token_ids),
+            kept_tokens=len(self.kept),
+            bytes_sent=stats.bytes_sent,
+            bytes_received=stats.bytes_received,
+            frames_sent=stats.frames_sent,
+            frames_received=stats.frames_received,
+            kv_payload_sent=self.kv_payload_sent,
+            prefill_s=self.timings.prefill_s,
+            decode_s=self.timings.decode_s,
+            wait_s=self.timings.wait_s,
+            block_wait_s=dict(self.timings.block_wait_s),
+            generated_tokens=len(self.answer),
+        )
 
     # -- helpers -----------------------------------------------------------------------------
     def name_of(self, rank: int) -> str:
