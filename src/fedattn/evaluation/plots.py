@@ -171,11 +171,16 @@ def skip(folder: Path, reason: str) -> None:
     print(f"fedattn plot: skipping {folder}: {reason}", file=sys.stderr)
 
 
+def summary_files(path: Path) -> list[Path]:
+    """The summaries of a result folder, or of the result folders at any depth below ``path``."""
+    return [path / "summary.json"] if (path / "summary.json").is_file() else sorted(path.rglob("summary.json"))
+
+
 def load_results(paths: list[Path]) -> list[Result]:
     """Each path is a result folder, or a folder whose subfolders (at any depth) are result folders."""
     results = []
     for path in paths:
-        summaries = [path / "summary.json"] if (path / "summary.json").is_file() else sorted(path.rglob("summary.json"))
+        summaries = summary_files(path)
         if not summaries:
             skip(path, "no summary.json in it or below it")
         for summary in summaries:
@@ -497,8 +502,10 @@ def plot_privacy(
 
 # -- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fedattn.argtypes import existing_path
+
     parser.add_argument(
-        "results", nargs="+", type=Path, metavar="RESULTS", help="result folders (or folders holding them)"
+        "results", nargs="+", type=existing_path, metavar="RESULTS", help="result folders (or folders holding them)"
     )
     parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)")
     parser.add_argument(
@@ -529,9 +536,11 @@ def _swept(results: list[Result], x: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Draw every plot the folders support (a sweep needs two values of its parameter) and list them."""
+    if not any(summary_files(path) for path in args.results):  # one line, rather than a skip for each path
+        raise FedAttnError("no result folder with a summary.json among the given paths")
     results = load_results(args.results)
     if not results:
-        raise FedAttnError("no result folder with a summary.json among the given paths")
+        raise FedAttnError("no readable summary.json among the given paths")
     folders = having(results, numbers=(args.metric,))
     written = []
     for x in SWEEPS:

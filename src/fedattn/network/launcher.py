@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from fedattn.errors import FedAttnError
+from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError
 from fedattn.systems.fedattn.inprocess import party_names
 
-EXIT_PEER_FAILURE = 3
 GRACE_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
@@ -56,6 +55,9 @@ def launch_local(
         codes, exited_at = _watch(children, args.timeout + GRACE_S)
         reports = [_read_report(folder / f"report-{rank}.json") for rank in range(world_size)]
         if any(code != 0 for code in codes):
+            refusal = _common_refusal(folder, codes)
+            if refusal is not None:
+                raise FedAttnError(refusal)
             print(_failure_summary(folder, names, codes, exited_at), file=sys.stderr)
             return EXIT_PEER_FAILURE
     merged = merge_reports(reports)
@@ -145,6 +147,15 @@ def _read_report(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _common_refusal(folder: Path, codes: list[int]) -> str | None:
+    """The one message with which every party refused the run (the user's mistake, e.g. a block
+    the model lacks, made once in the shared options), else None: no party died."""
+    if any(code != EXIT_USAGE for code in codes):
+        return None
+    messages = {_last_line(folder / f"stderr-{rank}.txt") for rank in range(len(codes))}
+    return messages.pop() if len(messages) == 1 else None
 
 
 def _failure_summary(folder: Path, names: list[str], codes: list[int], exited_at: list[float]) -> str:

@@ -194,21 +194,11 @@ def plot_drift(report: DriftReport, out: Path, title: str = "") -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K item as the
     evaluation prompts it) and the shared run options."""
-    from fedattn.argtypes import positive_int
+    from fedattn.argtypes import add_prompt_options, output_file, positive_int
     from fedattn.systems.fedattn.config import add_options
     from fedattn.systems.fedattn.splits import SPLITS
 
-    parser.add_argument(
-        "--context",
-        action="append",
-        default=[],
-        metavar="TEXT|@FILE",
-        help="one collaborator's private text, in order (repeat)",
-    )
-    parser.add_argument("--question", metavar="TEXT|@FILE", help="the task publisher's question")
-    parser.add_argument(
-        "--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question"
-    )
+    add_prompt_options(parser, question_required=False)
     parser.add_argument(
         "--gsm8k-item",
         type=int,
@@ -232,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)",
     )
-    parser.add_argument("--out", type=Path, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
+    parser.add_argument("--out", type=output_file, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
     add_options(parser)
 
 
@@ -250,7 +240,6 @@ def gsm8k_segments(tokenizer, item: int, split: str, parties: int, shots: int) -
 
 
 def _segments(args: argparse.Namespace, tokenizer) -> list[list[int]]:
-    from fedattn.cli.main import _text_arg
     from fedattn.runtime.prompting import build_segments
 
     if args.gsm8k_item is not None:
@@ -259,9 +248,7 @@ def _segments(args: argparse.Namespace, tokenizer) -> list[list[int]]:
         return gsm8k_segments(tokenizer, args.gsm8k_item, args.split, args.parties, args.shots)
     if args.question is None:
         raise FedAttnError("give --question (and --context ...) or --gsm8k-item")
-    publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None
-    contexts = [_text_arg(value) for value in args.context]
-    return build_segments(tokenizer, contexts, _text_arg(args.question), publisher_context, args.raw)
+    return build_segments(tokenizer, args.context, args.question, args.publisher_context, args.raw)
 
 
 def print_table(report: DriftReport) -> None:
