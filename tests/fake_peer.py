@@ -32,6 +32,7 @@ from fedattn.network.handshake import run_fingerprints
 from fedattn.network.kv_codec import CODECS
 from fedattn.network.torch_transport import PAYLOAD_TAG, SIZE_TAG, frame_messages
 from fedattn.runtime.dims import ModelDims
+from fedattn.systems.fedattn.config import configure
 from fedattn.systems.fedattn.networked import max_frame_bytes
 
 RANK, WORLD_SIZE, PUBLISHER = 0, 2, 1
@@ -144,7 +145,7 @@ def main(argv: list[str]) -> int:
             "--json",
         ]
     )
-    loaded, config, _ = cli.configure(args)
+    loaded, config, _ = configure(args)
     model_config = loaded.model.config
     heads = model_config.num_key_value_heads
     head_dim = ModelDims.from_config(model_config).head_dim

@@ -82,7 +82,9 @@ def test_sync_block_out_of_range(capsys):
 
 def test_sync_layers_junk(capsys):
     assert_usage_error(
-        capsys, [*BASE, *CONTEXTS, *QUESTION, "--sync-layers", "0,x"], "--sync-layers takes comma-separated"
+        capsys,
+        [*BASE, *CONTEXTS, *QUESTION, "--sync-layers", "0,x"],
+        "argument --sync-layers: expected comma-separated block indices or ranges",
     )
 
 

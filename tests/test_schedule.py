@@ -6,6 +6,7 @@ from fedattn.errors import FedAttnError
 from fedattn.systems.fedattn.schedule import (
     Schedule,
     all_layers,
+    check_layers,
     every,
     format_layers,
     parse_layers,
@@ -53,9 +54,9 @@ def test_only_later_parties_receive_when_only_the_publisher_decodes():
 
 
 def test_layer_ranges_read_back():
-    assert parse_layers("12-14,3", 24) == (3, 12, 13, 14)
+    assert parse_layers("12-14,3") == (3, 12, 13, 14)
     assert format_layers((0, 1, 2, 5, 12, 13)) == "0-2,5,12-13"
-    assert parse_layers(format_layers((0, 1, 2, 5, 12, 13)), 24) == (0, 1, 2, 5, 12, 13)
+    assert parse_layers(format_layers((0, 1, 2, 5, 12, 13))) == (0, 1, 2, 5, 12, 13)
 
 
 def test_publisher_receive_blocks():
@@ -68,7 +69,22 @@ def test_publisher_receive_blocks():
         Schedule(8, (), publisher_layers=(9,))
 
 
-@pytest.mark.parametrize("text", ["0,99", "-1", "a,b", "3-1", ""])
-def test_bad_layers(text):
-    with pytest.raises(FedAttnError):
-        parse_layers(text, 24)
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("-1", "expected comma-separated"),
+        ("a,b", "expected comma-separated"),
+        ("3-1", "runs backwards"),
+        ("", "no block"),
+    ],
+)
+def test_bad_layers(text, message):
+    with pytest.raises(FedAttnError, match=message) as raised:
+        parse_layers(text)
+    assert "--" not in str(raised.value)  # the library says what is wrong with the text, not which option held it
+
+
+def test_blocks_the_model_lacks():
+    assert check_layers((0, 23), 24) == (0, 23)
+    with pytest.raises(FedAttnError, match=r"^block 99 is out of range: the model has blocks 0\.\.23$"):
+        check_layers((0, 99), 24)

@@ -85,6 +85,11 @@ def skip(folder: Path, reason: str) -> None:
     print(f"fedattn plot: skipping {folder}: {reason}", file=sys.stderr)
 
 
+def summary_files(path: Path) -> list[Path]:
+    """The summaries of a result folder, or of the result folders at any depth below ``path``."""
+    return [path / "summary.json"] if (path / "summary.json").is_file() else sorted(path.rglob("summary.json"))
+
+
 def load_results(paths: list[Path]) -> list[Result]:
     """Each path is a result folder, or a folder whose subfolders (at any depth) are result folders."""
     results = []
@@ -451,8 +456,10 @@ def plot_privacy(folders: list[Path | Result], attacks: dict[str, dict], out: Pa
 
 # -- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fedattn.argtypes import existing_path
+
     parser.add_argument(
-        "results", nargs="+", type=Path, metavar="RESULTS", help="result folders (or folders holding them)"
+        "results", nargs="+", type=existing_path, metavar="RESULTS", help="result folders (or folders holding them)"
     )
     parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)")
     parser.add_argument(
@@ -490,6 +497,8 @@ def _swept(results: list[Result], x: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Draw every plot the folders support (a sweep needs two values of its parameter) and list them."""
+    if not any(summary_paths(path) for path in args.results):  # one line, rather than a skip for each path
+        raise FedAttnError("no result folder with a summary.json among the given paths")
     results = load_results(args.results)
     if not results:
         raise FedAttnError("no result folder with a summary.json among the given paths")

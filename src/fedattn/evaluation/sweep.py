@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import tomllib
 
+from fedattn.argtypes import naming_option, option_words
 from fedattn.errors import FedAttnError
 
 BENCHMARKS = ("gsm8k", "crossfacts")
+KEYS = ("benchmark", "out", "plot", "base", "grid")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +41,20 @@ def load_sweep(path: Path) -> dict:
         sweep = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise FedAttnError(f"cannot read {path}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise FedAttnError(f"{path} is not valid TOML: {error}") from None
+    unknown = sorted(set(sweep) - set(KEYS))
+    if unknown:
+        raise FedAttnError(f"{path}: unknown key {unknown[0]!r} (a sweep has {', '.join(KEYS)})")
     if sweep.get("benchmark") not in BENCHMARKS:
         raise FedAttnError(f"{path}: 'benchmark' must be one of {', '.join(BENCHMARKS)}")
-    if "out" not in sweep:
+    if not isinstance(sweep.get("out"), str):
         raise FedAttnError(f"{path}: 'out' (the folder for the results) is required")
+    for table in ("base", "grid"):
+        if not isinstance(sweep.get(table, {}), dict):
+            raise FedAttnError(f"{path}: '{table}' must be a table of options")
+        if "out" in sweep.get(table, {}):
+            raise FedAttnError(f"{path}: {table}.out: each point's folder is named by the sweep, under 'out'")
     for key, values in sweep.get("grid", {}).items():
         if not isinstance(values, list) or not values:
             raise FedAttnError(f"{path}: grid.{key} must be a non-empty list")
@@ -65,34 +76,26 @@ def point_folder(sweep: dict, point: dict) -> Path:
     return Path(sweep["out"]) / name.replace("/", "_")
 
 
-def option_words(point: dict) -> list[str]:
-    """{'sync_every': 4, 'all_answers': True} -> ['--sync-every', '4', '--all-answers']"""
-    words: list[str] = []
-    for key, value in point.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            words.append(flag)
-        elif value is not False and value is not None:
-            words += [flag, str(value)]
-    return words
-
-
-def run(args: argparse.Namespace) -> int:
-    from fedattn.cli.main import build_parser, run_parsed
-
+def run(
+    args: argparse.Namespace,
+    parse: Callable[[list[str]], argparse.Namespace],
+    dispatch: Callable[[argparse.Namespace], int],
+) -> int:
+    """Run every point as the ``fedattn`` command line it prints. The CLI lends its own parser and
+    dispatch (this layer cannot import the CLI); every point is parsed before the first one runs,
+    so a bad option anywhere in the grid costs no run."""
     sweep = load_sweep(args.config)
-    folders = []
-    for point in points(sweep):
-        folder = point_folder(sweep, point)
-        argv = ["eval", sweep["benchmark"], *option_words(point), "--out", str(folder)]
-        print(("would run: fedattn " if args.dry_run else "== fedattn ") + " ".join(argv))
-        folders.append(folder)
-        if not args.dry_run:
-            code = run_parsed(build_parser().parse_args(argv))
-            if code != 0:
-                return code
+    folders = [point_folder(sweep, point) for point in points(sweep)]
+    commands = [
+        ["eval", sweep["benchmark"], *option_words(point), "--out", str(folder)]
+        for point, folder in zip(points(sweep), folders)
+    ]
+    with naming_option(str(args.config)):
+        parsed = [parse(words) for words in commands]
+    for words, point_args in zip(commands, parsed):
+        print(("would run: fedattn " if args.dry_run else "== fedattn ") + " ".join(words))
+        if not args.dry_run and (code := dispatch(point_args)) != 0:
+            return code
     if sweep.get("plot") and not args.dry_run:
-        return run_parsed(
-            build_parser().parse_args(["plot", *map(str, folders), "--out", str(Path(sweep["out"]) / "plots")])
-        )
+        return dispatch(parse(["plot", *map(str, folders), "--out", str(Path(sweep["out"]) / "plots")]))
     return 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from fedattn.errors import FedAttnError
+from fedattn.errors import EXIT_USAGE, FedAttnError
 from fedattn.network.torch_transport import PeerFailure
 
 GRACE_S = 10.0
@@ -50,6 +50,9 @@ def launch_local(names: list[str], command: list[str], private: list[dict[str, s
         ]
         codes, exited_at = _watch(children, timeout_s + GRACE_S)
         if any(code != 0 for code in codes):
+            refusal = _common_refusal(folder, codes)
+            if refusal is not None:
+                raise FedAttnError(refusal)
             raise PeerFailure(_failure_summary(folder, names, codes, exited_at))
         reports = [_read_report(folder / f"report-{rank}.json") for rank in range(world_size)]
     if any(report is None for report in reports):
@@ -125,6 +128,15 @@ def _read_report(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _common_refusal(folder: Path, codes: list[int]) -> str | None:
+    """The one message with which every party refused the run (the user's mistake, e.g. a block
+    the model lacks, made once in the shared options), else None: no party died."""
+    if any(code != EXIT_USAGE for code in codes):
+        return None
+    messages = {_last_line(folder / f"stderr-{rank}.txt") for rank in range(len(codes))}
+    return messages.pop() if len(messages) == 1 else None
 
 
 def _failure_summary(folder: Path, names: list[str], codes: list[int], exited_at: list[float]) -> str:

@@ -529,7 +529,9 @@ def verify_size(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fedattn.argtypes import device_name
     from fedattn.runtime.models import DEFAULT_MODEL
+    from fedattn.systems.fedattn.config import block_list, codec_name
 
     parser.add_argument(
         "--model",
@@ -538,6 +540,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--blocks",
+        type=block_list,
         metavar="0,1,4,8",
         help="sync blocks to attack, list or ranges (default 0, 1, 2, every sixth of the depth, the last)",
     )
@@ -549,7 +552,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sender noise levels sigma (times each channel's spread; see defenses.add_kv_noise)",
     )
     parser.add_argument(
-        "--kv-codec", default="bfloat16", help="the K/V codec on the wire (see fedattn run --help; default bfloat16)"
+        "--kv-codec",
+        type=codec_name,
+        default="bfloat16",
+        help="the K/V codec on the wire (see fedattn run --help; default bfloat16)",
     )
     parser.add_argument(
         "--source",
@@ -586,7 +592,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype of the model (default bfloat16)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
     parser.add_argument(
         "--out",
         type=Path,
@@ -642,19 +648,23 @@ def _setup(args: argparse.Namespace, loaded, codec: KVCodec, blocks: tuple[int, 
 
 def run(args: argparse.Namespace) -> int:
     """Attack every (block, noise) pair not yet in --out; one record each, then the summary and the plot."""
+    from fedattn.argtypes import naming_option
     from fedattn.evaluation.harness import pending, run_batches
     from fedattn.evaluation.results import ResultStore
+    from fedattn.evaluation.tasks import gsm8k
     from fedattn.network.kv_codec import get_codec
+    from fedattn.runtime.devices import resolve_device
     from fedattn.runtime.models import load_model
-    from fedattn.systems.fedattn.schedule import parse_layers
+    from fedattn.systems.fedattn.schedule import check_layers
 
+    if args.source == "gsm8k" and args.count > (questions := len(gsm8k.load("test"))):
+        raise FedAttnError(f"--count {args.count} is more than the {questions} GSM8K test questions")
     codec = get_codec(args.kv_codec)
     torch_dtype = getattr(torch, args.dtype)
-    loaded = load_model(args.model, device=args.device, dtype=torch_dtype)
+    loaded = load_model(args.model, device=resolve_device(args.device), dtype=torch_dtype)
     num_layers = loaded.model.config.num_hidden_layers
-    blocks = (
-        parse_layers(args.blocks, num_layers, "--blocks") if args.blocks is not None else default_blocks(num_layers)
-    )
+    with naming_option("--blocks"):
+        blocks = check_layers(args.blocks, num_layers) if args.blocks is not None else default_blocks(num_layers)
     with ResultStore(args.out, _config(args, loaded, blocks)) as store:
         grid = [(block, sigma) for block in blocks for sigma in args.noise]
         todo = pending(store, grid, lambda point: _record_key(*point))

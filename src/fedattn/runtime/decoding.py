@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,12 +22,12 @@ class Decoding:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise FedAttnError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN fails too
+            raise FedAttnError(f"the temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise FedAttnError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise FedAttnError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
-            raise FedAttnError(f"--top-k must be >= 1, got {self.top_k}")
+            raise FedAttnError(f"top-k must be >= 1, got {self.top_k}")
 
     @property
     def greedy(self) -> bool:

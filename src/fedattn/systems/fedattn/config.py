@@ -10,12 +10,23 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from fedattn.argtypes import non_negative_float, positive_float, positive_int, ratio
+from fedattn.argtypes import (
+    device_name,
+    library_type,
+    naming_option,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    probability_mass,
+    ratio,
+    seed_number,
+)
 from fedattn.errors import FedAttnError
-from fedattn.network.kv_codec import CODECS, KVCodec
+from fedattn.network.kv_codec import CODECS, KVCodec, get_codec
 from fedattn.runtime.decoding import Decoding
+from fedattn.runtime.devices import resolve_device
 from fedattn.systems.fedattn.exchange import Exchange
-from fedattn.systems.fedattn.schedule import Schedule
+from fedattn.systems.fedattn.schedule import NAMED_SCHEDULES, Schedule, check_layers, parse_layers
 from fedattn.systems.fedattn.sparsity import Sparsity
 
 
@@ -63,10 +74,20 @@ SHARED_OPTIONS = (
 )
 
 
+def _known_codec(name: str) -> str:
+    """``name`` as given (result folders record it so) if it names a codec."""
+    get_codec(name)
+    return name
+
+
+block_list = library_type(parse_layers)  # '0,8,16' or '12-23'; the model's depth is checked once it is loaded
+codec_name = library_type(_known_codec)
+
+
 def add_options(parser: argparse.ArgumentParser) -> None:
     from fedattn.runtime.models import DEFAULT_MODEL
     from fedattn.systems.fedattn.exchange import SELECTIONS
-    from fedattn.systems.fedattn.schedule import NAMED_SCHEDULES, PLACEMENTS
+    from fedattn.systems.fedattn.schedule import PLACEMENTS
 
     parser.add_argument(
         "--model",
@@ -80,7 +101,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         metavar="H",
         help="block l is global iff l %% H == 0 (default 4; 1 = centralized)",
     )
-    sync.add_argument("--sync-layers", metavar="0,8,16", help="explicit global blocks")
+    sync.add_argument("--sync-layers", type=block_list, metavar="0,8,16", help="explicit global blocks")
     parser.add_argument(
         "--placement", choices=PLACEMENTS, help="place ceil(L/H) global blocks by this rule instead of every H-th"
     )
@@ -94,6 +115,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
     publisher.add_argument(
         "--publisher-layers",
+        type=block_list,
         metavar="12-23",
         help="the publisher also receives every collaborator's K/V at these blocks (list or ranges); "
         "collaborators sync only where the options above say (none if none given)",
@@ -117,12 +139,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "--ratio-comm-publisher", type=ratio, help="the publisher's own --ratio-comm (default: the same)"
     )
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=positive_int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and of sparse draws")
+    parser.add_argument("--top-p", type=probability_mass)
+    parser.add_argument("--seed", type=seed_number, default=0, help="seed of sampling and of sparse draws")
     parser.add_argument(
         "--kv-codec",
+        type=codec_name,
         default=None,
         metavar="CODEC",
         help="how K/V crosses the wire: float32, bfloat16, float16, int8, int4, int8-kivi, int4-kivi "
@@ -150,7 +173,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model"
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
+    )
     parser.add_argument("--all-answers", action="store_true", help="also decode every collaborator's answer")
     parser.add_argument("--raw", action="store_true", help="no chat template: each party's text is tokenized as is")
     parser.add_argument(
@@ -162,9 +187,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
-def schedule_from_args(args: argparse.Namespace, num_layers: int):
-    from fedattn.systems.fedattn.schedule import NAMED_SCHEDULES, Schedule, every, parse_layers, placement, sync_count
-
+def _refuse_schedule_conflicts(args: argparse.Namespace) -> None:
+    """Schedule options that exclude each other (argparse's groups cannot say it: --placement goes
+    with --sync-every but not with --sync-layers)."""
     named = NAMED_SCHEDULES.get(args.schedule)
     if named is not None and named.sync_layers is not None:
         if args.sync_every is not None or args.sync_layers is not None or args.placement:
@@ -172,19 +197,28 @@ def schedule_from_args(args: argparse.Namespace, num_layers: int):
                 f"--schedule {args.schedule} sets the sync blocks itself: "
                 "drop --sync-every, --sync-layers and --placement"
             )
+    if args.sync_layers is not None and args.placement:
+        raise FedAttnError("--placement and --sync-layers exclude each other")
+
+
+def schedule_from_args(args: argparse.Namespace, num_layers: int) -> Schedule:
+    from fedattn.systems.fedattn.schedule import every, placement, sync_count
+
+    named = NAMED_SCHEDULES.get(args.schedule)
+    if named is not None and named.sync_layers is not None:
         return Schedule(
             num_layers, named.sync_layers(num_layers), named.publisher_layers(num_layers), args.publisher_sync_every
         )
     if named is not None:
         publisher_layers = named.publisher_layers(num_layers)
     elif args.publisher_layers:
-        publisher_layers = parse_layers(args.publisher_layers, num_layers, "--publisher-layers")
+        with naming_option("--publisher-layers"):
+            publisher_layers = check_layers(args.publisher_layers, num_layers)
     else:
         publisher_layers = ()
     if args.sync_layers is not None:
-        if args.placement:
-            raise FedAttnError("--placement and --sync-layers exclude each other")
-        layers = parse_layers(args.sync_layers, num_layers)
+        with naming_option("--sync-layers"):
+            layers = check_layers(args.sync_layers, num_layers)
     elif publisher_layers and args.sync_every is None and not args.placement:
         layers = ()
     else:
@@ -197,40 +231,45 @@ def schedule_from_args(args: argparse.Namespace, num_layers: int):
     return Schedule(num_layers, layers, publisher_layers, args.publisher_sync_every)
 
 
-def configure(args: argparse.Namespace):
-    """The model and the run configuration from the shared options (validated before the slow load)."""
-    import torch
-
-    from fedattn.network.kv_codec import get_codec
-    from fedattn.runtime.decoding import Decoding
-    from fedattn.runtime.models import load_model
-    from fedattn.systems.fedattn.exchange import Exchange
-    from fedattn.systems.fedattn.schedule import NAMED_SCHEDULES
-    from fedattn.systems.fedattn.sparsity import Sparsity
-
+def _model_free_parts(args: argparse.Namespace) -> dict:
+    """Every ``RunConfig`` field but the schedule, whose blocks need the model's depth."""
+    _refuse_schedule_conflicts(args)
     named = NAMED_SCHEDULES.get(args.schedule)
 
     def recipe(option: str):  # the named schedule's value for an option the user did not give
         return getattr(named, option) if named is not None else None
 
     ratio_comm = args.ratio_comm or recipe("ratio_comm") or 1.0
-    sparsity = Sparsity(
-        args.ratio_comp, ratio_comm, args.ratio_comp_publisher, args.ratio_comm_publisher, seed=args.seed
-    )
-    decoding = Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    codec = get_codec(args.kv_codec or recipe("kv_codec") or args.dtype)
-    exchange = Exchange(
-        select=args.kv_select or recipe("kv_select") or "random", budget=args.kv_budget, noise=args.kv_noise
-    )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "sparsity": Sparsity(
+            args.ratio_comp, ratio_comm, args.ratio_comp_publisher, args.ratio_comm_publisher, seed=args.seed
+        ),
+        "codec": get_codec(args.kv_codec or recipe("kv_codec") or args.dtype),
+        "exchange": Exchange(
+            select=args.kv_select or recipe("kv_select") or "random", budget=args.kv_budget, noise=args.kv_noise
+        ),
+        "decoding": Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
+        "max_new_tokens": args.max_new_tokens,
+        "all_answers": args.all_answers,
+    }
+
+
+def check_options(args: argparse.Namespace) -> str:
+    """Refuse what the options alone (and this machine's devices) rule out, before any model is
+    loaded; the device the run will use. ``configure`` does this too; a launcher that only starts
+    other processes calls it so that a careless option fails once, here, not in every party."""
+    _model_free_parts(args)
+    return resolve_device(args.device)
+
+
+def configure(args: argparse.Namespace):
+    """The model and the run configuration from the shared options (validated before the slow load)."""
+    import torch
+
+    from fedattn.runtime.models import load_model
+
+    parts = _model_free_parts(args)
+    device = resolve_device(args.device)
     loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.json)
-    config = RunConfig(
-        schedule=schedule_from_args(args, loaded.model.config.num_hidden_layers),
-        sparsity=sparsity,
-        codec=codec,
-        exchange=exchange,
-        decoding=decoding,
-        max_new_tokens=args.max_new_tokens,
-        all_answers=args.all_answers,
-    )
+    config = RunConfig(schedule=schedule_from_args(args, loaded.model.config.num_hidden_layers), **parts)
     return loaded, config, device

@@ -241,21 +241,11 @@ def gsm8k_items(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K item as the
     evaluation prompts it) and the shared run options."""
-    from fedattn.argtypes import positive_int
+    from fedattn.argtypes import add_prompt_options, output_file, positive_int
     from fedattn.systems.fedattn.config import add_options
     from fedattn.systems.fedattn.splits import SPLITS
 
-    parser.add_argument(
-        "--context",
-        action="append",
-        default=[],
-        metavar="TEXT|@FILE",
-        help="one collaborator's private text, in order (repeat)",
-    )
-    parser.add_argument("--question", metavar="TEXT|@FILE", help="the task publisher's question")
-    parser.add_argument(
-        "--publisher-context", metavar="TEXT|@FILE", help="the publisher's own private text, before the question"
-    )
+    add_prompt_options(parser, question_required=False)
     parser.add_argument(
         "--gsm8k-item",
         metavar="K",
@@ -279,7 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="with --gsm8k-item: exemplars, the first K GSM8K train problems (default 4)",
     )
-    parser.add_argument("--out", type=Path, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
+    parser.add_argument("--out", type=output_file, default=Path("drift.png"), help="the plot (PNG, default drift.png)")
     parser.add_argument(
         "--results",
         type=Path,
@@ -309,7 +299,6 @@ class Prompts:
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> Prompts:
-    from fedattn.cli.main import _text_arg
     from fedattn.runtime.prompting import build_segments
 
     if args.gsm8k_item is not None:
@@ -324,9 +313,7 @@ def _prompts(args: argparse.Namespace, tokenizer) -> Prompts:
         )
     if args.question is None:
         raise FedAttnError("give --question (and --context ...) or --gsm8k-item")
-    publisher_context = _text_arg(args.publisher_context) if args.publisher_context is not None else None
-    contexts = [_text_arg(value) for value in args.context]
-    question = _text_arg(args.question)
+    contexts, question, publisher_context = args.context, args.question, args.publisher_context
     texts = json.dumps([contexts, question, publisher_context]).encode()
     config = {"texts_sha256": hashlib.sha256(texts).hexdigest(), "raw": args.raw}
     segments = build_segments(tokenizer, contexts, question, publisher_context, args.raw)

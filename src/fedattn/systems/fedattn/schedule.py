@@ -173,22 +173,30 @@ def sync_count(interval: int, num_layers: int) -> int:
     return math.ceil(num_layers / interval)
 
 
-def parse_layers(text: str, num_layers: int, option: str = "--sync-layers") -> tuple[int, ...]:
-    """'0,8,16' -> (0, 8, 16) and '12-23' -> (12, ..., 23), with one-line errors for junk and
-    out-of-range blocks."""
+def parse_layers(text: str) -> tuple[int, ...]:
+    """'0,8,16' -> (0, 8, 16) and '12-23' -> (12, ..., 23), with one-line errors for junk; whether
+    the model has these blocks is for ``check_layers`` to say (the text alone cannot)."""
     layers: set[int] = set()
-    try:
-        for part in filter(None, (part.strip() for part in text.split(","))):
-            low, _, high = part.partition("-")
-            layers.update(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise FedAttnError(f"{option} takes comma-separated block indices or ranges like 12-23, got {text!r}") from None
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        low, _, high = part.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise FedAttnError(f"expected comma-separated block indices or ranges like 12-23, got {text!r}") from None
+        if last < first:
+            raise FedAttnError(f"the range {part} runs backwards (write {last}-{first})")
+        layers.update(range(first, last + 1))
+    if not layers:
+        raise FedAttnError(f"{text!r} names no block")
+    return tuple(sorted(layers))
+
+
+def check_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """``layers`` if a model of ``num_layers`` blocks has every one of them."""
     for layer in layers:
         if not 0 <= layer < num_layers:
-            raise FedAttnError(f"{option}: block {layer} is out of range: the model has blocks 0..{num_layers - 1}")
-    if not layers:
-        raise FedAttnError(f"{option} names no block")
-    return tuple(sorted(layers))
+            raise FedAttnError(f"block {layer} is out of range: the model has blocks 0..{num_layers - 1}")
+    return layers
 
 
 def format_layers(layers: tuple[int, ...] | list[int]) -> str:

@@ -1,0 +1,117 @@
+"""``fedattn participant``: ONE party of a networked run in this process (deployments, torchrun,
+and each child of ``fedattn run --transport torch``).
+
+Under torchrun every rank gets the same words, so the rank, world size and store may come from
+the environment, and both --context and --question may be given: the role picks one, and
+'{rank}' in an @FILE path is this rank's number (e.g. --context @party-{rank}.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from fedattn.argtypes import add_prompt_options, host_port, non_negative_int, output_file, positive_int, read_text
+from fedattn.cli.run import print_report
+from fedattn.errors import FedAttnError
+from fedattn.systems.fedattn.config import add_options, configure
+
+T = TypeVar("T")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rank", type=non_negative_int, help="this party's rank; the last rank is the task publisher (default: $RANK)"
+    )
+    parser.add_argument("--world-size", type=positive_int, help="number of parties (default: $WORLD_SIZE)")
+    parser.add_argument(
+        "--master",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="the rendezvous store (default: $MASTER_ADDR:$MASTER_PORT)",
+    )
+    parser.add_argument(
+        "--external-store", action="store_true", help="the store is served by a launcher, not by rank 0"
+    )
+    add_prompt_options(parser, question_required=False, one_party=True)
+    parser.add_argument(
+        "--report", type=output_file, help="also write this party's JSON report here ('{rank}' is replaced by the rank)"
+    )
+    add_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedattn.systems.fedattn.networked import Rendezvous, exit_now, own_segment, run_party
+
+    rank = _or_environment(args.rank, "--rank", "RANK", non_negative_int)
+    world_size = _or_environment(args.world_size, "--world-size", "WORLD_SIZE", positive_int)
+    host, port = args.master or _master_from_environment()
+    if not rank < world_size:
+        raise FedAttnError(f"--rank must be in 0..{world_size - 1}, got {rank}")
+    report_path = _report_path(args.report, rank)
+    external = args.external_store or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rendezvous = Rendezvous(host, port, rank, world_size, host_store=rank == 0 and not external, timeout_s=args.timeout)
+    text, question, publisher_context = _own_inputs(args, rank, world_size)
+    loaded, config, _ = configure(args)
+    segment = own_segment(loaded, rendezvous, text, question, publisher_context, args.raw)
+    report = run_party(loaded, rendezvous, segment, config)
+    if report_path is not None:
+        report_path.write_text(json.dumps(report.to_json(), indent=2))
+    print_report(report, args.json)
+    exit_now(0)
+    return 0
+
+
+def _or_environment(value: T | None, flag: str, variable: str, parse: Callable[[str], T]) -> T:
+    """The option's value, else the environment variable torchrun sets, parsed as the option is."""
+    if value is not None:
+        return value
+    word = os.environ.get(variable)
+    if word is None:
+        raise FedAttnError(f"{flag} is required (or ${variable})")
+    try:
+        return parse(word)
+    except argparse.ArgumentTypeError as error:
+        raise FedAttnError(f"${variable}: {error}") from None
+
+
+def _master_from_environment() -> tuple[str, int]:
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise FedAttnError("--master HOST:PORT is required (or MASTER_ADDR and MASTER_PORT)")
+    try:
+        return host_port(f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+    except argparse.ArgumentTypeError as error:
+        raise FedAttnError(f"$MASTER_ADDR:$MASTER_PORT: {error}") from None
+
+
+def _report_path(template: Path | None, rank: int) -> Path | None:
+    """Where this rank's report goes; its folder is made now, so that a bad path fails before the run."""
+    if template is None:
+        return None
+    path = Path(str(template).replace("{rank}", str(rank)))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FedAttnError(f"--report {path}: cannot create its folder: {error.strerror}") from None
+    if path.is_dir():
+        raise FedAttnError(f"--report {path} is a folder, not a file")
+    return path
+
+
+def _own_inputs(args: argparse.Namespace, rank: int, world_size: int) -> tuple[str | None, str | None, str | None]:
+    """Read only this rank's own input (see the module's docstring)."""
+
+    def read(value: str | None) -> str | None:
+        return (
+            None if value is None else read_text(value.replace("{rank}", str(rank)) if value.startswith("@") else value)
+        )
+
+    if args.context is not None and args.question is not None:  # the same words for every rank
+        if rank == world_size - 1:
+            return None, read(args.question), read(args.publisher_context)
+        return read(args.context), None, None
+    return read(args.context), read(args.question), read(args.publisher_context)
