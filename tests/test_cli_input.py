@@ -52,6 +52,7 @@ def refused(capsys, argv: list[str]) -> str:
         (["--kv-codec", "bogus"], "argument --kv-codec: unknown KV codec 'bogus'"),
         (["--kv-budget", "1"], "--kv-budget 1 bytes cannot carry one token"),
         (["--kv-noise", "inf"], "argument --kv-noise: must be a finite number >= 0, got inf"),
+        (["--kv-noise", "1e300"], "K/V noise of sigma 1e+300 overflows torch.float32: the noisy K/V are not finite"),
         (["--sync-layers", "1,x"], "argument --sync-layers: expected comma-separated block indices or ranges"),
         (["--sync-layers", "99"], "--sync-layers: block 99 is out of range: the model has blocks 0..7"),
         (["--sync-layers", ""], "argument --sync-layers: '' names no block"),
@@ -126,7 +127,11 @@ def test_eval_drift_refuses(capsys, tmp_path):
     assert refused(capsys, [*drift, "--out", str(tmp_path)]).endswith(
         f"argument --out: {tmp_path} is a folder, not a file"
     )
-    assert "--gsm8k-item must be in 0..1318" in refused(capsys, [*drift[:4], "--gsm8k-item", "99999"])
+    line = refused(capsys, [*drift[:4], "--gsm8k-item", "99999"])
+    assert line.endswith("argument --gsm8k-item: GSM8K test items are 0..1318, got 99999")
+    line = refused(capsys, [*drift[:4], "--gsm8k-item", "-1"])
+    assert line.endswith("argument --gsm8k-item: expected K, a range K-M or a list of them, got '-1'")
+    assert "--gsm8k-item replaces --context/--question" in refused(capsys, [*drift, "--gsm8k-item", "1"])
 
 
 @pytest.mark.parametrize(
