@@ -19,6 +19,9 @@ from fedattn.errors import FedAttnError
 from fedattn.runtime.decoding import Decoding
 from fedattn.runtime.devices import resolve_device
 from fedattn.systems.fedattn.config import SHARED_OPTIONS
+from fedattn.systems.fedattn.exchange import Exchange
+from fedattn.systems.fedattn.schedule import check_layers, parse_layers
+from fedattn.systems.fedattn.sparsity import Sparsity
 
 RUN = ["run", "--model", "tiny-random", "--max-new-tokens", "2", "--context", "Alice has a cat.", "--question", "Who?"]
 EVAL = ["eval", "gsm8k", "--model", "tiny-random", "--limit", "1", "--shots", "1", "--parties", "2"]
@@ -287,13 +290,24 @@ def test_option_words():
     assert option_words({"sync_layers": (0, 4), "ratio_comm": 0.5}) == ["--sync-layers", "0,4", "--ratio-comm", "0.5"]
 
 
-def test_library_errors_name_no_option():
-    for bad in (
-        {"temperature": -1.0},
-        {"temperature": math.nan},
-        {"top_p": 0.0},
-        {"top_k": 0},
-    ):
-        with pytest.raises(FedAttnError) as raised:
-            Decoding(**bad)
-        assert "--" not in str(raised.value), raised.value
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Decoding(temperature=-1.0),
+        lambda: Decoding(temperature=math.nan),
+        lambda: Decoding(top_p=0.0),
+        lambda: Decoding(top_k=0),
+        lambda: Sparsity(comp=0.0),
+        lambda: Sparsity(comm_publisher=1.5),
+        lambda: Exchange(select="loudest"),
+        lambda: Exchange(budget=0),
+        lambda: Exchange(noise=math.inf),
+        lambda: parse_layers("1,x"),
+        lambda: check_layers((9,), 8),
+    ],
+)
+def test_library_errors_name_no_option(build):
+    """A library caller typed no flag: the error says what is wrong with the value."""
+    with pytest.raises(FedAttnError) as raised:
+        build()
+    assert "--" not in str(raised.value), raised.value
