@@ -109,7 +109,7 @@ def test_a_device_this_machine_lacks(capsys, monkeypatch):
         (["--limit", "0"], "argument --limit: must be >= 1, got 0"),
         (["--offset", "100000"], "--offset 100000 is past the last of the 1319 GSM8K test problems"),
         (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-        (["--shots", "100000"], "--shots 100000 exceeds the 7473 GSM8K train problems"),
+        (["--shots", "100000"], "100000 shots exceed the 7473 GSM8K train problems"),
     ],
 )
 def test_eval_gsm8k_refuses(capsys, tmp_path, extra, message):
