@@ -158,13 +158,20 @@ def test_sweep_refuses(capsys, tmp_path, text, message):
     assert message in refused(capsys, ["sweep", str(config)])  # the whole grid is parsed before any point runs
 
 
-def test_plot_refuses(capsys, tmp_path):
-    assert refused(capsys, ["plot", str(tmp_path / "missing")]).endswith(
+@pytest.mark.parametrize("command", ["plot", "compare"])
+def test_plot_and_compare_refuse(capsys, tmp_path, command):
+    assert refused(capsys, [command, str(tmp_path / "missing")]).endswith(
         f"argument RESULTS: no such file or folder: {tmp_path / 'missing'}"
     )
-    assert refused(capsys, ["plot", str(tmp_path)]).endswith(
+    assert refused(capsys, [command, str(tmp_path)]).endswith(
         "no result folder with a summary.json among the given paths"
     )
+    existing_file = tmp_path / "notes.txt"
+    existing_file.write_text("not a folder")
+    out, message = (
+        (existing_file, "is a file, not a folder") if command == "plot" else (tmp_path, "is a folder, not a file")
+    )
+    assert refused(capsys, [command, str(tmp_path), "--out", str(out)]).endswith(f"argument --out: {out} {message}")
 
 
 @pytest.mark.parametrize(
