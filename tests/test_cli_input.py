@@ -19,6 +19,9 @@ from fedattn.errors import FedAttnError
 from fedattn.runtime.decoding import Decoding
 from fedattn.runtime.devices import resolve_device
 from fedattn.systems.fedattn.config import SHARED_OPTIONS
+from fedattn.systems.fedattn.exchange import Exchange
+from fedattn.systems.fedattn.schedule import check_layers, parse_layers
+from fedattn.systems.fedattn.sparsity import Sparsity
 
 RUN = ["run", "--model", "tiny-random", "--max-new-tokens", "2", "--context", "Alice has a cat.", "--question", "Who?"]
 EVAL = ["eval", "gsm8k", "--model", "tiny-random", "--limit", "1", "--shots", "1", "--parties", "2"]
@@ -52,6 +55,7 @@ def refused(capsys, argv: list[str]) -> str:
         (["--kv-codec", "bogus"], "argument --kv-codec: unknown KV codec 'bogus'"),
         (["--kv-budget", "1"], "--kv-budget 1 bytes cannot carry one token"),
         (["--kv-noise", "inf"], "argument --kv-noise: must be a finite number >= 0, got inf"),
+        (["--kv-noise", "1e300"], "K/V noise of sigma 1e+300 overflows torch.float32: the noisy K/V are not finite"),
         (["--sync-layers", "1,x"], "argument --sync-layers: expected comma-separated block indices or ranges"),
         (["--sync-layers", "99"], "--sync-layers: block 99 is out of range: the model has blocks 0..7"),
         (["--sync-layers", ""], "argument --sync-layers: '' names no block"),
@@ -105,7 +109,7 @@ def test_a_device_this_machine_lacks(capsys, monkeypatch):
         (["--limit", "0"], "argument --limit: must be >= 1, got 0"),
         (["--offset", "100000"], "--offset 100000 is past the last of the 1319 GSM8K test problems"),
         (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-        (["--shots", "100000"], "--shots 100000 exceeds the 7473 GSM8K train problems"),
+        (["--shots", "100000"], "100000 shots exceed the 7473 GSM8K train problems"),
     ],
 )
 def test_eval_gsm8k_refuses(capsys, tmp_path, extra, message):
@@ -126,7 +130,11 @@ def test_eval_drift_refuses(capsys, tmp_path):
     assert refused(capsys, [*drift, "--out", str(tmp_path)]).endswith(
         f"argument --out: {tmp_path} is a folder, not a file"
     )
-    assert "--gsm8k-item must be in 0..1318" in refused(capsys, [*drift[:4], "--gsm8k-item", "99999"])
+    line = refused(capsys, [*drift[:4], "--gsm8k-item", "99999"])
+    assert line.endswith("argument --gsm8k-item: GSM8K test items are 0..1318, got 99999")
+    line = refused(capsys, [*drift[:4], "--gsm8k-item", "-1"])
+    assert line.endswith("argument --gsm8k-item: expected K, a range K-M or a list of them, got '-1'")
+    assert "--gsm8k-item replaces --context/--question" in refused(capsys, [*drift, "--gsm8k-item", "1"])
 
 
 @pytest.mark.parametrize(
@@ -150,13 +158,20 @@ def test_sweep_refuses(capsys, tmp_path, text, message):
     assert message in refused(capsys, ["sweep", str(config)])  # the whole grid is parsed before any point runs
 
 
-def test_plot_refuses(capsys, tmp_path):
-    assert refused(capsys, ["plot", str(tmp_path / "missing")]).endswith(
+@pytest.mark.parametrize("command", ["plot", "compare"])
+def test_plot_and_compare_refuse(capsys, tmp_path, command):
+    assert refused(capsys, [command, str(tmp_path / "missing")]).endswith(
         f"argument RESULTS: no such file or folder: {tmp_path / 'missing'}"
     )
-    assert refused(capsys, ["plot", str(tmp_path)]).endswith(
+    assert refused(capsys, [command, str(tmp_path)]).endswith(
         "no result folder with a summary.json among the given paths"
     )
+    existing_file = tmp_path / "notes.txt"
+    existing_file.write_text("not a folder")
+    out, message = (
+        (existing_file, "is a file, not a folder") if command == "plot" else (tmp_path, "is a folder, not a file")
+    )
+    assert refused(capsys, [command, str(tmp_path), "--out", str(out)]).endswith(f"argument --out: {out} {message}")
 
 
 @pytest.mark.parametrize(
@@ -282,13 +297,24 @@ def test_option_words():
     assert option_words({"sync_layers": (0, 4), "ratio_comm": 0.5}) == ["--sync-layers", "0,4", "--ratio-comm", "0.5"]
 
 
-def test_library_errors_name_no_option():
-    for bad in (
-        {"temperature": -1.0},
-        {"temperature": math.nan},
-        {"top_p": 0.0},
-        {"top_k": 0},
-    ):
-        with pytest.raises(FedAttnError) as raised:
-            Decoding(**bad)
-        assert "--" not in str(raised.value), raised.value
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Decoding(temperature=-1.0),
+        lambda: Decoding(temperature=math.nan),
+        lambda: Decoding(top_p=0.0),
+        lambda: Decoding(top_k=0),
+        lambda: Sparsity(comp=0.0),
+        lambda: Sparsity(comm_publisher=1.5),
+        lambda: Exchange(select="loudest"),
+        lambda: Exchange(budget=0),
+        lambda: Exchange(noise=math.inf),
+        lambda: parse_layers("1,x"),
+        lambda: check_layers((9,), 8),
+    ],
+)
+def test_library_errors_name_no_option(build):
+    """A library caller typed no flag: the error says what is wrong with the value."""
+    with pytest.raises(FedAttnError) as raised:
+        build()
+    assert "--" not in str(raised.value), raised.value

@@ -151,10 +151,19 @@ def test_several_items_are_averaged_and_kept_resumably(tmp_path, capsys, monkeyp
         run(parse(gsm8k_words("0", tmp_path / "c.png") + ["--results", str(results), "--parties", "2"]))
 
 
-@pytest.mark.parametrize("items", ["1319", "x", "3-1"])
-def test_bad_items_are_refused(tmp_path, items):
-    with pytest.raises(FedAttnError, match="--gsm8k-item"):
-        run(parse(gsm8k_words(items, tmp_path / "x.png")))
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ("1319", "GSM8K test items are 0..1318, got 1319"),
+        ("x", "expected K, a range K-M or a list of them, got 'x'"),
+        ("3-1", "GSM8K test items are 0..1318, got 3-1"),
+    ],
+)
+def test_bad_items_are_refused(tmp_path, capsys, items, message):
+    from fedattn.cli.main import main
+
+    assert main(["eval", "drift", *gsm8k_words(items, tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == f"fedattn: error: argument --gsm8k-item: {message}\n"
 
 
 def test_command_needs_a_prompt(tmp_path):

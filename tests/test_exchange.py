@@ -140,11 +140,11 @@ def test_budget_too_small_for_one_token_per_frame():
 
 
 def test_exchange_settings_are_validated():
-    with pytest.raises(FedAttnError, match="unknown --kv-select 'loud'"):
+    with pytest.raises(FedAttnError, match="^unknown K/V selection 'loud': choose one of random, key-norm, attention$"):
         Exchange(select="loud")
-    with pytest.raises(FedAttnError, match="--kv-budget must be a positive"):
+    with pytest.raises(FedAttnError, match="^the K/V budget must be a positive number of bytes"):
         Exchange(budget=0)
-    with pytest.raises(FedAttnError, match="--kv-noise must be a finite number >= 0"):
+    with pytest.raises(FedAttnError, match="^the K/V noise must be a finite number >= 0"):
         Exchange(noise=-0.1)
 
 

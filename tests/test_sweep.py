@@ -44,8 +44,9 @@ sync_every = [1, 2]
         assert json.loads((folder / "summary.json").read_text())["config"]
         # the point ran with its own H (the default, 4, would sync blocks 0 and 4 of the 8)
         stored = json.loads((folder / "config.json").read_text())
-        assert stored["schedule"]["sync_layers"] == list(range(0, 8, h))
-        assert (stored["shots"], stored["parties"], stored["max_new_tokens"]) == (1, 2, 4)
+        system = stored["system"]
+        assert system["schedule"]["sync_layers"] == list(range(0, 8, h))
+        assert (stored["task"]["shots"], system["parties"], system["max_new_tokens"]) == (1, 2, 4)
     pngs = sorted((tmp_path / "results" / "plots").glob("*.png"))
     assert pngs and all(png.read_bytes()[:8] == PNG_SIGNATURE for png in pngs)
     assert main(["sweep", str(config)]) == 0  # resumes: nothing left to do, same records

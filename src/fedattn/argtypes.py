@@ -111,6 +111,14 @@ def output_file(value: str) -> Path:
     return path
 
 
+def output_folder(value: str) -> Path:
+    """A folder to write into (created if missing): refused if it names an existing file."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a file, not a folder")
+    return path
+
+
 def existing_path(value: str) -> Path:
     path = Path(value)
     if not path.exists():

@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedattn.errors import FedAttnError
-from fedattn.evaluation.plots import Result, leakage, load_results, read_attacks
+from fedattn.argtypes import existing_path, output_file
+from fedattn.evaluation.plots import Result, leakage, load_command_results, read_attacks
 from fedattn.report.render import format_bytes
 
 COLUMNS = ("system", "setting", "model", "items", "{metric}", "bytes / query", "time / query", "leakage")
@@ -74,7 +74,7 @@ def _percent(value: object) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "results", nargs="+", type=Path, metavar="RESULTS", help="result folders (or folders holding them)"
+        "results", nargs="+", type=existing_path, metavar="RESULTS", help="result folders (or folders holding them)"
     )
     parser.add_argument(
         "--attack",
@@ -83,13 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a `fedattn attack` folder (repeat for other codecs): fills the leakage column",
     )
-    parser.add_argument("--out", type=Path, metavar="FILE", help="write the Markdown here (default: print it)")
+    parser.add_argument("--out", type=output_file, metavar="FILE", help="write the Markdown here (default: print it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    results = load_results(args.results)
-    if not results:
-        raise FedAttnError("no result folder with a summary.json among the given paths")
+    results = load_command_results(args.results)
     document = comparison(results, read_attacks(args.attack or []))
     if args.out is None:
         sys.stdout.write(document)

@@ -85,11 +85,6 @@ def skip(folder: Path, reason: str) -> None:
     print(f"fedattn plot: skipping {folder}: {reason}", file=sys.stderr)
 
 
-def summary_files(path: Path) -> list[Path]:
-    """The summaries of a result folder, or of the result folders at any depth below ``path``."""
-    return [path / "summary.json"] if (path / "summary.json").is_file() else sorted(path.rglob("summary.json"))
-
-
 def load_results(paths: list[Path]) -> list[Result]:
     """Each path is a result folder, or a folder whose subfolders (at any depth) are result folders."""
     results = []
@@ -120,6 +115,17 @@ def not_a_result(document: Any, folder: Path) -> str | None:
     if document.get("format") != SUMMARY_FORMAT:
         return f"a summary of an earlier fedattn (convert it once: fedattn results upgrade {folder})"
     return None
+
+
+def load_command_results(paths: list[Path]) -> list[Result]:
+    """``load_results`` for a command (plot, compare): refused in one line when no path holds a
+    summary (rather than a skip line for each), or when none of them can be read."""
+    if not any(summary_paths(path) for path in paths):
+        raise FedAttnError("no result folder with a summary.json among the given paths")
+    results = load_results(paths)
+    if not results:
+        raise FedAttnError("no readable summary.json among the given paths")
+    return results
 
 
 def _as_results(items: list[Path | Result]) -> list[Result]:
@@ -456,12 +462,12 @@ def plot_privacy(folders: list[Path | Result], attacks: dict[str, dict], out: Pa
 
 # -- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fedattn.argtypes import existing_path
+    from fedattn.argtypes import existing_path, output_folder
 
     parser.add_argument(
         "results", nargs="+", type=existing_path, metavar="RESULTS", help="result folders (or folders holding them)"
     )
-    parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)")
+    parser.add_argument("--out", type=output_folder, default=Path("plots"), help="folder for the PNGs (default plots)")
     parser.add_argument(
         "--metric",
         help="quality: a dotted path in the summary's metrics such as f1 or party_average.em "
@@ -497,13 +503,11 @@ def _swept(results: list[Result], x: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Draw every plot the folders support (a sweep needs two values of its parameter) and list them."""
-    if not any(summary_paths(path) for path in args.results):  # one line, rather than a skip for each path
-        raise FedAttnError("no result folder with a summary.json among the given paths")
-    results = load_results(args.results)
-    if not results:
-        raise FedAttnError("no result folder with a summary.json among the given paths")
+    results = load_command_results(args.results)
     metric = args.metric or main_metric(results)
     attacks = read_attacks(args.attack or [])
+    if not any(_is_number(result.get(metric)) for result in results):  # one line, not a skip per folder
+        raise FedAttnError(f"nothing to plot: no folder carries a number at {metric!r}")
     folders = having(results, numbers=(metric,))
     drawn = []
     for x in SWEEPS:

@@ -38,7 +38,10 @@ def _noisy(tensor: torch.Tensor, sigma: float, generator: torch.Generator | None
     spread = exact.std(dim=-2, keepdim=True, correction=0)
     device = generator.device if generator is not None else exact.device
     noise = torch.randn(exact.shape, generator=generator, device=device, dtype=torch.float32).to(exact.device)
-    return (exact + sigma * spread * noise).to(tensor.dtype)
+    noisy = (exact + sigma * spread * noise).to(tensor.dtype)
+    if not torch.isfinite(noisy).all():  # the receiver would refuse the frame as corrupt
+        raise FedAttnError(f"K/V noise of sigma {sigma:g} overflows {tensor.dtype}: the noisy K/V are not finite")
+    return noisy
 
 
 def noise_generator(seed: int, party: int, layer: int) -> torch.Generator:

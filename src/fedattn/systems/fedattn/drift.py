@@ -231,23 +231,24 @@ def gsm8k_items(text: str) -> tuple[int, ...]:
             low, _, high = part.partition("-")
             items.update(range(int(low), int(high or low) + 1))
     except ValueError:
-        raise FedAttnError(f"--gsm8k-item takes K, a range K-M or a list of them, got {text!r}") from None
+        raise FedAttnError(f"expected K, a range K-M or a list of them, got {text!r}") from None
     wrong = [item for item in sorted(items) if not 0 <= item < count]
     if wrong or not items:
-        raise FedAttnError(f"--gsm8k-item must be in 0..{count - 1}, got {text}")
+        raise FedAttnError(f"GSM8K test items are 0..{count - 1}, got {text}")
     return tuple(sorted(items))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``fedattn eval drift``: the prompt (texts like ``fedattn run``, or a GSM8K item as the
     evaluation prompts it) and the shared run options."""
-    from fedattn.argtypes import add_prompt_options, output_file, positive_int
+    from fedattn.argtypes import add_prompt_options, library_type, output_file, positive_int
     from fedattn.systems.fedattn.config import add_options
     from fedattn.systems.fedattn.splits import SPLITS
 
     add_prompt_options(parser, question_required=False)
     parser.add_argument(
         "--gsm8k-item",
+        type=library_type(gsm8k_items),
         metavar="K",
         help="instead of texts: GSM8K test item K (or items: 0-9, 0,4,7), prompted as by 'fedattn eval gsm8k' "
         "(raw text); several items show the mean deviation",
@@ -298,21 +299,24 @@ class Prompts:
     config: dict  # part of a results folder's configuration
 
 
+def _check_prompt(args: argparse.Namespace) -> None:
+    """One prompt: texts or GSM8K items (refused before the model is loaded)."""
+    if args.gsm8k_item is not None and (args.question is not None or args.context):
+        raise FedAttnError("--gsm8k-item replaces --context/--question; give one or the other")
+    if args.gsm8k_item is None and args.question is None:
+        raise FedAttnError("give --question (and --context ...) or --gsm8k-item")
+
+
 def _prompts(args: argparse.Namespace, tokenizer) -> Prompts:
     from fedattn.runtime.prompting import build_segments
 
     if args.gsm8k_item is not None:
-        if args.question is not None or args.context:
-            raise FedAttnError("--gsm8k-item replaces --context/--question; give one or the other")
-        items = gsm8k_items(args.gsm8k_item)
         config = {"gsm8k": {"split": args.split, "parties": args.parties, "shots": args.shots}}
         return Prompts(
-            tuple(map(str, items)),
+            tuple(map(str, args.gsm8k_item)),
             lambda key: gsm8k_segments(tokenizer, int(key), args.split, args.parties, args.shots),
             config,
         )
-    if args.question is None:
-        raise FedAttnError("give --question (and --context ...) or --gsm8k-item")
     contexts, question, publisher_context = args.context, args.question, args.publisher_context
     texts = json.dumps([contexts, question, publisher_context]).encode()
     config = {"texts_sha256": hashlib.sha256(texts).hexdigest(), "raw": args.raw}
@@ -345,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
     from fedattn.systems.fedattn.config import configure
     from fedattn.systems.fedattn.reporting import config_json
 
+    _check_prompt(args)
     loaded, config, _ = configure(args)
     prompts = _prompts(args, loaded.tokenizer)
 

@@ -33,11 +33,11 @@ class Exchange:
 
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
-            raise FedAttnError(f"unknown --kv-select {self.select!r}: choose one of {', '.join(SELECTIONS)}")
+            raise FedAttnError(f"unknown K/V selection {self.select!r}: choose one of {', '.join(SELECTIONS)}")
         if self.budget is not None and self.budget < 1:
-            raise FedAttnError(f"--kv-budget must be a positive number of bytes, got {self.budget}")
+            raise FedAttnError(f"the K/V budget must be a positive number of bytes, got {self.budget}")
         if not math.isfinite(self.noise) or self.noise < 0:
-            raise FedAttnError(f"--kv-noise must be a finite number >= 0, got {self.noise}")
+            raise FedAttnError(f"the K/V noise must be a finite number >= 0, got {self.noise}")
 
 
 def kept_counts(sparsity: Sparsity, segment_lengths: list[int]) -> list[int]:

@@ -30,13 +30,13 @@ class Sparsity:
 
     def __post_init__(self) -> None:
         for label, ratio in (
-            ("--ratio-comp", self.comp),
-            ("--ratio-comm", self.comm),
-            ("--ratio-comp-publisher", self.comp_publisher),
-            ("--ratio-comm-publisher", self.comm_publisher),
+            ("computation", self.comp),
+            ("communication", self.comm),
+            ("publisher's computation", self.comp_publisher),
+            ("publisher's communication", self.comm_publisher),
         ):
             if ratio is not None and not 0.0 < ratio <= 1.0:
-                raise FedAttnError(f"{label} must be in (0, 1], got {ratio}")
+                raise FedAttnError(f"the {label} keep ratio must be in (0, 1], got {ratio}")
 
     def comp_ratio(self, is_publisher: bool) -> float:
         return self.comp_publisher if is_publisher and self.comp_publisher is not None else self.comp
