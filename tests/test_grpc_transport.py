@@ -35,7 +35,7 @@ from fedattn.network.federation import (
     roster_text,
 )
 from fedattn.network.grpc_transport import GRPC_MESSAGE_PREFIX, MIN_BEAT_GAP_S, SERVICE, STALE_AFTER_S, GrpcTransport
-from fedattn.network.torch_transport import PeerFailure
+from fedattn.network.peers import PeerFailure
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import party_names, run_in_process

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command
         return run_parsed(args)
     except FedAttnError as error:
-        from fedattn.network.torch_transport import PeerFailure
+        from fedattn.network.peers import PeerFailure
 
         print(f"fedattn: error: {error}", file=sys.stderr)
         code = EXIT_PEER_FAILURE if isinstance(error, (PeerFailure, ProtocolError)) else EXIT_USAGE

@@ -33,16 +33,21 @@ import grpc
 
 from fedattn.errors import FedAttnError
 from fedattn.network.federation import PartyCredentials, Roster
-from fedattn.network.torch_transport import PeerFailure, _fault_for, _inject
+from fedattn.network.peers import (
+    BEAT_INTERVAL_S,
+    MIN_BEAT_GAP_S,
+    POLL_S,
+    STALE_AFTER_S,
+    PeerFailure,
+    fault_for,
+    inject,
+    take,
+)
 from fedattn.network.transport import Transport
 
 SERVICE = "fedattn.Link"
 GRPC_MESSAGE_PREFIX = 5  # bytes before each gRPC message: a compression flag and a 4-byte length
-POLL_S = 0.25
-BEAT_INTERVAL_S = 0.5
-MIN_BEAT_GAP_S = 0.05  # a phase change is told at once, but not more often than this
 BEAT_DEADLINE_S = 1.0
-STALE_AFTER_S = 5.0  # no beat for this long: the party is gone
 CLOSE_GRACE_S = 1.0  # calls in flight when a service stops may still finish
 FINISHED = "finished"
 KEEPALIVE = [
@@ -137,7 +142,7 @@ class GrpcTransport(Transport):
         self._refused: set[str] = set()
         self._acked = threading.Condition()
         self._closed = threading.Event()
-        self._fault = _fault_for(rank)  # FEDATTN_INJECT_FAULT, as over gloo
+        self._fault = fault_for(rank)  # FEDATTN_INJECT_FAULT, as over gloo
         self._server = self._serve(credentials)
         self._links = {n: self._dial(n, credentials) for n in self._peers}
         for link in self._links.values():
@@ -269,7 +274,7 @@ class GrpcTransport(Transport):
         self._beat = (self._beat[0] + 1, phase)
         self._changed.set()
         if self._fault is not None and phase == self._fault[0]:
-            _inject(self._fault[1])
+            inject(self._fault[1])
 
     def join(self) -> None:
         """Wait until this party has reached every other over mutual TLS and heard from it (each
@@ -314,11 +319,7 @@ class GrpcTransport(Transport):
         return True
 
     def _take(self, sender: int, what: str) -> bytes:
-        while True:
-            try:
-                return self._inbox[sender].get(timeout=POLL_S)
-            except queue.Empty:
-                self._check(sender, what)
+        return take(self._inbox[sender], lambda: self._check(sender, what))
 
     def _check(self, sender: int, what: str) -> None:
         """Fail, naming the culprit, if a link broke, a peer is gone, or the awaited one stalled."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from fedattn.errors import EXIT_USAGE, FedAttnError
-from fedattn.network.torch_transport import PeerFailure
+from fedattn.network.peers import PeerFailure
 
 GRACE_S = 10.0
 _PR_SET_PDEATHSIG = 1

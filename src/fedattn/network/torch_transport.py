@@ -11,9 +11,7 @@ a party that died or stopped is named, with what it was doing, instead of a bare
 from __future__ import annotations
 
 import datetime
-import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -23,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from fedattn.errors import FedAttnError, ProtocolError
+from fedattn.network.peers import BEAT_INTERVAL_S, MIN_BEAT_GAP_S, STALE_AFTER_S, PeerFailure, fault_for, inject, take
 from fedattn.network.transport import Transport
 
 SIZE_TAG, PAYLOAD_TAG = 11, 12
@@ -30,18 +29,7 @@ SIZE_TAG, PAYLOAD_TAG = 11, 12
 # and does not say how much arrived; the receiver clears this slot first, so a truncated payload
 # leaves it clear instead of passing off stale memory as the frame's tail.
 END_MARK = 0xE5
-BEAT_INTERVAL_S = 0.5
-MIN_BEAT_GAP_S = 0.05  # a phase change is published at once, but not more often than this
-STALE_AFTER_S = 5.0  # no heartbeat for this long: the process is dead or stopped
-POLL_S = 0.25
-# Fault injection for tests and drills: "RANK@PHASE=kill" (SIGKILL itself) or "RANK@PHASE=stall"
-# (stop working but keep its heartbeat) when that rank reaches that phase, e.g. "1@prefill block 3=kill".
-FAULT_ENV = "FEDATTN_INJECT_FAULT"
 NO_DEADLINE = datetime.timedelta(days=7)  # gloo's own timeout; ours are enforced above it
-
-
-class PeerFailure(FedAttnError):
-    """Another party is gone or stalled; the message names it and what it was doing."""
 
 
 @dataclass
@@ -136,14 +124,14 @@ class TorchTransport(Transport):
         self._inbox: dict[int, queue.Queue] = {n: queue.Queue() for n in range(self.world_size) if n != rank}
         self._failure: BaseException | None = None
         self._pending: list = []
-        self._fault = _fault_for(rank)
+        self._fault = fault_for(rank)
         self._receiver = threading.Thread(target=self._receive_forever, name="fedattn-receiver", daemon=True)
         self._receiver.start()
 
     def note(self, phase: str) -> None:
         self.liveness.note(phase)
         if self._fault is not None and phase == self._fault[0]:
-            _inject(self._fault[1])
+            inject(self._fault[1])
 
     def _deliver(self, frame: bytes, to: Sequence[int]) -> None:
         size, payload = frame_messages(frame)
@@ -163,11 +151,7 @@ class TorchTransport(Transport):
         self._pending.clear()
 
     def _take(self, sender: int, what: str) -> bytes:
-        while True:
-            try:
-                return self._inbox[sender].get(timeout=POLL_S)
-            except queue.Empty:
-                self._check(sender, what)
+        return take(self._inbox[sender], lambda: self._check(sender, what))
 
     def _check(self, sender: int, what: str) -> None:
         """Fail fast, naming the culprit, if the link broke or a peer died or stalled."""
@@ -237,24 +221,6 @@ def frame_messages(frame: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     payload = bytearray(frame)
     payload.append(END_MARK)
     return torch.tensor([len(frame)], dtype=torch.int64), torch.frombuffer(payload, dtype=torch.uint8)
-
-
-def _fault_for(rank: int) -> tuple[str, str] | None:
-    spec = os.environ.get(FAULT_ENV, "")
-    where, _, action = spec.rpartition("=")
-    target, _, phase = where.partition("@")
-    if not spec or not target.isdigit() or int(target) != rank:
-        return None
-    if action not in ("kill", "stall"):
-        raise ValueError(f"{FAULT_ENV} action must be kill or stall, got {action!r}")
-    return phase, action
-
-
-def _inject(action: str) -> None:
-    time.sleep(4 * MIN_BEAT_GAP_S)  # let the heartbeat publish the phase it dies or stalls in
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    threading.Event().wait()  # stall: the heartbeat thread keeps beating, nothing else moves
 
 
 def _short(error: BaseException) -> str:

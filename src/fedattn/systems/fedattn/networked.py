@@ -21,7 +21,8 @@ import torch.distributed as dist
 from fedattn.errors import FedAttnError
 from fedattn.network.frames import kv_frame_size
 from fedattn.network.kv_codec import KVCodec
-from fedattn.network.torch_transport import NO_DEADLINE, Liveness, PeerFailure, TorchTransport
+from fedattn.network.peers import PeerFailure
+from fedattn.network.torch_transport import NO_DEADLINE, Liveness, TorchTransport
 from fedattn.report.schema import RunReport
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.batch_decode import DecodeRow, decode_rows
