@@ -40,7 +40,13 @@ SEGMENT = [72, 101, 108, 108, 111, 33]  # any short token list: the fake never r
 WAIT_S = 20.0
 # the KV cases: one bad frame for block 0 (the publisher's first wait); then the message-level ones
 KV_CASES = ("dtype", "heads", "zero-tokens", "size-mismatch", "nan", "out-of-order")
-CASES = (*KV_CASES, "truncated", "oversized", "negative-size", "zero-size", "short-size-word", "model-mismatch")
+# the hello cases: a valid handshake but for one field, and no message after it
+HELLO_CASES = {
+    "model-mismatch": "other weights",
+    "zero-segment": "segment length 0",
+    "long-segment": "segment length 5000",
+}
+CASES = (*KV_CASES, "truncated", "oversized", "negative-size", "zero-size", "short-size-word", *HELLO_CASES)
 
 
 def say(text: str) -> None:
@@ -152,7 +158,8 @@ def main(argv: list[str]) -> int:
     fingerprints = run_fingerprints(config, loaded.identity, model_config)
     if case == "model-mismatch":  # other weights, everything else the same
         fingerprints = (bytes(8 * [0xAB]), *fingerprints[1:])
-    hello = Hello(RANK, WORLD_SIZE, len(SEGMENT), fingerprints)
+    segment_length = {"zero-segment": 0, "long-segment": 5000}.get(case, len(SEGMENT))  # tiny-random: 4096 positions
+    hello = Hello(RANK, WORLD_SIZE, segment_length, fingerprints)
 
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
     stop = threading.Event()
@@ -168,11 +175,11 @@ def main(argv: list[str]) -> int:
     say("joined")
     pending: list = []
     send_messages(*frame_messages(encode_hello(hello)), pending)
-    if case == "model-mismatch":
-        say(f"hello sent with other weights at {time.time():.3f}")
+    if case in HELLO_CASES:
+        say(f"hello sent with {HELLO_CASES[case]} at {time.time():.3f}")
     theirs = decode_hello(recv_frame(), "publisher")
     say(f"publisher's hello: segment of {theirs.segment_length} tokens")
-    if case != "model-mismatch":
+    if case not in HELLO_CASES:
         size, payload = bad_message(case, config.codec, heads, head_dim, max_frame_bytes(model_config, config.codec))
         send_messages(size, payload, pending)
         say(

