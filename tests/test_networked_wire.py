@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,7 +60,16 @@ def store_port():
     del store
 
 
-def participant(rank: int, port: int, own: list[str], model: str = "tiny-random") -> subprocess.Popen:
+def participant(
+    rank: int,
+    port: int,
+    own: list[str],
+    model: str = "tiny-random",
+    world_size: int = 2,
+    extra: Sequence[str] = ("--external-store",),
+    env: dict[str, str] = ENV,
+) -> subprocess.Popen:
+    """``fedattn participant`` with the shared options; ``extra`` comes last, so it may override them."""
     shared = list(SHARED)
     shared[1] = model
     command = [
@@ -70,15 +80,15 @@ def participant(rank: int, port: int, own: list[str], model: str = "tiny-random"
         "--rank",
         str(rank),
         "--world-size",
-        "2",
+        str(world_size),
         "--master",
         f"127.0.0.1:{port}",
-        "--external-store",
         *own,
         *shared,
+        *extra,
         "--json",
     ]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def fake_peer(case: str, port: int) -> subprocess.Popen:

@@ -13,13 +13,13 @@ import json
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch.distributed as dist
-from test_networked_wire import ENV, HARD_TIMEOUT_S, killed_at_exit, one_error_line, wait_all
+from test_networked_wire import ENV, HARD_TIMEOUT_S, SHARED, killed_at_exit, one_error_line, wait_all
+from test_networked_wire import participant as wire_participant
 
 from fedattn.cli.main import main
 from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE
@@ -36,32 +36,12 @@ def free_port() -> int:
 
 
 def participant(
-    rank: int, world_size: int, port: int, *extra: str, timeout: float = 30, max_new_tokens: int = 4, env=None
+    rank: int, world_size: int, port: int, *extra: str, timeout: float = 30, max_new_tokens: int = 4, env=ENV
 ) -> subprocess.Popen:
     """One party; the last rank of ``world_size`` asks, the others bring a context."""
     own = ["--question", QUESTION] if rank == world_size - 1 else ["--context", CONTEXTS[rank % len(CONTEXTS)]]
-    command = [
-        sys.executable,
-        "-m",
-        "fedattn.cli",
-        "participant",
-        "--rank",
-        str(rank),
-        "--world-size",
-        str(world_size),
-        "--master",
-        f"127.0.0.1:{port}",
-        "--model",
-        "tiny-random",
-        "--max-new-tokens",
-        str(max_new_tokens),
-        "--timeout",
-        str(timeout),
-        *own,
-        *extra,
-        "--json",
-    ]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV)
+    options = ("--timeout", str(timeout), "--max-new-tokens", str(max_new_tokens), *extra)
+    return wire_participant(rank, port, own, world_size=world_size, extra=options, env=env)
 
 
 def finish(*processes: subprocess.Popen) -> list[tuple[int, str, str]]:
@@ -151,7 +131,7 @@ def test_a_rank_that_never_starts_is_named_by_every_rank():
 
 
 def in_process_answer(capsys, max_new_tokens: int) -> list[int]:
-    argv = ["run", "--model", "tiny-random", "--max-new-tokens", str(max_new_tokens), "--question", QUESTION]
+    argv = ["run", *SHARED, "--max-new-tokens", str(max_new_tokens), "--question", QUESTION]  # the parties' options
     for context in CONTEXTS:
         argv += ["--context", context]
     assert main([*argv, "--json"]) == 0
@@ -211,3 +191,36 @@ def publisher_phase(port: int, host: subprocess.Popen, phase: bytes) -> None:
         except RuntimeError:  # not served yet
             pass
         time.sleep(0.01)
+
+
+class GoneParty:
+    """Heartbeats as a ``Liveness`` sees them when rank 1 died at prefill block 3 and the rest live."""
+
+    def refresh(self) -> None:
+        pass
+
+    def silent_for(self, rank: int) -> float:
+        return 60.0 if rank == 1 else 0.0
+
+    def phase_of(self, rank: int) -> str:
+        return "prefill block 3"
+
+
+def test_a_send_on_a_link_already_down_names_the_party_that_is_gone(monkeypatch):
+    """gloo fails ``isend`` at once once it has seen a peer's socket close; that error must become
+    the named PeerFailure, not a raw gloo traceback (exit 1)."""
+    from fedattn.network import torch_transport
+    from fedattn.network.peers import PeerFailure
+
+    def closed_link(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    monkeypatch.setattr(torch_transport, "STALE_AFTER_S", 0.0)
+    monkeypatch.setattr(torch_transport.dist, "isend", closed_link)
+    monkeypatch.setattr(torch_transport.dist, "recv", lambda *args, **kwargs: threading.Event().wait())
+    transport = torch_transport.TorchTransport(0, ["party-1", "party-2", "publisher"], GoneParty(), 8, 1 << 20)
+    with pytest.raises(PeerFailure) as failure:
+        transport.send(b"a frame", [1, 2])
+    assert str(failure.value) == (
+        "party-2 (rank 1) is gone (last seen at prefill block 3); party-1 was waiting for a frame to reach party-2"
+    )
