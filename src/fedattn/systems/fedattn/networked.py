@@ -120,10 +120,12 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
         loaded.identity,
     )
     start = time.perf_counter()
+    wall_s = None  # until everything this party sent has left
     try:
         with federated_attention_enabled(loaded.model):
             run_alone(party)
         transport.flush()
+        wall_s = time.perf_counter() - start
         transport.note("finished")
         _barrier(store, "finished", rendezvous, names, "finish")
     except FedAttnError as failure:
@@ -132,7 +134,7 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
             raise
         # decoding needs nobody: a party (or the store's host) lost after it cannot change the answer
         print(f"fedattn: warning: {failure}; the answer was complete before, so it stands", file=sys.stderr)
-    wall_s = time.perf_counter() - start
+    wall_s = time.perf_counter() - start if wall_s is None else wall_s
     liveness.stop()
     _leave(store, rendezvous, list(range(rendezvous.world_size)))
     return rank_report(loaded, party, TRANSPORT, transport.link_bytes_sent, wall_s)
