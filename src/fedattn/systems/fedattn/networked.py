@@ -166,30 +166,30 @@ def _flush_before_failing(transport: TorchTransport) -> None:
 
 
 def _connect_store(rendezvous: Rendezvous) -> dist.TCPStore:
-    """Reach (or serve) the rendezvous store, then claim this rank and the run's world size in it:
-    a second process with the same rank, or one given another --world-size, is refused at once,
-    and the refusal reaches every rank already waiting there."""
+    """Reach (or serve) the rendezvous store, then claim the run's world size and this rank in it.
+    A party given another --world-size is refused at once, and so are the ranks waiting for it (the
+    run cannot form); a second process with a rank already claimed is refused alone (the run goes
+    on with the first)."""
     store = connect_store(rendezvous.host, rendezvous.port, rendezvous.timeout_s, serve=rendezvous.host_store)
     where = f"{rendezvous.host}:{rendezvous.port}"
     try:
         announced = str(rendezvous.world_size)
         agreed = store.compare_set("fedattn/world-size", "", announced).decode(errors="replace")
         if agreed != announced:
-            refusal = (
+            refusal = FedAttnError(
                 f"rank {rendezvous.rank} was started with --world-size {announced}, but the run at {where} "
                 f"has --world-size {agreed}: every party must give the same"
             )
-        elif store.add(f"fedattn/rank/{rendezvous.rank}", 1) > 1:
-            refusal = (
+            _abort(store, rendezvous, "joined", refusal)
+            raise refusal
+        if store.add(f"fedattn/rank/{rendezvous.rank}", 1) > 1:
+            raise FedAttnError(
                 f"rank {rendezvous.rank} joined the rendezvous at {where} twice: two parties were given "
                 f"--rank {rendezvous.rank}, or a second run uses the same store"
             )
-        else:
-            return store
     except STORE_ERRORS as error:
         raise PeerFailure(f"the rendezvous store at {where} failed: {str(error).splitlines()[0][:120]}") from None
-    _abort(store, rendezvous, "joined", FedAttnError(refusal))
-    raise FedAttnError(refusal)
+    return store
 
 
 def _barrier(store: dist.TCPStore, name: str, rendezvous: Rendezvous, names: list[str], doing: str) -> None:
@@ -223,15 +223,16 @@ def _barrier(store: dist.TCPStore, name: str, rendezvous: Rendezvous, names: lis
 
 
 def _abort(store: dist.TCPStore, rendezvous: Rendezvous, barrier: str, failure: FedAttnError) -> None:
-    """Leave ``failure`` as the cause of ``barrier`` (the first cause stays), then leave; never raises:
-    the store may be gone already."""
+    """Leave ``failure`` as the cause of ``barrier`` (the first cause stays), then leave after every
+    rank that claimed its place (it reads the cause at its next poll); never raises: the store may
+    be gone already."""
     code = EXIT_PEER_FAILURE if isinstance(failure, PeerFailure) else EXIT_USAGE
     try:
         store.compare_set(f"fedattn/abort/{barrier}", "", f"{code} {failure}")
-        joined = [rank for rank in range(rendezvous.world_size) if store.check([f"fedattn/{barrier}/{rank}"])]
+        claimed = [rank for rank in range(rendezvous.world_size) if store.check([f"fedattn/rank/{rank}"])]
     except STORE_ERRORS:
         return
-    _leave(store, rendezvous, joined)
+    _leave(store, rendezvous, claimed)
 
 
 def _leave(store: dist.TCPStore, rendezvous: Rendezvous, ranks: list[int]) -> None:
