@@ -163,14 +163,16 @@ def test_segments_that_together_exceed_the_context_are_refused_as_in_process(cap
     assert not leftover_parties()
 
 
-def test_a_party_killed_mid_prefill_stops_everyone_within_the_bound():
+@pytest.mark.parametrize("parties", [3, 4])
+def test_a_party_killed_mid_prefill_stops_everyone_within_the_bound(parties):
     timeout = 8
     env = dict(ENV, FEDATTN_INJECT_FAULT="1@prefill block 3=kill")
-    finished = networked([*words(3, ["--sync-every", "2"]), "--timeout", str(timeout)], env=env)
+    finished = networked([*words(parties, ["--sync-every", "2"]), "--timeout", str(timeout)], env=env)
     assert finished.returncode == 3
     lines = finished.stderr.strip().splitlines()
     assert "party-2 (rank 1): killed by SIGKILL" in finished.stderr
-    for name, rank in (("party-1", 0), ("publisher", 2)):
+    survivors = {3: [("party-1", 0), ("publisher", 2)], 4: [("party-1", 0), ("party-3", 2), ("publisher", 3)]}[parties]
+    for name, rank in survivors:
         line = next(line for line in lines if line.strip().startswith(f"{name} (rank {rank})"))
         assert "exit code 3" in line
         assert "party-2 (rank 1) is gone (last seen at prefill block 3)" in line
