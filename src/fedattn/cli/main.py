@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     participant.add_arguments(
         commands.add_parser(
-            "participant", help="run ONE party in this process over torch.distributed (deployments, torchrun)"
+            "participant",
+            help="run ONE party in this process, over torch.distributed (gloo) or gRPC with mutual TLS",
         )
     )
 

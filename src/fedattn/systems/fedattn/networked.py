@@ -3,9 +3,11 @@
 The party goes through ``protocol.PHASES`` alone, blocking on its transport where a phase waits
 for a peer, and reports its own view as a ``RunReport`` with one party (the launcher merges them).
 
-Start-up: connect to the rendezvous store, publish heartbeats, wait (with a deadline) until every
-rank has joined, then open the gloo process group. End: flush, then wait until every rank has
-finished before closing links, so no party's exit looks like a crash to one still working.
+Two transports, one party: over gloo (``Rendezvous``) start-up connects to the rendezvous store,
+publishes heartbeats, waits (with a deadline) until every rank has joined, then opens the gloo
+process group; over gRPC with mutual TLS (``FederationRun``) the party serves at its roster address
+and joins once it has reached every other. End: flush, then wait until every party has finished
+before closing links, so no party's exit looks like a crash to one still working.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from fedattn.errors import FedAttnError
+from fedattn.network.federation import PartyCredentials, Roster
 from fedattn.network.frames import kv_frame_size
+from fedattn.network.grpc_transport import GrpcTransport
 from fedattn.network.kv_codec import KVCodec
 from fedattn.network.peers import PeerFailure
 from fedattn.network.torch_transport import NO_DEADLINE, Liveness, TorchTransport
@@ -42,6 +48,7 @@ from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.reporting import rank_report
 
 TRANSPORT = "torch (gloo)"
+GRPC_TRANSPORT = "gRPC (mutual TLS)"
 
 STORE_POLL_S = 0.1
 LEAVE_GRACE_S = 5.0
@@ -58,9 +65,25 @@ class Rendezvous:
     timeout_s: float
 
 
+@dataclass(frozen=True)
+class FederationRun:
+    """This party's place in a run over a federation's gRPC links: the run's parties in rank order
+    (each in the roster; the last is the task publisher), this party's rank and its own credentials."""
+
+    roster: Roster
+    names: tuple[str, ...]
+    rank: int
+    credentials: PartyCredentials
+    timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return len(self.names)
+
+
 def own_segment(
     loaded: LoadedModel,
-    rendezvous: Rendezvous,
+    rendezvous: Rendezvous | FederationRun,
     text: str | None,
     question: str | None,
     publisher_context: str | None,
@@ -99,9 +122,42 @@ def rank_inputs(contexts: list[str], question: str, publisher_context: str | Non
     return [{"--context": text} for text in contexts] + [publisher]
 
 
-def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], config: RunConfig) -> RunReport:
-    """Join, run this party's whole protocol, and return its report (raises FedAttnError on failure)."""
+def run_party(
+    loaded: LoadedModel, rendezvous: Rendezvous | FederationRun, segment: list[int], config: RunConfig
+) -> RunReport:
+    """Join (over gloo at a rendezvous, or over gRPC in a federation), run this party's whole
+    protocol, and return its report (raises FedAttnError on failure)."""
     check_context_window([segment], config.max_new_tokens, loaded.model.config.max_position_embeddings)
+    limit = max_frame_bytes(loaded.model.config, config.codec)
+    if isinstance(rendezvous, FederationRun):
+        links, label = _grpc_links(rendezvous, limit), GRPC_TRANSPORT
+    else:
+        links, label = _gloo_links(rendezvous, limit), TRANSPORT
+    with links as transport:
+        party = Participant(
+            rendezvous.rank,
+            segment,
+            loaded.model,
+            transport,
+            config,
+            stop_rule(loaded.tokenizer, loaded.model),
+            loaded.identity,
+        )
+        start = time.perf_counter()
+        try:
+            with federated_attention_enabled(loaded.model):
+                run_alone(party)
+        except FedAttnError:
+            _flush_before_failing(transport)
+            raise
+        transport.flush()
+        wall_s = time.perf_counter() - start
+        return rank_report(loaded, party, label, transport.link_bytes_sent, wall_s)
+
+
+@contextmanager
+def _gloo_links(rendezvous: Rendezvous, max_frame: int) -> Iterator[TorchTransport]:
+    """The gloo process group, joined at the rendezvous store; on success, every rank finishes together."""
     names = party_names(rendezvous.world_size)
     store = _connect_store(rendezvous)
     liveness = Liveness(rendezvous.host, rendezvous.port, rendezvous.rank, rendezvous.world_size)
@@ -113,32 +169,25 @@ def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], c
         world_size=rendezvous.world_size,
         timeout=NO_DEADLINE,
     )
-    transport = TorchTransport(
-        rendezvous.rank, names, liveness, rendezvous.timeout_s, max_frame_bytes(loaded.model.config, config.codec)
-    )
-    party = Participant(
-        rendezvous.rank,
-        segment,
-        loaded.model,
-        transport,
-        config,
-        stop_rule(loaded.tokenizer, loaded.model),
-        loaded.identity,
-    )
-    start = time.perf_counter()
-    try:
-        with federated_attention_enabled(loaded.model):
-            run_alone(party)
-    except FedAttnError:
-        _flush_before_failing(transport)
-        raise
-    transport.flush()
-    wall_s = time.perf_counter() - start
+    transport = TorchTransport(rendezvous.rank, names, liveness, rendezvous.timeout_s, max_frame)
+    yield transport
     transport.note("finished")
     _barrier(store, "finished", rendezvous, names, "finish")
     liveness.stop()
     _leave(store, rendezvous)
-    return rank_report(loaded, party, TRANSPORT, transport.link_bytes_sent, wall_s)
+
+
+@contextmanager
+def _grpc_links(run: FederationRun, max_frame: int) -> Iterator[GrpcTransport]:
+    """This party's gRPC service and its mutual-TLS links to every other party of the run."""
+    transport = GrpcTransport(run.rank, run.names, run.roster, run.credentials, run.timeout_s, max_frame)
+    try:
+        transport.join()
+        yield transport
+    except BaseException:
+        transport.close()
+        raise
+    transport.finish()
 
 
 def run_alone(party: Participant) -> list[int]:
@@ -157,7 +206,7 @@ def run_alone(party: Participant) -> list[int]:
     return party.answer
 
 
-def _flush_before_failing(transport: TorchTransport) -> None:
+def _flush_before_failing(transport: TorchTransport | GrpcTransport) -> None:
     """Let what this party already sent (its handshake, say) reach the others, so that they fail
     for the real reason rather than on a closed link; briefly, and never masking our own error."""
     try:
