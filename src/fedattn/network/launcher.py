@@ -90,8 +90,9 @@ class _Stopped(BaseException):
 @contextmanager
 def _unwound_by_signals() -> Iterator[None]:
     """Turn the first SIGTERM or SIGINT into an unwinding exception, then, once everything inside
-    has cleaned up, deliver it again to the handlers it would have met (SIGINT: KeyboardInterrupt;
-    SIGTERM: usually the end of the process). Only the main thread can take signals."""
+    has cleaned up, deliver it again to the handler it would have met (SIGINT: KeyboardInterrupt;
+    SIGTERM: usually the end of the process). A signal the process ignores stays ignored; only the
+    main thread can take signals."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -102,7 +103,8 @@ def _unwound_by_signals() -> Iterator[None]:
             received.append(number)
             raise _Stopped
 
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
+    wanted = [number for number in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(number) is not signal.SIG_IGN]
+    previous = {number: signal.signal(number, stop) for number in wanted}
     try:
         yield
     except _Stopped:
