@@ -149,7 +149,9 @@ class GrpcTransport(Transport):
         node.register(query, self)
         for link in self._links.values():
             link.thread.start()
-        threading.Thread(target=self._beat_forever, name="fedattn-grpc-beat", daemon=True).start()
+        self._beating = threading.Thread(target=self._beat_forever, name="fedattn-grpc-beat", daemon=True)
+        if owns_node:  # a private node beats from the start; a query on a shared node from join (after Go)
+            self._beating.start()
 
     # -- what the node files here ----------------------------------------------------------
     def on_frame(self, caller: str, frame: bytes) -> None:
@@ -245,6 +247,8 @@ class GrpcTransport(Transport):
     def join(self) -> None:
         """Wait until this party has reached every other over mutual TLS and heard from it (each
         may still be starting)."""
+        if self._beating.ident is None:  # not started yet
+            self._beating.start()
         deadline = time.monotonic() + self.timeout_s
         waiting = list(self._peers)
         while waiting:
