@@ -77,10 +77,11 @@ class Refusal(Exception):
     """Raised by a query endpoint or a control function: the call is refused with this status and reason
     (one line, naming parties and queries, never private text)."""
 
-    def __init__(self, code: grpc.StatusCode, why: str) -> None:
+    def __init__(self, code: grpc.StatusCode, why: str, quiet: bool = False) -> None:
         super().__init__(why)
         self.code = code
         self.why = why
+        self.quiet = quiet  # expected in normal operation: not logged
 
 
 class QueryEndpoint(Protocol):
@@ -169,13 +170,14 @@ class GrpcNode:
         try:
             return action() or b""
         except Refusal as refusal:
-            self._refuse(context, refusal.code, refusal.why)
+            self._refuse(context, refusal.code, refusal.why, refusal.quiet)
 
     def _endpoint(self, context: grpc.ServicerContext, what: str) -> QueryEndpoint:
         query = dict(context.invocation_metadata()).get(QUERY_KEY, "")
         endpoint = self._endpoints.get(query)
         if endpoint is None:
-            raise Refusal(grpc.StatusCode.NOT_FOUND, f"{what} for an unknown query")
+            # a beat may trail its query's end at a peer that finished first
+            raise Refusal(grpc.StatusCode.NOT_FOUND, f"{what} for an unknown query", quiet=what == "a beat")
         return endpoint
 
     def _authenticated(self, context: grpc.ServicerContext, may_be_self: bool = False) -> str:
@@ -190,8 +192,8 @@ class GrpcNode:
             self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"a call with its own name {name}")
         return name
 
-    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, why: str) -> NoReturn:
-        if why not in self._refused:  # once per reason: a caller that keeps trying does not flood the log
+    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, why: str, quiet: bool = False) -> NoReturn:
+        if not quiet and why not in self._refused:  # once per reason: a caller that keeps trying does not flood the log
             self._refused.add(why)
             log.warning("%s refused a call from %s: %s", self.name, context.peer(), why)
         context.abort(code, f"{self.name} refused {why}")

@@ -46,6 +46,7 @@ from fedattn.network.peers import PeerFailure
 
 CONTROL_LIMIT = 1 << 20  # bytes of a control body (an Ask carries the question)
 CONTROL_DEADLINE_S = 10.0  # Start, Go, Cancel
+RECONNECT_S = 3.0  # a Start waits this long for an unreachable peer's channel to reconnect
 RESULT_GRACE_S = 10.0  # a party's document is awaited this long past the query's timeout
 ASK_DEADLINE_S = 3600.0  # the whole of one query, as ``fedattn ask`` waits for it
 SERVICE_WORKERS = 32  # concurrent calls: frames, beats and the long Ask and Result calls of queries in flight
@@ -317,7 +318,19 @@ class Service:
             pass  # it may be gone: its own liveness ends its part of the query
 
     def _call(self, peer: str, method: str, body: dict, deadline_s: float = CONTROL_DEADLINE_S) -> Any:
-        return call(self.node.channel(peer), peer, self.roster.entry(peer).address, method, body, deadline_s)
+        """A control call to ``peer``; a Start that finds it unreachable tries once more after the
+        channel had time to reconnect (a restarted service is back while our channel backs off)."""
+        channel, address = self.node.channel(peer), self.roster.entry(peer).address
+        try:
+            return call(channel, peer, address, method, body, deadline_s)
+        except PeerFailure:
+            if method != "Start":
+                raise
+        try:
+            grpc.channel_ready_future(channel).result(timeout=RECONNECT_S)
+        except grpc.FutureTimeoutError:
+            pass  # the second try says why
+        return call(channel, peer, address, method, body, deadline_s)
 
     def _log(self, query: Query, transport: GrpcTransport | None, seconds: float, outcome: str) -> None:
         sent, received = (transport.stats.bytes_sent, transport.stats.bytes_received) if transport else (0, 0)
