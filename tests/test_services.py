@@ -28,9 +28,11 @@ from fedattn.cli.main import main
 from fedattn.errors import FedAttnError
 from fedattn.network.federation import free_loopback_addresses, init_federation
 from fedattn.network.grpc_node import GRPC_MESSAGE_PREFIX, QUERY_KEY, SERVICE
+from fedattn.network.kv_codec import get_codec
 from fedattn.network.peers import PeerFailure
 from fedattn.network.service import Service, ask
 from fedattn.runtime.models import load_model
+from fedattn.systems.fedattn.networked import max_frame_bytes
 from fedattn.systems.fedattn.service import FedAttnHandler
 
 MARK = "QX7MARK"  # in every private text: never in a log line or an error message
@@ -214,7 +216,8 @@ def test_refused_calls_leave_the_services_serving(services, federation, capsys, 
             "publisher refused Ask from party-1: only publisher asks its own service",
         )
         # a query of party-1 and the publisher: party-2 may not send into it, nor let it go
-        started = raw(federation, "publisher", "party-1", "Start", start_body(query, ["party-1", "publisher"]))
+        int8 = start_body(query, ["party-1", "publisher"], ["--kv-codec", "int8"])
+        started = raw(federation, "publisher", "party-1", "Start", int8)
         assert started == b"{}"
         refused(
             raw(federation, "party-2", "party-1", "Deliver", b"frame", query),
@@ -226,7 +229,23 @@ def test_refused_calls_leave_the_services_serving(services, federation, capsys, 
             denied,
             "party-1 refused a Go from party-2: not the query's starter",
         )
+        # the query's own limit, below the node's (a float32 frame): from its codec
+        largest = max_frame_bytes(services["party-1"].handler.loaded.model.config, get_codec("int8"))
+        refused(
+            raw(federation, "publisher", "party-1", "Deliver", b"x" * (largest + 1), query),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"party-1 refused a frame of {largest + 1} bytes from publisher: the query's largest is {largest}",
+        )
         assert raw(federation, "publisher", "party-1", "Cancel", go) == b"{}"
+        # a query that gets no Go expires after its timeout
+        lapsing = "cd" * 16
+        short = start_body(lapsing, ["party-1", "publisher"], ["--timeout", "0.5"])
+        assert raw(federation, "publisher", "party-1", "Start", short) == b"{}"
+        time.sleep(1.5)
+        lapsed = json.dumps({"query": lapsing}).encode()
+        refused(
+            raw(federation, "publisher", "party-1", "Go", lapsed), missing, "party-1 refused a Go for an unknown query"
+        )
         host, port = federation.entry("party-1").address.rsplit(":", 1)
         for garbage in (os.urandom(4096), b"GET / HTTP/1.1\r\n\r\n"):
             with socket.create_connection((host, int(port)), timeout=5) as sock:
@@ -235,6 +254,8 @@ def test_refused_calls_leave_the_services_serving(services, federation, capsys, 
         code, out, err = cli(ask_words(federation.folder / "roster.toml", RUNS["every-2"]), capsys)
     assert code == 0, err
     assert f"query {query}: parties party-1,publisher; sent 0 B, received 0 B; 0.00 s; cancelled" in caplog.text
+    expired = f"query {lapsing}: parties party-1,publisher; sent 0 B, received 0 B; 0.00 s; expired: no Go within"
+    assert expired in caplog.text
 
 
 def test_a_party_whose_options_differ_is_refused_by_the_handshake(federation, loaded, capsys, caplog):
@@ -331,6 +352,29 @@ def test_a_killed_collaborator_is_named_and_its_restart_rejoins(federation, load
     outcomes = [record.getMessage().rsplit("; ", 1)[1] for record in caplog.records if "query " in record.getMessage()]
     assert outcomes.count("answered") == 2 and len(outcomes) == 4  # party-2 and the publisher, once per query
     assert MARK not in caplog.text + logs[0].read_text() + restarted_log + str(failed.value)
+
+
+def test_ctrl_c_stops_a_service_with_exit_130(federation, tmp_path):
+    log = tmp_path / "publisher.log"
+    words = [
+        "serve",
+        "--roster",
+        str(federation.folder / "roster.toml"),
+        "--name",
+        "publisher",
+        "--model",
+        "tiny-random",
+    ]
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "fedattn.cli", *words], stderr=stderr)
+    try:
+        wait_listening(federation.entry("publisher").address, process)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 130
+    finally:
+        process.kill()
+    text = log.read_text()
+    assert "Traceback" not in text and text.endswith("fedattn: interrupted\n")
 
 
 def test_a_start_for_unknown_parties_is_refused(services, federation):

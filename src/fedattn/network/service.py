@@ -159,9 +159,8 @@ class Service:
             self._go(served)
             return b"{}"
         if method == "Cancel":
-            served.transport.close(f"{caller} cancelled it")
-            if not served.went:
-                self._end(served, "cancelled")
+            self._stop_unstarted(served, "cancelled")
+            served.transport.close(f"{caller} cancelled it")  # a running query fails, naming why
             return b"{}"
         return _dump(self._result(served))
 
@@ -212,7 +211,8 @@ class Service:
     def _run(self, served: _Served) -> None:
         start = time.monotonic()
         served.reply = self._party(served.query, served.rank, served.plan, served.transport, None)
-        self._end(served, _outcome(served.reply), time.monotonic() - start)
+        self._log(served.query, served.transport, time.monotonic() - start, _outcome(served.reply))
+        served.done.set()
         _after(served.plan.timeout_s + RESULT_GRACE_S, self._forget, served)
 
     def _result(self, served: _Served) -> dict:
@@ -222,18 +222,18 @@ class Service:
         return served.reply
 
     def _expire(self, served: _Served) -> None:
-        with self._lock:
-            expired = not served.went and not served.done.is_set()
-        if expired:
-            served.transport.close("it expired")
-            self._end(served, "expired: no Go within the timeout")
+        self._stop_unstarted(served, "expired: no Go within the timeout")
 
-    def _end(self, served: _Served, outcome: str, seconds: float = 0.0) -> None:
-        if not served.done.is_set():
+    def _stop_unstarted(self, served: _Served, outcome: str) -> None:
+        """End a query that never got its Go (cancelled or expired): once, with its log line."""
+        with self._lock:
+            if served.went or served.done.is_set():
+                return
+            served.reply = {"error": f"{self.name}: the query {outcome}", "exit": EXIT_PEER_FAILURE}
             served.done.set()
-            self._log(served.query, served.transport, seconds, outcome)
-            if not served.went:
-                self._forget(served)
+        served.transport.close(outcome)
+        self._log(served.query, served.transport, 0.0, outcome)
+        self._forget(served)
 
     def _forget(self, served: _Served) -> None:
         with self._lock:
