@@ -21,7 +21,7 @@ from fedattn.report.schema import RunReport
 from fedattn.runtime.devices import resolve_device
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
-from fedattn.runtime.prompting import CONTEXT_SEPARATOR, build_segments, check_context_window
+from fedattn.runtime.prompting import CONTEXT_SEPARATOR, build_segments, check_context_window, collaborator_pieces
 from fedattn.systems.base import Description, Exposure
 from fedattn.systems.fedattn import config as run_config
 from fedattn.systems.fedattn import reporting
@@ -198,6 +198,8 @@ class FedAttnSystem:
 
         from fedattn.runtime.models import load_model
 
+        if context is not None:
+            collaborator_pieces(context, True, None)  # an empty document is refused before the load
         device = resolve_device(args.device)
         loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=False)
         return FedAttnHandler(loaded, args.dtype, context)
