@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -26,7 +27,7 @@ import torch
 
 from fedattn.cli.main import main
 from fedattn.errors import FedAttnError
-from fedattn.network.federation import free_loopback_addresses, init_federation
+from fedattn.network.federation import Roster, free_loopback_addresses, init_federation
 from fedattn.network.grpc_node import GRPC_MESSAGE_PREFIX, QUERY_KEY, SERVICE
 from fedattn.network.kv_codec import get_codec
 from fedattn.network.peers import PeerFailure
@@ -283,13 +284,38 @@ def test_ask_without_a_running_service_is_one_line_and_exit_3(federation, capsys
     assert err == f"fedattn: error: publisher's service at {address}: nothing listens at its address\n"
 
 
+def test_a_collaborator_service_that_is_not_running_is_named(federation, loaded, capsys):
+    with ExitStack() as stack:
+        serve(stack, federation, "publisher", loaded, None)
+        serve(stack, federation, "party-2", loaded, CONTEXTS["party-2"])
+        start = time.monotonic()
+        code, out, err = cli(ask_words(federation.folder / "roster.toml", []), capsys)
+    assert time.monotonic() - start < 15
+    address = federation.entry("party-1").address
+    assert (code, err) == (3, f"fedattn: error: party-1 at {address}: nothing listens at its address\n")
+
+
 def test_a_query_the_publisher_may_not_start_is_refused(tmp_path, loaded, capsys):
-    roster = init_federation(tmp_path / "fed", NAMES, free_loopback_addresses(3), ["party-1"])
+    """By its own service, and by a collaborator whose roster says so (rosters copied apart)."""
+    roster = init_federation(tmp_path / "fed", NAMES, free_loopback_addresses(3), ["party-2"])
+    roster_path = tmp_path / "fed" / "roster.toml"
     with ExitStack() as stack:
         serve(stack, roster, "publisher", loaded, None)
-        code, out, err = cli(ask_words(tmp_path / "fed" / "roster.toml", []), capsys)
-    assert code == 2
-    assert err == "fedattn: error: publisher may not start queries (may_start is false in the roster)\n"
+        code, out, err = cli(ask_words(roster_path, []), capsys)
+        assert (code, err) == (
+            2,
+            "fedattn: error: publisher may not start queries (may_start is false in the roster)\n",
+        )
+        publisher_view = Roster(tuple(replace(party, may_start=True) for party in roster.parties), roster.folder)
+        stack.close()
+        serve(stack, roster, "party-1", loaded, CONTEXTS["party-1"])
+        serve(stack, roster, "party-2", loaded, CONTEXTS["party-2"])
+        handler = FedAttnHandler(loaded, "float32", None)
+        stack.callback(handler.close)
+        stack.callback(Service(publisher_view, "publisher", roster.credentials("publisher"), handler).close)
+        code, out, err = cli(ask_words(roster_path, []), capsys)
+    refusal = "party-1 refused a Start: publisher may not start queries (may_start is false in the roster)"
+    assert (code, err) == (2, f"fedattn: error: {refusal}\n")
 
 
 # -- a collaborator service that dies and comes back ----------------------------------------------

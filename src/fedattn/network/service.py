@@ -60,6 +60,15 @@ BODIES = {  # the keys of each control body and their types
     "Result": {"query": str},
     "Ask": {"parties": (list, type(None)), "options": list, "input": dict},
 }
+# a service's refusals: what the caller asked is wrong (exit 2); any other failed call: the party failed (exit 3)
+REFUSALS = {
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 
 log = logging.getLogger(__name__)
 
@@ -397,16 +406,6 @@ def call(channel: grpc.Channel, peer: str, address: str, method: str, body: dict
         return json.loads(reply)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ProtocolError(f"{peer} answered {method} with something else than JSON") from None
-
-
-REFUSALS = {
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS,
-    grpc.StatusCode.UNIMPLEMENTED,
-}
 
 
 def _parse(method: str, body: bytes) -> dict:
