@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -268,10 +269,14 @@ def test_a_party_whose_options_differ_is_refused_by_the_handshake(federation, lo
         serve(stack, federation, "party-2", other, CONTEXTS["party-2"], dtype="bfloat16")
         serve(stack, federation, "publisher", loaded, None)
         for _ in range(2):  # and again: every service still serves
-            code, out, err = cli(ask_words(roster_path, ["--timeout", "5"]), capsys)
+            start = time.monotonic()
+            code, out, err = cli(ask_words(roster_path, []), capsys)  # the default timeout, 60 s, is not waited
+            assert time.monotonic() - start < 10
             assert (code, out) == (2, "")
-            assert err.startswith("fedattn: error: handshake refused: party-2 (rank 1) differs from rank 2 in ")
-            assert err.endswith(" in KV codec\n") and err.count("\n") == 1
+            # whoever saw it first: the publisher, or a collaborator whose refusal the publisher relays
+            assert re.fullmatch(
+                r"fedattn: error: handshake refused: party-\d \(rank \d\) differs from rank \d in KV codec\n", err
+            )
     assert MARK not in caplog.text + err
 
 

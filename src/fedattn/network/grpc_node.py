@@ -65,10 +65,12 @@ REASONS = (
     ("Socket closed", "it closed the connection during the TLS handshake (it did not accept this party's certificate)"),
     ("Connection refused", "nothing listens at its address"),
     ("Deadline Exceeded", "no answer before the deadline"),
+    ("for an unknown query", "it does not hold the query (it has left it)"),
 )
-# refusals that waiting cannot cure: join gives up at once (a party still starting is merely unreachable)
+# refusals that waiting cannot cure: join gives up at once (a party still starting is merely unreachable;
+# every party of a service's query holds it before any joins, so one that does not hold it has left)
 FINAL_REASONS = {REASONS[0][1], REASONS[1][1]}
-FINAL_CODES = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+FINAL_CODES = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND}
 
 log = logging.getLogger(__name__)
 

@@ -295,7 +295,9 @@ class Service:
             for peer in started:
                 self._call(peer, "Go", {"query": query.id})
             reply = self._party(query, len(parties) - 1, plan, transport, private)
-            if "error" not in reply:
+            if "error" in reply:
+                reply, started = self._cause(query, started, reply), []
+            else:
                 documents = [self._document(peer, query) for peer in started]
                 started = []
                 reply = {"document": self.handler.combine(query, [*documents, reply["document"]])}
@@ -308,6 +310,22 @@ class Service:
                 self._cancel(peer, query)
         self._log(query, transport, time.monotonic() - start, _outcome(reply))
         return reply
+
+    def _cause(self, query: Query, started: list[str], failure: dict) -> dict:
+        """Why the query failed, once every other party is stopped: when this party only saw a peer
+        leave (a PeerFailure), a peer's own refusal (a handshake that differs, bad input) says more."""
+        for peer in started:
+            self._cancel(peer, query)
+        if failure["exit"] != EXIT_PEER_FAILURE:
+            return failure
+        for peer in started:
+            try:
+                reply = self._call(peer, "Result", {"query": query.id})
+            except FedAttnError:
+                continue
+            if isinstance(reply, dict) and reply.get("exit") == EXIT_USAGE and isinstance(reply.get("error"), str):
+                return {"error": reply["error"][:1000], "exit": EXIT_USAGE}
+        return failure
 
     def _document(self, peer: str, query: Query) -> dict:
         reply = self._call(peer, "Result", {"query": query.id}, ASK_DEADLINE_S)
