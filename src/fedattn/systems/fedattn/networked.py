@@ -90,21 +90,32 @@ def own_segment(
     raw: bool,
 ) -> list[int]:
     """This party's tokens, from its own text alone (the publisher is the last rank)."""
+    return party_segment(loaded, rendezvous.rank, rendezvous.world_size, text, question, publisher_context, raw)
+
+
+def party_segment(
+    loaded: LoadedModel,
+    rank: int,
+    world_size: int,
+    text: str | None,
+    question: str | None,
+    publisher_context: str | None,
+    raw: bool,
+) -> list[int]:
+    """Rank ``rank``'s tokens from its own text: a collaborator's context, or the publisher's (last
+    rank's) question after its own optional context."""
     template = template_for(loaded.tokenizer, raw)
-    is_publisher = rendezvous.rank == rendezvous.world_size - 1
-    if is_publisher:
+    if rank == world_size - 1:
         if question is None:
-            raise FedAttnError(f"rank {rendezvous.rank} is the task publisher (the last rank): it needs --question")
+            raise FedAttnError(f"rank {rank} is the task publisher (the last rank): it needs --question")
         if text is not None:
             raise FedAttnError("the publisher takes --question (and --publisher-context), not --context")
-        pieces = publisher_pieces(question, publisher_context, rendezvous.world_size == 1, template)
+        pieces = publisher_pieces(question, publisher_context, world_size == 1, template)
     else:
         if text is None or question is not None or publisher_context is not None:
-            raise FedAttnError(
-                f"rank {rendezvous.rank} is a collaborator: it takes exactly one --context and no --question"
-            )
-        pieces = collaborator_pieces(text, rendezvous.rank == 0, template)
-    return tokenize_party(loaded.tokenizer, pieces, f"rank {rendezvous.rank}")
+            raise FedAttnError(f"rank {rank} is a collaborator: it takes exactly one --context and no --question")
+        pieces = collaborator_pieces(text, rank == 0, template)
+    return tokenize_party(loaded.tokenizer, pieces, f"rank {rank}")
 
 
 def max_frame_bytes(model_config, codec: KVCodec) -> int:
