@@ -14,15 +14,11 @@ import sys
 import threading
 from pathlib import Path
 
-from fedattn.argtypes import text_or_file
+from fedattn.argtypes import name_list, text_or_file
 from fedattn.cli.run import print_report
 from fedattn.systems import DEFAULT_SYSTEM, get_system
 
 STOP_POLL_S = 0.5
-
-
-def _names(value: str) -> list[str]:
-    return [word.strip() for word in value.split(",") if word.strip()]
 
 
 def _federation_options(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +38,7 @@ def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     _federation_options(parser)
     parser.add_argument(
         "--parties",
-        type=_names,
+        type=name_list,
         metavar="A,B,...",
         help="the collaborators, in order (default: every other party of the roster); the asker is last",
     )
