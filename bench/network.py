@@ -17,6 +17,10 @@ Link profiles shape both ends of every party's veth (its uplink and its downlink
 ``tbf``; delay with ``netem`` (half the profile's one-way party-to-party delay on each hop) when the
 kernel has it. Where it does not, the output says so and the delay is 0.
 
+``--transports torch,grpc`` runs every query over gloo and over gRPC with mutual TLS (a throwaway
+federation whose parties listen on their own namespace's address, ``participant --roster``; no
+store), one after the other, so the two meet the same link.
+
 Per profile (unshaped, 100 Mbit/s, 20 Mbit/s) and schedule (H = 1, 2, 4, 8, publisher-dense):
 TTFT, total time, bytes on the links, the answer; against the in-process engine
 (``fedattn run --raw``, same schedule) and the publisher alone (no collaborators), each at 1 thread
@@ -57,6 +61,8 @@ REPO = Path(__file__).resolve().parents[1]
 SUBNET = "10.203.0"
 SWITCH_NS, BRIDGE, SWITCH_IP = "fa-sw", "fa-br", f"{SUBNET}.254"
 STORE_PORT_BASE = 29400
+GRPC_PORT = 50051  # every party's service, on its own namespace's address
+TRANSPORT_LABELS = {"torch": "gloo (plain TCP)", "grpc": "gRPC with mutual TLS"}
 PROBE_PORT = 5201
 TBF_BURST, TBF_LATENCY = "64kb", "400ms"
 LOCK_PATH = Path("/run/lock/fa-netbench.lock")
@@ -446,19 +452,52 @@ def run_cli(words: list[str], threads: int) -> dict:
     }
 
 
-def run_networked(topo: Topology, own: list[list[str]], shared: list[str], port: int, folder: Path) -> dict:
-    """One query: a store in the switch namespace, one participant per party namespace."""
+def federation(folder: Path, parties: int) -> Path:
+    """A throwaway federation whose parties listen on their own namespace's address (gRPC runs)."""
+    from fedattn.network.federation import init_federation
+
+    names = party_names_of(parties)
+    addresses = [f"{party_ip(rank)}:{GRPC_PORT}" for rank in range(parties)]
+    return init_federation(folder / "federation", names, addresses, names[-1:]).folder / "roster.toml"
+
+
+def rendezvous_words(transport: str, rank: int, world: int, port: int, roster: Path | None) -> list[str]:
+    if transport == "grpc":
+        return ["--roster", str(roster), "--name", party_names_of(world)[rank]]
+    return ["--rank", str(rank), "--world-size", str(world), "--master", f"{SWITCH_IP}:{port}", "--external-store"]
+
+
+def party_names_of(world: int) -> list[str]:
+    from fedattn.systems.fedattn.party import party_names
+
+    return party_names(world)
+
+
+def run_networked(
+    topo: Topology,
+    own: list[list[str]],
+    shared: list[str],
+    port: int,
+    folder: Path,
+    transport: str = "torch",
+    roster: Path | None = None,
+) -> dict:
+    """One query: one participant per party namespace, over gloo (with a store in the switch
+    namespace) or over gRPC with mutual TLS (each party's service on its own address)."""
     world = topo.parties
-    store = spawn(
-        in_ns(SWITCH_NS, sys.executable, __file__, "--_store", str(port), str(world)),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=(folder / f"store-{port}.txt").open("w"),
-        text=True,
-    )
+    store = None
+    if transport == "torch":
+        store = spawn(
+            in_ns(SWITCH_NS, sys.executable, __file__, "--_store", str(port), str(world)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=(folder / f"store-{port}.txt").open("w"),
+            text=True,
+        )
     parties: list[subprocess.Popen] = []
     try:
-        wait_ready(store, "the rendezvous store")
+        if store is not None:
+            wait_ready(store, "the rendezvous store")
         before = topo.tx_bytes()
         start = time.monotonic()
         for rank in range(world):
@@ -470,13 +509,7 @@ def run_networked(topo: Topology, own: list[list[str]], shared: list[str], port:
                 "-m",
                 "fedattn.cli",
                 "participant",
-                "--rank",
-                str(rank),
-                "--world-size",
-                str(world),
-                "--master",
-                f"{SWITCH_IP}:{port}",
-                "--external-store",
+                *rendezvous_words(transport, rank, world, port, roster),
                 *own[rank],
                 *shared,
                 "--json",
@@ -495,10 +528,11 @@ def run_networked(topo: Topology, own: list[list[str]], shared: list[str], port:
     finally:
         for child in parties:
             stop(child)
-        if store.stdin:
-            with contextlib.suppress(OSError):
-                store.stdin.close()
-        stop(store)
+        if store is not None:
+            if store.stdin:
+                with contextlib.suppress(OSError):
+                    store.stdin.close()
+            stop(store)
     if any(code != 0 for code in codes):
         failures = []
         for rank, code in enumerate(codes):
@@ -558,7 +592,11 @@ def mb(value: float) -> str:
     return f"{value / 1e6:.1f}"
 
 
-def print_table(results: dict, profiles: list[Profile], schedules: list[str]) -> None:
+def run_key(profile: str, schedule: str, transport: str) -> str:
+    return f"{profile} {schedule}" + ("" if transport == "torch" else f" {transport}")
+
+
+def print_table(results: dict, profiles: list[Profile], schedules: list[str], transport: str) -> None:
     baselines, runs = results["baselines"], results["runs"]
     labels = []
     for profile in profiles:
@@ -588,7 +626,7 @@ def print_table(results: dict, profiles: list[Profile], schedules: list[str]) ->
         inproc = baselines[threads[0]].get(schedule)  # the tokens every networked run is checked against
         links, wires, same = set(), [], []
         for profile in profiles:
-            run = runs.get(f"{profile.name} {schedule}")
+            run = runs.get(run_key(profile.name, schedule, transport))
             cells.append(cell(run))
             if run and "error" not in run:
                 links.add(run["link_bytes_sent"])
@@ -606,6 +644,10 @@ def bench(args: argparse.Namespace) -> int:
     profiles = [p for p in PROFILES if p.name == "100mbit"] if args.quick else PROFILES
     schedules = [s for s in SCHEDULES if s[0] in ("H=1", "publisher-dense")] if args.quick else SCHEDULES
     threads = list(dict.fromkeys(int(word) for word in args.baseline_threads.split(",")))
+    transports = [word.strip() for word in args.transports.split(",") if word.strip()]
+    unknown = [word for word in transports if word not in TRANSPORT_LABELS]
+    if unknown or not transports:
+        raise SetupError(f"--transports takes torch and/or grpc, got {args.transports!r}")
     started = time.monotonic()
     results: dict = {
         "model": args.model,
@@ -613,6 +655,7 @@ def bench(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "threads_per_party_process": 1,
         "threads_of_baselines": threads,
+        "transports": transports,
         "load_average_before": load_average(),
         "definitions": {
             "ttft_s": "networked: the publisher's wall_s - decode_s, i.e. from the start of its run (all parties "
@@ -672,6 +715,7 @@ def bench(args: argparse.Namespace) -> int:
                 print(f"  publisher alone, {count} thread(s): {_brief(found['publisher alone'])}", flush=True)
 
             port = STORE_PORT_BASE
+            roster = federation(folder, args.parties) if "grpc" in transports else None
             for profile in profiles:
                 results["shaping"][profile.name] = topo.shape(profile)
                 results["probes"][profile.name] = probe(profile, args.parties)
@@ -688,9 +732,10 @@ def bench(args: argparse.Namespace) -> int:
                 for name, words in schedules:
                     port += 1
                     shared = [*base, *words, "--timeout", str(PARTY_TIMEOUT_S)]
-                    run = run_networked(topo, own, shared, port, folder)
-                    results["runs"][f"{profile.name} {name}"] = run
-                    print(f"  {name}: {_brief(run)}", flush=True)
+                    for transport in transports:
+                        run = run_networked(topo, own, shared, port, folder, transport, roster)
+                        results["runs"][run_key(profile.name, name, transport)] = run
+                        print(f"  {name} over {TRANSPORT_LABELS[transport]}: {_brief(run)}", flush=True)
         finally:
             for child in list(_children):
                 stop(child)
@@ -700,8 +745,9 @@ def bench(args: argparse.Namespace) -> int:
 
     results["load_average_after"] = load_average()
     results["elapsed_s"] = time.monotonic() - started
-    print()
-    print_table(results, profiles, [name for name, _ in schedules])
+    for transport in transports:
+        print(f"\nover {TRANSPORT_LABELS[transport]}")
+        print_table(results, profiles, [name for name, _ in schedules], transport)
     answers = {}
     flat = [
         (f"in-proc {name} ({key})", entry)
@@ -773,6 +819,11 @@ def main() -> int:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--item", type=int, default=0, help="GSM8K test item used as the question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--transports",
+        default="torch",
+        help="a comma list of torch (gloo) and grpc (mutual TLS): each query runs over each, interleaved",
+    )
     parser.add_argument(
         "--baseline-threads",
         default=f"1,{os.cpu_count()}",

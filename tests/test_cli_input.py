@@ -6,6 +6,7 @@ same run, and library errors say what is wrong with a value rather than which fl
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from fedattn.argtypes import option_words
 from fedattn.cli.main import main, parse_words
 from fedattn.cli.run import shared_words
 from fedattn.errors import FedAttnError
+from fedattn.network.federation import free_loopback_addresses, init_federation
 from fedattn.runtime.decoding import Decoding
 from fedattn.runtime.devices import resolve_device
 from fedattn.systems.fedattn.config import SHARED_OPTIONS
@@ -208,6 +210,53 @@ def test_participant_refuses(capsys, monkeypatch, extra, message):
     assert message in refused(capsys, [*words, "--context", "c", *extra])
 
 
+@pytest.fixture
+def roster_file(tmp_path):
+    """A federation of party-1, party-2 and publisher in which only party-1 may start queries."""
+    names = ["party-1", "party-2", "publisher"]
+    init_federation(tmp_path / "federation", names, free_loopback_addresses(3), ["party-1"])
+    return str(tmp_path / "federation" / "roster.toml")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--name", "zed"], "zed is not in the federation's roster (party-1, party-2, publisher)"),
+        (
+            ["--name", "party-1"],
+            "publisher would start the query but may not start queries in this federation "
+            "(may_start = false in the roster)",
+        ),
+        (
+            ["--name", "publisher", "--parties", "party-2,party-1"],
+            "--name publisher is not one of the run's parties (party-2, party-1)",
+        ),
+        (["--name", "party-2", "--parties", "party-2,party-2"], "party-2 is named more than once"),
+        (["--name", "party-1", "--rank", "0"], "--roster (gRPC) and --rank (gloo) exclude each other"),
+        (["--name", "party-1", "--master", "127.0.0.1:1"], "--roster (gRPC) and --master (gloo) exclude each other"),
+        (["--name", "party-1", "--external-store"], "--roster (gRPC) and --external-store (gloo) exclude each other"),
+    ],
+)
+def test_participant_in_a_federation_refuses(capsys, monkeypatch, roster_file, extra, message):
+    monkeypatch.setattr("fedattn.systems.fedattn.networked.exit_now", lambda code: None)
+    words = ["participant", "--model", "tiny-random", "--context", "c", "--roster", roster_file]
+    assert message in refused(capsys, [*words, *extra])
+
+
+def test_participant_needs_both_roster_and_name(capsys, monkeypatch, roster_file):
+    monkeypatch.setattr("fedattn.systems.fedattn.networked.exit_now", lambda code: None)
+    words = ["participant", "--model", "tiny-random", "--context", "c"]
+    for extra in (["--name", "party-1"], ["--roster", roster_file], ["--parties", "party-1,publisher"]):
+        assert refused(capsys, [*words, *extra]).endswith(
+            "a party in a federation needs both --roster FILE and --name NAME"
+        )
+    mixed = refused(capsys, [*words, "--parties", "party-1,publisher", "--world-size", "2"])
+    assert mixed.endswith(
+        "--parties (gRPC) and --world-size (gloo) exclude each other: a party joins a federation "
+        "(--roster, --name, --parties) or a rendezvous (--rank, --world-size, --master)"
+    )
+
+
 def test_participant_settings_from_the_environment(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr("fedattn.systems.fedattn.networked.exit_now", lambda code: None)
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -253,6 +302,22 @@ def test_a_networked_run_refused_by_every_party_is_one_line(capsys):
     every party refuses it alike, and the launcher says so once, as a usage error."""
     line = refused(capsys, [*RUN, "--transport", "torch", "--sync-layers", "0,99", "--timeout", "5"])
     assert line == "fedattn: error: --sync-layers: block 99 is out of range: the model has blocks 0..7"
+
+
+@pytest.mark.parametrize("transport", ["torch", "grpc"])
+def test_a_networked_run_every_party_refuses_in_its_own_words_is_a_usage_error(capsys, transport):
+    """Each party's own prompt is longer than the model's context, so each refuses with its own
+    token count: still the user's mistake (exit 2), said once per party in one line. Each text is
+    over 64 KiB, more than a pipe holds: handing it to its party must not block."""
+    collaborator, publisher = "word " * 14000, "why " * 14000
+    argv = ["run", "--model", "tiny-random", "--context", collaborator, "--question", publisher]
+    line = refused(capsys, [*argv, "--transport", transport, "--timeout", "5"])
+    assert re.fullmatch(
+        r"fedattn: error: every party refused the run: "
+        r"party-1 \(rank 0\): the prompt has (\d+) tokens; .* context of 4096 positions; "
+        r"publisher \(rank 1\): the prompt has (\d+) tokens; .* context of 4096 positions",
+        line,
+    ), line
 
 
 def test_the_launcher_checks_the_options_once_before_starting_any_party(capsys, monkeypatch):

@@ -1,5 +1,6 @@
-"""The networked transport (one process per party over gloo on loopback) against the in-process
-engine, and its behaviour when a party dies or stalls."""
+"""Networked runs (one process per party on loopback, over gloo and over gRPC with mutual TLS)
+against the in-process engine, their behaviour when a party dies or stalls, and the launcher's
+care for private text (never on disk, nor on a command line) and for its children."""
 
 import argparse
 import json
@@ -9,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from fedattn.cli.main import main
+from fedattn.network.federation import free_loopback_addresses, init_federation
 from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, kv_frame_size
 from fedattn.systems.fedattn.config import add_options, configure
 from fedattn.systems.fedattn.exchange import frame_token_counts
@@ -22,10 +25,13 @@ CONTEXTS = ["Alice's locker code is 4417 and she lives in Oslo.", "Bob's locker 
 QUESTION = "What is Alice's locker code?"
 MARK = f"test-networked-{os.getpid()}"  # in every process this file starts: others' runs are not ours to count
 ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", FEDATTN_TEST_MARK=MARK)
-COPY_FRAMING = 8 + 1  # per copy on a link: the int64 size word, and the end mark after the frame
+TRANSPORTS = ("torch", "grpc")
+# per copy of a frame on a link: over gloo the int64 size word and the end mark after the frame;
+# over gRPC the message's prefix (a compression flag and a 4-byte length)
+COPY_FRAMING = {"torch": 8 + 1, "grpc": 1 + 4}
 
 
-def expected_link_bytes(options: list[str], lengths: list[int]) -> list[int]:
+def expected_link_bytes(options: list[str], lengths: list[int], copy_framing: int) -> list[int]:
     """Per party, what its point-to-point links carry (README, Telemetry): every frame it sends
     (handshake, K/V where the schedule sends it, the publisher's first token and completion), once
     per addressee, each copy with its framing."""
@@ -37,16 +43,16 @@ def expected_link_bytes(options: list[str], lengths: list[int]) -> list[int]:
     tokens = frame_token_counts(
         config.schedule, config.sparsity, config.exchange, config.codec, lengths, heads, head_dim, config.all_answers
     )
-    links = [(HELLO_FRAME.size + COPY_FRAMING) * (count - 1)] * count
+    links = [(HELLO_FRAME.size + copy_framing) * (count - 1)] * count
     for sender in range(count):
         for layer in range(model.num_hidden_layers):
             receivers = config.schedule.receivers(layer, sender, count, config.all_answers)
             if receivers:
                 sent = tokens[(sender, layer)]
                 size = kv_frame_size(sent, sent == lengths[sender], config.codec, heads, head_dim)
-                links[sender] += (size + COPY_FRAMING) * len(receivers)
+                links[sender] += (size + copy_framing) * len(receivers)
     publisher_frames = 2 if config.all_answers else 1  # the completion, and the first token if all answer
-    links[-1] += publisher_frames * (SMALL_FRAME.size + COPY_FRAMING) * (count - 1)
+    links[-1] += publisher_frames * (SMALL_FRAME.size + copy_framing) * (count - 1)
     return links
 
 
@@ -65,9 +71,14 @@ def in_process(capsys, argv: list[str]) -> dict:
 HANG_S = 300  # a run still going after this hangs (start-up alone takes a minute on a busy 2-core machine)
 
 
-def networked(argv: list[str], timeout: float = HANG_S, env=None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "fedattn.cli", *argv, "--transport", "torch"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or ENV)
+def launch_words(argv: list[str], transport: str) -> list[str]:
+    return [sys.executable, "-m", "fedattn.cli", *argv, "--transport", transport]
+
+
+def networked(argv: list[str], transport: str, timeout: float = HANG_S, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        launch_words(argv, transport), capture_output=True, text=True, timeout=timeout, env=env or ENV
+    )
 
 
 def leftover_parties() -> list[psutil.Process]:
@@ -128,10 +139,11 @@ def _started_here(process: psutil.Process) -> bool:
         (3, ["--temperature", "0.8", "--top-k", "20", "--seed", "5"]),
     ],
 )
-def test_same_answer_and_bytes_as_in_process(capsys, parties, options):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_same_answer_and_bytes_as_in_process(capsys, transport, parties, options):
     argv = words(parties, options)
     reference = in_process(capsys, argv)
-    finished = networked([*argv, "--json"])
+    finished = networked([*argv, "--json"], transport)
     assert finished.returncode == 0, finished.stderr
     merged = json.loads(finished.stdout)
     assert merged["answer_token_ids"] == reference["answer_token_ids"]
@@ -141,14 +153,16 @@ def test_same_answer_and_bytes_as_in_process(capsys, parties, options):
         assert ours["bytes_received"] == theirs["bytes_received"] == ours["expected_bytes_received"]
         if "answer" in theirs:
             assert ours["answer"] == theirs["answer"]
-    links = expected_link_bytes(options, [party["tokens"] for party in reference["participants"]])
+    lengths = [party["tokens"] for party in reference["participants"]]
+    links = expected_link_bytes(options, lengths, COPY_FRAMING[transport])
     assert [party["link_bytes_sent"] for party in merged["participants"]] == links
     assert merged["measured_bytes"]["link_sent"] == sum(links)
     if "--all-answers" not in options:
         assert merged["measured_bytes"]["sent"] < merged["all_gather_bytes_sent"]
 
 
-def test_segments_that_together_exceed_the_context_are_refused_as_in_process(capsys):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_segments_that_together_exceed_the_context_are_refused_as_in_process(capsys, transport):
     """Each party's segment fits alone; only the hellos reveal that together they do not."""
     long_contexts = [f"Record {n}: " + "x" * 1500 for n in range(3)]  # tiny-random: 4096 positions, a byte a token
     argv = ["run", "--model", "tiny-random", "--max-new-tokens", "6", "--question", QUESTION]
@@ -157,18 +171,18 @@ def test_segments_that_together_exceed_the_context_are_refused_as_in_process(cap
     assert main(argv) == 2
     refusal = capsys.readouterr().err.strip()
     assert "exceeds the model's context of 4096 positions" in refusal
-    finished = networked(argv)
+    finished = networked(argv, transport)
     assert finished.returncode == 2, finished.stderr
     assert finished.stderr.strip() == refusal  # every party refused with the in-process message
     assert not leftover_parties()
 
 
-@pytest.mark.parametrize("parties", [3, 4])
-def test_a_party_killed_mid_prefill_stops_everyone_within_the_bound(parties):
+@pytest.mark.parametrize("transport,parties", [("torch", 3), ("torch", 4), ("grpc", 3)])
+def test_a_party_killed_mid_prefill_stops_everyone_within_the_bound(transport, parties):
     timeout = 8
     env = dict(ENV, FEDATTN_INJECT_FAULT="1@prefill block 3=kill")
-    finished = networked([*words(parties, ["--sync-every", "2"]), "--timeout", str(timeout)], env=env)
-    assert finished.returncode == 3
+    finished = networked([*words(parties, ["--sync-every", "2"]), "--timeout", str(timeout)], transport, env=env)
+    assert finished.returncode == 3, finished.stderr
     lines = finished.stderr.strip().splitlines()
     assert "party-2 (rank 1): killed by SIGKILL" in finished.stderr
     survivors = {3: [("party-1", 0), ("publisher", 2)], 4: [("party-1", 0), ("party-3", 2), ("publisher", 3)]}[parties]
@@ -182,32 +196,121 @@ def test_a_party_killed_mid_prefill_stops_everyone_within_the_bound(parties):
     assert not leftover_parties()
 
 
-def test_a_stalled_party_is_named_and_the_others_stop():
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_stalled_party_is_named_and_the_others_stop(transport):
     timeout = 4
     env = dict(ENV, FEDATTN_INJECT_FAULT="0@prefill block 2=stall")
     start = time.monotonic()
-    finished = networked([*words(3, ["--sync-every", "2"]), "--timeout", str(timeout)], env=env)
-    assert finished.returncode == 3
+    finished = networked([*words(3, ["--sync-every", "2"]), "--timeout", str(timeout)], transport, env=env)
+    assert finished.returncode == 3, finished.stderr
     assert "party-1 (rank 0) made no progress for 4 s (it is alive, at prefill block 2)" in finished.stderr
     assert "party-1 (rank 0): killed by SIGKILL" in finished.stderr  # the launcher ends the stalled one
     assert time.monotonic() - start < 60
     assert not leftover_parties()
 
 
-def test_killing_the_launcher_leaves_no_orphans():
-    env = dict(ENV, FEDATTN_INJECT_FAULT="0@prefill block 2=stall")
-    command = [sys.executable, "-m", "fedattn.cli", *words(3, []), "--transport", "torch", "--timeout", "60"]
+def stalled_launch(transport: str, env: dict) -> subprocess.Popen:
+    """A launched run of three parties whose first stalls at prefill block 2 (it lasts until stopped),
+    once its three parties are connected (so each has read its words and loaded the model)."""
+    env = dict(env, FEDATTN_INJECT_FAULT="0@prefill block 2=stall")
+    command = [*launch_words(words(3, []), transport), "--timeout", "60"]
     launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 60
-    while len(leftover_parties()) < 3 and time.monotonic() < deadline:
+    deadline = time.monotonic() + HANG_S
+    while sum(map(connected, leftover_parties())) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert len(leftover_parties()) == 3
-    launcher.send_signal(signal.SIGKILL)
-    launcher.wait()
-    deadline = time.monotonic() + 10
+    assert sum(map(connected, leftover_parties())) == 3
+    return launcher
+
+
+def connected(party: psutil.Process) -> bool:
+    try:
+        return bool(party.net_connections(kind="inet"))
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
+def wait_for_no_leftover_parties(bound_s: float = 10) -> None:
+    deadline = time.monotonic() + bound_s
     while leftover_parties() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not leftover_parties()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_killing_the_launcher_leaves_no_orphans(transport):
+    launcher = stalled_launch(transport, ENV)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    wait_for_no_leftover_parties()
+
+
+def files_holding(folder: Path, secrets: list[bytes]) -> list[Path]:
+    found = []
+    for path in folder.rglob("*"):
+        try:
+            content = path.read_bytes() if path.is_file() else b""
+        except OSError:
+            continue
+        if any(secret in content for secret in secrets):
+            found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_private_text_never_reaches_the_disk_and_sigterm_cleans_up(tmp_path, transport):
+    """While the parties run, no file under the temporary folders (TMPDIR, for the launcher and its
+    children) and no command line holds a party's text; SIGTERM to the launcher ends its children
+    and removes its temporary folder."""
+    secrets = [text.encode() for text in (*CONTEXTS[:2], QUESTION)]
+    launcher = stalled_launch(transport, dict(ENV, TMPDIR=str(tmp_path)))
+    try:
+        ours = [entry for entry in tmp_path.iterdir() if entry.name.startswith("fedattn-")]
+        assert len(ours) == (1 if transport == "grpc" else 0)  # the throwaway CA's folder; gloo needs none
+        for _ in range(10):  # the parties read their words at start-up, and keep running
+            assert files_holding(tmp_path, secrets) == []
+            command_lines = " ".join(word for party in leftover_parties() for word in party.cmdline())
+            assert not any(secret.decode() in command_lines for secret in secrets)
+            time.sleep(0.3)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        launcher.kill()
+    assert not [entry for entry in tmp_path.iterdir() if entry.name.startswith("fedattn-")]
+    wait_for_no_leftover_parties()
+
+
+def test_parties_started_by_hand_over_a_roster_run_the_parties_given(capsys, tmp_path):
+    """A roster of three, a run of two (--parties, in rank order): each party finds its rank from its
+    name, and the run answers as the same two parties do in-process."""
+    names = ["party-1", "party-2", "publisher"]
+    init_federation(tmp_path / "fed", names, free_loopback_addresses(3), ["publisher"])
+    reference = in_process(capsys, words(2, []))
+    common = ["participant", "--model", "tiny-random", "--max-new-tokens", "6", "--timeout", "60"]
+    common += ["--roster", str(tmp_path / "fed" / "roster.toml"), "--parties", "party-2,publisher", "--json"]
+    own = {"party-2": ["--context", CONTEXTS[0]], "publisher": ["--question", QUESTION]}
+    parties = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fedattn.cli", *common, "--name", name, *own[name]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for name in own
+    ]
+    try:
+        outputs = [party.communicate(timeout=HANG_S) for party in parties]
+    finally:
+        for party in parties:
+            party.kill()
+    assert [party.returncode for party in parties] == [0, 0], [err for _, err in outputs]
+    party_2, publisher = (json.loads(out) for out, _ in outputs)
+    assert [party["name"] for party in party_2["parties"] + publisher["parties"]] == ["party-2", "publisher"]
+    assert "gRPC" in publisher["transport"] and "TLS" in publisher["transport"]
+    assert publisher["answer_token_ids"] == reference["answer_token_ids"]
+    assert [party_2["parties"][0]["bytes_sent"], publisher["parties"][0]["bytes_sent"]] == [
+        party["bytes_sent"] for party in reference["participants"]
+    ]
 
 
 def test_under_torchrun_each_rank_reads_only_its_own_file(capsys, tmp_path):

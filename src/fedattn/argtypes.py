@@ -135,6 +135,11 @@ def device_name(value: str) -> str:
     return value
 
 
+def name_list(value: str) -> list[str]:
+    """'a,b, c' -> ['a', 'b', 'c'] (empty items dropped)."""
+    return [word.strip() for word in value.split(",") if word.strip()]
+
+
 def host_port(value: str) -> tuple[str, int]:
     host, _, number = value.rpartition(":")
     if not host or not number.isdigit() or not 1 <= int(number) <= 65535:

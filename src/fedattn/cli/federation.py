@@ -7,27 +7,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fedattn.argtypes import name_list
 from fedattn.network.federation import CA_KEY_FILE, ROSTER_FILE, default_addresses, init_federation
-
-
-def _names(value: str) -> list[str]:
-    return [word.strip() for word in value.split(",") if word.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     init = actions.add_parser("init", help="create a CA, per-party keys and certificates, and a roster in DIR")
     init.add_argument("folder", type=Path, metavar="DIR", help="a new or empty folder")
-    init.add_argument("--parties", type=_names, required=True, metavar="A,B,...", help="the parties' names, in order")
+    init.add_argument(
+        "--parties", type=name_list, required=True, metavar="A,B,...", help="the parties' names, in order"
+    )
     init.add_argument(
         "--addresses",
-        type=_names,
+        type=name_list,
         metavar="HOST:PORT,...",
         help="where each party's service listens, in the same order (default: 127.0.0.1:50051, :50052, ...)",
     )
     init.add_argument(
         "--may-start",
-        type=_names,
+        type=name_list,
         metavar="A,...",
         help="the parties that may start queries (default: the last party, the publisher)",
     )

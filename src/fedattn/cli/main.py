@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     participant.add_arguments(
         commands.add_parser(
-            "participant", help="run ONE party in this process over torch.distributed (deployments, torchrun)"
+            "participant",
+            help="run ONE party in this process, over torch.distributed (gloo) or gRPC with mutual TLS",
         )
     )
 
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     from fedattn.cli import federation
 
     federation.add_arguments(commands.add_parser("federation", help="set up a federation: CA, keys, roster"))
+    from fedattn.cli import service
+
+    service.add_serve_arguments(
+        commands.add_parser("serve", help="a party that stays up: its model loaded, query after query (gRPC, mTLS)")
+    )
+    service.add_ask_arguments(
+        commands.add_parser("ask", help="ask your own party's service to run one query; prints it as run does")
+    )
 
     commands.add_parser("models", help="list known, installed and cached models")
     models.add_install_arguments(
@@ -135,6 +144,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         from fedattn.cli.federation import run
 
         return run(args)
+    if args.command in ("serve", "ask"):
+        from fedattn.cli import service
+
+        return service.serve(args) if args.command == "serve" else service.ask(args)
     if args.command == "models":
         return models.list_models(args)
     return models.install(args)

@@ -1,6 +1,8 @@
 """``fedattn participant``: ONE party of a networked run in this process (deployments, torchrun,
-and each child of ``fedattn run --transport torch``).
+and each child of ``fedattn run --transport torch|grpc``).
 
+A party meets the others either at a rendezvous over gloo (--rank, --world-size, --master) or in a
+federation over gRPC with mutual TLS (--roster, --name, --parties); the two sets exclude each other.
 Under torchrun every rank gets the same words, so the rank, world size and store may come from
 the environment, and both --context and --question may be given: the role picks one, and
 '{rank}' in an @FILE path is this rank's number (e.g. --context @party-{rank}.txt).
@@ -15,27 +17,54 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from fedattn.argtypes import add_prompt_options, host_port, non_negative_int, output_file, positive_int, read_text
+from fedattn.argtypes import (
+    add_prompt_options,
+    host_port,
+    name_list,
+    non_negative_int,
+    output_file,
+    positive_int,
+    read_text,
+)
 from fedattn.cli.run import print_report
 from fedattn.errors import FedAttnError
 from fedattn.systems.fedattn.config import add_options, configure
 
 T = TypeVar("T")
 
+# (flag, dest) of each way to meet the other parties
+GLOO_OPTIONS = (
+    ("--rank", "rank"),
+    ("--world-size", "world_size"),
+    ("--master", "master"),
+    ("--external-store", "external_store"),
+)
+GRPC_OPTIONS = (("--roster", "roster"), ("--name", "name"), ("--parties", "parties"))
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    gloo = parser.add_argument_group("over torch.distributed (gloo), at a rendezvous store")
+    gloo.add_argument(
         "--rank", type=non_negative_int, help="this party's rank; the last rank is the task publisher (default: $RANK)"
     )
-    parser.add_argument("--world-size", type=positive_int, help="number of parties (default: $WORLD_SIZE)")
-    parser.add_argument(
+    gloo.add_argument("--world-size", type=positive_int, help="number of parties (default: $WORLD_SIZE)")
+    gloo.add_argument(
         "--master",
         type=host_port,
         metavar="HOST:PORT",
         help="the rendezvous store (default: $MASTER_ADDR:$MASTER_PORT)",
     )
-    parser.add_argument(
-        "--external-store", action="store_true", help="the store is served by a launcher, not by rank 0"
+    gloo.add_argument("--external-store", action="store_true", help="the store is served by a launcher, not by rank 0")
+    grpc = parser.add_argument_group("over gRPC with mutual TLS, in a federation")
+    grpc.add_argument(
+        "--roster", type=Path, metavar="FILE", help="the federation's roster (credentials beside it, by name)"
+    )
+    grpc.add_argument("--name", help="this party's name in the roster")
+    grpc.add_argument(
+        "--parties",
+        type=name_list,
+        metavar="A,B,...",
+        help="the run's parties in rank order; the last is the task publisher (default: the roster's, in order)",
     )
     add_prompt_options(parser, question_required=False, one_party=True)
     parser.add_argument(
@@ -45,25 +74,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedattn.systems.fedattn.networked import Rendezvous, exit_now, own_segment, run_party
+    from fedattn.systems.fedattn.networked import exit_now, own_segment, run_party
+
+    meeting = _federation_run(args) if _given(args, GRPC_OPTIONS) else _rendezvous(args)
+    report_path = _report_path(args.report, meeting.rank)
+    text, question, publisher_context = _own_inputs(args, meeting.rank, meeting.world_size)
+    loaded, config, _ = configure(args)
+    segment = own_segment(loaded, meeting, text, question, publisher_context, args.raw)
+    report = run_party(loaded, meeting, segment, config)
+    if report_path is not None:
+        report_path.write_text(json.dumps(report.to_json(), indent=2))
+    print_report(report, args.json)
+    exit_now(0)
+    return 0
+
+
+def _given(args: argparse.Namespace, options: tuple[tuple[str, str], ...]) -> list[str]:
+    return [flag for flag, dest in options if getattr(args, dest) is not None and getattr(args, dest) is not False]
+
+
+def _federation_run(args: argparse.Namespace):
+    """This party's place in a run over gRPC: its rank is its name's place in --parties."""
+    from fedattn.network.federation import load_roster
+    from fedattn.systems.fedattn.networked import FederationRun
+
+    mixed = _given(args, GLOO_OPTIONS)
+    if mixed:
+        raise FedAttnError(
+            f"{_given(args, GRPC_OPTIONS)[0]} (gRPC) and {mixed[0]} (gloo) exclude each other: a party joins a "
+            "federation (--roster, --name, --parties) or a rendezvous (--rank, --world-size, --master)"
+        )
+    if args.roster is None or args.name is None:
+        raise FedAttnError("a party in a federation needs both --roster FILE and --name NAME")
+    if args.parties == []:
+        raise FedAttnError("--parties names no party")
+    roster = load_roster(args.roster)
+    credentials = roster.credentials(args.name)
+    names = args.parties or roster.names
+    roster.check_run(names, starter=names[-1])  # the task publisher starts the query
+    if args.name not in names:
+        raise FedAttnError(f"--name {args.name} is not one of the run's parties ({', '.join(names)})")
+    return FederationRun(roster, tuple(names), names.index(args.name), credentials, args.timeout)
+
+
+def _rendezvous(args: argparse.Namespace):
+    """This party's place in a run over gloo: from the options, or the environment torchrun sets."""
+    from fedattn.systems.fedattn.networked import Rendezvous
 
     rank = _or_environment(args.rank, "--rank", "RANK", non_negative_int)
     world_size = _or_environment(args.world_size, "--world-size", "WORLD_SIZE", positive_int)
     host, port = args.master or _master_from_environment()
     if not rank < world_size:
         raise FedAttnError(f"--rank must be in 0..{world_size - 1}, got {rank}")
-    report_path = _report_path(args.report, rank)
     external = args.external_store or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    rendezvous = Rendezvous(host, port, rank, world_size, host_store=rank == 0 and not external, timeout_s=args.timeout)
-    text, question, publisher_context = _own_inputs(args, rank, world_size)
-    loaded, config, _ = configure(args)
-    segment = own_segment(loaded, rendezvous, text, question, publisher_context, args.raw)
-    report = run_party(loaded, rendezvous, segment, config)
-    if report_path is not None:
-        report_path.write_text(json.dumps(report.to_json(), indent=2))
-    print_report(report, args.json)
-    exit_now(0)
-    return 0
+    return Rendezvous(host, port, rank, world_size, host_store=rank == 0 and not external, timeout_s=args.timeout)
 
 
 def _or_environment(value: T | None, flag: str, variable: str, parse: Callable[[str], T]) -> T:

@@ -16,9 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prompt_options(parser, question_required=True)
     parser.add_argument(
         "--transport",
-        choices=["inprocess", "torch"],
+        choices=["inprocess", "torch", "grpc"],
         default="inprocess",
-        help="inprocess (default), or torch: one local process per party over torch.distributed (gloo)",
+        help="inprocess (default); or one local process per party, over torch.distributed (gloo: torch) "
+        "or gRPC with mutual TLS and a throwaway CA (grpc)",
     )
     add_options(parser)
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from fedattn.runtime.prompting import party_pieces
 
     party_pieces(args.context, args.question, args.publisher_context, None)  # empty texts: refused before any load
-    if args.transport == "torch":
+    if args.transport != "inprocess":
         check_options(args)  # once here, rather than once in every party's process
         return _networked(args)
     return _in_process(args)
@@ -60,7 +61,8 @@ def _networked(args: argparse.Namespace) -> int:
     from fedattn.systems.fedattn.party import party_names
 
     inputs = rank_inputs(args.context, args.question, args.publisher_context)
-    documents = launch_local(party_names(len(inputs)), ["participant", *shared_words(args)], inputs, args.timeout)
+    names = party_names(len(inputs))
+    documents = launch_local(names, ["participant", *shared_words(args)], inputs, args.timeout, args.transport)
     print_report(merge([RunReport.from_json(document) for document in documents]), args.json)
     return 0
 

@@ -82,6 +82,20 @@ class Roster:
                 return party
         raise FedAttnError(f"{name} is not in the federation's roster ({', '.join(self.names)})")
 
+    def check_run(self, names: Sequence[str], starter: str) -> None:
+        """A run's parties: each in the roster, none twice, and ``starter`` (who starts the query)
+        one that may start queries."""
+        for name in names:
+            self.entry(name)
+        repeated = next((name for name in names if names.count(name) > 1), None)
+        if repeated is not None:
+            raise FedAttnError(f"{repeated} is named more than once among the run's parties")
+        if not self.entry(starter).may_start:
+            raise FedAttnError(
+                f"{starter} would start the query but may not start queries in this federation "
+                "(may_start = false in the roster)"
+            )
+
     def credentials(self, name: str) -> PartyCredentials:
         """``name``'s own credentials, from beside the roster."""
         self.entry(name)

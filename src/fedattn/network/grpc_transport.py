@@ -1,38 +1,43 @@
-"""A transport over gRPC with mutual TLS: each party serves at its roster address and dials the others.
+"""One query's view of a party's gRPC node: its inboxes, its liveness, and its end.
 
-Each party's service has two raw-bytes methods (no protobuf, no pickle: a frame is our own bytes,
-validated later by the wire layer): ``Deliver`` files one frame in the receiver's inbox for its
-sender, and its empty reply says so; ``Beat`` carries the caller's progress and phase, for
-liveness. Every link is mutual TLS with the federation's CA as the only root, and identity comes
-from certificates alone: the service files a frame under the name in the caller's verified
-certificate, whatever the frame says inside, and a caller checks the service's certificate against
-the party it means to reach (not merely the address it dialled). So no party can speak as another.
+A ``GrpcNode`` (``grpc_node``) owns the mutual-TLS service, the channels and the authentication; a
+``GrpcTransport`` is what one query sees of it: the query's frames, filed by the node under the
+name in the caller's verified certificate (whatever the frame says inside) and the query id in the
+call's metadata, and this query's links to the other parties. ``GrpcTransport(rank, names, roster,
+credentials, timeout_s, max_frame_bytes)`` makes a private node that serves this one query (one
+process per party and query, as ``fedattn participant`` runs); a long-lived service makes one view
+per query on its node with ``GrpcTransport.on_node``.
 
-A service refuses a message longer than the run's largest valid frame from gRPC's length prefix,
-before allocating it; every call has a deadline and idle connections are pinged (keepalive), so a
-dead host is noticed. One sender thread per link makes one call at a time, so frames arrive in the
-order they were sent. Like the gloo transport's heartbeats, every party tells every other its
-progress and phase, at once when it changes and every half second otherwise: a party not heard
-from for ``STALE_AFTER_S`` is named as gone with the phase it was last seen in, and the one awaited
-as stalled if it beats but makes no progress for the timeout.
+A caller checks the service's certificate against the party it means to reach (not merely the
+address it dialled), so no party can speak as another. A frame longer than the query's largest
+valid frame is refused. One sender thread per link makes one call at a time, so frames arrive in
+the order they were sent. Like the gloo transport's heartbeats, every party tells every other its
+progress and phase for this query, at once when it changes and every half second otherwise: a party
+not heard from for ``STALE_AFTER_S`` is named as gone with the phase it was last seen in, and the
+one awaited as stalled if it beats but makes no progress for the timeout.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NoReturn
 
 import grpc
 
-from fedattn.errors import FedAttnError
 from fedattn.network.federation import PartyCredentials, Roster
+from fedattn.network.grpc_node import (
+    FINAL_CODES,
+    FINAL_REASONS,
+    GRPC_MESSAGE_PREFIX,
+    QUERY_KEY,
+    SERVICE,
+    GrpcNode,
+    Refusal,
+    reason,
+)
 from fedattn.network.peers import (
     BEAT_INTERVAL_S,
     MIN_BEAT_GAP_S,
@@ -45,43 +50,11 @@ from fedattn.network.peers import (
 )
 from fedattn.network.transport import Transport
 
-SERVICE = "fedattn.Link"
-GRPC_MESSAGE_PREFIX = 5  # bytes before each gRPC message: a compression flag and a 4-byte length
-BEAT_DEADLINE_S = 1.0
-CLOSE_GRACE_S = 1.0  # calls in flight when a service stops may still finish
-FINISHED = "finished"
-KEEPALIVE = [
-    ("grpc.keepalive_time_ms", 10_000),  # ping an idle connection every 10 s ...
-    ("grpc.keepalive_timeout_ms", 5_000),  # ... and drop it if no answer comes within 5 s
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-SERVICE_OPTIONS = [
-    *KEEPALIVE,
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # accept the callers' keepalive pings
-    ("grpc.server_handshake_timeout_ms", 10_000),  # a connection that never completes TLS is dropped
-    ("grpc.so_reuseport", 0),  # a port already in use is an error, never shared with another process
-]
-CALLER_OPTIONS = [
-    *KEEPALIVE,
-    ("grpc.max_receive_message_length", 1024),  # every reply is empty
-    ("grpc.initial_reconnect_backoff_ms", 200),  # a party that starts late is reached soon after
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
-]
-# what gRPC's connection errors mean here, for one-line messages
-REASONS = (
-    ("CERTIFICATE_VERIFY_FAILED", "its certificate is not signed by this federation's CA"),
-    ("Hostname Verification", "its certificate does not carry the expected party name"),
-    ("Socket closed", "it closed the connection during the TLS handshake (it did not accept this party's certificate)"),
-    ("Connection refused", "nothing listens at its address"),
-    ("Deadline Exceeded", "no answer before the deadline"),
-)
-# refusals that waiting cannot cure: join gives up at once (a party still starting is merely unreachable)
-FINAL_REASONS = {REASONS[0][1], REASONS[1][1]}
-FINAL_CODES = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+__all__ = ["GRPC_MESSAGE_PREFIX", "MIN_BEAT_GAP_S", "SERVICE", "STALE_AFTER_S", "GrpcTransport"]
 
-log = logging.getLogger(__name__)
+BEAT_DEADLINE_S = 1.0
+FINISHED = "finished"
+PRIVATE_QUERY = ""  # the one query a private node serves: calls without a query id
 
 
 @dataclass
@@ -99,9 +72,8 @@ class _View:
 
 @dataclass
 class _Link:
-    """The calling side of one ordered pair of parties."""
+    """The calling side of one ordered pair of parties, for one query."""
 
-    channel: grpc.Channel
     deliver: grpc.UnaryUnaryMultiCallable
     beat: grpc.UnaryUnaryMultiCallable
     outbox: queue.Queue
@@ -109,11 +81,13 @@ class _Link:
 
 
 class GrpcTransport(Transport):
-    """One party's endpoint: its service (started here) and its links to every other party.
+    """One party's endpoint for one query: its inboxes on a node and its links to every other party.
 
-    ``names`` are this run's parties in rank order, each in the roster; ``credentials`` are this
+    ``names`` are the query's parties in rank order, each in the roster; ``credentials`` are this
     party's own. Call ``join`` before the first frame and ``finish`` (or ``close``, on failure) after
     the last. ``max_frame_bytes`` bounds any frame a peer may send (the largest valid frame).
+    This constructor makes a private node for this one query (closed with it); ``on_node`` makes a
+    view on a node that serves many.
     """
 
     def __init__(
@@ -125,12 +99,40 @@ class GrpcTransport(Transport):
         timeout_s: float,
         max_frame_bytes: int,
     ) -> None:
+        for name in names:
+            roster.entry(name)
+        node = GrpcNode(names[rank], roster, credentials, max_frame_bytes, workers=2 * len(names) + 2)
+        self._attach(node, PRIVATE_QUERY, rank, names, timeout_s, max_frame_bytes, owns_node=True)
+
+    @classmethod
+    def on_node(
+        cls, node: GrpcNode, query: str, rank: int, names: Sequence[str], timeout_s: float, max_frame_bytes: int
+    ) -> GrpcTransport:
+        """Query ``query``'s view on a long-lived ``node`` (whose party is ``names[rank]``): from now
+        on the node files this query's frames here; ``close`` hands the query back, not the node."""
+        if node.name != names[rank]:
+            raise ValueError(f"the node of {node.name} cannot be rank {rank} ({names[rank]}) of a query")
+        transport = cls.__new__(cls)
+        transport._attach(node, query, rank, names, timeout_s, max_frame_bytes, owns_node=False)
+        return transport
+
+    def _attach(
+        self,
+        node: GrpcNode,
+        query: str,
+        rank: int,
+        names: Sequence[str],
+        timeout_s: float,
+        max_frame_bytes: int,
+        owns_node: bool,
+    ) -> None:
         super().__init__(rank, names)
-        self.addresses = [roster.entry(name).address for name in self.names]
-        self.roster_names = set(roster.names)
+        self.addresses = [node.roster.entry(name).address for name in self.names]
         self.timeout_s = timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.link_bytes_sent = 0  # gRPC messages: one copy per addressee, each with its 5-byte prefix
+        self._node, self._query, self._owns_node = node, query, owns_node
+        self._metadata = ((QUERY_KEY, query),) if query else None
         self._peers = [n for n in range(self.world_size) if n != rank]
         self._inbox: dict[int, queue.Queue] = {n: queue.Queue() for n in self._peers}
         self._beat = (0, "starting")  # (progress, phase): what this party tells the others
@@ -139,89 +141,55 @@ class GrpcTransport(Transport):
         self._views = {n: _View(heard_at=started, progressed_at=started) for n in self._peers}
         self._failure: tuple[int, str] | None = None  # (peer, why) of the first frame a peer did not take
         self._unacked = 0
-        self._refused: set[str] = set()
         self._acked = threading.Condition()
         self._closed = threading.Event()
+        self._closed_because = ""
         self._fault = fault_for(rank)  # FEDATTN_INJECT_FAULT, as over gloo
-        self._server = self._serve(credentials)
-        self._links = {n: self._dial(n, credentials) for n in self._peers}
+        self._links = {n: self._dial(n) for n in self._peers}
+        node.register(query, self)
         for link in self._links.values():
             link.thread.start()
-        threading.Thread(target=self._beat_forever, name="fedattn-grpc-beat", daemon=True).start()
+        self._beating = threading.Thread(target=self._beat_forever, name="fedattn-grpc-beat", daemon=True)
+        if owns_node:  # a private node beats from the start; a query on a shared node from join (after Go)
+            self._beating.start()
 
-    # -- the service -----------------------------------------------------------------------
-    def _serve(self, credentials: PartyCredentials) -> grpc.Server:
-        server = grpc.server(
-            ThreadPoolExecutor(max_workers=2 * self.world_size + 2, thread_name_prefix="fedattn-grpc"),
-            options=[*SERVICE_OPTIONS, ("grpc.max_receive_message_length", self.max_frame_bytes)],
-        )
-        handlers = {
-            "Deliver": grpc.unary_unary_rpc_method_handler(self._on_frame),
-            "Beat": grpc.unary_unary_rpc_method_handler(self._on_beat),
-        }
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-        own = [(credentials.key_pem, credentials.cert_pem)]
-        tls = grpc.ssl_server_credentials(own, root_certificates=credentials.ca_pem, require_client_auth=True)
-        address = self.addresses[self.rank]
-        try:
-            server.add_secure_port(address, tls)
-        except RuntimeError:
-            raise FedAttnError(f"{self._me} cannot listen on {address}: the address is in use or not here") from None
-        server.start()
-        return server
-
-    def _on_frame(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
-        sender = self._authenticated(context)
+    # -- what the node files here ----------------------------------------------------------
+    def on_frame(self, caller: str, frame: bytes) -> None:
+        sender = self._party(caller)
         if not frame:
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"an empty frame from {self.name_of(sender)}")
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"an empty frame from {caller}")
+        if len(frame) > self.max_frame_bytes:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a frame of {len(frame)} bytes from {caller}: the query's largest is {self.max_frame_bytes}",
+            )
         self._inbox[sender].put(frame)
-        return b""
 
-    def _on_beat(self, beat: bytes, context: grpc.ServicerContext) -> bytes:
-        view, now = self._views[self._authenticated(context)], time.monotonic()
+    def on_beat(self, caller: str, beat: bytes) -> None:
+        view, now = self._views[self._party(caller)], time.monotonic()
         progress, _, phase = beat.decode(errors="replace").partition(" ")
         if not progress.isdigit() or int(progress) < view.progress:
-            return b""  # an older beat overtaken by a newer one (two threads may send)
+            return  # an older beat overtaken by a newer one (two threads may send)
         view.heard_at, view.phase = now, phase[:100]
         if int(progress) != view.progress:
             view.progress, view.progressed_at = int(progress), now
-        return b""
 
-    def _authenticated(self, context: grpc.ServicerContext) -> int:
-        """The caller's rank, from the common name in its verified certificate (TLS checked the CA)."""
-        names = context.auth_context().get("x509_common_name", [])
-        if len(names) != 1:
-            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "a caller without a named certificate")
-        name = names[0].decode(errors="replace")
-        if name not in self.roster_names:
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"{name[:64]!r}: not in the federation's roster")
-        if name == self._me:
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"a call with its own name {name}")
-        if name not in self.names:
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"{name}: not a party of this run")
-        return self.names.index(name)
-
-    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, why: str) -> NoReturn:
-        if why not in self._refused:  # once per reason: a caller that keeps trying does not flood the log
-            self._refused.add(why)
-            log.warning("%s refused a call from %s: %s", self._me, context.peer(), why)
-        context.abort(code, f"{self._me} refused {why}")
+    def _party(self, caller: str) -> int:
+        """The caller's rank in this query (the node has checked its certificate and the roster)."""
+        if caller not in self.names:
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{caller}: not a party of this run")
+        return self.names.index(caller)
 
     # -- the links -------------------------------------------------------------------------
-    def _dial(self, peer: int, credentials: PartyCredentials) -> _Link:
-        tls = grpc.ssl_channel_credentials(credentials.ca_pem, credentials.key_pem, credentials.cert_pem)
-        # the service must prove it is ``peer``: its certificate is checked against the party's name
-        options = [*CALLER_OPTIONS, ("grpc.ssl_target_name_override", self.name_of(peer))]
-        channel = grpc.secure_channel(self.addresses[peer], tls, options=options)
+    def _dial(self, peer: int) -> _Link:
+        channel = self._node.channel(self.name_of(peer))
         thread = threading.Thread(target=self._send_forever, args=(peer,), name="fedattn-grpc-send", daemon=True)
-        link = _Link(
-            channel=channel,
+        return _Link(
             deliver=channel.unary_unary(f"/{SERVICE}/Deliver"),
             beat=channel.unary_unary(f"/{SERVICE}/Beat"),
             outbox=queue.Queue(),
             thread=thread,
         )
-        return link
 
     def _deliver(self, frame: bytes, to: Sequence[int]) -> None:
         if self._failure is not None:
@@ -240,11 +208,11 @@ class GrpcTransport(Transport):
         link = self._links[peer]
         while (frame := link.outbox.get()) is not None:
             try:
-                link.deliver(frame, timeout=self.timeout_s)
+                link.deliver(frame, timeout=self.timeout_s, metadata=self._metadata)
             except (grpc.RpcError, ValueError) as error:  # ValueError: close() shut the channel meanwhile
                 if not self._closed.is_set():
                     with self._acked:
-                        self._failure = self._failure or (peer, _reason(error))
+                        self._failure = self._failure or (peer, reason(error))
                         self._acked.notify_all()
                 return
             with self._acked:
@@ -279,6 +247,8 @@ class GrpcTransport(Transport):
     def join(self) -> None:
         """Wait until this party has reached every other over mutual TLS and heard from it (each
         may still be starting)."""
+        if self._beating.ident is None:  # not started yet
+            self._beating.start()
         deadline = time.monotonic() + self.timeout_s
         waiting = list(self._peers)
         while waiting:
@@ -308,9 +278,9 @@ class GrpcTransport(Transport):
         view = self._views[peer]
         progress, phase = self._beat
         try:
-            self._links[peer].beat(f"{progress} {phase}".encode(), timeout=BEAT_DEADLINE_S)
+            self._links[peer].beat(f"{progress} {phase}".encode(), timeout=BEAT_DEADLINE_S, metadata=self._metadata)
         except grpc.RpcError as error:
-            view.error = _reason(error)
+            view.error = reason(error)
             view.refused = error.code() in FINAL_CODES or view.error in FINAL_REASONS
             return False
         except ValueError:  # close() shut the channel meanwhile
@@ -324,6 +294,8 @@ class GrpcTransport(Transport):
     def _check(self, sender: int, what: str) -> None:
         """Fail, naming the culprit, if a link broke, a peer is gone, or the awaited one stalled."""
         waiting = f"{self._me} was waiting for {what} from {self.name_of(sender)}"
+        if self._closed.is_set():
+            raise PeerFailure(f"{self._me} stopped this query ({self._closed_because or 'closed'}); {waiting}")
         if self._failure is not None:
             raise self._link_failure(f"{what} from {self.name_of(sender)}")
         gone = [peer for peer in self._peers if self._is_gone(peer)]
@@ -364,18 +336,20 @@ class GrpcTransport(Transport):
         progressing = time.monotonic() - view.progressed_at <= self.timeout_s
         return view.phase != FINISHED and not self._is_gone(peer) and progressing
 
-    def close(self) -> None:
-        """Stop the links and the service (calls in flight get ``CLOSE_GRACE_S``); frames not yet
-        sent are dropped."""
+    def close(self, because: str = "") -> None:
+        """Stop this query's links and hand the query back to the node (a private node stops too;
+        calls in flight get its grace); frames not yet sent are dropped. A party still waiting for
+        a frame is told ``because``."""
         if self._closed.is_set():
             return
+        self._closed_because = because
         self._closed.set()
         self._changed.set()  # wakes the beat thread, which then stops
         for link in self._links.values():
             link.outbox.put(None)
-        for link in self._links.values():
-            link.channel.close()
-        self._server.stop(CLOSE_GRACE_S).wait()
+        self._node.unregister(self._query)
+        if self._owns_node:
+            self._node.close()
 
     @property
     def _me(self) -> str:
@@ -383,15 +357,3 @@ class GrpcTransport(Transport):
 
     def _who(self, rank: int) -> str:
         return f"{self.name_of(rank)} (rank {rank})"
-
-
-def _reason(error: grpc.RpcError) -> str:
-    """One line for a failed call: our service's own refusal, or what a connection error means."""
-    if error.code() == grpc.StatusCode.CANCELLED:
-        return "its service stopped during the call"
-    details = (error.details() or "").split("last error: ")[-1]
-    for pattern, meaning in REASONS:
-        if pattern in details:
-            return meaning
-    text = re.sub(r"^[A-Z_]+: (ipv[46]:\S+: )?", "", details)
-    return f"{error.code().name}: {text[:200]}"

@@ -23,6 +23,12 @@ What a system gives:
   share of the batch's wall time.
 * ``run_rank(setup, rendezvous, text, question, publisher_context) -> RunReport``: run this
   process's one rank of a networked query (``fedattn participant``), from its own input alone.
+* ``add_serve_options(parser)`` and ``serve_handler(args, context) -> QueryHandler``: a party that
+  stays up (``fedattn serve``): its own options (model, dtype, device), then the handler its
+  service hands each query to (``fedattn.network.service``), loaded once; ``context`` is the
+  party's own document, read once (None for a party that only asks).
+* ``add_ask_options(parser)`` and ``ask_input(args) -> (words, private)``: ``fedattn ask``'s
+  options, as the query's option words every party reads and the asker's own private input.
 * ``config_json(setup) -> dict``: the configuration as JSON, stored in the results folder: a
   folder holds the records of one configuration, and resuming with another is refused.
 * ``describe(config, task_settings) -> Description``: what plots and the comparison need of a
@@ -37,10 +43,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
+
+if TYPE_CHECKING:
+    from fedattn.network.service import QueryHandler
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,14 @@ class System(Protocol):
     def run_rank(
         self, setup: Setup, rendezvous: Any, text: str | None, question: str | None, publisher_context: str | None
     ) -> RunReport: ...
+
+    def add_serve_options(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def serve_handler(self, args: argparse.Namespace, context: str | None) -> QueryHandler: ...
+
+    def add_ask_options(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def ask_input(self, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]: ...
 
     def config_json(self, setup: Setup) -> dict[str, Any]: ...
 

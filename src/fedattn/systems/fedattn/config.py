@@ -72,6 +72,8 @@ SHARED_OPTIONS = (
     "raw",
     "timeout",
 )
+MODEL_OPTIONS = ("model", "dtype", "device")  # a service's own: fixed when it starts
+RUN_OPTIONS = tuple(name for name in SHARED_OPTIONS if name not in MODEL_OPTIONS)  # a query's, from its starter
 
 
 def _known_codec(name: str) -> str:
@@ -85,15 +87,34 @@ codec_name = library_type(_known_codec)
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
+    """Every option of a run: the model's (what a service fixes when it starts) and the run's."""
+    add_model_options(parser)
+    add_run_options(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which model, in which dtype, on which device: loaded once."""
     from fedattn.runtime.models import DEFAULT_MODEL
-    from fedattn.systems.fedattn.exchange import SELECTIONS
-    from fedattn.systems.fedattn.schedule import PLACEMENTS
 
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
     )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model"
+    )
+    parser.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
+    )
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """What one query runs with: schedule, sparsity, decoding, K/V exchange, prompt, timeout."""
+    from fedattn.systems.fedattn.exchange import SELECTIONS
+    from fedattn.systems.fedattn.schedule import PLACEMENTS
+
     sync = parser.add_mutually_exclusive_group()
     sync.add_argument(
         "--sync-every",
@@ -170,12 +191,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         metavar="SIGMA",
         help="Gaussian noise on sent K/V: SIGMA x each channel's spread over the sent tokens (default 0: off)",
     )
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model"
-    )
-    parser.add_argument(
-        "--device", type=device_name, default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
-    )
     parser.add_argument("--all-answers", action="store_true", help="also decode every collaborator's answer")
     parser.add_argument("--raw", action="store_true", help="no chat template: each party's text is tokenized as is")
     parser.add_argument(
@@ -184,7 +199,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         help="networked runs: seconds without progress from a party before giving up (default 60)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def _refuse_schedule_conflicts(args: argparse.Namespace) -> None:
@@ -273,3 +287,17 @@ def configure(args: argparse.Namespace):
     loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.json)
     config = RunConfig(schedule=schedule_from_args(args, loaded.model.config.num_hidden_layers), **parts)
     return loaded, config, device
+
+
+class _WordsParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise FedAttnError(message)
+
+
+def run_config_from_words(words: list[str], dtype: str, num_layers: int) -> tuple[RunConfig, argparse.Namespace]:
+    """A query's configuration from its run option words (a service's model fixes ``dtype`` and the
+    depth); the parsed options too. Words that are not run options are refused in one line."""
+    parser = _WordsParser(prog="the query's options", add_help=False, allow_abbrev=False)
+    add_run_options(parser)
+    args = parser.parse_args(words, namespace=argparse.Namespace(dtype=dtype))
+    return RunConfig(schedule=schedule_from_args(args, num_layers), **_model_free_parts(args)), args

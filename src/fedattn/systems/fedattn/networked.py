@@ -3,9 +3,11 @@
 The party goes through ``protocol.PHASES`` alone, blocking on its transport where a phase waits
 for a peer, and reports its own view as a ``RunReport`` with one party (the launcher merges them).
 
-Start-up: connect to the rendezvous store, publish heartbeats, wait (with a deadline) until every
-rank has joined, then open the gloo process group. End: flush, then wait until every rank has
-finished before closing links, so no party's exit looks like a crash to one still working.
+Two transports, one party: over gloo (``Rendezvous``) start-up connects to the rendezvous store,
+publishes heartbeats, waits (with a deadline) until every rank has joined, then opens the gloo
+process group; over gRPC with mutual TLS (``FederationRun``) the party serves at its roster address
+and joins once it has reached every other. End: flush, then wait until every party has finished
+before closing links, so no party's exit looks like a crash to one still working.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError
+from fedattn.network.federation import PartyCredentials, Roster
 from fedattn.network.frames import kv_frame_size
+from fedattn.network.grpc_transport import GrpcTransport
 from fedattn.network.kv_codec import KVCodec
 from fedattn.network.peers import PeerFailure
 from fedattn.network.torch_transport import Liveness, TorchTransport, connect_store, open_process_group
@@ -41,6 +47,7 @@ from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.reporting import rank_report
 
 TRANSPORT = "torch (gloo)"
+GRPC_TRANSPORT = "gRPC (mutual TLS)"
 
 STORE_POLL_S = 0.1
 LEAVE_GRACE_S = 5.0
@@ -58,30 +65,57 @@ class Rendezvous:
     timeout_s: float
 
 
+@dataclass(frozen=True)
+class FederationRun:
+    """This party's place in a run over a federation's gRPC links: the run's parties in rank order
+    (each in the roster; the last is the task publisher), this party's rank and its own credentials."""
+
+    roster: Roster
+    names: tuple[str, ...]
+    rank: int
+    credentials: PartyCredentials
+    timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return len(self.names)
+
+
 def own_segment(
     loaded: LoadedModel,
-    rendezvous: Rendezvous,
+    rendezvous: Rendezvous | FederationRun,
     text: str | None,
     question: str | None,
     publisher_context: str | None,
     raw: bool,
 ) -> list[int]:
     """This party's tokens, from its own text alone (the publisher is the last rank)."""
+    return party_segment(loaded, rendezvous.rank, rendezvous.world_size, text, question, publisher_context, raw)
+
+
+def party_segment(
+    loaded: LoadedModel,
+    rank: int,
+    world_size: int,
+    text: str | None,
+    question: str | None,
+    publisher_context: str | None,
+    raw: bool,
+) -> list[int]:
+    """Rank ``rank``'s tokens from its own text: a collaborator's context, or the publisher's (last
+    rank's) question after its own optional context."""
     template = template_for(loaded.tokenizer, raw)
-    is_publisher = rendezvous.rank == rendezvous.world_size - 1
-    if is_publisher:
+    if rank == world_size - 1:
         if question is None:
-            raise FedAttnError(f"rank {rendezvous.rank} is the task publisher (the last rank): it needs --question")
+            raise FedAttnError(f"rank {rank} is the task publisher (the last rank): it needs --question")
         if text is not None:
             raise FedAttnError("the publisher takes --question (and --publisher-context), not --context")
-        pieces = publisher_pieces(question, publisher_context, rendezvous.world_size == 1, template)
+        pieces = publisher_pieces(question, publisher_context, world_size == 1, template)
     else:
         if text is None or question is not None or publisher_context is not None:
-            raise FedAttnError(
-                f"rank {rendezvous.rank} is a collaborator: it takes exactly one --context and no --question"
-            )
-        pieces = collaborator_pieces(text, rendezvous.rank == 0, template)
-    return tokenize_party(loaded.tokenizer, pieces, f"rank {rendezvous.rank}")
+            raise FedAttnError(f"rank {rank} is a collaborator: it takes exactly one --context and no --question")
+        pieces = collaborator_pieces(text, rank == 0, template)
+    return tokenize_party(loaded.tokenizer, pieces, f"rank {rank}")
 
 
 def max_frame_bytes(model_config, codec: KVCodec) -> int:
@@ -99,45 +133,74 @@ def rank_inputs(contexts: list[str], question: str, publisher_context: str | Non
     return [{"--context": text} for text in contexts] + [publisher]
 
 
-def run_party(loaded: LoadedModel, rendezvous: Rendezvous, segment: list[int], config: RunConfig) -> RunReport:
-    """Join, run this party's whole protocol, and return its report (raises FedAttnError on failure)."""
+def run_party(
+    loaded: LoadedModel, rendezvous: Rendezvous | FederationRun, segment: list[int], config: RunConfig
+) -> RunReport:
+    """Join (over gloo at a rendezvous, or over gRPC in a federation), run this party's whole
+    protocol, and return its report (raises FedAttnError on failure)."""
     check_context_window([segment], config.max_new_tokens, loaded.model.config.max_position_embeddings)
+    limit = max_frame_bytes(loaded.model.config, config.codec)
+    if isinstance(rendezvous, FederationRun):
+        links, label = _grpc_links(rendezvous, limit), GRPC_TRANSPORT
+    else:
+        links, label = _gloo_links(rendezvous, limit), TRANSPORT
+    party, start, wall_s = None, time.perf_counter(), None
+    try:
+        with links as transport:
+            stop = stop_rule(loaded.tokenizer, loaded.model)
+            party = Participant(rendezvous.rank, segment, loaded.model, transport, config, stop, loaded.identity)
+            start = time.perf_counter()
+            try:
+                with federated_attention_enabled(loaded.model):
+                    run_alone(party)
+                transport.flush()
+            except FedAttnError:
+                if not _answered(party):
+                    _flush_before_failing(transport)
+                raise
+            wall_s = time.perf_counter() - start  # until everything this party sent has left
+    except FedAttnError as failure:
+        if not _answered(party):
+            raise
+        # decoding needs nobody: a party (or the store's host) lost after it cannot change the answer
+        print(f"fedattn: warning: {failure}; the answer was complete before, so it stands", file=sys.stderr)
+    wall_s = time.perf_counter() - start if wall_s is None else wall_s
+    return rank_report(loaded, party, label, transport.link_bytes_sent, wall_s)
+
+
+def _answered(party: Participant | None) -> bool:
+    return party is not None and party.is_publisher and bool(party.answer)
+
+
+@contextmanager
+def _gloo_links(rendezvous: Rendezvous, max_frame: int) -> Iterator[TorchTransport]:
+    """The gloo process group, joined at the rendezvous store; on success, every rank finishes together."""
     names = party_names(rendezvous.world_size)
     store = _connect_store(rendezvous)
     liveness = Liveness(rendezvous.host, rendezvous.port, rendezvous.rank, rendezvous.world_size)
     _barrier(store, "joined", rendezvous, names, "join the rendezvous")
     open_process_group(store, rendezvous.rank, rendezvous.world_size, rendezvous.timeout_s)
-    transport = TorchTransport(
-        rendezvous.rank, names, liveness, rendezvous.timeout_s, max_frame_bytes(loaded.model.config, config.codec)
-    )
-    party = Participant(
-        rendezvous.rank,
-        segment,
-        loaded.model,
-        transport,
-        config,
-        stop_rule(loaded.tokenizer, loaded.model),
-        loaded.identity,
-    )
-    start = time.perf_counter()
-    wall_s = None  # until everything this party sent has left
+    transport = TorchTransport(rendezvous.rank, names, liveness, rendezvous.timeout_s, max_frame)
     try:
-        with federated_attention_enabled(loaded.model):
-            run_alone(party)
-        transport.flush()
-        wall_s = time.perf_counter() - start
+        yield transport
         transport.note("finished")
         _barrier(store, "finished", rendezvous, names, "finish")
-    except FedAttnError as failure:
-        if not (party.is_publisher and party.answer):
-            _flush_before_failing(transport)
-            raise
-        # decoding needs nobody: a party (or the store's host) lost after it cannot change the answer
-        print(f"fedattn: warning: {failure}; the answer was complete before, so it stands", file=sys.stderr)
-    wall_s = time.perf_counter() - start if wall_s is None else wall_s
-    liveness.stop()
-    _leave(store, rendezvous, list(range(rendezvous.world_size)))
-    return rank_report(loaded, party, TRANSPORT, transport.link_bytes_sent, wall_s)
+    finally:
+        liveness.stop()
+        _leave(store, rendezvous, list(range(rendezvous.world_size)))
+
+
+@contextmanager
+def _grpc_links(run: FederationRun, max_frame: int) -> Iterator[GrpcTransport]:
+    """This party's gRPC service and its mutual-TLS links to every other party of the run."""
+    transport = GrpcTransport(run.rank, run.names, run.roster, run.credentials, run.timeout_s, max_frame)
+    try:
+        transport.join()
+        yield transport
+    except BaseException:
+        transport.close()
+        raise
+    transport.finish()
 
 
 def run_alone(party: Participant) -> list[int]:
@@ -156,7 +219,7 @@ def run_alone(party: Participant) -> list[int]:
     return party.answer
 
 
-def _flush_before_failing(transport: TorchTransport) -> None:
+def _flush_before_failing(transport: TorchTransport | GrpcTransport) -> None:
     """Let what this party already sent (its handshake, say) reach the others, so that they fail
     for the real reason rather than on a closed link; briefly, and never masking our own error."""
     try:

@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedattn.argtypes import positive_int
+from fedattn.argtypes import add_prompt_options, option_words, positive_int
+from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
+from fedattn.runtime.devices import resolve_device
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
-from fedattn.runtime.prompting import CONTEXT_SEPARATOR, build_segments, check_context_window
+from fedattn.runtime.prompting import CONTEXT_SEPARATOR, build_segments, check_context_window, collaborator_pieces
 from fedattn.systems.base import Description, Exposure
 from fedattn.systems.fedattn import config as run_config
 from fedattn.systems.fedattn import reporting
@@ -29,6 +31,7 @@ from fedattn.systems.fedattn.inprocess import run_many_in_process
 from fedattn.systems.fedattn.networked import own_segment, run_party
 from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.schedule import PLACEMENTS, every, format_layers, placement
+from fedattn.systems.fedattn.service import FedAttnHandler
 from fedattn.systems.fedattn.splits import SPLITS, split_prompt
 
 
@@ -186,6 +189,34 @@ class FedAttnSystem:
     ) -> RunReport:
         segment = own_segment(setup.loaded, rendezvous, text, question, publisher_context, setup.raw)
         return run_party(setup.loaded, rendezvous, segment, setup.config)
+
+    def add_serve_options(self, parser: argparse.ArgumentParser) -> None:
+        run_config.add_model_options(parser)
+
+    def serve_handler(self, args: argparse.Namespace, context: str | None) -> FedAttnHandler:
+        import torch
+
+        from fedattn.runtime.models import load_model
+
+        if context is not None:
+            collaborator_pieces(context, True, None)  # an empty document is refused before the load
+        device = resolve_device(args.device)
+        loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=False)
+        return FedAttnHandler(loaded, args.dtype, context)
+
+    def add_ask_options(self, parser: argparse.ArgumentParser) -> None:
+        add_prompt_options(parser, question_required=True)
+        run_config.add_run_options(parser)
+        parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    def ask_input(self, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+        if args.context:
+            raise FedAttnError("the asker holds the question (and --publisher-context); documents are the services'")
+        words = option_words({name: getattr(args, name) for name in run_config.RUN_OPTIONS})
+        private = {"question": args.question}
+        if args.publisher_context is not None:
+            private["publisher_context"] = args.publisher_context
+        return words, private
 
     def config_json(self, setup: FedAttnSetup) -> dict[str, Any]:
         if setup.split is not None:
