@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedattn-installed
 MODEL ?= qwen2.5-coder-0.5b-instruct
 QUESTION := What is Marta Kowalski's employee ID? Answer with the number only.
 
-.PHONY: install model demo test bench narrativeqa clean
+.PHONY: install model demo demo-services test bench narrativeqa clean
 
 # pip's output (warnings about this machine's index settings, say) goes to a log, shown only when pip fails.
 QUIETLY := sh -c 'log=$$(mktemp) && "$$@" >"$$log" 2>&1; status=$$?; [ $$status -eq 0 ] || cat "$$log" >&2; rm -f "$$log"; exit $$status' quietly
@@ -35,6 +35,10 @@ demo: model
 	@echo "== Three parties, the retrieval schedule (every block, K/V as int4-kivi): HR office, warehouse, publisher"
 	$(BIN)/fedattn run --model $(MODEL) --context @examples/demo/party1.txt --context @examples/demo/party2.txt \
 		--question "$(QUESTION)" --schedule retrieval --max-new-tokens 24
+
+# Parties that stay up: three `fedattn serve` on loopback (mutual TLS), two questions with `fedattn ask`.
+demo-services: model
+	@bash examples/services-demo.sh
 
 # Lint and format check first (seconds), then the suite; the explicit folder means pytest always collects it.
 test: $(STAMP)

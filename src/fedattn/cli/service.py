@@ -1,5 +1,6 @@
-"""``fedattn serve`` (a party that stays up, query after query) and ``fedattn ask`` (a light client
-that asks its own party's service to run one query and prints the result as ``fedattn run`` does).
+"""``fedattn serve`` (a party that stays up, query after query) and ``fedattn ask`` (a client,
+loading no model, that asks its own party's service to run one query and prints the result as
+``fedattn run`` does).
 
 Both are system-neutral: the system (FedAttn) gives its options, its query handler and what an
 asker sends (``fedattn.systems.base.System``); the service layer is ``fedattn.network.service``.
