@@ -29,7 +29,7 @@ from fedattn.systems.fedattn.party import Participant
 from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.reporting import SYSTEM, rank_report
 
-TRANSPORT = "grpc service (mutual TLS)"
+TRANSPORT = "gRPC service (mutual TLS)"
 PRIVATE_INPUT = {"question", "publisher_context"}  # what the starter's Ask carries for its own party
 
 
