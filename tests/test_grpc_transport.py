@@ -250,6 +250,23 @@ def test_a_frame_over_the_size_limit_is_refused(publisher):
     still_takes_frames(roster, names, receiver)
 
 
+def test_an_empty_frame_is_refused(publisher):
+    """No frame is empty (over gloo, a zero size word is refused): the service refuses it, and the
+    sender names the refusal."""
+    roster, names, receiver = publisher
+    sender = endpoint(roster, names, 0)
+    try:
+        sender.send(b"", [1])
+        with pytest.raises(PeerFailure) as refused:
+            sender.flush()
+    finally:
+        sender.close()
+    expected = "INVALID_ARGUMENT: publisher refused an empty frame from party-1"
+    assert str(refused.value) == f"publisher (rank 1) did not take a frame from party-1: {expected}"
+    assert receiver._inbox[0].empty()
+    still_takes_frames(roster, names, receiver)
+
+
 def test_party_1_cannot_speak_as_party_2(tmp_path):
     names = ["party-1", "party-2", "publisher"]
     roster = federation(tmp_path / "federation", names)
