@@ -103,7 +103,9 @@ def grpc_query(model, roster, segments, config, timeout_s=10.0, victim=None):
     return results, transports
 
 
-@pytest.mark.parametrize("parties,options", SAME_AS_IN_PROCESS)
+@pytest.mark.parametrize(
+    "parties,options", SAME_AS_IN_PROCESS, ids=[f"case{index}" for index in range(len(SAME_AS_IN_PROCESS))]
+)
 def test_same_tokens_and_bytes_as_in_process(one_torch_thread, tmp_path, parties, options):
     """Every run the launched processes check over gloo (``networked_cases``), configured by the
     CLI's parsing and tokenized from the same words, here over gRPC with each party in a thread."""

@@ -69,7 +69,7 @@ LAUNCHED_GRPC = (0, 5)
 @pytest.mark.parametrize(
     "transport,parties,options",
     [
-        (transport, parties, options)
+        pytest.param(transport, parties, options, id=f"{transport}-case{index}")
         for transport in TRANSPORTS
         for index, (parties, options) in enumerate(SAME_AS_IN_PROCESS)
         if transport == "torch" or index in LAUNCHED_GRPC
