@@ -46,7 +46,8 @@ HELLO_CASES = {
     "zero-segment": "segment length 0",
     "long-segment": "segment length 5000",
 }
-CASES = (*KV_CASES, "truncated", "oversized", "negative-size", "zero-size", "short-size-word", *HELLO_CASES)
+FRAMING_CASES = ("truncated", "oversized", "negative-size", "zero-size", "short-size-word")  # gloo's own framing
+CASES = (*KV_CASES, *FRAMING_CASES, *HELLO_CASES)
 
 
 def say(text: str) -> None:
@@ -93,41 +94,65 @@ def kv_block(layer: int, heads: int, head_dim: int, tokens: int = len(SEGMENT)) 
     )
 
 
-def bad_message(case: str, codec, heads: int, head_dim: int, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(size message, payload message or None) of the one defect: correctly framed but for the defect."""
+def kv_shape(model_config) -> tuple[int, int]:
+    """(KV heads, head dimension) of the model."""
+    return model_config.num_key_value_heads, ModelDims.from_config(model_config).head_dim
+
+
+def bad_frame(case: str, codec, model_config) -> bytes:
+    """The one bad frame of a K/V case, whatever carries it (gloo here, gRPC in ``test_grpc_wire``):
+    a frame for block 0 (the publisher's first wait) that is well formed but for the defect."""
+    heads, head_dim = kv_shape(model_config)
     whole = dict(whole_segment=True)
     if case == "dtype":  # a well-formed frame in a dtype the run did not agree on
         other = CODECS["bfloat16"] if codec.name != "bfloat16" else CODECS["float16"]
-        frame = encode_kv(kv_block(0, heads, head_dim), other, **whole)
-    elif case == "heads":
-        frame = encode_kv(kv_block(0, heads + 1, head_dim), codec, **whole)
-    elif case == "zero-tokens":  # the header says 0 tokens, and the frame is exactly that size
-        frame = bytearray(encode_kv(kv_block(0, heads, head_dim, tokens=1), codec, whole_segment=False))
+        return encode_kv(kv_block(0, heads, head_dim), other, **whole)
+    if case == "heads":
+        return encode_kv(kv_block(0, heads + 1, head_dim), codec, **whole)
+    if case == "zero-tokens":  # the header says 0 tokens, and the frame is exactly that size
+        frame = encode_kv(kv_block(0, heads, head_dim, tokens=1), codec, whole_segment=False)
         fields = list(KV_HEADER.unpack_from(frame))
         fields[4], fields[8] = 0, 0  # flags, tokens
-        frame = KV_HEADER.pack(*fields)
-    elif case == "size-mismatch":  # 6 tokens in the header, one float short in the bytes
-        frame = encode_kv(kv_block(0, heads, head_dim), codec, **whole)[: -codec.bytes_per_element]
-    elif case == "nan":
+        return KV_HEADER.pack(*fields)
+    if case == "size-mismatch":  # 6 tokens in the header, one float short in the bytes
+        return encode_kv(kv_block(0, heads, head_dim), codec, **whole)[: -codec.bytes_per_element]
+    if case == "nan":
         block = kv_block(0, heads, head_dim)
         block.value[1, 2, 3] = float("nan")
-        frame = encode_kv(block, codec, **whole)
-    elif case == "out-of-order":
-        frame = encode_kv(kv_block(1, heads, head_dim), codec, **whole)
-    elif case == "truncated":  # the size word announces the whole frame; its first half is sent
-        frame = encode_kv(kv_block(0, heads, head_dim), codec, **whole)
+        return encode_kv(block, codec, **whole)
+    if case == "out-of-order":
+        return encode_kv(kv_block(1, heads, head_dim), codec, **whole)
+    raise ValueError(f"{case!r} is not a K/V case; one of {', '.join(KV_CASES)}")
+
+
+def hello_frame(case: str, config, model_identity: str, model_config) -> bytes:
+    """This fake's hello (rank 0 of 2, a segment of ``SEGMENT``'s length): valid, with the
+    fingerprints of the publisher's own run configuration and model, unless ``case`` is one of
+    ``HELLO_CASES``, whose one field it gets wrong."""
+    fingerprints = run_fingerprints(config, model_identity, model_config)
+    if case == "model-mismatch":  # other weights, everything else the same
+        fingerprints = (bytes(8 * [0xAB]), *fingerprints[1:])
+    segment_length = {"zero-segment": 0, "long-segment": 5000}.get(case, len(SEGMENT))  # tiny-random: 4096 positions
+    return encode_hello(Hello(RANK, WORLD_SIZE, segment_length, fingerprints))
+
+
+def bad_message(case: str, config, model_config, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(size message, payload message or None) of the one defect: a bad frame framed as
+    ``TorchTransport`` frames it, or a defect of that framing itself."""
+    if case in KV_CASES:
+        return frame_messages(bad_frame(case, config.codec, model_config))
+    if case == "truncated":  # the size word announces a whole valid frame; its first half is sent
+        frame = encode_kv(kv_block(0, *kv_shape(model_config)), config.codec, whole_segment=True)
         return size_word(len(frame)), torch.frombuffer(bytearray(frame[: len(frame) // 2]), dtype=torch.uint8)
-    elif case == "oversized":  # no payload: the receiver must refuse before allocating
+    if case == "oversized":  # no payload: the receiver must refuse before allocating
         return size_word(limit + 1), None
-    elif case == "negative-size":
+    if case == "negative-size":
         return size_word(-5), None
-    elif case == "zero-size":
+    if case == "zero-size":
         return size_word(0), None
-    elif case == "short-size-word":  # 4 bytes where an int64 is due
+    if case == "short-size-word":  # 4 bytes where an int64 is due
         return torch.tensor([100], dtype=torch.int32), None
-    else:
-        raise SystemExit(f"unknown case {case!r}; one of {', '.join(CASES)}")
-    return frame_messages(bytes(frame))
+    raise SystemExit(f"unknown case {case!r}; one of {', '.join(CASES)}")
 
 
 def main(argv: list[str]) -> int:
@@ -153,13 +178,7 @@ def main(argv: list[str]) -> int:
     )
     loaded, config, _ = configure(args)
     model_config = loaded.model.config
-    heads = model_config.num_key_value_heads
-    head_dim = ModelDims.from_config(model_config).head_dim
-    fingerprints = run_fingerprints(config, loaded.identity, model_config)
-    if case == "model-mismatch":  # other weights, everything else the same
-        fingerprints = (bytes(8 * [0xAB]), *fingerprints[1:])
-    segment_length = {"zero-segment": 0, "long-segment": 5000}.get(case, len(SEGMENT))  # tiny-random: 4096 positions
-    hello = Hello(RANK, WORLD_SIZE, segment_length, fingerprints)
+    hello = hello_frame(case, config, loaded.identity, model_config)
 
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
     stop = threading.Event()
@@ -174,13 +193,13 @@ def main(argv: list[str]) -> int:
     )
     say("joined")
     pending: list = []
-    send_messages(*frame_messages(encode_hello(hello)), pending)
+    send_messages(*frame_messages(hello), pending)
     if case in HELLO_CASES:
         say(f"hello sent with {HELLO_CASES[case]} at {time.time():.3f}")
     theirs = decode_hello(recv_frame(), "publisher")
     say(f"publisher's hello: segment of {theirs.segment_length} tokens")
     if case not in HELLO_CASES:
-        size, payload = bad_message(case, config.codec, heads, head_dim, max_frame_bytes(model_config, config.codec))
+        size, payload = bad_message(case, config, model_config, max_frame_bytes(model_config, config.codec))
         send_messages(size, payload, pending)
         say(
             f"sent {case}: size message {size.tolist()}, "

@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from networked_cases import CONTEXTS, QUESTION, SAME_AS_IN_PROCESS, configured, expected_link_bytes
 
 from fedattn.errors import FedAttnError
 from fedattn.network.federation import (
@@ -39,10 +40,9 @@ from fedattn.network.peers import PeerFailure
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import party_names, run_in_process
-from fedattn.systems.fedattn.networked import max_frame_bytes, run_alone
+from fedattn.systems.fedattn.networked import max_frame_bytes, party_segment, run_alone
 from fedattn.systems.fedattn.party import Participant
-from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
-from fedattn.systems.fedattn.sparsity import Sparsity
+from fedattn.systems.fedattn.schedule import Schedule, every
 
 THREAD_BOUND_S = 30  # a party thread still running after this is a hang
 SMALL_LIMIT = 4096  # max_frame_bytes of the refusal tests
@@ -104,31 +104,31 @@ def grpc_query(model, roster, segments, config, timeout_s=10.0, victim=None):
 
 
 @pytest.mark.parametrize(
-    "lengths,schedule,sparsity,all_answers",
-    [
-        ([7, 5, 6], Schedule(8, every(2, 8)), Sparsity(), True),
-        ([9, 4, 6], Schedule(8, (0, 4), publisher_layers=all_layers(8)), Sparsity(), False),
-        ([8, 6, 5], Schedule(8, every(3, 8), publisher_sync_every=2), Sparsity(comp=0.8, comm=0.5, seed=3), True),
-    ],
+    "parties,options", SAME_AS_IN_PROCESS, ids=[f"case{index}" for index in range(len(SAME_AS_IN_PROCESS))]
 )
-def test_same_tokens_and_bytes_as_in_process(tiny, tmp_path, lengths, schedule, sparsity, all_answers):
-    model, _ = tiny
-    segments = random_segments(lengths, seed=sum(lengths))
-    config = RunConfig(schedule, sparsity, max_new_tokens=5, all_answers=all_answers)
+def test_same_tokens_and_bytes_as_in_process(one_torch_thread, tmp_path, parties, options):
+    """Every run the launched processes check over gloo (``networked_cases``), configured by the
+    CLI's parsing and tokenized from the same words, here over gRPC with each party in a thread."""
+    loaded, config = configured(options)
+    model = loaded.model
+    segments = [party_segment(loaded, rank, parties, CONTEXTS[rank], None, None, False) for rank in range(parties - 1)]
+    segments.append(party_segment(loaded, parties - 1, parties, None, QUESTION, None, False))
     reference = run_in_process(model, segments, config)
-    roster = federation(tmp_path / "federation", party_names(len(segments)))
+    roster = federation(tmp_path / "federation", party_names(parties))
     results, transports = grpc_query(model, roster, segments, config)
     assert all(not isinstance(result, BaseException) for result in results.values()), results
-    assert results[len(segments) - 1] == reference.answer_token_ids
-    if all_answers:
+    assert results[parties - 1] == reference.answer_token_ids
+    if config.all_answers:
         assert results == reference.answers
     for transport, expected in zip(transports, reference.parties):
         stats = transport.stats
         assert (stats.bytes_sent, stats.bytes_received) == (expected.bytes_sent, expected.bytes_received)
         assert (stats.frames_sent, stats.frames_received) == (expected.frames_sent, expected.frames_received)
-    # every copy that crossed a link was received once, as one gRPC message with its 5-byte prefix
+    # each copy on a link is one gRPC message: the frame and its 5-byte prefix, once per addressee
+    links = expected_link_bytes(model.config, config, [len(segment) for segment in segments], GRPC_MESSAGE_PREFIX)
+    assert [transport.link_bytes_sent for transport in transports] == links
     received = sum(t.stats.bytes_received + GRPC_MESSAGE_PREFIX * t.stats.frames_received for t in transports)
-    assert sum(t.link_bytes_sent for t in transports) == received
+    assert sum(links) == received  # and every copy sent was received once
 
 
 # -- refused callers ---------------------------------------------------------------------------
@@ -247,6 +247,23 @@ def test_a_frame_over_the_size_limit_is_refused(publisher):
     finally:
         sender.close()
     expected = f"RESOURCE_EXHAUSTED: Received message larger than max ({SMALL_LIMIT + 1} vs. {SMALL_LIMIT})"
+    assert str(refused.value) == f"publisher (rank 1) did not take a frame from party-1: {expected}"
+    assert receiver._inbox[0].empty()
+    still_takes_frames(roster, names, receiver)
+
+
+def test_an_empty_frame_is_refused(publisher):
+    """No frame is empty (over gloo, a zero size word is refused): the service refuses it, and the
+    sender names the refusal."""
+    roster, names, receiver = publisher
+    sender = endpoint(roster, names, 0)
+    try:
+        sender.send(b"", [1])
+        with pytest.raises(PeerFailure) as refused:
+            sender.flush()
+    finally:
+        sender.close()
+    expected = "INVALID_ARGUMENT: publisher refused an empty frame from party-1"
     assert str(refused.value) == f"publisher (rank 1) did not take a frame from party-1: {expected}"
     assert receiver._inbox[0].empty()
     still_takes_frames(roster, names, receiver)
@@ -452,16 +469,3 @@ def test_own_ca_with_an_intermediate_as_the_readme_describes(tmp_path):
     finally:
         for transport in transports:
             transport.close()
-
-
-# -- fedattn run --transport grpc: one local process per party ------------------------------
-
-CONTEXTS = ["Alice's locker code is 4417 and she lives in Oslo.", "Bob's locker code is 9230.", "Carol keeps the key."]
-QUESTION = "What is Alice's locker code?"
-
-
-def run_words(parties: int, options: list[str]) -> list[str]:
-    argv = ["run", "--model", "tiny-random", "--max-new-tokens", "6", *options, "--question", QUESTION]
-    for context in CONTEXTS[: parties - 1]:
-        argv += ["--context", context]
-    return argv

@@ -2,7 +2,6 @@
 against the in-process engine, their behaviour when a party dies or stalls, and the launcher's
 care for private text (never on disk, nor on a command line) and for its children."""
 
-import argparse
 import json
 import os
 import re
@@ -14,53 +13,18 @@ from pathlib import Path
 
 import psutil
 import pytest
+from networked_cases import CONTEXTS, QUESTION, SAME_AS_IN_PROCESS, configured, expected_link_bytes, words
 
 from fedattn.cli.main import main
 from fedattn.network.federation import free_loopback_addresses, init_federation
-from fedattn.network.frames import HELLO_FRAME, SMALL_FRAME, kv_frame_size
-from fedattn.systems.fedattn.config import add_options, configure
-from fedattn.systems.fedattn.exchange import frame_token_counts
+from fedattn.network.grpc_transport import GRPC_MESSAGE_PREFIX
 
-CONTEXTS = ["Alice's locker code is 4417 and she lives in Oslo.", "Bob's locker code is 9230.", "Carol keeps the key."]
-QUESTION = "What is Alice's locker code?"
 MARK = f"test-networked-{os.getpid()}"  # in every process this file starts: others' runs are not ours to count
 ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", FEDATTN_TEST_MARK=MARK)
 TRANSPORTS = ("torch", "grpc")
 # per copy of a frame on a link: over gloo the int64 size word and the end mark after the frame;
 # over gRPC the message's prefix (a compression flag and a 4-byte length)
-COPY_FRAMING = {"torch": 8 + 1, "grpc": 1 + 4}
-
-
-def expected_link_bytes(options: list[str], lengths: list[int], copy_framing: int) -> list[int]:
-    """Per party, what its point-to-point links carry (README, Telemetry): every frame it sends
-    (handshake, K/V where the schedule sends it, the publisher's first token and completion), once
-    per addressee, each copy with its framing."""
-    parser = argparse.ArgumentParser()
-    add_options(parser)
-    loaded, config, _ = configure(parser.parse_args(["--model", "tiny-random", *options, "--json"]))
-    model, count = loaded.model.config, len(lengths)
-    heads, head_dim = model.num_key_value_heads, model.hidden_size // model.num_attention_heads
-    tokens = frame_token_counts(
-        config.schedule, config.sparsity, config.exchange, config.codec, lengths, heads, head_dim, config.all_answers
-    )
-    links = [(HELLO_FRAME.size + copy_framing) * (count - 1)] * count
-    for sender in range(count):
-        for layer in range(model.num_hidden_layers):
-            receivers = config.schedule.receivers(layer, sender, count, config.all_answers)
-            if receivers:
-                sent = tokens[(sender, layer)]
-                size = kv_frame_size(sent, sent == lengths[sender], config.codec, heads, head_dim)
-                links[sender] += (size + copy_framing) * len(receivers)
-    publisher_frames = 2 if config.all_answers else 1  # the completion, and the first token if all answer
-    links[-1] += publisher_frames * (SMALL_FRAME.size + copy_framing) * (count - 1)
-    return links
-
-
-def words(parties: int, options: list[str]) -> list[str]:
-    argv = ["run", "--model", "tiny-random", "--max-new-tokens", "6", *options, "--question", QUESTION]
-    for context in CONTEXTS[: parties - 1]:
-        argv += ["--context", context]
-    return argv
+COPY_FRAMING = {"torch": 8 + 1, "grpc": GRPC_MESSAGE_PREFIX}
 
 
 def in_process(capsys, argv: list[str]) -> dict:
@@ -97,49 +61,20 @@ def _started_here(process: psutil.Process) -> bool:
         return False
 
 
+# over gRPC, launched processes run two of the cases (the start-up, the launcher and the report);
+# test_grpc_transport runs every case over gRPC in threads, for the tokens and bytes
+LAUNCHED_GRPC = (0, 5)
+
+
 @pytest.mark.parametrize(
-    "parties,options",
+    "transport,parties,options",
     [
-        (2, ["--sync-every", "1"]),
-        (3, ["--sync-every", "2", "--all-answers"]),
-        (4, ["--placement", "deep-half", "--sync-every", "3"]),
-        (4, ["--schedule", "publisher-dense", "--sync-layers", "0,4", "--publisher-sync-every", "3", "--all-answers"]),
-        (
-            3,
-            [
-                "--ratio-comp",
-                "0.7",
-                "--ratio-comm",
-                "0.5",
-                "--ratio-comm-publisher",
-                "1",
-                "--seed",
-                "3",
-                "--all-answers",
-                "--kv-codec",
-                "bfloat16",
-            ],
-        ),
-        (
-            3,
-            [
-                "--sync-every",
-                "2",
-                "--all-answers",
-                "--kv-codec",
-                "int4-kivi",
-                "--kv-select",
-                "attention",
-                "--kv-budget",
-                "30000",
-                "--kv-noise",
-                "0.1",
-            ],
-        ),
-        (3, ["--temperature", "0.8", "--top-k", "20", "--seed", "5"]),
+        pytest.param(transport, parties, options, id=f"{transport}-case{index}")
+        for transport in TRANSPORTS
+        for index, (parties, options) in enumerate(SAME_AS_IN_PROCESS)
+        if transport == "torch" or index in LAUNCHED_GRPC
     ],
 )
-@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_same_answer_and_bytes_as_in_process(capsys, transport, parties, options):
     argv = words(parties, options)
     reference = in_process(capsys, argv)
@@ -154,7 +89,8 @@ def test_same_answer_and_bytes_as_in_process(capsys, transport, parties, options
         if "answer" in theirs:
             assert ours["answer"] == theirs["answer"]
     lengths = [party["tokens"] for party in reference["participants"]]
-    links = expected_link_bytes(options, lengths, COPY_FRAMING[transport])
+    loaded, config = configured(options)
+    links = expected_link_bytes(loaded.model.config, config, lengths, COPY_FRAMING[transport])
     assert [party["link_bytes_sent"] for party in merged["participants"]] == links
     assert merged["measured_bytes"]["link_sent"] == sum(links)
     if "--all-answers" not in options:
