@@ -279,9 +279,15 @@ def test_party_1_cannot_speak_as_party_2(tmp_path):
         impostor.flush()
         assert receiver.recv(0) == b"from party-2, honestly"  # filed under the certificate's name
         assert receiver._inbox[1].empty()
-        # nor can it answer as party-2: the publisher checks the service's certificate names party-2
+        # nor can it answer as party-2: the publisher checks the service's certificate names party-2.
+        # The receiver started first, so its channel to party-2's address first found nothing there;
+        # wait (bounded) until a reconnection has met the impostor, or the call fails for that instead.
+        wrong_name = "its certificate does not carry the expected party name"
+        deadline = time.monotonic() + THREAD_BOUND_S
+        while receiver._views[1].error != wrong_name and time.monotonic() < deadline:
+            time.sleep(0.05)
         receiver.send(b"for party-2 only", [1])
-        with pytest.raises(PeerFailure, match="its certificate does not carry the expected party name"):
+        with pytest.raises(PeerFailure, match=wrong_name):
             receiver.flush()
         assert impostor._inbox[2].empty()
     finally:
