@@ -405,13 +405,9 @@ def main() -> int:
         print_transports(results["transports"])
     if "services" in parts:
         print_services(results["services"])
-    print(
-        f"\nload average before/after: {results['load_average_before']} / {results['load_average_after']}; "
-        f"elapsed {results['elapsed_s']:.0f} s"
-    )
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    from network import close_results
+
+    close_results(results, args.out)
     return 0
 
 

@@ -767,15 +767,20 @@ def bench(args: argparse.Namespace) -> int:
         f"{' or '.join(map(str, threads))} for in-process / alone."
     )
     print(f"delay: {results['delay_emulation']}")
-    print(
-        f"load average before/after: {results['load_average_before']} / {results['load_average_after']}; "
-        f"elapsed {results['elapsed_s']:.0f} s"
-    )
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    close_results(results, args.out)
     failed = [key for key, entry in results["runs"].items() if "error" in entry]
     return 1 if failed else 0
+
+
+def close_results(results: dict, out: Path | None) -> None:
+    """The load the figures were taken under, and every figure to ``out`` (JSON)."""
+    print(
+        f"\nload average before/after: {results['load_average_before']} / {results['load_average_after']}; "
+        f"elapsed {results['elapsed_s']:.0f} s"
+    )
+    if out:
+        out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}")
 
 
 def _brief(entry: dict) -> str:
