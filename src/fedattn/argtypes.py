@@ -135,6 +135,14 @@ def device_name(value: str) -> str:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A parser whose errors are one-line ``FedAttnError``s (exit 2, no usage block): the command
+    line's, and a service's reading of a query's option words."""
+
+    def error(self, message: str) -> None:
+        raise FedAttnError(message)
+
+
 def name_list(value: str) -> list[str]:
     """'a,b, c' -> ['a', 'b', 'c'] (empty items dropped)."""
     return [word.strip() for word in value.split(",") if word.strip()]

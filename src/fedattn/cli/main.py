@@ -12,21 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fedattn.argtypes import OneLineParser
 from fedattn.cli import models, participant
 from fedattn.cli import run as run_command
 from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError, ProtocolError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
-        raise FedAttnError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="fedattn", description="Federated Attention: answer one question with one LLM over private prompt pieces."
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     run_command.add_arguments(
         commands.add_parser("run", help="answer a question with N parties (in this process, or one process each)")
@@ -39,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     evaluate = commands.add_parser("eval", help="score schedules on a benchmark (resumable results folder)")
-    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, parser_class=OneLineParser)
     for name, help_text in EVALUATIONS.items():
         _evaluation(name).add_arguments(benchmarks.add_parser(name, help=help_text))
 
@@ -63,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("compare", help="a Markdown table across systems from result folders (and attack folders)")
     )
     results = commands.add_parser("results", help="maintain result folders")
-    maintenance = results.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    maintenance = results.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     upgrade.add_arguments(
         maintenance.add_parser("upgrade", help="convert folders of an earlier fedattn once (for plot and compare)")
     )

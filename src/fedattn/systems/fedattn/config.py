@@ -11,6 +11,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from fedattn.argtypes import (
+    OneLineParser,
     device_name,
     library_type,
     naming_option,
@@ -289,15 +290,10 @@ def configure(args: argparse.Namespace):
     return loaded, config, device
 
 
-class _WordsParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
-        raise FedAttnError(message)
-
-
 def run_config_from_words(words: list[str], dtype: str, num_layers: int) -> tuple[RunConfig, argparse.Namespace]:
     """A query's configuration from its run option words (a service's model fixes ``dtype`` and the
     depth); the parsed options too. Words that are not run options are refused in one line."""
-    parser = _WordsParser(prog="the query's options", add_help=False, allow_abbrev=False)
+    parser = OneLineParser(prog="the query's options", add_help=False, allow_abbrev=False)
     add_run_options(parser)
     args = parser.parse_args(words, namespace=argparse.Namespace(dtype=dtype))
     return RunConfig(schedule=schedule_from_args(args, num_layers), **_model_free_parts(args)), args
