@@ -279,15 +279,20 @@ def check_options(args: argparse.Namespace) -> str:
 
 def configure(args: argparse.Namespace):
     """The model and the run configuration from the shared options (validated before the slow load)."""
+    parts = _model_free_parts(args)
+    loaded, device = load_from_options(args, progress=not args.json)
+    config = RunConfig(schedule=schedule_from_args(args, loaded.model.config.num_hidden_layers), **parts)
+    return loaded, config, device
+
+
+def load_from_options(args: argparse.Namespace, progress: bool):
+    """The model the model options name (``add_model_options``), and the device it is on."""
     import torch
 
     from fedattn.runtime.models import load_model
 
-    parts = _model_free_parts(args)
     device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.json)
-    config = RunConfig(schedule=schedule_from_args(args, loaded.model.config.num_hidden_layers), **parts)
-    return loaded, config, device
+    return load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=progress), device
 
 
 def run_config_from_words(words: list[str], dtype: str, num_layers: int) -> tuple[RunConfig, argparse.Namespace]:

@@ -18,7 +18,6 @@ from fedattn.argtypes import add_prompt_options, option_words, positive_int
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
-from fedattn.runtime.devices import resolve_device
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import CONTEXT_SEPARATOR, build_segments, check_context_window, collaborator_pieces
@@ -194,14 +193,9 @@ class FedAttnSystem:
         run_config.add_model_options(parser)
 
     def serve_handler(self, args: argparse.Namespace, context: str | None) -> FedAttnHandler:
-        import torch
-
-        from fedattn.runtime.models import load_model
-
         if context is not None:
             collaborator_pieces(context, True, None)  # an empty document is refused before the load
-        device = resolve_device(args.device)
-        loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=False)
+        loaded, _ = run_config.load_from_options(args, progress=False)
         return FedAttnHandler(loaded, args.dtype, context)
 
     def add_ask_options(self, parser: argparse.ArgumentParser) -> None:
