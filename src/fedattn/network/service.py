@@ -332,8 +332,7 @@ class Service:
         if not isinstance(reply, dict) or not (set(reply) == {"document"} or set(reply) == {"error", "exit"}):
             raise ProtocolError(f"{peer} answered the query's Result with something else than a result")
         if "error" in reply:
-            error = str(reply["error"])[:1000]
-            raise (PeerFailure if reply["exit"] == EXIT_PEER_FAILURE else FedAttnError)(error)
+            raise _error_of(reply, limit=1000)
         if not isinstance(reply["document"], dict):
             raise ProtocolError(f"{peer}'s document is not a JSON object")
         return reply["document"]
@@ -407,7 +406,7 @@ def ask(
     if not isinstance(reply, dict) or "document" not in reply and "error" not in reply:
         raise ProtocolError(f"{name}'s service answered with something else than a result")
     if "error" in reply:
-        raise (PeerFailure if reply.get("exit") == EXIT_PEER_FAILURE else FedAttnError)(str(reply["error"]))
+        raise _error_of(reply)
     return reply["document"]
 
 
@@ -456,6 +455,11 @@ def _failure(error: Exception) -> dict:
     peer = isinstance(error, (PeerFailure, ProtocolError))
     why = error.why if isinstance(error, Refusal) else str(error)
     return {"error": why, "exit": EXIT_PEER_FAILURE if peer else EXIT_USAGE}
+
+
+def _error_of(reply: dict, limit: int | None = None) -> FedAttnError:
+    """The inverse of ``_failure``: a failed reply as the error it stood for."""
+    return (PeerFailure if reply.get("exit") == EXIT_PEER_FAILURE else FedAttnError)(str(reply["error"])[:limit])
 
 
 def _outcome(reply: dict) -> str:
