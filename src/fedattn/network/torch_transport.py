@@ -14,7 +14,7 @@ import datetime
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -233,21 +233,13 @@ def connect_store(host: str, port: int, timeout_s: float, serve: bool = False) -
     accepts and never answers (the client then waits for its first reply forever): the connection
     is made on a helper thread, and given up ``CONNECT_MARGIN_S`` after torch's timeout.
     """
-    outcome: list = []
-
-    def connect() -> None:
-        try:
-            outcome.append(
-                dist.TCPStore(
-                    host, port, is_master=serve, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
-                )
-            )
-        except (RuntimeError, OSError) as error:
-            outcome.append(error)
-
-    helper = threading.Thread(target=connect, name="fedattn-store-connect", daemon=True)
-    helper.start()
-    helper.join(timeout_s + CONNECT_MARGIN_S)
+    outcome = _within(
+        timeout_s + CONNECT_MARGIN_S,
+        "fedattn-store-connect",
+        lambda: dist.TCPStore(
+            host, port, is_master=serve, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+        ),
+    )
     if not outcome:
         raise FedAttnError(
             f"{host}:{port} accepted a connection but did not answer as a rendezvous store within "
@@ -268,28 +260,35 @@ def open_process_group(store: dist.Store, rank: int, world_size: int, timeout_s:
     """Form the gloo process group within ``timeout_s`` (a party that joined the rendezvous and died
     before this would otherwise be waited for as long as gloo's own timeout, which must stay
     ``NO_DEADLINE`` because it also bounds every receive of the run)."""
-    outcome: list[BaseException | None] = []
-
-    def form() -> None:
-        try:
-            dist.init_process_group(
-                "gloo",
-                store=dist.PrefixStore("fedattn/pg", store),
-                rank=rank,
-                world_size=world_size,
-                timeout=NO_DEADLINE,
-            )
-            outcome.append(None)
-        except RuntimeError as error:
-            outcome.append(error)
-
-    helper = threading.Thread(target=form, name="fedattn-process-group", daemon=True)
-    helper.start()
-    helper.join(timeout_s)
+    outcome = _within(
+        timeout_s,
+        "fedattn-process-group",
+        lambda: dist.init_process_group(
+            "gloo", store=dist.PrefixStore("fedattn/pg", store), rank=rank, world_size=world_size, timeout=NO_DEADLINE
+        ),
+    )
     if not outcome:
         raise PeerFailure(f"the gloo links between the parties did not form within {timeout_s:g} s")
-    if outcome[0] is not None:
+    if isinstance(outcome[0], BaseException):
         raise PeerFailure(f"the gloo links between the parties failed to form: {_short(outcome[0])}")
+
+
+def _within(seconds: float, name: str, call: Callable[[], object]) -> list:
+    """``[call()]``, or ``[the RuntimeError or OSError it raised]``, or ``[]`` if it has not returned
+    within ``seconds``: torch calls that can wait forever on a peer run on a daemon thread, given up
+    after the deadline."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except (RuntimeError, OSError) as error:
+            outcome.append(error)
+
+    helper = threading.Thread(target=run, name=name, daemon=True)
+    helper.start()
+    helper.join(seconds)
+    return outcome
 
 
 def frame_messages(frame: bytes) -> tuple[torch.Tensor, torch.Tensor]:
