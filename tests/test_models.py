@@ -17,7 +17,7 @@ import torch
 from fedattn.errors import FedAttnError
 from fedattn.runtime import models
 from fedattn.runtime.models import KNOWN_MODELS, TINY_RANDOM, ModelPart, ModelSpec, load_model
-from fedattn.runtime.tiny_model import build_tiny_model
+from fedattn.runtime.tiny_model import TINY_MODELS, build_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -215,7 +215,7 @@ def test_install_rebuilds_a_corrupt_cache(monkeypatch):
 
 def test_model_status_lists_every_model(home):
     rows = {row["name"]: row for row in models.model_status()}
-    assert set(rows) == {*KNOWN_MODELS, TINY_RANDOM}
+    assert set(rows) == {*KNOWN_MODELS, *TINY_MODELS}
     for name in KNOWN_MODELS:
         assert rows[name]["cached"] is False
         assert rows[name]["cache_path"] == str(home / "models" / name)

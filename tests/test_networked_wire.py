@@ -157,9 +157,9 @@ def test_a_bad_message_is_refused_at_once_with_its_own_error(store_port, case):
 
 
 def test_a_real_model_mismatch_is_refused_at_the_handshake_by_both_ranks(store_port, tmp_path):
-    from fedattn.runtime.tiny_model import build_tiny_model
+    from fedattn.runtime.tiny_model import TinyShape, build_tiny_model
 
-    model, tokenizer = build_tiny_model(seed=1)  # tiny-random's shape, other weights
+    model, tokenizer = build_tiny_model(TinyShape(seed=1))  # tiny-random's shape, other weights
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     collaborator = participant(0, store_port, ["--context", CONTEXT])

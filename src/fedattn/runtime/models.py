@@ -43,7 +43,7 @@ from transformers.utils import is_accelerate_available
 from transformers.utils import logging as hf_logging
 
 from fedattn.errors import FedAttnError
-from fedattn.runtime.tiny_model import build_tiny_model
+from fedattn.runtime.tiny_model import TINY_MODELS, build_tiny_model
 
 TINY_RANDOM = "tiny-random"
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -163,15 +163,15 @@ def load_model(
 
     The attention implementation is left alone: the engine chooses it.
     """
-    if name_or_path == TINY_RANDOM:
-        model, tokenizer = build_tiny_model()
-        loaded = LoadedModel(model, tokenizer, TINY_RANDOM, weights_fingerprint(model))
+    if name_or_path in TINY_MODELS:
+        model, tokenizer = build_tiny_model(TINY_MODELS[name_or_path])
+        loaded = LoadedModel(model, tokenizer, name_or_path, weights_fingerprint(model))
     elif name_or_path in KNOWN_MODELS:
         loaded = _load_named(KNOWN_MODELS[name_or_path], dtype, progress)
     elif Path(name_or_path).expanduser().exists():
         loaded = _load_path(Path(name_or_path).expanduser().resolve(), dtype, progress)
     else:
-        known = ", ".join([*KNOWN_MODELS, TINY_RANDOM])
+        known = ", ".join([*KNOWN_MODELS, *TINY_MODELS])
         raise FedAttnError(f"unknown model '{name_or_path}' (not a known name or an existing path); known: {known}")
     return _ready(loaded, device, dtype)
 
@@ -290,8 +290,8 @@ def install_model(name: str, *, progress: bool = True) -> Path:
     (llm, llama-cpp-python) are large and unused here.
     """
     if name not in KNOWN_MODELS:
-        if name == TINY_RANDOM:
-            raise FedAttnError("'tiny-random' is built in; there is nothing to install")
+        if name in TINY_MODELS:
+            raise FedAttnError(f"'{name}' is built in; there is nothing to install")
         raise FedAttnError(f"unknown model '{name}'; installable: {', '.join(KNOWN_MODELS)}")
     spec = KNOWN_MODELS[name]
     if not cache_intact(spec, progress):
@@ -549,15 +549,17 @@ def model_status() -> list[dict]:
                 "size_bytes": _tree_size(directory) + sum(part.stat().st_size for part in parts or []),
             }
         )
-    rows.append(
+    rows.extend(
         {
-            "name": TINY_RANDOM,
-            "description": "built-in random-weight Qwen2-style model for tests and trials (8 blocks, d=64)",
+            "name": name,
+            "description": f"built-in random-weight Qwen2-style model for tests and trials ({shape.blocks} blocks, "
+            f"d={shape.hidden})",
             "installed": True,
             "cached": None,
             "cache_path": None,
             "size_bytes": 0,
         }
+        for name, shape in TINY_MODELS.items()
     )
     return rows
 

@@ -7,6 +7,8 @@ downloaded. Weights are a pure function of the seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -40,14 +42,34 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model(seed: int = 0) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """The model and tokenizer of ``tiny-random``: 8 blocks, d = 64, 4 heads, 2 KV heads; same seed, same weights."""
+@dataclass(frozen=True)
+class TinyShape:
+    """A tiny model's seed and sizes; ``padding_rows`` embedding rows beyond the tokenizer's tokens,
+    as real checkpoints have (Qwen2.5: 151,936 rows for 151,665 tokens)."""
+
+    seed: int = 0
+    blocks: int = 8
+    hidden: int = 64
+    padding_rows: int = 0
+
+
+# tiny-random is FedAttn's test model; the others share its tokenizer (SpecFed's ensembles and drafts)
+TINY_MODELS = {
+    "tiny-random": TinyShape(),
+    "tiny-random-wide": TinyShape(seed=1, blocks=4, hidden=96, padding_rows=13),
+    "tiny-random-draft": TinyShape(seed=2, blocks=2, hidden=32),
+}
+
+
+def build_tiny_model(shape: TinyShape = TinyShape()) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """A tiny model and its tokenizer (``tiny-random``: 8 blocks, d = 64, 4 heads, 2 KV heads); same
+    shape, same weights."""
     tokenizer = build_tiny_tokenizer()
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
+        vocab_size=len(tokenizer) + shape.padding_rows,
+        hidden_size=shape.hidden,
+        intermediate_size=2 * shape.hidden,
+        num_hidden_layers=shape.blocks,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
@@ -59,7 +81,7 @@ def build_tiny_model(seed: int = 0) -> tuple[Qwen2ForCausalLM, PreTrainedTokeniz
     )
     generator_state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(seed)
+        torch.manual_seed(shape.seed)
         model = Qwen2ForCausalLM(config)
     finally:
         torch.random.set_rng_state(generator_state)

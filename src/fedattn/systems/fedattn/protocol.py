@@ -16,22 +16,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from fedattn.runtime.batch_decode import DecodeRow
 from fedattn.systems.fedattn.party import Participant
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    stage: str  # what its time counts as: handshake, prefill, first token, decode or completion
-    takes_part: Callable[[Participant], bool]
-    step: Callable[[Participant], object]
-
-
-def everyone(party: Participant) -> bool:
-    return True
+from fedattn.systems.phases import Phase, everyone, take
 
 
 def publisher(party: Participant) -> bool:
@@ -75,18 +63,6 @@ BEFORE_DECODING, AFTER_DECODING = PHASES[:_DECODE_AT], PHASES[_DECODE_AT + 1 :]
 PREFILLED = tuple(phase for phase in BEFORE_DECODING if phase.stage in ("handshake", "prefill"))
 
 Decoder = Callable[[list[DecodeRow]], list[list[int]]]
-
-
-def take(parties: Sequence[Participant], phases: Sequence[Phase]) -> dict[str, float]:
-    """Each phase in turn, taken by every party that takes part, in segment order; seconds per stage."""
-    seconds: dict[str, float] = {}
-    for phase in phases:
-        start = time.perf_counter()
-        for party in parties:
-            if phase.takes_part(party):
-                phase.step(party)
-        seconds[phase.stage] = seconds.get(phase.stage, 0.0) + time.perf_counter() - start
-    return seconds
 
 
 def run(queries: Sequence[Sequence[Participant]], decode: Decoder) -> list[dict[str, float]]:
