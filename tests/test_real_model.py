@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.models import DEFAULT_MODEL, KNOWN_MODELS, cache_complete, load_model
 from fedattn.runtime.prompting import build_segments
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import run_in_process
-from fedattn.systems.fedattn.query import answer_question, stop_rule
+from fedattn.systems.fedattn.query import answer_question
 from fedattn.systems.fedattn.schedule import Schedule, all_layers, every
 
 pytestmark = pytest.mark.real_model

@@ -157,12 +157,13 @@ FEDATTN_RUN_KEYS = {
 
 
 def test_a_fedattn_query_reports_through_the_schema(tiny):
+    from fedattn.runtime.decoding import stop_rule
     from fedattn.runtime.dims import ModelDims
     from fedattn.runtime.prompting import build_segments
     from fedattn.systems.fedattn.config import RunConfig
     from fedattn.systems.fedattn.costs import run_costs
     from fedattn.systems.fedattn.inprocess import run_in_process
-    from fedattn.systems.fedattn.query import answer_question, stop_rule
+    from fedattn.systems.fedattn.query import answer_question
     from fedattn.systems.fedattn.schedule import Schedule, every
 
     model, tokenizer = tiny

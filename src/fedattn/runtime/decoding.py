@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from fedattn.errors import FedAttnError
 from fedattn.runtime.seeding import seeded_generator
@@ -76,3 +77,15 @@ class StopRule:
         """``text`` cut before the first stop text."""
         cut = min((text.find(stop) for stop in self.texts if stop in text), default=len(text))
         return text[:cut]
+
+
+def stop_rule(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, texts: tuple[str, ...] = ()) -> StopRule:
+    """Stop at the tokenizer's EOS, any EOS the generation config names, or one of ``texts``."""
+    ids = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, configured):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return StopRule(frozenset(ids), texts, tokenizer.decode if texts else None)

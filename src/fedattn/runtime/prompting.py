@@ -8,6 +8,8 @@ control tokens).
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -130,3 +132,23 @@ def check_prompt_length(total: int, max_new_tokens: int, max_positions: int) -> 
             f"the prompt has {total} tokens; with {max_new_tokens} new tokens it exceeds the model's "
             f"context of {max_positions} positions"
         )
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> bytes:
+    """8 bytes that differ between tokenizers that split or number text differently (vocabulary,
+    merges, special tokens): parties that exchange token ids or distributions over them compare it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    described = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(described.encode()).digest()[:8]
+
+
+_PADDING_TOKEN = re.compile(r"\[PAD\d+\]")
+
+
+def real_vocabulary(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many ids stand for text: the tokenizer's, less the trailing '[PADn]' placeholders a GGUF
+    tokenizer lists for the embedding's padding rows (Qwen2.5: 151,665 of 151,936)."""
+    size = len(tokenizer)
+    while size > 0 and _PADDING_TOKEN.fullmatch(tokenizer.convert_ids_to_tokens(size - 1) or ""):
+        size -= 1
+    return size

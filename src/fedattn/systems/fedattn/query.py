@@ -10,25 +10,13 @@ import time
 from transformers import PreTrainedTokenizerBase
 
 from fedattn.report.schema import RunReport
-from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.prompting import build_segments, check_context_window
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.costs import run_costs
 from fedattn.systems.fedattn.inprocess import run_in_process
 from fedattn.systems.fedattn.reporting import run_report
-
-
-def stop_rule(tokenizer: PreTrainedTokenizerBase, model, texts: tuple[str, ...] = ()) -> StopRule:
-    """Stop at the tokenizer's EOS, any EOS the generation config names, or one of ``texts``."""
-    ids = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, configured):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
-    return StopRule(frozenset(ids), texts, tokenizer.decode if texts else None)
 
 
 def answer_question(

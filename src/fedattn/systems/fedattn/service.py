@@ -21,12 +21,12 @@ from fedattn.network.kv_codec import CODECS
 from fedattn.network.service import Plan, Query
 from fedattn.report.schema import RunReport, merge
 from fedattn.runtime.attention import federated_attention_enabled
+from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import check_context_window
 from fedattn.systems.fedattn.config import run_config_from_words
 from fedattn.systems.fedattn.networked import max_frame_bytes, party_segment, run_alone
 from fedattn.systems.fedattn.party import Participant
-from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.reporting import SYSTEM, rank_report
 
 TRANSPORT = "gRPC service (mutual TLS)"

@@ -18,6 +18,7 @@ from fedattn.argtypes import add_prompt_options, option_words, positive_int
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
+from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import CONTEXT_SEPARATOR, build_segments, check_context_window, collaborator_pieces
@@ -28,7 +29,6 @@ from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.costs import run_costs
 from fedattn.systems.fedattn.inprocess import run_many_in_process
 from fedattn.systems.fedattn.networked import own_segment, run_party
-from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.schedule import PLACEMENTS, every, format_layers, placement
 from fedattn.systems.fedattn.service import FedAttnHandler
 from fedattn.systems.fedattn.splits import SPLITS, split_prompt

@@ -1,0 +1,203 @@
+"""SpecFed's settings: who the workers are (model, weight), the draft, and how a round is sent.
+
+``add_model_options`` and ``add_run_options`` declare them once for ``fedattn specfed``, its party
+processes and ``fedattn eval --system specfed``; ``config_from_args`` validates them before any
+model is loaded; ``load_models`` loads each distinct model once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fedattn.argtypes import (
+    device_name,
+    float_where,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_number,
+)
+from fedattn.errors import FedAttnError
+from fedattn.runtime.models import LoadedModel, load_model
+
+LOOKUP_DRAFT = "lookup"  # prompt lookup: drafts copied from an earlier occurrence of the last tokens, no model
+RECONSTRUCTIONS = ("renormalize", "redistribute")
+ENCODINGS = ("f32", "f16", "packed")
+DEFAULT_GAMMA = 4
+DEFAULT_TOP_K = 64
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    model: str
+    weight: float  # normalized: the workers' weights sum to 1
+
+
+@dataclass(frozen=True)
+class SpecFedConfig:
+    workers: tuple[WorkerSpec, ...]
+    draft: str  # a model name, or LOOKUP_DRAFT
+    gamma: int  # drafts per round; 0 is plain ensemble decoding, one token per round
+    top_k: int | None  # tokens sent per position (the cap, when adaptive); None sends the full distribution
+    adaptive_eps: float | None  # adaptive K: the fewest tokens whose mass reaches 1 - eps (at most top_k)
+    reconstruct: str
+    encoding: str
+    temperature: float  # 0 is greedy
+    seed: int
+    max_new_tokens: int
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def sends_residual(self) -> bool:
+        """Redistribute spreads each position's left-out mass: the worker sends it (exactly, as a float32)."""
+        return self.reconstruct == "redistribute" and self.top_k is not None
+
+    def to_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["workers"] = [asdict(worker) for worker in self.workers]
+        return document
+
+    def fingerprint(self) -> bytes:
+        """What every party must agree on, as 8 bytes for the handshake."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).digest()[:8]
+
+
+def worker_spec(word: str) -> WorkerSpec:
+    """NAME[:WEIGHT] (a weight is relative: they are normalized to sum 1; default 1)."""
+    name, colon, weight = word.rpartition(":") if ":" in word else (word, "", "")
+    if not colon:
+        return WorkerSpec(word, 1.0)
+    if not name:
+        raise argparse.ArgumentTypeError(f"no model name in {word!r}; expected NAME[:WEIGHT]")
+    try:
+        value = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a weight: {weight!r} in {word!r}; expected NAME[:WEIGHT]") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"a worker's weight must be a finite number > 0, got {weight}")
+    return WorkerSpec(name, value)
+
+
+def top_k_value(word: str) -> int | None:
+    """K >= 1, or 'all' (None): the full distribution."""
+    if word == "all":
+        return None
+    return positive_int(word)
+
+
+eps_target = float_where(lambda number: 0.0 < number < 1.0, "must be in (0, 1)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The models (each worker's, the draft's), in which dtype, on which device: loaded once."""
+    parser.add_argument(
+        "--worker",
+        dest="workers",
+        action="append",
+        type=worker_spec,
+        required=True,
+        metavar="NAME[:WEIGHT]",
+        help="a worker's model and its weight in the ensemble (repeat; weights are normalized; default 1 each)",
+    )
+    parser.add_argument(
+        "--draft",
+        required=True,
+        metavar="NAME|lookup",
+        help="the server's draft model (of the workers' tokenizer), or 'lookup' (drafts copied from the prompt)",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the models"
+    )
+    parser.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
+    )
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """How a round is drafted, sent, rebuilt and accepted, and when the answer ends."""
+    parser.add_argument(
+        "--gamma",
+        type=non_negative_int,
+        default=DEFAULT_GAMMA,
+        metavar="G",
+        help=f"drafts per round (default {DEFAULT_GAMMA}); 0 = plain ensemble decoding, one token per round",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=top_k_value,
+        default=DEFAULT_TOP_K,
+        metavar="K|all",
+        help=f"tokens each worker sends per position (default {DEFAULT_TOP_K}); 'all' sends full distributions",
+    )
+    parser.add_argument(
+        "--adaptive-eps",
+        type=eps_target,
+        metavar="EPS",
+        help="adaptive K: per position the fewest tokens whose mass reaches 1 - EPS, at most --top-k",
+    )
+    parser.add_argument(
+        "--reconstruct",
+        choices=RECONSTRUCTIONS,
+        default="redistribute",
+        help="how the server rebuilds a truncated distribution (default redistribute)",
+    )
+    parser.add_argument(
+        "--encoding",
+        choices=ENCODINGS,
+        default="f32",
+        help="a top-K record on the wire: f32 (int32 ids, float32: lossless), f16 (int32, float16), "
+        "packed (18-bit ids for Qwen's vocabulary, 8-bit log probabilities) (default f32)",
+    )
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--seed", type=seed_number, default=0, help="seed of the server's draws (sampling only)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=60.0,
+        help="networked: seconds to wait for a peer before naming it as failed (default 60)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> SpecFedConfig:
+    """The options as a configuration; refuses what they alone rule out (before any load)."""
+    if args.adaptive_eps is not None and args.top_k is None:
+        raise FedAttnError("--adaptive-eps needs a cap: give --top-k K (the most tokens a position may send)")
+    total = sum(worker.weight for worker in args.workers)
+    workers = tuple(WorkerSpec(worker.model, worker.weight / total) for worker in args.workers)
+    return SpecFedConfig(
+        workers=workers,
+        draft=args.draft,
+        gamma=args.gamma,
+        top_k=args.top_k,
+        adaptive_eps=args.adaptive_eps,
+        reconstruct=args.reconstruct,
+        encoding=args.encoding,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def model_names(config: SpecFedConfig) -> list[str]:
+    """Every distinct model of the run, the workers' first (in order), then the draft's."""
+    names = [worker.model for worker in config.workers]
+    if config.draft != LOOKUP_DRAFT:
+        names.append(config.draft)
+    return list(dict.fromkeys(names))
+
+
+def load_models(names: list[str], device: str, dtype: str, progress: bool = True) -> dict[str, LoadedModel]:
+    """Each named model once (two workers of one model share it: the weights are only read)."""
+    return {name: load_model(name, device=device, dtype=getattr(torch, dtype), progress=progress) for name in names}

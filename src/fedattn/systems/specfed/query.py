@@ -1,0 +1,93 @@
+"""A SpecFed query from text: the loaded models of a configuration, the server's prompt ids, a run.
+
+The server tokenizes the prompt with its own tokenizer (the draft's, or the first worker's under
+prompt lookup); the handshake then refuses any worker whose tokenizer differs, so the ids mean the
+same text to everyone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedattn.errors import FedAttnError
+from fedattn.runtime.models import LoadedModel
+from fedattn.runtime.prompting import (
+    Piece,
+    build_segments,
+    check_prompt_length,
+    real_vocabulary,
+    tokenize_party,
+    tokenizer_fingerprint,
+)
+from fedattn.systems.specfed.config import LOOKUP_DRAFT, SpecFedConfig, load_models, model_names
+from fedattn.systems.specfed.drafts import Drafter, LookupDraft, ModelDraft
+from fedattn.systems.specfed.inprocess import WorkerModel
+
+
+@dataclass
+class SpecFedSetup:
+    """A configuration with its models loaded (each distinct model once)."""
+
+    config: SpecFedConfig
+    models: dict[str, LoadedModel]
+    device: str
+    dtype: str
+    raw: bool = False
+
+    @property
+    def server_model(self) -> LoadedModel:
+        """Whose tokenizer the server uses: the draft's, or the first worker's under prompt lookup."""
+        name = self.config.workers[0].model if self.config.draft == LOOKUP_DRAFT else self.config.draft
+        return self.models[name]
+
+    def worker_models(self) -> list[WorkerModel]:
+        return [held(self.models[worker.model]) for worker in self.config.workers]
+
+    def drafter(self) -> Drafter:
+        """A fresh drafter (its cache is one query's)."""
+        server = self.server_model
+        vocab = real_vocabulary(server.tokenizer)
+        if self.config.draft == LOOKUP_DRAFT:
+            return LookupDraft(vocab)
+        return ModelDraft(server.model, vocab, self.config.temperature)
+
+    def model_json(self) -> dict:
+        """The models as a report names them: each worker's (with its weight) and the draft's."""
+        workers = [
+            {"name": worker.model, "identity": self.models[worker.model].identity, "weight": worker.weight}
+            for worker in self.config.workers
+        ]
+        draft = self.config.draft
+        identity = None if draft == LOOKUP_DRAFT else self.models[draft].identity
+        return {
+            "name": "+".join(worker["name"] for worker in workers),
+            "workers": workers,
+            "draft": {"name": draft, "identity": identity},
+        }
+
+
+def held(loaded: LoadedModel) -> WorkerModel:
+    return WorkerModel(loaded.model, real_vocabulary(loaded.tokenizer), tokenizer_fingerprint(loaded.tokenizer))
+
+
+def load_setup(config: SpecFedConfig, device: str, dtype: str, raw: bool, progress: bool = True) -> SpecFedSetup:
+    return SpecFedSetup(config, load_models(model_names(config), device, dtype, progress), device, dtype, raw)
+
+
+def chat_prompt(setup: SpecFedSetup, text: str) -> list[int]:
+    """The server's prompt: the model's chat template around ``text`` (as is with ``raw``)."""
+    if not text.strip():
+        raise FedAttnError("the prompt is empty")
+    return checked(setup, build_segments(setup.server_model.tokenizer, [], text, None, setup.raw)[0])
+
+
+def plain_prompt(setup: SpecFedSetup, text: str) -> list[int]:
+    """A few-shot prompt for a base model: the text as is, no template."""
+    return checked(setup, tokenize_party(setup.server_model.tokenizer, [Piece(text, False)], "the prompt"))
+
+
+def checked(setup: SpecFedSetup, prompt: list[int]) -> list[int]:
+    """The prompt and its answer must fit every model's positions."""
+    for loaded in setup.models.values():
+        check_prompt_length(len(prompt), setup.config.max_new_tokens, loaded.model.config.max_position_embeddings)
+    return prompt

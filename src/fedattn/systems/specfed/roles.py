@@ -1,0 +1,248 @@
+"""SpecFed's two roles, each a set of steps over its own transport (``protocol`` orders them).
+
+A **worker** holds a model and never sends it: per round it receives the draft ids, runs one
+forward pass over them on its kept cache (cropped to the accepted prefix by ``IncrementalLM``) and
+sends the top-K of each of its gamma + 1 next-token distributions. The **server** holds the prompt
+and the draft: it drafts, rebuilds and aggregates the workers' records, accepts or replaces the
+drafts and tells every worker the verdict. Everything received is decoded by ``frames``, which
+refuses what does not match the run; a worker of another tokenizer is refused at the handshake.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fedattn.errors import FedAttnError
+from fedattn.network.transport import Transport
+from fedattn.runtime.decoding import StopRule
+from fedattn.runtime.incremental import IncrementalLM
+from fedattn.runtime.seeding import seeded_generator
+from fedattn.systems.specfed import frames
+from fedattn.systems.specfed.config import SpecFedConfig
+from fedattn.systems.specfed.drafts import Drafter
+from fedattn.systems.specfed.kernel import (
+    SparseRow,
+    accept_greedy,
+    accept_sampled,
+    adaptive_top_k,
+    aggregate,
+    distributions,
+    reconstruct,
+    top_k,
+)
+
+SERVER_NAME = "server"
+
+
+def party_names(workers: int) -> list[str]:
+    """worker1..workerW, then the server: the last party starts and ends a query, as in every system."""
+    return [f"worker{index + 1}" for index in range(workers)] + [SERVER_NAME]
+
+
+def row_layout(config: SpecFedConfig, vocab: int) -> frames.RowLayout:
+    return frames.RowLayout(
+        encoding=config.encoding,
+        vocab=vocab,
+        k=config.top_k,
+        adaptive=config.adaptive_eps is not None,
+        residual=config.sends_residual,
+    )
+
+
+def compress(p: torch.Tensor, config: SpecFedConfig) -> SparseRow:
+    """One position of a worker's distribution as it will be sent."""
+    if config.adaptive_eps is not None:
+        return adaptive_top_k(p, config.adaptive_eps, min(config.top_k, p.numel()))
+    return top_k(p, None if config.top_k is None or config.top_k >= p.numel() else config.top_k)
+
+
+def check_tokenizer(
+    name: str, config: SpecFedConfig, rank: int, worker: tuple[int, bytes], server: tuple[int, bytes]
+) -> None:
+    """Refuse a worker whose tokenizer (real vocabulary size, fingerprint) is not the server's: ids and
+    distributions over them would mean other texts. Worker and server word it alike, so a networked
+    run that every party refuses ends with this one line."""
+    if worker != server:
+        raise FedAttnError(
+            f"{name} ({config.workers[rank].model}) has another tokenizer ({worker[0]} tokens, {worker[1].hex()}) "
+            f"than the server's ({server[0]} tokens, {server[1].hex()}): SpecFed's workers and draft must share one"
+        )
+
+
+class Party:
+    """What both roles share: a rank on a transport, time per stage, and when to stop."""
+
+    role = ""
+
+    def __init__(self, rank: int, transport: Transport, config: SpecFedConfig) -> None:
+        self.rank = rank
+        self.transport = transport
+        self.config = config
+        self.done = False
+        self.seconds: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return self.transport.name_of(self.rank)
+
+    def _timed(self, stage: str, start: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class Worker(Party):
+    role = "worker"
+
+    def __init__(
+        self,
+        rank: int,
+        transport: Transport,
+        config: SpecFedConfig,
+        model: torch.nn.Module,
+        vocab: int,
+        tokenizer: bytes,
+    ) -> None:
+        super().__init__(rank, transport, config)
+        self.server = transport.world_size - 1
+        self.lm = IncrementalLM(model)
+        self.vocab = vocab
+        self.tokenizer = tokenizer
+        self.rows_in_model = model.get_output_embeddings().weight.shape[0]
+        self.sequence: list[int] = []
+        self.drafts: list[int] = []
+        self.last_distributions: torch.Tensor | None = None  # this round's p_i (measurement only)
+        self.last_rows: list[SparseRow] = []
+
+    def answer_hello(self) -> None:
+        """Receive the prompt and the run's terms; refuse another tokenizer or other settings; say ours."""
+        hello = frames.decode_server_hello(self.transport.recv(self.server, "the server's hello"), SERVER_NAME)
+        self.transport.send(frames.encode_worker_hello(self.tokenizer, self.vocab, self.rows_in_model), [self.server])
+        check_tokenizer(self.name, self.config, self.rank, (self.vocab, self.tokenizer), (hello.vocab, hello.tokenizer))
+        if hello.settings != self.config.fingerprint():
+            raise FedAttnError(f"{self.name} refuses the run: the server's settings are not this worker's")
+        self.sequence = list(hello.prompt)
+
+    def verify(self) -> None:
+        """One forward pass over the drafts; the top-K of each of their gamma + 1 distributions, up."""
+        self.drafts = frames.decode_draft(
+            self.transport.recv(self.server, "the round's drafts"), SERVER_NAME, self.config.gamma, self.vocab
+        )
+        start = time.perf_counter()
+        logits = self.lm.next_token_logits(self.sequence + self.drafts, len(self.drafts) + 1)
+        p = distributions(logits, self.vocab, self.config.temperature)
+        self.last_distributions = p
+        self.last_rows = [compress(row, self.config) for row in p]
+        frame = frames.encode_rows(self.last_rows, row_layout(self.config, self.vocab))
+        self._timed("verify", start)
+        self.transport.send(frame, [self.server])
+
+    def apply_verdict(self) -> None:
+        """The accepted drafts and the next token join the sequence (the cache is cropped to it next round)."""
+        verdict = frames.decode_verdict(
+            self.transport.recv(self.server, "the round's verdict"), SERVER_NAME, len(self.drafts), self.vocab
+        )
+        self.sequence += self.drafts[: verdict.accepted] + [verdict.token]
+        self.done = verdict.done
+
+
+@dataclass
+class Round:
+    """One round as the server saw it: what the cost model and the report need."""
+
+    drafts: int
+    accepted: int
+    emitted: int  # tokens this round added to the answer (fewer than accepted + 1 when a stop rule cut it)
+    counts: list[list[int]] = field(default_factory=list)  # per worker, per position: the ids it sent
+
+
+class Server(Party):
+    role = "server"
+
+    def __init__(
+        self,
+        rank: int,
+        transport: Transport,
+        config: SpecFedConfig,
+        prompt: list[int],
+        drafter: Drafter,
+        vocab: int,
+        tokenizer: bytes,
+        stop: StopRule,
+    ) -> None:
+        super().__init__(rank, transport, config)
+        self.workers = list(range(transport.world_size - 1))
+        self.prompt = list(prompt)
+        self.drafter = drafter
+        self.vocab = vocab
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.weights = [worker.weight for worker in config.workers]
+        self.generator = None if config.greedy else seeded_generator(config.seed, "specfed", "server")
+        self.answer: list[int] = []
+        self.rounds: list[Round] = []
+        self.worker_rows: list[int] = []  # each worker's embedding rows, from its hello
+        self.drafts: list[int] = []
+        self.q = torch.empty(0, vocab)
+        self.p_hat: torch.Tensor | None = None  # this round's aggregate (measurement only)
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.prompt + self.answer
+
+    def send_hello(self) -> None:
+        frame = frames.encode_server_hello(self.prompt, self.vocab, self.tokenizer, self.config.fingerprint())
+        self.transport.send(frame, self.workers)
+
+    def receive_hellos(self) -> None:
+        """Every worker's tokenizer must be the server's (embedding rows may differ: padding)."""
+        for worker in self.workers:
+            name = self.transport.name_of(worker)
+            hello = frames.decode_worker_hello(self.transport.recv(worker, "its hello"), name)
+            check_tokenizer(name, self.config, worker, (hello.vocab, hello.tokenizer), (self.vocab, self.tokenizer))
+            self.worker_rows.append(hello.rows)
+
+    def draft(self) -> None:
+        """Up to gamma drafts, never more than the answer still has room for after the round's own token."""
+        start = time.perf_counter()
+        room = self.config.max_new_tokens - len(self.answer) - 1
+        self.drafts, self.q = self.drafter.propose(self.sequence, min(self.config.gamma, room), self.generator)
+        self._timed("draft", start)
+        self.transport.send(frames.encode_draft(self.drafts), self.workers)
+
+    def decide(self) -> None:
+        """Rebuild and aggregate the workers' records, accept or replace the drafts, send the verdict."""
+        layout = row_layout(self.config, self.vocab)
+        positions = len(self.drafts) + 1
+        received = [
+            frames.decode_rows(
+                self.transport.recv(worker, "its top-K records"), self.transport.name_of(worker), layout, positions
+            )
+            for worker in self.workers
+        ]
+        start = time.perf_counter()
+        rebuilt = [
+            torch.stack([reconstruct(row, self.vocab, self.config.reconstruct) for row in rows]) for rows in received
+        ]
+        self.p_hat = aggregate(rebuilt, self.weights)
+        if self.generator is None:
+            accepted, token = accept_greedy(self.drafts, self.p_hat)
+        else:
+            accepted, token = accept_sampled(self.drafts, self.q, self.p_hat, self.generator)
+        emitted = self._extend(self.drafts[:accepted] + [token])
+        self.rounds.append(
+            Round(len(self.drafts), accepted, emitted, [[len(row.ids) for row in rows] for rows in received])
+        )
+        self.done = self.done or len(self.answer) >= self.config.max_new_tokens
+        self._timed("decide", start)
+        self.transport.send(frames.encode_verdict(accepted, token, self.done), self.workers)
+
+    def _extend(self, tokens: list[int]) -> int:
+        """Append the round's tokens up to the first that ends the answer; how many were appended."""
+        for count, token in enumerate(tokens, start=1):
+            self.answer.append(token)
+            if self.stop(self.answer):
+                self.done = True
+                return count
+        return len(tokens)
