@@ -31,6 +31,22 @@ from fedattn.runtime.models import LoadedModel, load_model
 LOOKUP_DRAFT = "lookup"  # prompt lookup: drafts copied from an earlier occurrence of the last tokens, no model
 RECONSTRUCTIONS = ("renormalize", "redistribute")
 ENCODINGS = ("f32", "f16", "packed")
+# what every party of a networked run is given alike (the launcher passes them on; the device is each party's)
+SHARED_OPTIONS = (
+    "workers",
+    "draft",
+    "dtype",
+    "gamma",
+    "top_k",
+    "adaptive_eps",
+    "reconstruct",
+    "encoding",
+    "temperature",
+    "seed",
+    "max_new_tokens",
+    "timeout",
+    "raw",
+)
 DEFAULT_GAMMA = 4
 DEFAULT_TOP_K = 64
 

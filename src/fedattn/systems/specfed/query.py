@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedattn.errors import FedAttnError
+from fedattn.report.schema import RunReport
+from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import (
     Piece,
@@ -21,7 +23,10 @@ from fedattn.runtime.prompting import (
 )
 from fedattn.systems.specfed.config import LOOKUP_DRAFT, SpecFedConfig, load_models, model_names
 from fedattn.systems.specfed.drafts import Drafter, LookupDraft, ModelDraft
-from fedattn.systems.specfed.inprocess import WorkerModel
+from fedattn.systems.specfed import reporting
+from fedattn.systems.specfed.inprocess import WorkerModel, run_in_process
+
+IN_PROCESS = "in-process"
 
 
 @dataclass
@@ -70,8 +75,29 @@ def held(loaded: LoadedModel) -> WorkerModel:
     return WorkerModel(loaded.model, real_vocabulary(loaded.tokenizer), tokenizer_fingerprint(loaded.tokenizer))
 
 
-def load_setup(config: SpecFedConfig, device: str, dtype: str, raw: bool, progress: bool = True) -> SpecFedSetup:
-    return SpecFedSetup(config, load_models(model_names(config), device, dtype, progress), device, dtype, raw)
+def load_setup(
+    config: SpecFedConfig, device: str, dtype: str, raw: bool, progress: bool = True, names: list[str] | None = None
+) -> SpecFedSetup:
+    """The configuration with its models loaded: all of them, or only ``names`` (a networked party's own)."""
+    loaded = load_models(model_names(config) if names is None else names, device, dtype, progress)
+    return SpecFedSetup(config, loaded, device, dtype, raw)
+
+
+def answer_text(setup: SpecFedSetup, text: str) -> RunReport:
+    """The answer to a chat prompt, every party in this process."""
+    return answer(setup, chat_prompt(setup, text), ())
+
+
+def answer(setup: SpecFedSetup, prompt: list[int], stop_texts: tuple[str, ...]) -> RunReport:
+    """One in-process run, measured (biases, critical path) and reported."""
+    server_model = setup.server_model
+    stop = stop_rule(server_model.tokenizer, server_model.model, stop_texts)
+    result = run_in_process(setup.worker_models(), setup.drafter(), prompt, setup.config, stop)
+    text = stop.trim(server_model.tokenizer.decode(result.answer_token_ids, skip_special_tokens=True)).strip()
+    timing = {"wall_s": result.wall_s, "parallel_s": result.measurement.parallel_s}
+    return reporting.run_report(
+        result.parties, setup.config, setup.model_json(), text, IN_PROCESS, timing, result.measurement
+    )
 
 
 def chat_prompt(setup: SpecFedSetup, text: str) -> list[int]:

@@ -56,21 +56,21 @@ def bias_figures(measurement: Measurement | None) -> dict[str, float | None]:
     }
 
 
-def expected(server: Server, workers: int, config: SpecFedConfig) -> costs.RunCost:
-    """The cost model's bytes for the rounds the server saw (its trace: drafts, kept counts)."""
-    return costs.run_cost(
-        prompt_length=len(server.prompt),
-        drafts=[round_.drafts for round_ in server.rounds],
-        counts=[round_.counts for round_ in server.rounds],
-        layout=row_layout(config, server.vocab),
-        workers=workers,
-    )
+def party_cost(party: Party, config: SpecFedConfig) -> costs.PartyBytes:
+    """The cost model's bytes for this party, from the rounds it saw: the server's trace holds every
+    worker's kept counts, a worker's its own."""
+    layout = row_layout(config, party.vocab)
+    if isinstance(party, Server):
+        drafts = [round_.drafts for round_ in party.rounds]
+        kept = [round_.counts for round_ in party.rounds]
+        return costs.expected_bytes(layout, len(party.prompt), drafts, len(config.workers), kept).server
+    drafts = [drafts for drafts, _ in party.rounds]
+    kept = [[counts] for _, counts in party.rounds]
+    return costs.expected_bytes(layout, len(party.sequence) - len(party.answer_so_far), drafts, 1, kept).workers[0]
 
 
-def party_report(
-    party: Party, cost: costs.PartyBytes | None, answer: list[int] | None, text: str | None
-) -> PartyReport:
-    stats = party.transport.stats
+def party_report(party: Party, config: SpecFedConfig, text: str | None) -> PartyReport:
+    stats, cost = party.transport.stats, party_cost(party, config)
     return PartyReport(
         name=party.name,
         rank=party.rank,
@@ -79,51 +79,52 @@ def party_report(
         bytes_received=stats.bytes_received,
         frames_sent=stats.frames_sent,
         frames_received=stats.frames_received,
-        expected_bytes_sent=None if cost is None else cost.sent,
-        expected_bytes_received=None if cost is None else cost.received,
+        expected_bytes_sent=cost.sent,
+        expected_bytes_received=cost.received,
         timing={f"{stage}_s": seconds for stage, seconds in party.seconds.items()},
         answer=text,
-        answer_token_ids=answer,
+        answer_token_ids=list(party.answer) if isinstance(party, Server) else None,
     )
 
 
 def run_report(
-    server: Server,
     parties: list[Party],
     config: SpecFedConfig,
     model: dict[str, Any],
-    text: str,
+    text: str | None,
     transport: str,
     timing: dict[str, float],
     measurement: Measurement | None = None,
 ) -> RunReport:
-    """The run as the server saw it, with the parties given (all of them in-process; a networked
-    party reports itself alone, and ``merge`` adds the others)."""
-    cost = expected(server, len(config.workers), config) if isinstance(parties[-1], Server) else None
-    reports = [
-        party_report(
-            party,
-            None if cost is None else cost.parties[party.rank],
-            server.answer if party is server else None,
-            text if party is server else None,
-        )
-        for party in parties
-    ]
-    generated = max(len(server.answer), 1)
-    details = round_figures(server.rounds, len(server.answer)) | bias_figures(measurement)
-    if cost is not None:
-        details["bytes_per_token"] = {"up": cost.up / generated, "down": cost.down / generated}
+    """The run as ``parties`` saw it: all of them in-process; one networked party reports itself
+    alone (``report.schema.merge`` adds the others, and the server's figures are the run's)."""
+    server = next((party for party in parties if isinstance(party, Server)), None)
+    reports = [party_report(party, config, text if party is server else None) for party in parties]
+    details: dict[str, Any] = {}
+    baselines: dict[str, int] = {}
+    if server is not None:
+        generated = max(len(server.answer), 1)
+        stats = server.transport.stats
+        details = round_figures(server.rounds, len(server.answer)) | bias_figures(measurement)
+        details["bytes_per_token"] = {"up": stats.bytes_received / generated, "down": stats.bytes_sent / generated}
+        drafts = [round_.drafts for round_ in server.rounds]
+        layout = row_layout(config, server.vocab)
+        full = costs.full_distribution_bytes(layout, len(server.prompt), drafts, len(config.workers))
+        baselines[FULL_DISTRIBUTIONS] = full.total_sent
     return RunReport(
         system=SYSTEM,
         transport=transport,
         model=model,
         config=config.to_json(),
         answer=text,
-        answer_token_ids=list(server.answer),
+        answer_token_ids=list(server.answer) if server is not None else [],
         parties=reports,
-        expected_bytes={} if cost is None else {"sent": cost.sent, "received": cost.received},
+        expected_bytes={
+            "sent": sum(report.expected_bytes_sent for report in reports),
+            "received": sum(report.expected_bytes_received for report in reports),
+        },
         timing=timing,
         details=details,
         setting=setting(config),
-        baselines={} if cost is None else {FULL_DISTRIBUTIONS: cost.full_distributions_sent},
+        baselines=baselines,
     )
