@@ -119,7 +119,7 @@ def test_draws_follow_the_documented_order():
         assert torch.equal(generator.get_state(), replay.get_state())
         generator, replay = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         assert accept_sampled([], q[:0], p[:1], generator) == (0, int(_replayed(replay, p[0], uniforms=0)))
-        assert sample(p[0], torch.Generator().manual_seed(seed)) == accept_sampled([], q[:0], p[:1], _seeded(seed))[1]
+        assert sample(p[0], _seeded(seed)) == accept_sampled([], q[:0], p[:1], _seeded(seed))[1]
 
 
 def _seeded(seed: int) -> torch.Generator:
