@@ -66,7 +66,7 @@ def party_cost(party: Party, config: SpecFedConfig) -> costs.PartyBytes:
         return costs.expected_bytes(layout, len(party.prompt), drafts, len(config.workers), kept).server
     drafts = [drafts for drafts, _ in party.rounds]
     kept = [[counts] for _, counts in party.rounds]
-    return costs.expected_bytes(layout, len(party.sequence) - len(party.answer_so_far), drafts, 1, kept).workers[0]
+    return costs.expected_bytes(layout, party.prompt_length, drafts, 1, kept).workers[0]
 
 
 def party_report(party: Party, config: SpecFedConfig, text: str | None) -> PartyReport:

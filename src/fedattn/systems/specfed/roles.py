@@ -111,7 +111,9 @@ class Worker(Party):
         self.tokenizer = tokenizer
         self.rows_in_model = model.get_output_embeddings().weight.shape[0]
         self.sequence: list[int] = []
+        self.prompt_length = 0
         self.drafts: list[int] = []
+        self.rounds: list[tuple[int, list[int]]] = []  # per round: the draft's length, the ids kept per position
         self.last_distributions: torch.Tensor | None = None  # this round's p_i (measurement only)
         self.last_rows: list[SparseRow] = []
 
@@ -123,6 +125,7 @@ class Worker(Party):
         if hello.settings != self.config.fingerprint():
             raise FedAttnError(f"{self.name} refuses the run: the server's settings are not this worker's")
         self.sequence = list(hello.prompt)
+        self.prompt_length = len(hello.prompt)
 
     def verify(self) -> None:
         """One forward pass over the drafts; the top-K of each of their gamma + 1 distributions, up."""
@@ -134,6 +137,7 @@ class Worker(Party):
         p = distributions(logits, self.vocab, self.config.temperature)
         self.last_distributions = p
         self.last_rows = [compress(row, self.config) for row in p]
+        self.rounds.append((len(self.drafts), [row.k for row in self.last_rows]))
         frame = frames.encode_rows(self.last_rows, row_layout(self.config, self.vocab))
         self._timed("verify", start)
         self.transport.send(frame, [self.server])
