@@ -42,6 +42,7 @@ from fedattn.network.kv_codec import CodecError
 from fedattn.network.topk_codec import RowEncoding, check_rows
 from fedattn.systems.specfed.kernel import SparseRow
 
+PREAMBLE = struct.Struct("<4sBB")  # magic, version, kind: what every frame starts with
 # magic, version, kind, prompt length, vocab, tokenizer fingerprint, settings fingerprint; then the prompt
 SERVER_HELLO = struct.Struct("<4sBBII8s8s")
 # magic, version, kind, tokenizer fingerprint, vocab, embedding rows
@@ -147,10 +148,9 @@ def encode_server_hello(hello: ServerHello) -> bytes:
 
 def decode_server_hello(frame: bytes, sender: str, vocab: int, tokenizer: bytes) -> ServerHello:
     """A worker reads the server's hello; ``vocab`` and ``tokenizer`` are the worker's own."""
-    where = f"bad server hello from {sender}"
-    _check_length_at_least(frame, SERVER_HELLO.size, where)
-    magic, version, kind, length, their_vocab, their_tokenizer, settings = SERVER_HELLO.unpack_from(frame)
-    check_preamble(magic, version, kind, KIND_SERVER_HELLO, f"from {sender} (server hello)")
+    what = "server hello"
+    where = f"bad {what} from {sender}"
+    length, their_vocab, their_tokenizer, settings = _header(frame, SERVER_HELLO, KIND_SERVER_HELLO, sender, what)
     if length == 0:
         raise ProtocolError(f"{where}: empty prompt")
     if length > MAX_PROMPT:
@@ -171,10 +171,10 @@ def encode_worker_hello(hello: WorkerHello) -> bytes:
 
 def decode_worker_hello(frame: bytes, sender: str, vocab: int, tokenizer: bytes) -> WorkerHello:
     """The server reads a worker's hello; ``vocab`` and ``tokenizer`` are the server's own."""
-    where = f"bad worker hello from {sender}"
+    what = "worker hello"
+    where = f"bad {what} from {sender}"
+    their_tokenizer, their_vocab, rows = _header(frame, WORKER_HELLO, KIND_WORKER_HELLO, sender, what)
     _check_length(frame, WORKER_HELLO.size, where)
-    magic, version, kind, their_tokenizer, their_vocab, rows = WORKER_HELLO.unpack(frame)
-    check_preamble(magic, version, kind, KIND_WORKER_HELLO, f"from {sender} (worker hello)")
     if their_vocab == 0:
         raise ProtocolError(f"{where}: a vocabulary of 0 tokens")
     if rows < their_vocab:
@@ -193,10 +193,9 @@ def encode_draft(draft: Sequence[int]) -> bytes:
 
 def decode_draft(frame: bytes, sender: str, gamma: int, vocab: int) -> list[int]:
     """A worker reads a draft of at most ``gamma`` ids (0: plain ensemble decoding)."""
-    where = f"bad draft from {sender}"
-    _check_length_at_least(frame, DRAFT_HEADER.size, where)
-    magic, version, kind, length = DRAFT_HEADER.unpack_from(frame)
-    check_preamble(magic, version, kind, KIND_DRAFT, f"from {sender} (draft)")
+    what = "draft"
+    where = f"bad {what} from {sender}"
+    (length,) = _header(frame, DRAFT_HEADER, KIND_DRAFT, sender, what)
     if length > gamma:
         raise ProtocolError(f"{where}: {length} draft tokens, longer than gamma = {gamma}")
     _check_length(frame, draft_frame_size(length), where)
@@ -211,10 +210,10 @@ def encode_verdict(verdict: Verdict) -> bytes:
 
 def decode_verdict(frame: bytes, sender: str, draft_length: int, vocab: int) -> Verdict:
     """A worker reads the verdict on the draft of ``draft_length`` ids it was sent."""
-    where = f"bad verdict from {sender}"
+    what = "verdict"
+    where = f"bad {what} from {sender}"
+    accepted, token, done = _header(frame, VERDICT, KIND_VERDICT, sender, what)
     _check_length(frame, VERDICT.size, where)
-    magic, version, kind, accepted, token, done = VERDICT.unpack(frame)
-    check_preamble(magic, version, kind, KIND_VERDICT, f"from {sender} (verdict)")
     if accepted > draft_length:
         raise ProtocolError(f"{where}: {accepted} drafts accepted of a draft of {draft_length}")
     if token >= vocab:
@@ -246,10 +245,9 @@ def encode_rows(rows: Sequence[SparseRow], layout: RowLayout) -> bytes:
 def decode_rows(frame: bytes, sender: str, layout: RowLayout, positions: int) -> list[SparseRow]:
     """The server reads a worker's ``positions`` rows (the draft's length + 1), validated (see
     ``network.topk_codec``). An unsent residual is 1 - the received mass, clamped to [0, 1]."""
-    where = f"bad rows from {sender}"
-    _check_length_at_least(frame, ROWS_HEADER.size, where)
-    magic, version, kind, code, flags, their_positions, k = ROWS_HEADER.unpack_from(frame)
-    check_preamble(magic, version, kind, KIND_ROWS, f"from {sender} (rows)")
+    what = "rows"
+    where = f"bad {what} from {sender}"
+    code, flags, their_positions, k = _header(frame, ROWS_HEADER, KIND_ROWS, sender, what)
     encoding = layout.encoding
     if code != encoding.code:
         raise ProtocolError(f"{where}: encoding code {code}, expected {encoding.code} ({encoding.name})")
@@ -309,7 +307,8 @@ def _received_rows(body: memoryview, layout: RowLayout, counts: np.ndarray) -> l
 
 def _check_own_counts(rows: Sequence[SparseRow], counts: np.ndarray, layout: RowLayout) -> None:
     if layout.full:
-        if (counts != layout.vocab).any() or any(not torch.equal(row.ids, torch.arange(layout.vocab)) for row in rows):
+        in_order = torch.arange(layout.vocab)
+        if (counts != layout.vocab).any() or any(not torch.equal(row.ids, in_order) for row in rows):
             raise ValueError(f"a full-distribution row must hold all {layout.vocab} ids in id order")
     elif layout.adaptive:
         if (counts < 1).any() or (counts > layout.k).any():
@@ -329,6 +328,12 @@ def _check_length(frame: bytes, size: int, where: str) -> None:
         raise ProtocolError(f"{where}: {len(frame)} bytes, expected {size}")
 
 
-def _check_length_at_least(frame: bytes, size: int, where: str) -> None:
-    if len(frame) < size:
-        raise ProtocolError(f"{where}: truncated at {len(frame)} bytes, shorter than its {size}-byte header")
+def _header(frame: bytes, header: struct.Struct, kind: int, sender: str, what: str) -> tuple:
+    """The fields of ``header`` after the preamble, which is checked first: a frame of another kind is named so."""
+    where = f"bad {what} from {sender}"
+    if len(frame) < PREAMBLE.size:
+        raise ProtocolError(f"{where}: truncated at {len(frame)} bytes, shorter than the {PREAMBLE.size}-byte preamble")
+    check_preamble(*PREAMBLE.unpack_from(frame), kind, f"from {sender} ({what})")
+    if len(frame) < header.size:
+        raise ProtocolError(f"{where}: truncated at {len(frame)} bytes, shorter than its {header.size}-byte header")
+    return header.unpack_from(frame)[3:]  # after magic, version, kind
