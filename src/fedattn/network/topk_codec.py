@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import CodecError
@@ -113,10 +114,10 @@ class ProbabilityFormat:
         if self.name == "float32":
             return probs.astype("<f4").tobytes()
         if self.name == "float16":
-            halves = probs.astype("<f2")
-            above = halves.astype(np.float32) > probs
-            halves[above] = np.nextafter(halves[above], np.float16(0))
-            return halves.tobytes()
+            exact = torch.from_numpy(probs)  # torch converts to float16 in hardware, numpy in software
+            halves = exact.to(torch.float16)
+            halves = torch.where(halves.float() > exact, torch.nextafter(halves, torch.zeros_like(halves)), halves)
+            return halves.numpy().tobytes()
         # the smallest code whose value does not exceed p (the table descends with the code)
         below = np.searchsorted(_ASCENDING, probs, side="right") - 1
         return (ZERO_CODE - np.maximum(below, 0)).astype(np.uint8).tobytes()
@@ -126,7 +127,8 @@ class ProbabilityFormat:
         if self.name == "float32":
             return np.frombuffer(payload, dtype="<f4", count=count).astype(np.float32)
         if self.name == "float16":
-            return np.frombuffer(payload, dtype="<f2", count=count).astype(np.float32)
+            halves = np.frombuffer(payload, dtype="<f2", count=count)
+            return torch.from_numpy(halves.copy()).float().numpy()
         return PACKED_TABLE[np.frombuffer(payload, dtype=np.uint8, count=count)]
 
 
