@@ -18,6 +18,8 @@ from fedattn.network.kv_codec import CodecError, KVCodec, codec_by_code
 MAGIC = b"FATN"
 VERSION = 1
 KIND_HELLO, KIND_KV, KIND_TOKEN, KIND_DONE = 1, 2, 3, 4
+# SpecFed's frames (systems/specfed/frames.py): every system's kinds are numbered here, so none collide
+KIND_SERVER_HELLO, KIND_WORKER_HELLO, KIND_DRAFT, KIND_ROWS, KIND_VERDICT = 5, 6, 7, 8, 9
 
 # magic, version, kind, codec, flags, layer, kv heads, head dim, tokens, first position
 KV_HEADER = struct.Struct("<4sBBBBHHHII")
@@ -84,7 +86,7 @@ def decode_kv(frame: bytes, expect: KVExpectation, codec: KVCodec) -> KVBlock:
     if len(frame) < KV_HEADER.size:
         raise ProtocolError(f"truncated KV frame {where}: {len(frame)} bytes, the header alone is {KV_HEADER.size}")
     magic, version, kind, codec_code, flags, layer, heads, head_dim, num_tokens, first = KV_HEADER.unpack_from(frame)
-    _check_preamble(magic, version, kind, KIND_KV, where)
+    check_preamble(magic, version, kind, KIND_KV, where)
     received_codec = codec_by_code(codec_code)
     if received_codec is None:
         raise ProtocolError(f"bad KV frame {where}: unknown codec code {codec_code}")
@@ -158,7 +160,7 @@ def decode_hello(frame: bytes, sender: str) -> Hello:
     if len(frame) != HELLO_FRAME.size:
         raise ProtocolError(f"bad frame {where}: {len(frame)} bytes, expected {HELLO_FRAME.size}")
     magic, version, kind, rank, world_size, segment_length, *fingerprints = HELLO_FRAME.unpack(frame)
-    _check_preamble(magic, version, kind, KIND_HELLO, where)
+    check_preamble(magic, version, kind, KIND_HELLO, where)
     if not 0 < segment_length <= MAX_TOKENS:
         raise ProtocolError(f"bad frame {where}: segment length {segment_length}, expected 1..{MAX_TOKENS}")
     return Hello(rank, world_size, segment_length, tuple(fingerprints))
@@ -174,13 +176,14 @@ def decode_small(frame: bytes, kind: int, sender: str, what: str, upper: int) ->
     if len(frame) != SMALL_FRAME.size:
         raise ProtocolError(f"bad frame {where}: {len(frame)} bytes, expected {SMALL_FRAME.size}")
     magic, version, received_kind, value = SMALL_FRAME.unpack(frame)
-    _check_preamble(magic, version, received_kind, kind, where)
+    check_preamble(magic, version, received_kind, kind, where)
     if not 0 <= value < upper:
         raise ProtocolError(f"bad frame {where}: value {value} outside [0, {upper})")
     return value
 
 
-def _check_preamble(magic: bytes, version: int, kind: int, expected_kind: int, where: str) -> None:
+def check_preamble(magic: bytes, version: int, kind: int, expected_kind: int, where: str) -> None:
+    """Every frame starts with MAGIC, VERSION and its kind: refuse another protocol, version or kind."""
     if magic != MAGIC:
         raise ProtocolError(f"bad frame {where}: not a fedattn frame")
     if version != VERSION:
