@@ -90,7 +90,12 @@ def run_party(args: argparse.Namespace) -> int:
         raise FedAttnError(f"rank {meeting.rank} is beyond the run's {len(config.workers) + 1} parties")
     prompt = None if args.prompt is None else text_or_file(args.prompt)
     setup = load_setup(
-        config, resolve_device(args.device), args.dtype, args.raw, progress=False, names=own_models(config, meeting.rank)
+        config,
+        resolve_device(args.device),
+        args.dtype,
+        args.raw,
+        progress=False,
+        names=own_models(config, meeting.rank),
     )
     report = run_party(setup, meeting, prompt)
     if path is not None:

@@ -8,6 +8,8 @@ pass over the tokens that changed, never a re-read of the prompt. The model is u
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -18,6 +20,9 @@ class IncrementalLM:
         self.cache = DynamicCache(config=model.config)
         self.cached: list[int] = []  # the tokens whose K/V the cache holds, in order
         self.forward_tokens = 0  # tokens fed through the model so far (the cost of this sequence)
+        # transformers renamed the forward's cache argument (past_key_values -> cache) within 5.x
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_word = "cache" if "cache" in parameters else "past_key_values"
 
     @torch.inference_mode()
     def next_token_logits(self, sequence: list[int], count: int) -> torch.Tensor:
@@ -29,10 +34,11 @@ class IncrementalLM:
             raise ValueError(f"count must be in 1..{len(sequence)}, got {count}")
         keep = min(_shared_prefix(self.cached, sequence), len(sequence) - count)
         if keep < len(self.cached):
-            self.cache.crop(keep)
+            self.cache.crop(keep - len(self.cached))  # a negative count removes that many (every transformers 5.x)
         fresh = sequence[keep:]
         device = next(self.model.parameters()).device
-        output = self.model(input_ids=torch.tensor([fresh], device=device), past_key_values=self.cache, use_cache=True)
+        arguments = {"input_ids": torch.tensor([fresh], device=device), "use_cache": True, self._cache_word: self.cache}
+        output = self.model(**arguments)
         self.cached = list(sequence)
         self.forward_tokens += len(fresh)
         return output.logits[0, -count:].float()

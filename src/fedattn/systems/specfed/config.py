@@ -74,11 +74,6 @@ class SpecFedConfig:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
-    def sends_residual(self) -> bool:
-        """Redistribute spreads each position's left-out mass: the worker sends it (exactly, as a float32)."""
-        return self.reconstruct == "redistribute" and self.top_k is not None
-
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
         document["workers"] = [asdict(worker) for worker in self.workers]

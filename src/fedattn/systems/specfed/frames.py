@@ -146,8 +146,9 @@ def encode_server_hello(hello: ServerHello) -> bytes:
     return header + np.asarray(hello.prompt, dtype="<u4").tobytes()
 
 
-def decode_server_hello(frame: bytes, sender: str, vocab: int, tokenizer: bytes) -> ServerHello:
-    """A worker reads the server's hello; ``vocab`` and ``tokenizer`` are the worker's own."""
+def decode_server_hello(frame: bytes, sender: str) -> ServerHello:
+    """A worker reads the server's hello. Whether its tokenizer is the worker's is the handshake's
+    question (``roles.check_tokenizer``, a refusal in words rather than a bad frame)."""
     what = "server hello"
     where = f"bad {what} from {sender}"
     length, their_vocab, their_tokenizer, settings = _header(frame, SERVER_HELLO, KIND_SERVER_HELLO, sender, what)
@@ -156,12 +157,10 @@ def decode_server_hello(frame: bytes, sender: str, vocab: int, tokenizer: bytes)
     if length > MAX_PROMPT:
         raise ProtocolError(f"{where}: prompt of {length} tokens, longer than the limit {MAX_PROMPT}")
     _check_length(frame, server_hello_size(length), where)
-    if their_vocab != vocab:
-        raise ProtocolError(f"{where}: vocabulary of {their_vocab} tokens, this worker's has {vocab}")
-    if their_tokenizer != tokenizer:
-        raise ProtocolError(f"{where}: tokenizer fingerprint {their_tokenizer.hex()}, not this worker's")
+    if their_vocab == 0:
+        raise ProtocolError(f"{where}: a vocabulary of 0 tokens")
     prompt = np.frombuffer(frame, dtype="<u4", offset=SERVER_HELLO.size)
-    _check_tokens(prompt, vocab, f"{where}: prompt id")
+    _check_tokens(prompt, their_vocab, f"{where}: prompt id")
     return ServerHello([int(token) for token in prompt], their_vocab, their_tokenizer, settings)
 
 
@@ -169,8 +168,8 @@ def encode_worker_hello(hello: WorkerHello) -> bytes:
     return WORKER_HELLO.pack(MAGIC, VERSION, KIND_WORKER_HELLO, hello.tokenizer, hello.vocab, hello.rows)
 
 
-def decode_worker_hello(frame: bytes, sender: str, vocab: int, tokenizer: bytes) -> WorkerHello:
-    """The server reads a worker's hello; ``vocab`` and ``tokenizer`` are the server's own."""
+def decode_worker_hello(frame: bytes, sender: str) -> WorkerHello:
+    """The server reads a worker's hello (the tokenizer is compared by ``roles.check_tokenizer``)."""
     what = "worker hello"
     where = f"bad {what} from {sender}"
     their_tokenizer, their_vocab, rows = _header(frame, WORKER_HELLO, KIND_WORKER_HELLO, sender, what)
@@ -179,10 +178,6 @@ def decode_worker_hello(frame: bytes, sender: str, vocab: int, tokenizer: bytes)
         raise ProtocolError(f"{where}: a vocabulary of 0 tokens")
     if rows < their_vocab:
         raise ProtocolError(f"{where}: {rows} embedding rows, fewer than its vocabulary of {their_vocab}")
-    if their_vocab != vocab:
-        raise ProtocolError(f"{where}: vocabulary of {their_vocab} tokens, the server's has {vocab}")
-    if their_tokenizer != tokenizer:
-        raise ProtocolError(f"{where}: tokenizer fingerprint {their_tokenizer.hex()}, not the server's")
     return WorkerHello(their_tokenizer, their_vocab, rows)
 
 

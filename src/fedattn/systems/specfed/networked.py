@@ -32,7 +32,9 @@ def max_frame_bytes(config: SpecFedConfig, vocab: int, max_positions: int) -> in
     """The largest frame a peer may send in this run: a server hello with a whole context window of
     prompt, or a round's records at their largest (every id of gamma + 1 positions)."""
     layout = row_layout(config, vocab)
-    largest_rows = frames.rows_frame_size(layout, [vocab if config.top_k is None else config.top_k] * (config.gamma + 1))
+    largest_rows = frames.rows_frame_size(
+        layout, [vocab if config.top_k is None else config.top_k] * (config.gamma + 1)
+    )
     return max(frames.server_hello_size(max_positions), largest_rows)
 
 

@@ -21,9 +21,9 @@ from fedattn.runtime.prompting import (
     tokenize_party,
     tokenizer_fingerprint,
 )
+from fedattn.systems.specfed import reporting
 from fedattn.systems.specfed.config import LOOKUP_DRAFT, SpecFedConfig, load_models, model_names
 from fedattn.systems.specfed.drafts import Drafter, LookupDraft, ModelDraft
-from fedattn.systems.specfed import reporting
 from fedattn.systems.specfed.inprocess import WorkerModel, run_in_process
 
 IN_PROCESS = "in-process"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedattn.errors import FedAttnError
+from fedattn.network.topk_codec import get_encoding
 from fedattn.network.transport import Transport
 from fedattn.runtime.decoding import StopRule
 from fedattn.runtime.incremental import IncrementalLM
@@ -42,21 +43,31 @@ def party_names(workers: int) -> list[str]:
     return [f"worker{index + 1}" for index in range(workers)] + [SERVER_NAME]
 
 
+def kept_per_position(config: SpecFedConfig, vocab: int) -> int | None:
+    """K (or the adaptive cap) for this vocabulary; None sends full distributions (as does K >= |V|
+    without an adaptive cap: sending every id would only cost more)."""
+    if config.top_k is None or (config.top_k >= vocab and config.adaptive_eps is None):
+        return None
+    return min(config.top_k, vocab)
+
+
 def row_layout(config: SpecFedConfig, vocab: int) -> frames.RowLayout:
+    k = kept_per_position(config, vocab)
     return frames.RowLayout(
-        encoding=config.encoding,
+        encoding=get_encoding(config.encoding),
         vocab=vocab,
-        k=config.top_k,
+        k=k,
         adaptive=config.adaptive_eps is not None,
-        residual=config.sends_residual,
+        residual=config.reconstruct == "redistribute" and k is not None,
     )
 
 
 def compress(p: torch.Tensor, config: SpecFedConfig) -> SparseRow:
     """One position of a worker's distribution as it will be sent."""
+    k = kept_per_position(config, p.numel())
     if config.adaptive_eps is not None:
-        return adaptive_top_k(p, config.adaptive_eps, min(config.top_k, p.numel()))
-    return top_k(p, None if config.top_k is None or config.top_k >= p.numel() else config.top_k)
+        return adaptive_top_k(p, config.adaptive_eps, k)
+    return top_k(p, k)
 
 
 def check_tokenizer(
@@ -120,7 +131,8 @@ class Worker(Party):
     def answer_hello(self) -> None:
         """Receive the prompt and the run's terms; refuse another tokenizer or other settings; say ours."""
         hello = frames.decode_server_hello(self.transport.recv(self.server, "the server's hello"), SERVER_NAME)
-        self.transport.send(frames.encode_worker_hello(self.tokenizer, self.vocab, self.rows_in_model), [self.server])
+        own = frames.WorkerHello(self.tokenizer, self.vocab, self.rows_in_model)
+        self.transport.send(frames.encode_worker_hello(own), [self.server])
         check_tokenizer(self.name, self.config, self.rank, (self.vocab, self.tokenizer), (hello.vocab, hello.tokenizer))
         if hello.settings != self.config.fingerprint():
             raise FedAttnError(f"{self.name} refuses the run: the server's settings are not this worker's")
@@ -196,8 +208,8 @@ class Server(Party):
         return self.prompt + self.answer
 
     def send_hello(self) -> None:
-        frame = frames.encode_server_hello(self.prompt, self.vocab, self.tokenizer, self.config.fingerprint())
-        self.transport.send(frame, self.workers)
+        hello = frames.ServerHello(self.prompt, self.vocab, self.tokenizer, self.config.fingerprint())
+        self.transport.send(frames.encode_server_hello(hello), self.workers)
 
     def receive_hellos(self) -> None:
         """Every worker's tokenizer must be the server's (embedding rows may differ: padding)."""
@@ -240,7 +252,7 @@ class Server(Party):
         )
         self.done = self.done or len(self.answer) >= self.config.max_new_tokens
         self._timed("decide", start)
-        self.transport.send(frames.encode_verdict(accepted, token, self.done), self.workers)
+        self.transport.send(frames.encode_verdict(frames.Verdict(accepted, token, self.done)), self.workers)
 
     def _extend(self, tokens: list[int]) -> int:
         """Append the round's tokens up to the first that ends the answer; how many were appended."""
