@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fedattn: interrupted", file=sys.stderr)
         code = 130
     if command == "participant":  # never block in gloo's teardown on a peer that is gone
-        from fedattn.systems.fedattn.networked import exit_now
+        from fedattn.network.meeting import exit_now
 
         exit_now(code)
     return code

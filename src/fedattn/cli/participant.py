@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedattn.systems.fedattn.networked import exit_now, own_segment, run_party
+    from fedattn.network.meeting import exit_now
+    from fedattn.systems.fedattn.networked import own_segment, run_party
 
     meeting = _federation_run(args) if _given(args, GRPC_OPTIONS) else _rendezvous(args)
     report_path = _report_path(args.report, meeting.rank)
@@ -96,7 +97,7 @@ def _given(args: argparse.Namespace, options: tuple[tuple[str, str], ...]) -> li
 def _federation_run(args: argparse.Namespace):
     """This party's place in a run over gRPC: its rank is its name's place in --parties."""
     from fedattn.network.federation import load_roster
-    from fedattn.systems.fedattn.networked import FederationRun
+    from fedattn.network.meeting import FederationRun
 
     mixed = _given(args, GLOO_OPTIONS)
     if mixed:
@@ -119,7 +120,7 @@ def _federation_run(args: argparse.Namespace):
 
 def _rendezvous(args: argparse.Namespace):
     """This party's place in a run over gloo: from the options, or the environment torchrun sets."""
-    from fedattn.systems.fedattn.networked import Rendezvous
+    from fedattn.network.meeting import Rendezvous
 
     rank = _or_environment(args.rank, "--rank", "RANK", non_negative_int)
     world_size = _or_environment(args.world_size, "--world-size", "WORLD_SIZE", positive_int)
