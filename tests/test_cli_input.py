@@ -205,7 +205,7 @@ def test_attack_refuses(capsys, tmp_path, extra, message):
     ],
 )
 def test_participant_refuses(capsys, monkeypatch, extra, message):
-    monkeypatch.setattr("fedattn.systems.fedattn.networked.exit_now", lambda code: None)
+    monkeypatch.setattr("fedattn.network.meeting.exit_now", lambda code: None)
     words = ["participant", "--rank", "0", "--world-size", "2", "--master", "127.0.0.1:1", "--model", "tiny-random"]
     assert message in refused(capsys, [*words, "--context", "c", *extra])
 
@@ -238,13 +238,13 @@ def roster_file(tmp_path):
     ],
 )
 def test_participant_in_a_federation_refuses(capsys, monkeypatch, roster_file, extra, message):
-    monkeypatch.setattr("fedattn.systems.fedattn.networked.exit_now", lambda code: None)
+    monkeypatch.setattr("fedattn.network.meeting.exit_now", lambda code: None)
     words = ["participant", "--model", "tiny-random", "--context", "c", "--roster", roster_file]
     assert message in refused(capsys, [*words, *extra])
 
 
 def test_participant_needs_both_roster_and_name(capsys, monkeypatch, roster_file):
-    monkeypatch.setattr("fedattn.systems.fedattn.networked.exit_now", lambda code: None)
+    monkeypatch.setattr("fedattn.network.meeting.exit_now", lambda code: None)
     words = ["participant", "--model", "tiny-random", "--context", "c"]
     for extra in (["--name", "party-1"], ["--roster", roster_file], ["--parties", "party-1,publisher"]):
         assert refused(capsys, [*words, *extra]).endswith(
@@ -258,7 +258,7 @@ def test_participant_needs_both_roster_and_name(capsys, monkeypatch, roster_file
 
 
 def test_participant_settings_from_the_environment(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr("fedattn.systems.fedattn.networked.exit_now", lambda code: None)
+    monkeypatch.setattr("fedattn.network.meeting.exit_now", lambda code: None)
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     words = ["participant", "--model", "tiny-random", "--context", "c"]

@@ -7,6 +7,7 @@ import json
 import fake_system
 import pytest
 
+from fedattn.cli.main import main, parse_words
 from fedattn.errors import FedAttnError
 from fedattn.evaluation import eval_crossfacts, eval_gsm8k, harness
 from fedattn.evaluation.results import RecordList
@@ -104,3 +105,38 @@ def test_the_loop_skips_what_the_store_holds_and_batches_the_rest():
 def test_an_unknown_system_is_one_line():
     with pytest.raises(FedAttnError, match="unknown system 'nope'; choose one of fedattn"):
         get_system("nope")
+
+
+def test_eval_system_picks_the_options_its_parser_holds(echo, tmp_path, capsys):
+    """``fedattn eval TASK --system NAME`` parses NAME's own options and runs NAME; FedAttn's are
+    then unknown words, and with no --system they are the options again (and echo's are not)."""
+    out = tmp_path / "echo"
+    words = ["eval", "gsm8k", "--shots", "1", "--limit", "3", "--oracle", "--out", str(out), "--json"]
+    assert main([*words[:2], "--system", "echo", *words[2:]]) == 0
+    assert echo.batches == [["0", "1", "2"]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["system"], summary["items"], summary["metrics"]["em"]) == ("echo", 3, 1.0)
+    capsys.readouterr()
+
+    assert parse_words(["eval", "crossfacts", "--system=echo", "--oracle", "--out", str(out)]).oracle is True
+    assert main(["eval", "gsm8k", "--system", "echo", "--model", "tiny-random", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "fedattn: error: unrecognized arguments: --model tiny-random"
+
+    default = parse_words(["eval", "gsm8k", "--model", "tiny-random", "--sync-every", "2", "--out", str(out)])
+    assert (default.system, default.model, default.sync_every) == ("fedattn", "tiny-random", 2)
+    assert main(["eval", "gsm8k", "--oracle", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "fedattn: error: unrecognized arguments: --oracle"
+    assert main(["eval", "gsm8k", "--system", "nope", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "fedattn: error: unknown system 'nope'; choose one of fedattn, echo"
+
+
+def test_eval_help_shows_the_default_system_and_how_to_change_it(echo, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "gsm8k", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "--model MODEL" in shown and "--oracle" not in shown
+    assert "the system options here are fedattn's, and --system NAME gives NAME's instead" in shown
+    with pytest.raises(SystemExit):
+        main(["eval", "gsm8k", "--system", "echo", "--help"])
+    shown = capsys.readouterr().out
+    assert "--oracle" in shown and "--model" not in shown

@@ -19,7 +19,7 @@ RANK = """
 import json, sys, argparse
 from fedattn.systems import get_system
 from fedattn.systems.fedattn.config import add_options
-from fedattn.systems.fedattn.networked import Rendezvous
+from fedattn.network.meeting import Rendezvous
 rank, port = int(sys.argv[1]), int(sys.argv[2])
 parser = argparse.ArgumentParser()
 add_options(parser)

@@ -16,9 +16,12 @@ from fedattn.argtypes import OneLineParser
 from fedattn.cli import models, participant
 from fedattn.cli import run as run_command
 from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError, ProtocolError
+from fedattn.systems import DEFAULT_SYSTEM
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(system: str = DEFAULT_SYSTEM) -> argparse.ArgumentParser:
+    """The whole command line; ``fedattn eval TASK`` holds the options of ``system`` (two systems'
+    options may clash, so one parser holds one system's: ``parse_words`` picks it)."""
     parser = OneLineParser(
         prog="fedattn", description="Federated Attention: answer one question with one LLM over private prompt pieces."
     )
@@ -37,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score schedules on a benchmark (resumable results folder)")
     benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, parser_class=OneLineParser)
     for name, help_text in EVALUATIONS.items():
-        _evaluation(name).add_arguments(benchmarks.add_parser(name, help=help_text))
+        benchmark = benchmarks.add_parser(name, help=help_text)
+        if name in ANSWERED_BY_A_SYSTEM:
+            _evaluation(name).add_arguments(benchmark, system)
+        else:
+            _evaluation(name).add_arguments(benchmark)
 
     from fedattn.evaluation import compare, plots, sweep, upgrade
     from fedattn.privacy import kv_attack as attack
@@ -88,6 +95,7 @@ EVALUATIONS = {
     "crossfacts": "generated multi-party records: the publisher's answer sits in another party's document",
     "drift": "per-block deviation of each party from centralized inference, and the publisher's KL",
 }
+ANSWERED_BY_A_SYSTEM = ("gsm8k", "crossfacts")  # through the harness, by --system NAME; drift measures FedAttn
 
 
 def _evaluation(name: str):
@@ -105,7 +113,23 @@ def _evaluation(name: str):
 
 def parse_words(words: list[str]) -> argparse.Namespace:
     """A command line, parsed (the sweep parses each of its points with this before running any)."""
-    return build_parser().parse_args(words)
+    return build_parser(_evaluated_system(words)).parse_args(words)
+
+
+def _evaluated_system(words: list[str]) -> str:
+    """The system an ``eval`` command names (``--system NAME`` or ``--system=NAME``, the last one
+    as argparse reads it), whose options its parser must hold; else the default system."""
+    system = DEFAULT_SYSTEM
+    if words[:1] != ["eval"]:
+        return system
+    for word, following in zip(words, [*words[1:], None]):
+        if word == "--":
+            break
+        if word == "--system" and following is not None:
+            system = following
+        elif word.startswith("--system="):
+            system = word.removeprefix("--system=")
+    return system
 
 
 def run_parsed(args: argparse.Namespace) -> int:
@@ -164,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fedattn: interrupted", file=sys.stderr)
         code = 130
     if command == "participant":  # never block in gloo's teardown on a peer that is gone
-        from fedattn.systems.fedattn.networked import exit_now
+        from fedattn.network.meeting import exit_now
 
         exit_now(code)
     return code

@@ -2,70 +2,25 @@
 and each child of ``fedattn run --transport torch|grpc``).
 
 A party meets the others either at a rendezvous over gloo (--rank, --world-size, --master) or in a
-federation over gRPC with mutual TLS (--roster, --name, --parties); the two sets exclude each other.
-Under torchrun every rank gets the same words, so the rank, world size and store may come from
-the environment, and both --context and --question may be given: the role picks one, and
-'{rank}' in an @FILE path is this rank's number (e.g. --context @party-{rank}.txt).
+federation over gRPC with mutual TLS (--roster, --name, --parties): ``cli.meeting``, which any
+system's party command shares. Under torchrun every rank gets the same words, so the rank, world
+size and store may come from the environment, and both --context and --question may be given: the
+role picks one, and '{rank}' in an @FILE path is this rank's number (e.g. --context @party-{rank}.txt).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-from collections.abc import Callable
-from pathlib import Path
-from typing import TypeVar
 
-from fedattn.argtypes import (
-    add_prompt_options,
-    host_port,
-    name_list,
-    non_negative_int,
-    output_file,
-    positive_int,
-    read_text,
-)
+from fedattn.argtypes import add_prompt_options, output_file, read_text
+from fedattn.cli.meeting import add_meeting_options, meeting_from_args, report_path
 from fedattn.cli.run import print_report
-from fedattn.errors import FedAttnError
 from fedattn.systems.fedattn.config import add_options, configure
-
-T = TypeVar("T")
-
-# (flag, dest) of each way to meet the other parties
-GLOO_OPTIONS = (
-    ("--rank", "rank"),
-    ("--world-size", "world_size"),
-    ("--master", "master"),
-    ("--external-store", "external_store"),
-)
-GRPC_OPTIONS = (("--roster", "roster"), ("--name", "name"), ("--parties", "parties"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    gloo = parser.add_argument_group("over torch.distributed (gloo), at a rendezvous store")
-    gloo.add_argument(
-        "--rank", type=non_negative_int, help="this party's rank; the last rank is the task publisher (default: $RANK)"
-    )
-    gloo.add_argument("--world-size", type=positive_int, help="number of parties (default: $WORLD_SIZE)")
-    gloo.add_argument(
-        "--master",
-        type=host_port,
-        metavar="HOST:PORT",
-        help="the rendezvous store (default: $MASTER_ADDR:$MASTER_PORT)",
-    )
-    gloo.add_argument("--external-store", action="store_true", help="the store is served by a launcher, not by rank 0")
-    grpc = parser.add_argument_group("over gRPC with mutual TLS, in a federation")
-    grpc.add_argument(
-        "--roster", type=Path, metavar="FILE", help="the federation's roster (credentials beside it, by name)"
-    )
-    grpc.add_argument("--name", help="this party's name in the roster")
-    grpc.add_argument(
-        "--parties",
-        type=name_list,
-        metavar="A,B,...",
-        help="the run's parties in rank order; the last is the task publisher (default: the roster's, in order)",
-    )
+    add_meeting_options(parser)
     add_prompt_options(parser, question_required=False, one_party=True)
     parser.add_argument(
         "--report", type=output_file, help="also write this party's JSON report here ('{rank}' is replaced by the rank)"
@@ -74,96 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedattn.systems.fedattn.networked import exit_now, own_segment, run_party
+    from fedattn.network.meeting import exit_now
+    from fedattn.systems.fedattn.networked import own_segment, run_party
 
-    meeting = _federation_run(args) if _given(args, GRPC_OPTIONS) else _rendezvous(args)
-    report_path = _report_path(args.report, meeting.rank)
+    meeting = meeting_from_args(args)
+    report_to = report_path(args.report, meeting.rank)
     text, question, publisher_context = _own_inputs(args, meeting.rank, meeting.world_size)
     loaded, config, _ = configure(args)
     segment = own_segment(loaded, meeting, text, question, publisher_context, args.raw)
     report = run_party(loaded, meeting, segment, config)
-    if report_path is not None:
-        report_path.write_text(json.dumps(report.to_json(), indent=2))
+    if report_to is not None:
+        report_to.write_text(json.dumps(report.to_json(), indent=2))
     print_report(report, args.json)
     exit_now(0)
     return 0
-
-
-def _given(args: argparse.Namespace, options: tuple[tuple[str, str], ...]) -> list[str]:
-    return [flag for flag, dest in options if getattr(args, dest) is not None and getattr(args, dest) is not False]
-
-
-def _federation_run(args: argparse.Namespace):
-    """This party's place in a run over gRPC: its rank is its name's place in --parties."""
-    from fedattn.network.federation import load_roster
-    from fedattn.systems.fedattn.networked import FederationRun
-
-    mixed = _given(args, GLOO_OPTIONS)
-    if mixed:
-        raise FedAttnError(
-            f"{_given(args, GRPC_OPTIONS)[0]} (gRPC) and {mixed[0]} (gloo) exclude each other: a party joins a "
-            "federation (--roster, --name, --parties) or a rendezvous (--rank, --world-size, --master)"
-        )
-    if args.roster is None or args.name is None:
-        raise FedAttnError("a party in a federation needs both --roster FILE and --name NAME")
-    if args.parties == []:
-        raise FedAttnError("--parties names no party")
-    roster = load_roster(args.roster)
-    credentials = roster.credentials(args.name)
-    names = args.parties or roster.names
-    roster.check_run(names, starter=names[-1])  # the task publisher starts the query
-    if args.name not in names:
-        raise FedAttnError(f"--name {args.name} is not one of the run's parties ({', '.join(names)})")
-    return FederationRun(roster, tuple(names), names.index(args.name), credentials, args.timeout)
-
-
-def _rendezvous(args: argparse.Namespace):
-    """This party's place in a run over gloo: from the options, or the environment torchrun sets."""
-    from fedattn.systems.fedattn.networked import Rendezvous
-
-    rank = _or_environment(args.rank, "--rank", "RANK", non_negative_int)
-    world_size = _or_environment(args.world_size, "--world-size", "WORLD_SIZE", positive_int)
-    host, port = args.master or _master_from_environment()
-    if not rank < world_size:
-        raise FedAttnError(f"--rank must be in 0..{world_size - 1}, got {rank}")
-    external = args.external_store or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    return Rendezvous(host, port, rank, world_size, host_store=rank == 0 and not external, timeout_s=args.timeout)
-
-
-def _or_environment(value: T | None, flag: str, variable: str, parse: Callable[[str], T]) -> T:
-    """The option's value, else the environment variable torchrun sets, parsed as the option is."""
-    if value is not None:
-        return value
-    word = os.environ.get(variable)
-    if word is None:
-        raise FedAttnError(f"{flag} is required (or ${variable})")
-    try:
-        return parse(word)
-    except argparse.ArgumentTypeError as error:
-        raise FedAttnError(f"${variable}: {error}") from None
-
-
-def _master_from_environment() -> tuple[str, int]:
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise FedAttnError("--master HOST:PORT is required (or MASTER_ADDR and MASTER_PORT)")
-    try:
-        return host_port(f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
-    except argparse.ArgumentTypeError as error:
-        raise FedAttnError(f"$MASTER_ADDR:$MASTER_PORT: {error}") from None
-
-
-def _report_path(template: Path | None, rank: int) -> Path | None:
-    """Where this rank's report goes; its folder is made now, so that a bad path fails before the run."""
-    if template is None:
-        return None
-    path = Path(str(template).replace("{rank}", str(rank)))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FedAttnError(f"--report {path}: cannot create its folder: {error.strerror}") from None
-    if path.is_dir():
-        raise FedAttnError(f"--report {path} is a folder, not a file")
-    return path
 
 
 def _own_inputs(args: argparse.Namespace, rank: int, world_size: int) -> tuple[str | None, str | None, str | None]:

@@ -203,8 +203,9 @@ def em_by(records: list[dict], key: str) -> dict[str, float]:
 TASK = CrossFacts()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    harness.add_arguments(parser, TASK)
+def add_arguments(parser: argparse.ArgumentParser, system: str) -> None:
+    """The options of ``fedattn eval crossfacts --system SYSTEM``."""
+    harness.add_arguments(parser, TASK, system)
 
 
 def run(args: argparse.Namespace) -> int:

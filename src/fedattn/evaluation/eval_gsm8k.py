@@ -86,8 +86,9 @@ def score(item: Item, answer: str) -> dict:
 TASK = GSM8K()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    harness.add_arguments(parser, TASK)
+def add_arguments(parser: argparse.ArgumentParser, system: str) -> None:
+    """The options of ``fedattn eval gsm8k --system SYSTEM``."""
+    harness.add_arguments(parser, TASK, system)
 
 
 def run(args: argparse.Namespace) -> int:

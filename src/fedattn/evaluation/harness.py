@@ -77,10 +77,16 @@ def run_batches(
 # -- fedattn eval TASK ---------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser, task: Task, system: str = DEFAULT_SYSTEM) -> None:
     """The task's options, those of ``system`` and the harness's. Two systems' options may clash
-    (both have --model), so a parser holds one system's: the CLI builds it for the default system,
-    which is every evaluation while FedAttn is the only one registered."""
+    (both have --model), so a parser holds one system's: the CLI builds it for the system its words
+    name with ``--system NAME`` (the default system when they name none)."""
     task.add_options(parser)
-    parser.add_argument("--system", choices=tuple(SYSTEMS), default=system, help=f"who answers (default {system})")
+    parser.add_argument(
+        "--system",
+        choices=tuple(SYSTEMS),
+        default=system,
+        help=f"who answers (default {DEFAULT_SYSTEM}); the system options here are {system}'s, "
+        "and --system NAME gives NAME's instead",
+    )
     get_system(system).add_options(parser, task)
     try:
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
