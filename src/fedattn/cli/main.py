@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from fedattn.argtypes import OneLineParser
-from fedattn.cli import models, participant
+from fedattn.cli import models, participant, specfed
 from fedattn.cli import run as run_command
 from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError, ProtocolError
 from fedattn.systems import DEFAULT_SYSTEM
@@ -35,6 +35,15 @@ def build_parser(system: str = DEFAULT_SYSTEM) -> argparse.ArgumentParser:
             "participant",
             help="run ONE party in this process, over torch.distributed (gloo) or gRPC with mutual TLS",
         )
+    )
+
+    specfed.add_arguments(
+        commands.add_parser(
+            "specfed", help="SpecFed: workers' models decode as an ensemble, the server drafting speculatively"
+        )
+    )
+    specfed.add_party_arguments(
+        commands.add_parser("specfed-party", help="run ONE SpecFed party (a worker or the server) in this process")
     )
 
     evaluate = commands.add_parser("eval", help="score schedules on a benchmark (resumable results folder)")
@@ -140,6 +149,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         return _evaluation(args.benchmark).run(args)
     if args.command == "participant":
         return participant.run(args)
+    if args.command == "specfed":
+        return specfed.run(args)
+    if args.command == "specfed-party":
+        return specfed.run_party(args)
     if args.command == "sweep":
         from fedattn.evaluation.sweep import run
 
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedattn: interrupted", file=sys.stderr)
         code = 130
-    if command == "participant":  # never block in gloo's teardown on a peer that is gone
+    if command in ("participant", "specfed-party"):  # never block in gloo's teardown on a peer that is gone
         from fedattn.network.meeting import exit_now
 
         exit_now(code)

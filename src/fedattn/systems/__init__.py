@@ -14,7 +14,7 @@ from fedattn.errors import FedAttnError
 if TYPE_CHECKING:
     from fedattn.systems.base import System
 
-SYSTEMS = {"fedattn": "fedattn.systems.fedattn.system"}
+SYSTEMS = {"fedattn": "fedattn.systems.fedattn.system", "specfed": "fedattn.systems.specfed.system"}
 DEFAULT_SYSTEM = "fedattn"
 
 

@@ -19,6 +19,7 @@ from fedattn.network.meeting import FederationRun, Rendezvous, flush_before_fail
 from fedattn.report.schema import RunReport
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.batch_decode import DecodeRow, decode_rows
+from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import (
@@ -31,7 +32,6 @@ from fedattn.runtime.prompting import (
 from fedattn.systems.fedattn import protocol
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.party import Participant, party_names
-from fedattn.systems.fedattn.query import stop_rule
 from fedattn.systems.fedattn.reporting import rank_report
 
 

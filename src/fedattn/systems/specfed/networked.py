@@ -7,6 +7,7 @@ Ranks follow ``roles.party_names``: worker r is rank r (the r-th ``--worker``), 
 
 from __future__ import annotations
 
+import sys
 import time
 
 from fedattn.errors import FedAttnError
@@ -15,17 +16,15 @@ from fedattn.report.schema import RunReport
 from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.prompting import real_vocabulary, tokenizer_fingerprint
 from fedattn.systems.specfed import frames, protocol, reporting
-from fedattn.systems.specfed.config import LOOKUP_DRAFT, SpecFedConfig
-from fedattn.systems.specfed.query import SpecFedSetup, chat_prompt
+from fedattn.systems.specfed.config import SpecFedConfig
+from fedattn.systems.specfed.query import SpecFedSetup, chat_prompt, server_model_name
 from fedattn.systems.specfed.roles import Party, Server, Worker, party_names, row_layout
 
 
 def own_models(config: SpecFedConfig, rank: int) -> list[str]:
     """The one model this rank loads: its worker's, or the server's draft (under prompt lookup the
     first worker's, for its tokenizer)."""
-    if rank < len(config.workers):
-        return [config.workers[rank].model]
-    return [config.workers[0].model if config.draft == LOOKUP_DRAFT else config.draft]
+    return [config.workers[rank].model if rank < len(config.workers) else server_model_name(config)]
 
 
 def max_frame_bytes(config: SpecFedConfig, vocab: int, max_positions: int) -> int:
@@ -39,7 +38,9 @@ def max_frame_bytes(config: SpecFedConfig, vocab: int, max_positions: int) -> in
 
 
 def run_party(setup: SpecFedSetup, meeting: Rendezvous | FederationRun, prompt_text: str | None) -> RunReport:
-    """Join, run this party's part of the protocol, and return its report (FedAttnError on failure)."""
+    """Join, run this party's part of the protocol, and return its report (FedAttnError on failure).
+    Once the server has its whole answer a peer lost while leaving cannot change it: the server
+    warns and reports."""
     config = setup.config
     names = party_names(len(config.workers))
     if meeting.world_size != len(names):
@@ -51,24 +52,35 @@ def run_party(setup: SpecFedSetup, meeting: Rendezvous | FederationRun, prompt_t
         raise FedAttnError("the server (the last rank) takes --prompt; a worker takes none")
     loaded = setup.models[own_models(config, meeting.rank)[0]]
     vocab, tokenizer = real_vocabulary(loaded.tokenizer), tokenizer_fingerprint(loaded.tokenizer)
-    prompt = chat_prompt(setup, prompt_text) if is_server else None
+    prompt = chat_prompt(setup, prompt_text) if is_server else []
+    stop = stop_rule(loaded.tokenizer, loaded.model)
     limit = max_frame_bytes(config, vocab, loaded.model.config.max_position_embeddings)
-    start = time.perf_counter()
     party: Party | None = None
-    with links(meeting, names, limit) as (transport, label):
-        if is_server:
-            stop = stop_rule(loaded.tokenizer, loaded.model)
-            party = Server(meeting.rank, transport, config, prompt, setup.drafter(), vocab, tokenizer, stop)
-        else:
-            party = Worker(meeting.rank, transport, config, loaded.model, vocab, tokenizer)
-        try:
-            protocol.run([party])
-            transport.flush()
-        except FedAttnError:
-            flush_before_failing(transport)
+    start = time.perf_counter()
+    try:
+        with links(meeting, names, limit) as (transport, label):
+            if is_server:
+                party = Server(meeting.rank, transport, config, prompt, setup.drafter(), vocab, tokenizer, stop)
+            else:
+                party = Worker(meeting.rank, transport, config, loaded.model, vocab, tokenizer)
+            try:
+                protocol.run([party])
+                transport.flush()
+            except FedAttnError:
+                if not _answered(party):
+                    flush_before_failing(transport)
+                raise
+    except FedAttnError as failure:
+        if not _answered(party):
             raise
-    wall_s = time.perf_counter() - start
-    if is_server:
-        text = stop.trim(loaded.tokenizer.decode(party.answer, skip_special_tokens=True)).strip()
-        return reporting.run_report(party, [party], config, setup.model_json(), text, label, {"wall_s": wall_s})
-    return reporting.worker_report(party, config, setup.model_json(), label, {"wall_s": wall_s})
+        print(f"fedattn: warning: {failure}; the answer was complete before, so it stands", file=sys.stderr)
+    text = stop.trim(loaded.tokenizer.decode(party.answer, skip_special_tokens=True)).strip() if is_server else None
+    report = reporting.run_report(
+        [party], config, setup.model_json(), text, label, {"wall_s": time.perf_counter() - start}
+    )
+    report.parties[0].link_bytes_sent = transport.link_bytes_sent
+    return report
+
+
+def _answered(party: Party | None) -> bool:
+    return isinstance(party, Server) and party.done

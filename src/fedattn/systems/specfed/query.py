@@ -42,8 +42,7 @@ class SpecFedSetup:
     @property
     def server_model(self) -> LoadedModel:
         """Whose tokenizer the server uses: the draft's, or the first worker's under prompt lookup."""
-        name = self.config.workers[0].model if self.config.draft == LOOKUP_DRAFT else self.config.draft
-        return self.models[name]
+        return self.models[server_model_name(self.config)]
 
     def worker_models(self) -> list[WorkerModel]:
         return [held(self.models[worker.model]) for worker in self.config.workers]
@@ -59,16 +58,20 @@ class SpecFedSetup:
     def model_json(self) -> dict:
         """The models as a report names them: each worker's (with its weight) and the draft's."""
         workers = [
-            {"name": worker.model, "identity": self.models[worker.model].identity, "weight": worker.weight}
+            {"name": worker.model, "identity": self._identity(worker.model), "weight": worker.weight}
             for worker in self.config.workers
         ]
-        draft = self.config.draft
-        identity = None if draft == LOOKUP_DRAFT else self.models[draft].identity
-        return {
-            "name": "+".join(worker["name"] for worker in workers),
-            "workers": workers,
-            "draft": {"name": draft, "identity": identity},
-        }
+        draft = {"name": self.config.draft, "identity": self._identity(self.config.draft)}
+        return {"name": "+".join(worker["name"] for worker in workers), "workers": workers, "draft": draft}
+
+    def _identity(self, name: str) -> str | None:
+        """A loaded model's identity (a networked party loads only its own model; prompt lookup has none)."""
+        loaded = self.models.get(name)
+        return None if loaded is None else loaded.identity
+
+
+def server_model_name(config: SpecFedConfig) -> str:
+    return config.workers[0].model if config.draft == LOOKUP_DRAFT else config.draft
 
 
 def held(loaded: LoadedModel) -> WorkerModel:
