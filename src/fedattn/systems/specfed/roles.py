@@ -141,6 +141,7 @@ class Worker(Party):
 
     def verify(self) -> None:
         """One forward pass over the drafts; the top-K of each of their gamma + 1 distributions, up."""
+        self.transport.note(f"round {len(self.rounds) + 1}")
         self.drafts = frames.decode_draft(
             self.transport.recv(self.server, "the round's drafts"), SERVER_NAME, self.config.gamma, self.vocab
         )
@@ -221,6 +222,7 @@ class Server(Party):
 
     def draft(self) -> None:
         """Up to gamma drafts, never more than the answer still has room for after the round's own token."""
+        self.transport.note(f"round {len(self.rounds) + 1}")
         start = time.perf_counter()
         room = self.config.max_new_tokens - len(self.answer) - 1
         self.drafts, self.q = self.drafter.propose(self.sequence, min(self.config.gamma, room), self.generator)
