@@ -56,6 +56,7 @@ def run_party(setup: SpecFedSetup, meeting: Rendezvous | FederationRun, prompt_t
     stop = stop_rule(loaded.tokenizer, loaded.model)
     limit = max_frame_bytes(config, vocab, loaded.model.config.max_position_embeddings)
     party: Party | None = None
+    seconds: dict[str, float] = {}
     start = time.perf_counter()
     try:
         with links(meeting, names, limit) as (transport, label):
@@ -64,7 +65,7 @@ def run_party(setup: SpecFedSetup, meeting: Rendezvous | FederationRun, prompt_t
             else:
                 party = Worker(meeting.rank, transport, config, loaded.model, vocab, tokenizer)
             try:
-                protocol.run([party])
+                seconds = protocol.run([party])
                 transport.flush()
             except FedAttnError:
                 if not _answered(party):
@@ -76,7 +77,12 @@ def run_party(setup: SpecFedSetup, meeting: Rendezvous | FederationRun, prompt_t
         print(f"fedattn: warning: {failure}; the answer was complete before, so it stands", file=sys.stderr)
     text = stop.trim(loaded.tokenizer.decode(party.answer, skip_special_tokens=True)).strip() if is_server else None
     report = reporting.run_report(
-        [party], config, setup.model_json(), text, label, {"wall_s": time.perf_counter() - start}
+        [party],
+        config,
+        setup.model_json(),
+        text,
+        label,
+        {"wall_s": time.perf_counter() - start, **protocol.stage_times(seconds)},
     )
     report.parties[0].link_bytes_sent = transport.link_bytes_sent
     return report

@@ -46,3 +46,11 @@ def run(parties: Sequence[Party], after_round: Callable[[], None] = lambda: None
             seconds[stage] = seconds.get(stage, 0.0) + spent
         after_round()
     return seconds
+
+
+def stage_times(seconds: dict[str, float]) -> dict[str, float]:
+    """A run's report timing: the handshake, and decoding (every round, waits included)."""
+    return {
+        "handshake_s": seconds.get("handshake", 0.0),
+        "decode_s": sum(spent for stage, spent in seconds.items() if stage != "handshake"),
+    }

@@ -21,7 +21,7 @@ from fedattn.runtime.prompting import (
     tokenize_party,
     tokenizer_fingerprint,
 )
-from fedattn.systems.specfed import reporting
+from fedattn.systems.specfed import protocol, reporting
 from fedattn.systems.specfed.config import LOOKUP_DRAFT, SpecFedConfig, load_models, model_names
 from fedattn.systems.specfed.drafts import Drafter, LookupDraft, ModelDraft
 from fedattn.systems.specfed.inprocess import WorkerModel, run_in_process
@@ -97,7 +97,11 @@ def answer(setup: SpecFedSetup, prompt: list[int], stop_texts: tuple[str, ...]) 
     stop = stop_rule(server_model.tokenizer, server_model.model, stop_texts)
     result = run_in_process(setup.worker_models(), setup.drafter(), prompt, setup.config, stop)
     text = stop.trim(server_model.tokenizer.decode(result.answer_token_ids, skip_special_tokens=True)).strip()
-    timing = {"wall_s": result.wall_s, "parallel_s": result.measurement.parallel_s}
+    timing = {
+        "wall_s": result.wall_s,
+        **protocol.stage_times(result.seconds),
+        "parallel_s": result.measurement.parallel_s,
+    }
     return reporting.run_report(
         result.parties, setup.config, setup.model_json(), text, IN_PROCESS, timing, result.measurement
     )
