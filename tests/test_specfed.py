@@ -156,3 +156,24 @@ def test_a_worker_of_another_tokenizer_is_refused_at_the_handshake(family):
     drafter = LookupDraft(good.vocab)
     with pytest.raises(FedAttnError, match="worker2 .*another tokenizer.*must share one"):
         run_in_process([good, other], drafter, PROMPT, config)
+
+
+def test_fidelity_measures_the_real_path_against_the_spec(family):
+    """Teacher-forced figures: full f32 distributions rebuild p exactly at 4 |V| bytes per worker and
+    position; K = 8 costs 8 (id + probability) and obeys the aggregation bound; packed is smaller."""
+    from fedattn.systems.specfed.fidelity import measure, teacher_forced
+
+    workers = [held(family, "tiny-random"), held(family, "tiny-random-wide")]
+    vocab, sequence = workers[0].vocab, PROMPT + [70, 71, 72, 73, 74]
+    truths = [teacher_forced(worker.model, sequence, len(PROMPT), vocab, 1.0) for worker in workers]
+    q = teacher_forced(family["tiny-random-draft"].model, sequence, len(PROMPT), vocab, 1.0)
+    weights = [("tiny-random", 0.5), ("tiny-random-wide", 0.5)]
+    full = measure(truths, q, settings(weights, top_k=None), vocab)
+    assert full.aggregation_bias < 1e-5 and full.argmax_agreement == 1.0 and full.residual_mass < 1e-6
+    assert full.bytes_per_position == 2 * 4 * vocab
+    kept = measure(truths, q, settings(weights, top_k=8, reconstruct="renormalize"), vocab)
+    assert kept.bytes_per_position == 2 * 8 * (4 + 4)
+    assert 0.05 < kept.residual_mass and kept.aggregation_bias <= 2 * kept.residual_mass + 1e-5
+    assert kept.acceptance_bias <= kept.residual_mass + 1e-5
+    packed = measure(truths, q, settings(weights, top_k=8, encoding="packed"), vocab)
+    assert packed.bytes_per_position == 2 * (9 + 8 + 4)  # 8 ids of 9 bits (259 tokens), 8 one-byte codes, eps

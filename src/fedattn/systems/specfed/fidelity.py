@@ -29,6 +29,7 @@ class Fidelity:
     aggregation_bias: float
     residual_mass: float
     acceptance_bias: float | None
+    argmax_agreement: float  # positions whose argmax the rebuilt aggregate keeps: greedy output is unchanged at 1.0
     bytes_per_position: float  # every worker's record of one position (a frame's header is per round, not counted)
 
 
@@ -47,12 +48,13 @@ def measure(truths: list[torch.Tensor], q: torch.Tensor | None, config: SpecFedC
     weights = [worker.weight for worker in config.workers]
     layout = row_layout(config, vocab)
     truth = aggregate(truths, weights)
-    biases, residuals, acceptance, sizes = [], [], [], []
+    biases, residuals, acceptance, sizes, agreed = [], [], [], [], []
     for position in range(truth.shape[0]):
         rows = [compress(p[position], config) for p in truths]
         received = [frames.decode_rows(frames.encode_rows([row], layout), "worker", layout, 1)[0] for row in rows]
         rebuilt = aggregate([reconstruct(row, vocab, config.reconstruct) for row in received], weights)
         biases.append(l1(rebuilt, truth[position]))
+        agreed.append(int(torch.argmax(rebuilt)) == int(torch.argmax(truth[position])))
         residuals.append(sum(weight * row.residual for weight, row in zip(weights, rows)))
         if q is not None:
             acceptance.append(abs(overlap(rebuilt, q[position]) - overlap(truth[position], q[position])))
@@ -61,5 +63,6 @@ def measure(truths: list[torch.Tensor], q: torch.Tensor | None, config: SpecFedC
         aggregation_bias=fmean(biases),
         residual_mass=fmean(residuals),
         acceptance_bias=fmean(acceptance) if acceptance else None,
+        argmax_agreement=fmean(agreed),
         bytes_per_position=fmean(sizes),
     )
