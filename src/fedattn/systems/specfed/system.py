@@ -66,6 +66,7 @@ class SpecFedSystem:
     def describe(self, config: dict[str, Any], task_settings: dict[str, Any]) -> Description:
         workers = config["workers"]
         named = dict(task_settings) | {
+            "model": config["model"]["name"],
             "workers": ",".join(f"{worker['model']}:{worker['weight']:.3g}" for worker in workers),
             "draft": config["draft"],
             "gamma": config["gamma"],
