@@ -197,3 +197,13 @@ def option_words(options: Mapping[str, Any]) -> list[str]:
         elif value is not None and value is not False:
             words += [flag, str(value)]
     return words
+
+
+def add_timeout_option(parser: argparse.ArgumentParser) -> None:
+    """--timeout: how long a networked party waits on a peer without progress before naming it."""
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=60.0,
+        help="networked runs: seconds without progress from a party before giving up (default 60)",
+    )

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 from fedattn.argtypes import (
     OneLineParser,
+    add_timeout_option,
     device_name,
     library_type,
     naming_option,
     non_negative_float,
-    positive_float,
     positive_int,
     probability_mass,
     ratio,
@@ -194,12 +194,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--all-answers", action="store_true", help="also decode every collaborator's answer")
     parser.add_argument("--raw", action="store_true", help="no chat template: each party's text is tokenized as is")
-    parser.add_argument(
-        "--timeout",
-        type=positive_float,
-        default=60.0,
-        help="networked runs: seconds without progress from a party before giving up (default 60)",
-    )
+    add_timeout_option(parser)
 
 
 def _refuse_schedule_conflicts(args: argparse.Namespace) -> None:

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from fedattn.argtypes import (
+    add_timeout_option,
     device_name,
     float_where,
     non_negative_float,
     non_negative_int,
-    positive_float,
     positive_int,
     seed_number,
 )
@@ -173,12 +173,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--seed", type=seed_number, default=0, help="seed of the server's draws (sampling only)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    parser.add_argument(
-        "--timeout",
-        type=positive_float,
-        default=60.0,
-        help="networked: seconds to wait for a peer before naming it as failed (default 60)",
-    )
+    add_timeout_option(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> SpecFedConfig:
