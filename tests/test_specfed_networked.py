@@ -69,8 +69,12 @@ def test_a_worker_killed_mid_generation_is_named_within_the_bound(transport):
     assert "Traceback" not in finished.stderr
 
 
-def test_a_worker_of_another_tokenizer_is_refused_in_one_line(capsys):
-    """smollm2's tokenizer is not installable in tests; tiny-random's siblings share one, so the
-    refusal is checked in process (test_specfed) and here only that the CLI names a bad worker."""
-    assert main([*RUN[:1], "--worker", "no-such-model", "--draft", "lookup", "--prompt", "hi"]) == 2
-    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+@pytest.mark.parametrize("transport", ["inprocess", "torch"])
+def test_a_worker_of_another_tokenizer_is_refused_in_one_line(transport):
+    """tiny-random-renumbered's tokenizer has as many tokens as the others' but numbers them otherwise."""
+    words = ["specfed", "--worker", "tiny-random", "--worker", "tiny-random-renumbered", "--draft", "tiny-random-draft"]
+    finished = networked([*words, "--prompt", "hi", "--max-new-tokens", "4"], transport)
+    assert finished.returncode == 2, finished.stderr
+    message = finished.stderr.strip()
+    assert message.startswith("fedattn: error: worker2 (tiny-random-renumbered) has another tokenizer (259 tokens")
+    assert "SpecFed's workers and draft must share one" in message and len(message.splitlines()) == 1

@@ -208,10 +208,14 @@ def simulate(layout: RowLayout, prompt: list[int], drafts: list[int], workers: i
     server, *peers = [grid.endpoint(rank) for rank in range(workers + 1)]
     everyone = list(range(1, workers + 1))
     server.send(encode_server_hello(ServerHello(prompt, layout.vocab, TOKENIZER, SETTINGS)), everyone)
-    for peer in peers:
+    for peer in peers:  # a worker's hello goes to every other party
         decode_server_hello(peer.recv(0), "server")
-        peer.send(encode_worker_hello(WorkerHello(TOKENIZER, layout.vocab, layout.vocab + 7)), [0])
-        decode_worker_hello(server.recv(peer.rank), peer.name_of(peer.rank))
+        others = [rank for rank in range(workers + 1) if rank != peer.rank]
+        peer.send(encode_worker_hello(WorkerHello(TOKENIZER, layout.vocab, layout.vocab + 7)), others)
+    for receiver in [server, *peers]:
+        for peer in peers:
+            if peer is not receiver:
+                decode_worker_hello(receiver.recv(peer.rank), peer.name_of(peer.rank))
     kept = []
     for r, n in enumerate(drafts):
         server.send(encode_draft([(r + j) % layout.vocab for j in range(n)]), everyone)
@@ -240,7 +244,7 @@ def test_measured_traffic_equals_the_cost_model(layout: RowLayout, workers: int)
         assert (peer.stats.bytes_sent, peer.stats.bytes_received) == (cost.sent, cost.received)
     # by hand: hello, rounds of draft + verdict (broadcast once) and, per worker, rows
     downlink = 30 + 4 * len(prompt) + sum(8 + 4 * n + 13 for n in drafts)
-    assert expected.server.sent == downlink and expected.workers[0].received == downlink
+    assert expected.server.sent == downlink and expected.workers[0].received == downlink + 22 * (workers - 1)
 
 
 def test_full_distribution_baselines() -> None:

@@ -23,10 +23,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte (GPT-2's byte-to-unicode alphabet) plus Qwen's three special tokens."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+def build_tiny_tokenizer(renumbered: bool = False) -> PreTrainedTokenizerFast:
+    """One token per byte (GPT-2's byte-to-unicode alphabet) plus Qwen's three special tokens;
+    ``renumbered``: the bytes' ids in reverse order (as many tokens, other meanings)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), reverse=renumbered)
+    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -51,6 +52,7 @@ class TinyShape:
     blocks: int = 8
     hidden: int = 64
     padding_rows: int = 0
+    renumbered_tokenizer: bool = False  # a tokenizer of as many tokens that numbers them otherwise
 
 
 # tiny-random is FedAttn's test model; the others share its tokenizer (SpecFed's ensembles and drafts)
@@ -58,13 +60,14 @@ TINY_MODELS = {
     "tiny-random": TinyShape(),
     "tiny-random-wide": TinyShape(seed=1, blocks=4, hidden=96, padding_rows=13),
     "tiny-random-draft": TinyShape(seed=2, blocks=2, hidden=32),
+    "tiny-random-renumbered": TinyShape(seed=3, blocks=2, hidden=32, renumbered_tokenizer=True),
 }
 
 
 def build_tiny_model(shape: TinyShape = TinyShape()) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     """A tiny model and its tokenizer (``tiny-random``: 8 blocks, d = 64, 4 heads, 2 KV heads); same
     shape, same weights."""
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(shape.renumbered_tokenizer)
     config = Qwen2Config(
         vocab_size=len(tokenizer) + shape.padding_rows,
         hidden_size=shape.hidden,

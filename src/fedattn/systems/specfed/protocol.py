@@ -4,8 +4,9 @@ Both runners execute it through ``run``: the networked runner with its one party
 its transport when a step waits for a peer; the in-process runner with every party (the workers,
 then the server), each phase taken by every party that takes part before the next. That is exact
 without threads: each step waits only for what was sent in an earlier phase (the server's hello
-before the workers answer it; the drafts before the workers verify them; every worker's records
-before the server decides; the verdict before the workers apply it).
+before the workers answer it, to every party; the workers' hellos before anyone checks them; the
+drafts before the workers verify them; every worker's records before the server decides; the
+verdict before the workers apply it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def worker(party: Party) -> bool:
 HANDSHAKE: tuple[Phase[Party], ...] = (
     Phase("hello", "handshake", server, Server.send_hello),
     Phase("worker hellos", "handshake", worker, Worker.answer_hello),
+    Phase("workers' handshake", "handshake", worker, Worker.check_hellos),
     Phase("handshake", "handshake", server, Server.receive_hellos),
 )
 ROUND: tuple[Phase[Party], ...] = (

@@ -59,14 +59,13 @@ def bias_figures(measurement: Measurement | None) -> dict[str, float | None]:
 def party_cost(party: Party, config: SpecFedConfig) -> costs.PartyBytes:
     """The cost model's bytes for this party, from the rounds it saw: the server's trace holds every
     worker's kept counts, a worker's its own."""
-    layout = row_layout(config, party.vocab)
+    layout, workers = row_layout(config, party.vocab), len(config.workers)
     if isinstance(party, Server):
         drafts = [round_.drafts for round_ in party.rounds]
         kept = [round_.counts for round_ in party.rounds]
-        return costs.expected_bytes(layout, len(party.prompt), drafts, len(config.workers), kept).server
+        return costs.expected_bytes(layout, len(party.prompt), drafts, workers, kept).server
     drafts = [drafts for drafts, _ in party.rounds]
-    kept = [[counts] for _, counts in party.rounds]
-    return costs.expected_bytes(layout, party.prompt_length, drafts, 1, kept).workers[0]
+    return costs.worker_bytes(layout, party.prompt_length, drafts, workers, [counts for _, counts in party.rounds])
 
 
 def party_report(party: Party, config: SpecFedConfig, text: str | None) -> PartyReport:

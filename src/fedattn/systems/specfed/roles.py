@@ -70,17 +70,23 @@ def compress(p: torch.Tensor, config: SpecFedConfig) -> SparseRow:
     return top_k(p, k)
 
 
-def check_tokenizer(
-    name: str, config: SpecFedConfig, rank: int, worker: tuple[int, bytes], server: tuple[int, bytes]
+def receive_worker_hello(transport: Transport, worker: int) -> frames.WorkerHello:
+    return frames.decode_worker_hello(transport.recv(worker, "its hello"), transport.name_of(worker))
+
+
+def check_tokenizers(
+    transport: Transport, config: SpecFedConfig, hellos: list[frames.WorkerHello], server: tuple[int, bytes]
 ) -> None:
-    """Refuse a worker whose tokenizer (real vocabulary size, fingerprint) is not the server's: ids and
-    distributions over them would mean other texts. Worker and server word it alike, so a networked
-    run that every party refuses ends with this one line."""
-    if worker != server:
-        raise FedAttnError(
-            f"{name} ({config.workers[rank].model}) has another tokenizer ({worker[0]} tokens, {worker[1].hex()}) "
-            f"than the server's ({server[0]} tokens, {server[1].hex()}): SpecFed's workers and draft must share one"
-        )
+    """Refuse the first worker (by rank) whose tokenizer (real vocabulary size, fingerprint) is not the
+    server's: ids and distributions over them would mean other texts. Every party checks every
+    worker in the same order and words it alike, so a networked run ends with this one line."""
+    for rank, hello in enumerate(hellos):
+        if (hello.vocab, hello.tokenizer) != server:
+            raise FedAttnError(
+                f"{transport.name_of(rank)} ({config.workers[rank].model}) has another tokenizer ({hello.vocab} "
+                f"tokens, {hello.tokenizer.hex()}) than the server's ({server[0]} tokens, {server[1].hex()}): "
+                "SpecFed's workers and draft must share one"
+            )
 
 
 class Party:
@@ -121,6 +127,7 @@ class Worker(Party):
         self.vocab = vocab
         self.tokenizer = tokenizer
         self.rows_in_model = model.get_output_embeddings().weight.shape[0]
+        self.server_tokenizer: tuple[int, bytes] = (0, b"")  # the server's (vocabulary, fingerprint), from its hello
         self.sequence: list[int] = []
         self.prompt_length = 0
         self.drafts: list[int] = []
@@ -129,15 +136,28 @@ class Worker(Party):
         self.last_rows: list[SparseRow] = []
 
     def answer_hello(self) -> None:
-        """Receive the prompt and the run's terms; refuse another tokenizer or other settings; say ours."""
+        """Receive the prompt and the run's terms; refuse other settings; say ours to every party
+        (the other workers check it too, so that all refuse a foreign tokenizer alike)."""
         hello = frames.decode_server_hello(self.transport.recv(self.server, "the server's hello"), SERVER_NAME)
         own = frames.WorkerHello(self.tokenizer, self.vocab, self.rows_in_model)
-        self.transport.send(frames.encode_worker_hello(own), [self.server])
-        check_tokenizer(self.name, self.config, self.rank, (self.vocab, self.tokenizer), (hello.vocab, hello.tokenizer))
+        self.transport.send(
+            frames.encode_worker_hello(own), [rank for rank in range(self.server + 1) if rank != self.rank]
+        )
         if hello.settings != self.config.fingerprint():
             raise FedAttnError(f"{self.name} refuses the run: the server's settings are not this worker's")
+        self.server_tokenizer = (hello.vocab, hello.tokenizer)
         self.sequence = list(hello.prompt)
         self.prompt_length = len(hello.prompt)
+
+    def check_hellos(self) -> None:
+        """Every worker's tokenizer against the server's, in rank order, as the server checks them."""
+        hellos = {self.rank: frames.WorkerHello(self.tokenizer, self.vocab, self.rows_in_model)}
+        for worker in range(self.server):
+            if worker != self.rank:
+                hellos[worker] = receive_worker_hello(self.transport, worker)
+        check_tokenizers(
+            self.transport, self.config, [hellos[worker] for worker in range(self.server)], self.server_tokenizer
+        )
 
     def verify(self) -> None:
         """One forward pass over the drafts; the top-K of each of their gamma + 1 distributions, up."""
@@ -214,11 +234,9 @@ class Server(Party):
 
     def receive_hellos(self) -> None:
         """Every worker's tokenizer must be the server's (embedding rows may differ: padding)."""
-        for worker in self.workers:
-            name = self.transport.name_of(worker)
-            hello = frames.decode_worker_hello(self.transport.recv(worker, "its hello"), name)
-            check_tokenizer(name, self.config, worker, (hello.vocab, hello.tokenizer), (self.vocab, self.tokenizer))
-            self.worker_rows.append(hello.rows)
+        hellos = [receive_worker_hello(self.transport, worker) for worker in self.workers]
+        check_tokenizers(self.transport, self.config, hellos, (self.vocab, self.tokenizer))
+        self.worker_rows = [hello.rows for hello in hellos]
 
     def draft(self) -> None:
         """Up to gamma drafts, never more than the answer still has room for after the round's own token."""
