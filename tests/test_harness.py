@@ -119,6 +119,7 @@ def test_eval_system_picks_the_options_its_parser_holds(echo, tmp_path, capsys):
     capsys.readouterr()
 
     assert parse_words(["eval", "crossfacts", "--system=echo", "--oracle", "--out", str(out)]).oracle is True
+    assert parse_words(["eval", "crossfacts", "--sys", "echo", "--oracle", "--out", str(out)]).oracle is True
     assert main(["eval", "gsm8k", "--system", "echo", "--model", "tiny-random", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == "fedattn: error: unrecognized arguments: --model tiny-random"
 

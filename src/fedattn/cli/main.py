@@ -126,18 +126,22 @@ def parse_words(words: list[str]) -> argparse.Namespace:
 
 
 def _evaluated_system(words: list[str]) -> str:
-    """The system an ``eval`` command names (``--system NAME`` or ``--system=NAME``, the last one
-    as argparse reads it), whose options its parser must hold; else the default system."""
+    """The system an ``eval`` command names (``--system NAME`` or ``--system=NAME``, abbreviated as
+    argparse allows, the last one as argparse reads it), whose options its parser must hold; else
+    the default system."""
     system = DEFAULT_SYSTEM
     if words[:1] != ["eval"]:
         return system
     for word, following in zip(words, [*words[1:], None]):
         if word == "--":
             break
-        if word == "--system" and following is not None:
+        flag, equals, value = word.partition("=")
+        if not (flag.startswith("--sys") and "--system".startswith(flag)):
+            continue
+        if equals:
+            system = value
+        elif following is not None:
             system = following
-        elif word.startswith("--system="):
-            system = word.removeprefix("--system=")
     return system
 
 
