@@ -177,3 +177,18 @@ def test_fidelity_measures_the_real_path_against_the_spec(family):
     assert kept.acceptance_bias <= kept.residual_mass + 1e-5
     packed = measure(truths, q, settings(weights, top_k=8, encoding="packed"), vocab)
     assert packed.bytes_per_position == 2 * (9 + 8 + 4)  # 8 ids of 9 bits (259 tokens), 8 one-byte codes, eps
+
+
+@pytest.mark.parametrize("reconstruct", ["renormalize", "redistribute"])
+def test_greedy_speculation_never_changes_the_compressed_ensembles_tokens(family, reconstruct):
+    """Greedy rounds decode argmax of the rebuilt aggregate whatever the drafts: gamma 4 with either
+    draft gives gamma 0's tokens at the same K."""
+    weights = [("tiny-random", 0.6), ("tiny-random-wide", 0.4)]
+    workers = [held(family, "tiny-random"), held(family, "tiny-random-wide")]
+    vocab = workers[0].vocab
+    plain = run_in_process(
+        workers, LookupDraft(vocab), PROMPT, settings(weights, gamma=0, top_k=8, reconstruct=reconstruct)
+    )
+    for drafter in (ModelDraft(family["tiny-random-draft"].model, vocab, 0.0), LookupDraft(vocab)):
+        config = settings(weights, gamma=4, top_k=8, reconstruct=reconstruct)
+        assert run_in_process(workers, drafter, PROMPT, config).answer_token_ids == plain.answer_token_ids
