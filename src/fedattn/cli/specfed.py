@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedattn.argtypes import option_words, output_file, text_or_file
+from fedattn.argtypes import output_file, text_or_file
 from fedattn.cli.meeting import add_meeting_options, meeting_from_args, report_path
 from fedattn.errors import FedAttnError
 from fedattn.report.schema import RunReport
@@ -70,11 +70,11 @@ def _networked(args: argparse.Namespace, config: specfed_config.SpecFedConfig) -
 
 def party_words(args: argparse.Namespace) -> list[str]:
     """The options every party must be given alike, as words for the launcher's children."""
-    options = {name: getattr(args, name) for name in specfed_config.SHARED_OPTIONS}
-    words = option_words({key: value for key, value in options.items() if key != "workers"})
+    names = [name for name in specfed_config.SHARED_OPTIONS if name != "workers"]
+    words = specfed_config.option_words_of(args, names)
     for worker in args.workers:
         words += ["--worker", f"{worker.model}:{worker.weight!r}"]
-    return words + (["--top-k", "all"] if args.top_k is None else [])
+    return words
 
 
 def run_party(args: argparse.Namespace) -> int:

@@ -11,12 +11,15 @@ import sys
 import time
 
 from fedattn.errors import FedAttnError
-from fedattn.network.meeting import FederationRun, Rendezvous, flush_before_failing, links
+from fedattn.network.meeting import FederationRun, NetworkTransport, Rendezvous, flush_before_failing, links
+from fedattn.network.transport import Transport
 from fedattn.report.schema import RunReport
-from fedattn.runtime.decoding import stop_rule
+from fedattn.runtime.decoding import StopRule, stop_rule
+from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import real_vocabulary, tokenizer_fingerprint
 from fedattn.systems.specfed import frames, protocol, reporting
 from fedattn.systems.specfed.config import SpecFedConfig
+from fedattn.systems.specfed.drafts import Drafter
 from fedattn.systems.specfed.query import SpecFedSetup, chat_prompt, server_model_name
 from fedattn.systems.specfed.roles import Party, Server, Worker, party_names, row_layout
 
@@ -51,42 +54,66 @@ def run_party(setup: SpecFedSetup, meeting: Rendezvous | FederationRun, prompt_t
     if is_server == (prompt_text is None):
         raise FedAttnError("the server (the last rank) takes --prompt; a worker takes none")
     loaded = setup.models[own_models(config, meeting.rank)[0]]
-    vocab, tokenizer = real_vocabulary(loaded.tokenizer), tokenizer_fingerprint(loaded.tokenizer)
-    prompt = chat_prompt(setup, prompt_text) if is_server else []
+    prompt = chat_prompt(setup, prompt_text) if is_server else None
     stop = stop_rule(loaded.tokenizer, loaded.model)
-    limit = max_frame_bytes(config, vocab, loaded.model.config.max_position_embeddings)
+    limit = max_frame_bytes(config, real_vocabulary(loaded.tokenizer), loaded.model.config.max_position_embeddings)
     party: Party | None = None
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     try:
         with links(meeting, names, limit) as (transport, label):
-            if is_server:
-                party = Server(meeting.rank, transport, config, prompt, setup.drafter(), vocab, tokenizer, stop)
-            else:
-                party = Worker(meeting.rank, transport, config, loaded.model, vocab, tokenizer)
-            try:
-                seconds = protocol.run([party])
-                transport.flush()
-            except FedAttnError:
-                if not _answered(party):
-                    flush_before_failing(transport)
-                raise
+            drafter = setup.drafter() if is_server else None
+            party = own_party(meeting.rank, transport, config, loaded, prompt, drafter, stop)
+            seconds = take_part(party, transport)
     except FedAttnError as failure:
-        if not _answered(party):
+        if not answered(party):
             raise
         print(f"fedattn: warning: {failure}; the answer was complete before, so it stands", file=sys.stderr)
+    return own_report(party, setup.model_json(), loaded, stop, label, time.perf_counter() - start, seconds)
+
+
+def own_party(
+    rank: int,
+    transport: Transport,
+    config: SpecFedConfig,
+    loaded: LoadedModel,
+    prompt: list[int] | None,
+    drafter: Drafter | None,
+    stop: StopRule,
+) -> Party:
+    """This process's party: the server (with the prompt and a drafter) or a worker of ``loaded``'s model."""
+    vocab, tokenizer = real_vocabulary(loaded.tokenizer), tokenizer_fingerprint(loaded.tokenizer)
+    if prompt is not None and drafter is not None:
+        return Server(rank, transport, config, prompt, drafter, vocab, tokenizer, stop)
+    return Worker(rank, transport, config, loaded.model, vocab, tokenizer)
+
+
+def take_part(party: Party, transport: NetworkTransport) -> dict[str, float]:
+    """This one party's whole protocol over its joined transport, and what it sent delivered;
+    seconds per stage. A party that fails before the answer is complete first lets what it sent
+    reach the others, so that they fail for the real reason."""
+    try:
+        seconds = protocol.run([party])
+        transport.flush()
+        return seconds
+    except FedAttnError:
+        if not answered(party):
+            flush_before_failing(transport)
+        raise
+
+
+def own_report(
+    party: Party, model: dict, loaded: LoadedModel, stop: StopRule, label: str, wall_s: float, seconds: dict
+) -> RunReport:
+    """The report of this party alone (the server's with the answer's text)."""
+    is_server = isinstance(party, Server)
     text = stop.trim(loaded.tokenizer.decode(party.answer, skip_special_tokens=True)).strip() if is_server else None
-    report = reporting.run_report(
-        [party],
-        config,
-        setup.model_json(),
-        text,
-        label,
-        {"wall_s": time.perf_counter() - start, **protocol.stage_times(seconds)},
-    )
-    report.parties[0].link_bytes_sent = transport.link_bytes_sent
+    timing = {"wall_s": wall_s, **protocol.stage_times(seconds)}
+    report = reporting.run_report([party], party.config, model, text, label, timing)
+    report.parties[0].link_bytes_sent = party.transport.link_bytes_sent
     return report
 
 
-def _answered(party: Party | None) -> bool:
+def answered(party: Party | None) -> bool:
+    """The server has its whole answer: a peer lost after that cannot change it."""
     return isinstance(party, Server) and party.done

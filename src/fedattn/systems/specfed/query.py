@@ -48,12 +48,7 @@ class SpecFedSetup:
         return [held(self.models[worker.model]) for worker in self.config.workers]
 
     def drafter(self) -> Drafter:
-        """A fresh drafter (its cache is one query's)."""
-        server = self.server_model
-        vocab = real_vocabulary(server.tokenizer)
-        if self.config.draft == LOOKUP_DRAFT:
-            return LookupDraft(vocab)
-        return ModelDraft(server.model, vocab, self.config.temperature)
+        return new_drafter(self.config, self.server_model)
 
     def model_json(self) -> dict:
         """The models as a report names them: each worker's (with its weight) and the draft's."""
@@ -68,6 +63,14 @@ class SpecFedSetup:
         """A loaded model's identity (a networked party loads only its own model; prompt lookup has none)."""
         loaded = self.models.get(name)
         return None if loaded is None else loaded.identity
+
+
+def new_drafter(config: SpecFedConfig, server: LoadedModel) -> Drafter:
+    """A fresh drafter (its cache is one query's): the server's model, or prompt lookup over its vocabulary."""
+    vocab = real_vocabulary(server.tokenizer)
+    if config.draft == LOOKUP_DRAFT:
+        return LookupDraft(vocab)
+    return ModelDraft(server.model, vocab, config.temperature)
 
 
 def server_model_name(config: SpecFedConfig) -> str:
@@ -109,9 +112,14 @@ def answer(setup: SpecFedSetup, prompt: list[int], stop_texts: tuple[str, ...]) 
 
 def chat_prompt(setup: SpecFedSetup, text: str) -> list[int]:
     """The server's prompt: the model's chat template around ``text`` (as is with ``raw``)."""
+    return checked(setup, template_prompt(setup.server_model, text, setup.raw))
+
+
+def template_prompt(server: LoadedModel, text: str, raw: bool) -> list[int]:
+    """``text`` in the server's chat template (as is with ``raw``), not yet checked against any model's positions."""
     if not text.strip():
         raise FedAttnError("the prompt is empty")
-    return checked(setup, build_segments(setup.server_model.tokenizer, [], text, None, setup.raw)[0])
+    return build_segments(server.tokenizer, [], text, None, raw)[0]
 
 
 def plain_prompt(setup: SpecFedSetup, text: str) -> list[int]:

@@ -79,13 +79,15 @@ def check_tokenizers(
 ) -> None:
     """Refuse the first worker (by rank) whose tokenizer (real vocabulary size, fingerprint) is not the
     server's: ids and distributions over them would mean other texts. Every party checks every
-    worker in the same order and words it alike, so a networked run ends with this one line."""
+    worker in the same order and words it alike, so a networked run ends with this one line (a
+    service knows only its own model: there a worker is named without it)."""
     for rank, hello in enumerate(hellos):
         if (hello.vocab, hello.tokenizer) != server:
+            model = config.workers[rank].model
+            who = transport.name_of(rank) if model is None else f"{transport.name_of(rank)} ({model})"
             raise FedAttnError(
-                f"{transport.name_of(rank)} ({config.workers[rank].model}) has another tokenizer ({hello.vocab} "
-                f"tokens, {hello.tokenizer.hex()}) than the server's ({server[0]} tokens, {server[1].hex()}): "
-                "SpecFed's workers and draft must share one"
+                f"{who} has another tokenizer ({hello.vocab} tokens, {hello.tokenizer.hex()}) than the "
+                f"server's ({server[0]} tokens, {server[1].hex()}): SpecFed's workers and draft must share one"
             )
 
 
