@@ -20,8 +20,9 @@ from fedattn.systems import DEFAULT_SYSTEM
 
 
 def build_parser(system: str = DEFAULT_SYSTEM) -> argparse.ArgumentParser:
-    """The whole command line; ``fedattn eval TASK`` holds the options of ``system`` (two systems'
-    options may clash, so one parser holds one system's: ``parse_words`` picks it)."""
+    """The whole command line; ``fedattn eval TASK``, ``serve`` and ``ask`` hold the options of
+    ``system`` (two systems' options may clash, so one parser holds one system's: ``parse_words``
+    picks it)."""
     parser = OneLineParser(
         prog="fedattn", description="Federated Attention: answer one question with one LLM over private prompt pieces."
     )
@@ -86,10 +87,12 @@ def build_parser(system: str = DEFAULT_SYSTEM) -> argparse.ArgumentParser:
     from fedattn.cli import service
 
     service.add_serve_arguments(
-        commands.add_parser("serve", help="a party that stays up: its model loaded, query after query (gRPC, mTLS)")
+        commands.add_parser("serve", help="a party that stays up: its model loaded, query after query (gRPC, mTLS)"),
+        system,
     )
     service.add_ask_arguments(
-        commands.add_parser("ask", help="ask your own party's service to run one query; prints it as run does")
+        commands.add_parser("ask", help="ask your own party's service to run one query; prints it as run does"),
+        system,
     )
 
     commands.add_parser("models", help="list known, installed and cached models")
@@ -122,15 +125,18 @@ def _evaluation(name: str):
 
 def parse_words(words: list[str]) -> argparse.Namespace:
     """A command line, parsed (the sweep parses each of its points with this before running any)."""
-    return build_parser(_evaluated_system(words)).parse_args(words)
+    return build_parser(_named_system(words)).parse_args(words)
 
 
-def _evaluated_system(words: list[str]) -> str:
-    """The system an ``eval`` command names (``--system NAME`` or ``--system=NAME``, abbreviated as
-    argparse allows, the last one as argparse reads it), whose options its parser must hold; else
-    the default system."""
+SYSTEM_COMMANDS = ("eval", "serve", "ask")  # commands whose options are their --system's
+
+
+def _named_system(words: list[str]) -> str:
+    """The system a command of ``SYSTEM_COMMANDS`` names (``--system NAME`` or ``--system=NAME``,
+    abbreviated as argparse allows, the last one as argparse reads it), whose options its parser
+    must hold; else the default system."""
     system = DEFAULT_SYSTEM
-    if words[:1] != ["eval"]:
+    if not words or words[0] not in SYSTEM_COMMANDS:
         return system
     for word, following in zip(words, [*words[1:], None]):
         if word == "--":

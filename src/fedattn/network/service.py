@@ -44,6 +44,7 @@ from fedattn.network.grpc_node import CALLER_OPTIONS, SERVICE, GrpcNode, Refusal
 from fedattn.network.grpc_transport import GrpcTransport
 from fedattn.network.peers import PeerFailure
 
+SERVICE_TRANSPORT = "gRPC service (mutual TLS)"  # how a service's query reports its transport
 CONTROL_LIMIT = 1 << 20  # bytes of a control body (an Ask carries the question)
 CONTROL_DEADLINE_S = 10.0  # Start, Go, Cancel
 RECONNECT_S = 3.0  # a Start waits this long for an unreachable peer's channel to reconnect

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from fedattn.errors import FedAttnError, ProtocolError
 from fedattn.network.grpc_transport import GrpcTransport
 from fedattn.network.kv_codec import CODECS
-from fedattn.network.service import Plan, Query
+from fedattn.network.service import SERVICE_TRANSPORT, Plan, Query
 from fedattn.report.schema import RunReport, merge
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.decoding import stop_rule
@@ -29,7 +29,6 @@ from fedattn.systems.fedattn.networked import max_frame_bytes, party_segment, ru
 from fedattn.systems.fedattn.party import Participant
 from fedattn.systems.fedattn.reporting import SYSTEM, rank_report
 
-TRANSPORT = "gRPC service (mutual TLS)"
 PRIVATE_INPUT = {"question", "publisher_context"}  # what the starter's Ask carries for its own party
 
 
@@ -76,7 +75,7 @@ class FedAttnHandler:
         start = time.perf_counter()
         run_alone(party)
         transport.flush()
-        report = rank_report(loaded, party, TRANSPORT, transport.link_bytes_sent, time.perf_counter() - start)
+        report = rank_report(loaded, party, SERVICE_TRANSPORT, transport.link_bytes_sent, time.perf_counter() - start)
         if not party.is_publisher:
             report.answer, report.answer_token_ids = None, []
             report.parties[0].answer, report.parties[0].answer_token_ids = None, None

@@ -53,6 +53,21 @@ SHARED_OPTIONS = (
     "timeout",
     "raw",
 )
+# a service query's option words (``add_query_options``): every party reads them
+QUERY_OPTIONS = (
+    "weights",
+    "draft",
+    "raw",
+    "gamma",
+    "top_k",
+    "adaptive_eps",
+    "reconstruct",
+    "encoding",
+    "temperature",
+    "seed",
+    "max_new_tokens",
+    "timeout",
+)
 DEFAULT_GAMMA = 4
 DEFAULT_TOP_K = 64
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fedattn.argtypes import text_or_file
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
@@ -19,6 +20,7 @@ from fedattn.runtime.devices import resolve_device
 from fedattn.systems.base import Description
 from fedattn.systems.specfed import config as specfed_config
 from fedattn.systems.specfed.query import SpecFedSetup, answer, chat_prompt, load_setup, plain_prompt
+from fedattn.systems.specfed.service import SpecFedHandler
 
 DOCUMENT_SEPARATOR = "\n\n"
 
@@ -49,16 +51,27 @@ class SpecFedSystem:
         return run_party(setup, rendezvous, question)
 
     def add_serve_options(self, parser: argparse.ArgumentParser) -> None:
-        raise FedAttnError("SpecFed has no service yet: run it with `fedattn specfed --transport torch|grpc`")
+        specfed_config.add_serve_options(parser)
 
-    def serve_handler(self, args: argparse.Namespace, context: str | None):
-        raise FedAttnError("SpecFed has no service yet: run it with `fedattn specfed --transport torch|grpc`")
+    def serve_handler(self, args: argparse.Namespace, context: str | None) -> SpecFedHandler:
+        if context is not None:
+            raise FedAttnError("a SpecFed party serves its model, not a document: --context is FedAttn's")
+        loaded = specfed_config.load_models([args.model], resolve_device(args.device), args.dtype, progress=False)
+        return SpecFedHandler(loaded[args.model])
 
     def add_ask_options(self, parser: argparse.ArgumentParser) -> None:
-        raise FedAttnError("SpecFed has no service yet: run it with `fedattn specfed --transport torch|grpc`")
+        parser.add_argument(
+            "--prompt",
+            required=True,
+            type=text_or_file,
+            metavar="TEXT|@FILE",
+            help="the asker's prompt (private: it goes to its own service only, which is the server)",
+        )
+        specfed_config.add_query_options(parser)
+        parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
 
     def ask_input(self, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-        raise FedAttnError("SpecFed has no service yet: run it with `fedattn specfed --transport torch|grpc`")
+        return specfed_config.option_words_of(args, specfed_config.QUERY_OPTIONS), {"prompt": args.prompt}
 
     def config_json(self, setup: SpecFedSetup) -> dict[str, Any]:
         return {"model": setup.model_json(), "dtype": setup.dtype, **setup.config.to_json()}
