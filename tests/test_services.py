@@ -59,7 +59,11 @@ def federation(tmp_path):
 
 
 def serve(stack: ExitStack, roster, name: str, loaded, context: str | None, dtype: str = "float32") -> Service:
-    handler = FedAttnHandler(loaded, dtype, context)
+    return serve_handler(stack, roster, name, FedAttnHandler(loaded, dtype, context))
+
+
+def serve_handler(stack: ExitStack, roster, name: str, handler) -> Service:
+    """``name``'s service of ``handler`` (any system's), closed with ``stack``."""
     stack.callback(handler.close)  # closed after the service, in reverse order of starting
     service = Service(roster, name, roster.credentials(name), handler)
     stack.callback(service.close)

@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import subprocess
+import sys
 from contextlib import ExitStack
 
 import grpc
 import pytest
-from test_services import raw, refused
+from test_services import cli, raw, refused, serve_handler, wait_listening
 
-from fedattn.cli.main import main
 from fedattn.network.federation import free_loopback_addresses, init_federation
-from fedattn.network.service import Service
 from fedattn.runtime.models import load_model
 from fedattn.systems.specfed import config as specfed_config
 from fedattn.systems.specfed.service import SpecFedHandler
@@ -44,28 +45,15 @@ def federation(tmp_path):
     return init_federation(tmp_path / "federation", NAMES, free_loopback_addresses(3), ["server"])
 
 
-def serve(stack: ExitStack, roster, name: str, handler: SpecFedHandler) -> Service:
-    stack.callback(handler.close)
-    service = Service(roster, name, roster.credentials(name), handler)
-    stack.callback(service.close)
-    return service
-
-
 @pytest.fixture
 def services(federation, family):
     with ExitStack() as stack:
-        yield {name: serve(stack, federation, name, SpecFedHandler(family[name])) for name in NAMES}
+        yield {name: serve_handler(stack, federation, name, SpecFedHandler(family[name])) for name in NAMES}
 
 
-def cli(words: list[str], capsys) -> tuple[int, str, str]:
-    code = main(words)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def reference(options: list[str], capsys, prompt: str = PROMPT) -> dict:
+def reference(options: list[str], capsys, prompt: str = PROMPT, draft: str = "tiny-random-draft") -> dict:
     """The same query with every party in one process (``fedattn specfed``)."""
-    workers = ["--worker", "tiny-random:0.6", "--worker", "tiny-random-wide:0.4", "--draft", "tiny-random-draft"]
+    workers = ["--worker", "tiny-random:0.6", "--worker", "tiny-random-wide:0.4", "--draft", draft]
     code, out, err = cli(["specfed", *workers, "--prompt", prompt, *options, *COMMON, "--json"], capsys)
     assert code == 0, err
     return json.loads(out)
@@ -119,6 +107,17 @@ def test_ask_gives_the_in_process_run(services, federation, capsys, caplog, run)
     assert MARK not in caplog.text + err
 
 
+def test_prompt_lookup_drafts_as_in_process(services, federation, capsys):
+    """Under --draft lookup the asker's model only tokenizes; in process the first worker's does (one tokenizer)."""
+    options = ["--gamma", "3", "--top-k", "all"]
+    expected = reference(options, capsys, draft="lookup")
+    code, out, err = cli([*ask_words(federation, [*options, "--draft", "lookup"]), "--json"], capsys)
+    assert code == 0, err
+    served = json.loads(out)
+    assert_same_run(served, expected)
+    assert served["model"]["draft"] == expected["model"]["draft"] == {"name": "lookup", "identity": None}
+
+
 def test_two_queries_in_a_row_reuse_the_loaded_models(federation, family, capsys, monkeypatch):
     """Handlers made as ``fedattn serve --system specfed`` makes them: one load per service, none per query."""
     loads: list[str] = []
@@ -133,7 +132,7 @@ def test_two_queries_in_a_row_reuse_the_loaded_models(federation, family, capsys
     with ExitStack() as stack:
         for name in NAMES:
             args = argparse.Namespace(model=MODELS[name], device="cpu", dtype="float32")
-            serve(stack, federation, name, SYSTEM.serve_handler(args, None))
+            serve_handler(stack, federation, name, SYSTEM.serve_handler(args, None))
         assert loads == list(MODELS.values())
         for run, prompt, reference_run in zip(RUNS, prompts, expected):
             code, out, err = cli([*ask_words(federation, RUNS[run], prompt), "--json"], capsys)
@@ -188,3 +187,28 @@ def test_ask_without_a_prompt_and_serve_with_a_document_are_refused(federation, 
     )
     code, out, err = cli(["serve", "--system", "nope", "--roster", roster, "--name", "w1"], capsys)
     assert (code, err) == (2, "fedattn: error: unknown system 'nope'; choose one of fedattn, specfed\n")
+
+
+def test_fedattn_serve_system_specfed_serves_the_askers_queries(federation, family, tmp_path, capsys):
+    """The asker's service as ``fedattn serve --system specfed`` (a process; its model is the draft)."""
+    expected = reference(RUNS["greedy-adaptive"], capsys)
+    roster = str(federation.folder / "roster.toml")
+    words = ["serve", "--system", "specfed", "--roster", roster, "--name", "server", "--model", "tiny-random-draft"]
+    log = tmp_path / "server.log"
+    with ExitStack() as stack, log.open("w") as stderr:
+        for name in NAMES[:-1]:
+            serve_handler(stack, federation, name, SpecFedHandler(family[name]))
+        process = subprocess.Popen([sys.executable, "-m", "fedattn.cli", *words], stderr=stderr)
+        stack.callback(process.kill)
+        wait_listening(federation.entry("server").address, process)
+        code, out, err = cli([*ask_words(federation, RUNS["greedy-adaptive"]), "--json"], capsys)
+        assert code == 0, err
+        assert_same_run(json.loads(out), expected)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    lines = log.read_text().splitlines()
+    address = federation.entry("server").address
+    assert lines[0] == f"fedattn serve server: serving specfed at {address}"
+    assert [line for line in lines if line.startswith("fedattn serve server: query ")] == lines[1:2]
+    assert lines[1].endswith("; answered") and lines[-1] == "fedattn serve server: stopped"
+    assert MARK not in log.read_text()

@@ -37,37 +37,22 @@ LOOKUP_DRAFT = "lookup"  # prompt lookup: drafts copied from an earlier occurren
 MODEL_DRAFT = "model"  # a draft model (the server's own)
 RECONSTRUCTIONS = ("renormalize", "redistribute")
 ENCODINGS = ("f32", "f16", "packed")
+# the options ``add_run_options`` declares: how a round is drafted, sent, rebuilt and accepted, and when it ends
+RUN_OPTIONS = (
+    "gamma",
+    "top_k",
+    "adaptive_eps",
+    "reconstruct",
+    "encoding",
+    "temperature",
+    "seed",
+    "max_new_tokens",
+    "timeout",
+)
 # what every party of a networked run is given alike (the launcher passes them on; the device is each party's)
-SHARED_OPTIONS = (
-    "workers",
-    "draft",
-    "dtype",
-    "gamma",
-    "top_k",
-    "adaptive_eps",
-    "reconstruct",
-    "encoding",
-    "temperature",
-    "seed",
-    "max_new_tokens",
-    "timeout",
-    "raw",
-)
+SHARED_OPTIONS = ("workers", "draft", "dtype", *RUN_OPTIONS, "raw")
 # a service query's option words (``add_query_options``): every party reads them
-QUERY_OPTIONS = (
-    "weights",
-    "draft",
-    "raw",
-    "gamma",
-    "top_k",
-    "adaptive_eps",
-    "reconstruct",
-    "encoding",
-    "temperature",
-    "seed",
-    "max_new_tokens",
-    "timeout",
-)
+QUERY_OPTIONS = ("weights", "draft", "raw", *RUN_OPTIONS)
 DEFAULT_GAMMA = 4
 DEFAULT_TOP_K = 64
 
