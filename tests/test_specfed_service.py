@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from test_services import cli, raw, refused, serve_handler, wait_listening
 from fedattn.network.federation import free_loopback_addresses, init_federation
 from fedattn.runtime.models import load_model
 from fedattn.systems.specfed import config as specfed_config
+from fedattn.systems.specfed.config import SpecFedConfig, WorkerSpec
 from fedattn.systems.specfed.service import SpecFedHandler
 from fedattn.systems.specfed.system import SYSTEM
 
@@ -212,3 +214,38 @@ def test_fedattn_serve_system_specfed_serves_the_askers_queries(federation, fami
     assert [line for line in lines if line.startswith("fedattn serve server: query ")] == lines[1:2]
     assert lines[1].endswith("; answered") and lines[-1] == "fedattn serve server: stopped"
     assert MARK not in log.read_text()
+
+
+def test_the_handshake_fingerprint_covers_what_all_must_agree_on_not_whose_models():
+    """A service's server knows no worker's model and a worker not the draft: the same settings as
+    each party sees them give one fingerprint; each setting all must agree on changes it."""
+    base = SpecFedConfig(
+        (WorkerSpec("tiny-random", 0.6), WorkerSpec("tiny-random-wide", 0.4)),
+        "tiny-random-draft",
+        4,
+        64,
+        None,
+        "redistribute",
+        "f32",
+        0.0,
+        0,
+        10,
+    )
+    as_seen = [
+        replace(base, workers=(WorkerSpec(None, 0.6), WorkerSpec(None, 0.4))),  # the server's service
+        replace(base, workers=(WorkerSpec("other", 0.6), WorkerSpec(None, 0.4)), draft=None),  # a worker's
+    ]
+    assert {config.fingerprint() for config in as_seen} == {base.fingerprint()}
+    changed = [
+        replace(base, workers=(WorkerSpec("tiny-random", 0.4), WorkerSpec("tiny-random-wide", 0.6))),
+        replace(base, draft="lookup"),
+        replace(base, gamma=3),
+        replace(base, top_k=None),
+        replace(base, adaptive_eps=0.1),
+        replace(base, reconstruct="renormalize"),
+        replace(base, encoding="packed"),
+        replace(base, temperature=0.5),
+        replace(base, seed=1),
+        replace(base, max_new_tokens=11),
+    ]
+    assert len({config.fingerprint() for config in [base, *changed]}) == len(changed) + 1
