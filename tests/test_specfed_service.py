@@ -143,6 +143,22 @@ def test_two_queries_in_a_row_reuse_the_loaded_models(federation, family, capsys
     assert loads == list(MODELS.values())
 
 
+def test_a_worker_of_another_tokenizer_is_refused_in_one_line_and_all_keep_serving(federation, family, capsys):
+    """w2 serves tiny-random-renumbered (as many tokens, numbered otherwise): the handshake refuses it
+    (the asker knows no worker's model, so it names the party), twice, with every service still up."""
+    foreign = load_model("tiny-random-renumbered", progress=False)
+    with ExitStack() as stack:
+        for name in NAMES:
+            loaded = foreign if name == "w2" else family[name]
+            serve_handler(stack, federation, name, SpecFedHandler(loaded))
+        for _ in range(2):
+            code, out, err = cli(ask_words(federation, RUNS["greedy-adaptive"]), capsys)
+            assert (code, out) == (2, "")
+            assert err.startswith("fedattn: error: w2 has another tokenizer (259 tokens, ")
+            assert err.endswith("SpecFed's workers and draft must share one\n") and err.count("\n") == 1
+            assert MARK not in err
+
+
 def test_bad_options_are_refused_in_one_line(services, federation, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="fedattn.network"):
         code, out, err = cli(ask_words(federation, ["--weights", "1,2,3"]), capsys)
