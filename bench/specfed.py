@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +317,105 @@ def bench(args: argparse.Namespace) -> dict:
     return results
 
 
+NAMESPACE_PROFILES = ("100mbit", "20mbit")
+
+
+def namespace_cells(top_k: int | None, gamma: int) -> list[Cell]:
+    """The comparison a slow link is about: one token per round with full distributions, speculative
+    rounds with top-K, speculative rounds with full distributions."""
+    return [Cell(0, LOOKUP_DRAFT, None), Cell(gamma, MODEL_DRAFT, top_k), Cell(gamma, MODEL_DRAFT, None)]
+
+
+def run_in_namespaces(args: argparse.Namespace, results: dict, prompt_text: str) -> None:
+    """The namespace cells as one ``fedattn specfed-party`` process per party, each in its own network
+    namespace behind a tbf-shaped veth (``bench/network.py``'s topology; rate only where netem is
+    missing), over gloo; the answers are checked against the in-process run of the same cell."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import network
+
+    workers, draft = MODELS[args.models]
+    lock = network.LOCK_PATH.open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # network.py's runs use the same namespaces
+    topo = network.Topology(len(workers) + 1)
+    found = results["namespaces"] = {"runs": [], "shaping": {}, "probes": {}}
+    port = network.STORE_PORT_BASE
+    with tempfile.TemporaryDirectory(prefix="fa-specfed-") as workdir:
+        folder = Path(workdir)
+        prompt_file = folder / "prompt.txt"
+        prompt_file.write_text(prompt_text, encoding="utf-8")
+        own = [[] for _ in workers] + [["--prompt", f"@{prompt_file}"]]
+        try:
+            topo.setup()
+            found["delay_emulation"] = (
+                "netem, half the one-way delay on each hop"
+                if topo.netem_error is None
+                else f"none: netem: {topo.netem_error} (rate only)"
+            )
+            print(f"\nnamespaces: delay emulation: {found['delay_emulation']}", flush=True)
+            for profile in [profile for profile in network.PROFILES if profile.name in NAMESPACE_PROFILES]:
+                found["shaping"][profile.name] = topo.shape(profile)
+                found["probes"][profile.name] = network.probe(profile, topo.parties)
+                print(f"{profile.label}: probe {found['probes'][profile.name]}", flush=True)
+                for cell in namespace_cells(args.namespace_top_k, args.namespace_gamma):
+                    port += 1
+                    shared = [
+                        *[word for name in workers for word in ("--worker", f"{name}:1")],
+                        *("--draft", draft if cell.draft == MODEL_DRAFT else LOOKUP_DRAFT, "--raw"),
+                        *("--gamma", str(cell.gamma), "--top-k", cell.k_label, "--device", "cpu"),
+                        *("--max-new-tokens", str(results["max_new_tokens"])),
+                        *("--timeout", str(network.PARTY_TIMEOUT_S)),
+                    ]
+                    launched = network.launch_in_namespaces(topo, "specfed-party", own, shared, port, folder)
+                    run = namespace_run(launched, cell, profile.name, results["runs"])
+                    found["runs"].append(run)
+                    print(f"  {profile.label} {cell.name}: {run}", flush=True)
+        finally:
+            for child in list(network._children):
+                network.stop(child)
+            problems = topo.teardown()
+            if problems:
+                print("cleanup problems: " + "; ".join(problems), file=sys.stderr)
+
+
+def namespace_run(launched: dict, cell: Cell, profile: str, in_process: list[dict]) -> dict:
+    """One networked run's figures from its ranks' reports (the server's is the last)."""
+    if "error" in launched:
+        return {"cell": cell.name, "profile": profile, "error": launched["error"]}
+    server = launched["documents"][-1]
+    tokens = len(server["answer_token_ids"])
+    same = [run for run in in_process if run["cell"] == cell.name and run["prompt"] == in_process[0]["prompt"]]
+    return {
+        "cell": cell.name,
+        "profile": profile,
+        "tokens": tokens,
+        "rounds": server["rounds"],
+        "server_wall_s": server["timing"]["wall_s"],
+        "server_decode_s": server["timing"]["decode_s"],
+        "tokens_per_s": tokens / server["timing"]["wall_s"],
+        "process_s": launched["process_s"],
+        "link_bytes_sent": sum(
+            party["link_bytes_sent"] for document in launched["documents"] for party in document["parties"]
+        ),
+        "wire_tx_bytes": sum(launched["wire_tx_bytes_per_party"]),
+        "same_as_in_process": (server["answer_token_ids"] == same[0]["answer_token_ids"]) if same else None,
+    }
+
+
+def print_namespace_table(found: dict) -> None:
+    print(f"\nNamespaces (measured; delay: {found['delay_emulation']}): server wall s / tokens/s")
+    print("| link | cell | rounds | link MB | wire MB | server wall s | tok/s | = in-process tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|:---:|")
+    for run in found["runs"]:
+        if "error" in run:
+            print(f"| {run['profile']} | {run['cell']} | failed: {run['error']} |")
+            continue
+        print(
+            f"| {run['profile']} | {run['cell']} | {run['rounds']} | {run['link_bytes_sent'] / 1e6:.2f} "
+            f"| {run['wire_tx_bytes'] / 1e6:.2f} | {run['server_wall_s']:.1f} | {run['tokens_per_s']:.2f} "
+            f"| {run['same_as_in_process']} |"
+        )
+
+
 def write(results: dict, out: Path | None) -> None:
     if out:
         out.write_text(json.dumps(results, indent=2))
@@ -336,6 +437,14 @@ def main() -> int:
     parser.add_argument(
         "--baseline-every", type=int, default=2, help="run gamma 0 again after every N speculative cells (0: once)"
     )
+    parser.add_argument(
+        "--namespaces",
+        action="store_true",
+        help="also run gamma 0 K=all, and gamma G K and all with the draft model, one process per party in "
+        "network namespaces at 100 and 20 Mbit/s (root; the first item only; after --summarize: only these)",
+    )
+    parser.add_argument("--namespace-gamma", type=int, default=4)
+    parser.add_argument("--namespace-top-k", type=int, default=None, help="K of the namespace top-K cell")
     parser.add_argument("--summarize", type=Path, help="only the tables of a (partial) --out file of an earlier run")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
@@ -343,6 +452,8 @@ def main() -> int:
         args.items = [0, 1]
     if args.top_k is None:
         args.top_k = f"{TINY_K if args.models == 'tiny' else ONE_PERCENT_K},all"
+    if args.namespace_top_k is None:
+        args.namespace_top_k = TINY_K if args.models == "tiny" else ONE_PERCENT_K
     if args.summarize:
         results = json.loads(args.summarize.read_text())
         cells = [Cell(**cell) for cell in results["cells"]]
@@ -350,6 +461,11 @@ def main() -> int:
         print_tables(results["summary"])
     else:
         results = bench(args)
+    if args.namespaces:
+        started = time.monotonic()
+        run_in_namespaces(args, results, gsm8k.few_shot_prompt(results["items"][0], results["shots"]).text)
+        print_namespace_table(results["namespaces"])
+        results["namespaces"]["elapsed_s"] = time.monotonic() - started
     print(f"\nelapsed {results['elapsed_s']:.0f} s")
     write(results, args.out)
     return 0
