@@ -317,9 +317,6 @@ def bench(args: argparse.Namespace) -> dict:
     return results
 
 
-NAMESPACE_PROFILES = ("100mbit", "20mbit")
-
-
 def namespace_cells(top_k: int | None, gamma: int) -> list[Cell]:
     """The comparison a slow link is about: one token per round with full distributions, speculative
     rounds with top-K, speculative rounds with full distributions."""
@@ -352,7 +349,7 @@ def run_in_namespaces(args: argparse.Namespace, results: dict, prompt_text: str)
                 else f"none: netem: {topo.netem_error} (rate only)"
             )
             print(f"\nnamespaces: delay emulation: {found['delay_emulation']}", flush=True)
-            for profile in [profile for profile in network.PROFILES if profile.name in NAMESPACE_PROFILES]:
+            for profile in [profile for profile in network.PROFILES if profile.name in args.namespace_links.split(",")]:
                 found["shaping"][profile.name] = topo.shape(profile)
                 found["probes"][profile.name] = network.probe(profile, topo.parties)
                 print(f"{profile.label}: probe {found['probes'][profile.name]}", flush=True)
@@ -444,6 +441,7 @@ def main() -> int:
         "network namespaces at 100 and 20 Mbit/s (root; the first item only; after --summarize: only these)",
     )
     parser.add_argument("--namespace-gamma", type=int, default=4)
+    parser.add_argument("--namespace-links", default="100mbit,20mbit", help="bench/network.py's profiles to run")
     parser.add_argument("--namespace-top-k", type=int, default=None, help="K of the namespace top-K cell")
     parser.add_argument("--summarize", type=Path, help="only the tables of a (partial) --out file of an earlier run")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
