@@ -16,8 +16,9 @@ round 2's drafts (``RoundClock`` wraps the drafter; it changes nothing it propos
 
 The link is a model, not a measurement (this kernel has no netem, so ``bench/network.py`` cannot
 delay packets): per round one round trip (the drafts down, the records up; the verdict rides with
-the next drafts) and the bytes over the bandwidth, each worker on its own link, so
-link_s = (rounds + 1) * RTT + (server's bytes sent + the largest worker's bytes sent) / bandwidth
+the next drafts) and the bytes over the bandwidth of the server's link, which carries every
+worker's records (as the server's veth does in the namespaces), so
+link_s = (rounds + 1) * RTT + (server's bytes sent + all workers' bytes sent) / bandwidth
 (the + 1 is the hello exchange), and the modelled query takes parallel_s + link_s.
 
     python bench/specfed.py --models tiny                    # seconds: the same bench on tiny models
@@ -158,8 +159,8 @@ def run_cell(setup: ClockedSetup, base: SpecFedConfig, cell: Cell, prompt: list[
 
 
 def bytes_on_link(run: dict) -> int:
-    """What one worker's link carries: everything the server sends and the largest worker's records."""
-    return run["bytes_sent"]["server"] + max(run["bytes_sent"]["workers"])
+    """What the server's link carries: everything it sends and every worker's records."""
+    return run["bytes_sent"]["server"] + sum(run["bytes_sent"]["workers"])
 
 
 def link_seconds(run: dict, mbit_s: float, rtt_ms: float) -> float:
@@ -293,7 +294,7 @@ def bench(args: argparse.Namespace) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
-        "link_model": "link_s = (rounds + 1) * RTT + (server bytes sent + largest worker's bytes sent) / rate",
+        "link_model": "link_s = (rounds + 1) * RTT + (server bytes sent + all workers' bytes sent) / rate",
         "cells": [dataclasses.asdict(cell) for cell in cells],
         "runs": [],
     }
