@@ -53,6 +53,7 @@ MODELS = {  # workers (equal weights), draft model
 ONE_PERCENT_K = 1517  # about 1% of Qwen's 151,665 real tokens
 TINY_K = 16  # a few percent of the tiny models' vocabulary
 MODEL_DRAFT = "model"
+LINK_MODEL = "link_s = (rounds + 1) * RTT + (server bytes sent + all workers' bytes sent) / rate"
 LINKS = [  # (label, Mbit/s, RTT ms)
     ("100 Mbit/s, 20 ms", 100, 20.0),
     ("100 Mbit/s, 100 ms", 100, 100.0),
@@ -294,7 +295,7 @@ def bench(args: argparse.Namespace) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
-        "link_model": "link_s = (rounds + 1) * RTT + (server bytes sent + all workers' bytes sent) / rate",
+        "link_model": LINK_MODEL,
         "cells": [dataclasses.asdict(cell) for cell in cells],
         "runs": [],
     }
@@ -457,6 +458,7 @@ def main() -> int:
         results = json.loads(args.summarize.read_text())
         cells = [Cell(**cell) for cell in results["cells"]]
         results["summary"] = summarize(results["runs"], cells)
+        results["link_model"] = LINK_MODEL
         print_tables(results["summary"])
     else:
         results = bench(args)
