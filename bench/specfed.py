@@ -425,8 +425,8 @@ def main() -> int:
     parser.add_argument("--models", choices=sorted(MODELS), default="real")
     parser.add_argument("--out", type=Path, help="write every run and the summary to this JSON file")
     parser.add_argument("--items", type=int, nargs="+", default=None, help="GSM8K test items (default: 0 1)")
-    parser.add_argument("--shots", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--shots", type=int, help="exemplars in each prompt (default 4; tiny: 1)")
+    parser.add_argument("--max-new-tokens", type=int, help="default 48 (tiny: 16)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--gammas", default="2,4,8", help="speculative cells' gammas (gamma 0 always runs)")
     parser.add_argument("--drafts", default=f"{MODEL_DRAFT},{LOOKUP_DRAFT}", help="model and/or lookup")
@@ -450,6 +450,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.items is None:
         args.items = [0, 1]
+    if args.shots is None:
+        args.shots = 1 if args.models == "tiny" else 4
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 16 if args.models == "tiny" else 48
     if args.top_k is None:
         args.top_k = f"{TINY_K if args.models == 'tiny' else ONE_PERCENT_K},all"
     if args.namespace_top_k is None:
