@@ -482,8 +482,47 @@ def run_networked(
     transport: str = "torch",
     roster: Path | None = None,
 ) -> dict:
-    """One query: one participant per party namespace, over gloo (with a store in the switch
-    namespace) or over gRPC with mutual TLS (each party's service on its own address)."""
+    """One FedAttn query: one participant per party namespace (``launch_in_namespaces``)."""
+    launched = launch_in_namespaces(topo, "participant", own, shared, port, folder, transport, roster)
+    if "error" in launched:
+        return launched
+    documents = launched["documents"]
+    reports = [party for document in documents for party in document["parties"]]  # each rank reports its own
+    publisher = reports[-1]
+    wire = launched["wire_tx_bytes_per_party"]
+    return {
+        "ttft_s": publisher["wall_s"] - publisher["decode_s"],
+        "publisher_prefill_s": publisher["prefill_s"],
+        "decode_s": publisher["decode_s"],
+        "total_s": publisher["wall_s"],
+        "process_s": launched["process_s"],
+        "wait_s": {r["name"]: r["wait_s"] for r in reports},
+        "prefill_s": {r["name"]: r["prefill_s"] for r in reports},
+        "link_bytes_sent": sum(r["link_bytes_sent"] for r in reports),
+        "link_bytes_sent_per_party": [r["link_bytes_sent"] for r in reports],
+        "expected_bytes_sent": sum(r["expected_bytes_sent"] for r in reports),
+        "wire_tx_bytes": sum(wire),
+        "wire_tx_bytes_per_party": wire,
+        "answer": publisher["answer"],
+        "answer_token_ids": publisher["answer_token_ids"],
+        "sync_layers": documents[-1]["sync_layers"],
+    }
+
+
+def launch_in_namespaces(
+    topo: Topology,
+    command: str,
+    own: list[list[str]],
+    shared: list[str],
+    port: int,
+    folder: Path,
+    transport: str = "torch",
+    roster: Path | None = None,
+) -> dict:
+    """``fedattn COMMAND`` once per party namespace over gloo (with a store in the switch namespace)
+    or over gRPC with mutual TLS (each party's service on its own address): every rank's JSON report
+    (``documents``), the seconds from spawn to the last exit and the bytes each party put on its veth;
+    or ``error`` naming every rank that failed."""
     world = topo.parties
     store = None
     if transport == "torch":
@@ -503,23 +542,22 @@ def run_networked(
         for rank in range(world):
             report = folder / f"report-{port}-{rank}.json"
             report.unlink(missing_ok=True)
-            command = in_ns(
-                party_ns(rank),
-                sys.executable,
-                "-m",
-                "fedattn.cli",
-                "participant",
+            words = [
+                command,
                 *rendezvous_words(transport, rank, world, port, roster),
                 *own[rank],
                 *shared,
                 "--json",
                 "--report",
                 str(report),
-            )
+            ]
             env = dict(common_env(1), GLOO_SOCKET_IFNAME=party_if(rank))
             parties.append(
                 spawn(
-                    command, env=env, stdout=subprocess.DEVNULL, stderr=(folder / f"stderr-{port}-{rank}.txt").open("w")
+                    in_ns(party_ns(rank), sys.executable, "-m", "fedattn.cli", *words),
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=(folder / f"stderr-{port}-{rank}.txt").open("w"),
                 )
             )
         codes = watch(parties, start)
@@ -544,26 +582,10 @@ def run_networked(
                 ]
                 failures.append(f"rank {rank}: exit {code}: {lines[-1][:200] if lines else ''}")
         return {"error": "; ".join(failures), "process_s": process_s}
-    documents = [json.loads((folder / f"report-{port}-{rank}.json").read_text()) for rank in range(world)]
-    reports = [party for document in documents for party in document["parties"]]  # each rank reports its own
-    publisher = reports[-1]
-    wire = [b - a for a, b in zip(before, after)]
     return {
-        "ttft_s": publisher["wall_s"] - publisher["decode_s"],
-        "publisher_prefill_s": publisher["prefill_s"],
-        "decode_s": publisher["decode_s"],
-        "total_s": publisher["wall_s"],
+        "documents": [json.loads((folder / f"report-{port}-{rank}.json").read_text()) for rank in range(world)],
         "process_s": process_s,
-        "wait_s": {r["name"]: r["wait_s"] for r in reports},
-        "prefill_s": {r["name"]: r["prefill_s"] for r in reports},
-        "link_bytes_sent": sum(r["link_bytes_sent"] for r in reports),
-        "link_bytes_sent_per_party": [r["link_bytes_sent"] for r in reports],
-        "expected_bytes_sent": sum(r["expected_bytes_sent"] for r in reports),
-        "wire_tx_bytes": sum(wire),
-        "wire_tx_bytes_per_party": wire,
-        "answer": publisher["answer"],
-        "answer_token_ids": publisher["answer_token_ids"],
-        "sync_layers": documents[-1]["sync_layers"],
+        "wire_tx_bytes_per_party": [b - a for a, b in zip(before, after)],
     }
 
 
