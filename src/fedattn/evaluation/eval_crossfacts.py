@@ -37,6 +37,7 @@ from fedattn.errors import FedAttnError
 from fedattn.evaluation import harness
 from fedattn.evaluation.tasks import base, narrativeqa
 from fedattn.evaluation.tasks.crossfacts import Item, check_sizes, generate_item
+from fedattn.systems import DEFAULT_SYSTEM
 
 DEFAULT_MAX_NEW_TOKENS = 32  # gold answers are a few tokens; the first line is all that is scored
 DEFAULT_FACTS = 4
@@ -203,7 +204,7 @@ def em_by(records: list[dict], key: str) -> dict[str, float]:
 TASK = CrossFacts()
 
 
-def add_arguments(parser: argparse.ArgumentParser, system: str) -> None:
+def add_arguments(parser: argparse.ArgumentParser, system: str = DEFAULT_SYSTEM) -> None:
     """The options of ``fedattn eval crossfacts --system SYSTEM``."""
     harness.add_arguments(parser, TASK, system)
 

@@ -20,6 +20,7 @@ from fedattn.evaluation import harness
 from fedattn.evaluation.tasks import gsm8k
 from fedattn.evaluation.tasks.base import Item, TaskRun
 from fedattn.evaluation.tasks.gsm8k_scoring import extract_answer, is_correct
+from fedattn.systems import DEFAULT_SYSTEM
 
 STOP_TEXTS = ("\nQuestion:", "Question:")  # the model starting the next few-shot item
 PAPER_MAX_NEW_TOKENS = 256
@@ -86,7 +87,7 @@ def score(item: Item, answer: str) -> dict:
 TASK = GSM8K()
 
 
-def add_arguments(parser: argparse.ArgumentParser, system: str) -> None:
+def add_arguments(parser: argparse.ArgumentParser, system: str = DEFAULT_SYSTEM) -> None:
     """The options of ``fedattn eval gsm8k --system SYSTEM``."""
     harness.add_arguments(parser, TASK, system)
 
