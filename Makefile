@@ -45,7 +45,7 @@ demo-specfed: $(STAMP)
 	$(BIN)/fedattn install qwen2.5-coder-0.5b-instruct
 	$(BIN)/fedattn install qwen2.5-coder-1.5b-instruct
 	$(BIN)/fedattn specfed --worker qwen2.5-coder-1.5b-instruct:0.5 --worker qwen2.5-coder-0.5b-instruct:0.5 \
-		--draft qwen2.5-coder-0.5b-instruct --gamma 4 --top-k 1517 --reconstruct redistribute --max-new-tokens 96 \
+		--draft qwen2.5-coder-0.5b-instruct --gamma 4 --top-k 1517 --reconstruct redistribute --encoding packed --max-new-tokens 96 \
 		--prompt "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
 
 # Lint and format check first (seconds), then the suite; the explicit folder means pytest always collects it.
