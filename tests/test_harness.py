@@ -128,7 +128,8 @@ def test_eval_system_picks_the_options_its_parser_holds(echo, tmp_path, capsys):
     assert main(["eval", "gsm8k", "--oracle", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == "fedattn: error: unrecognized arguments: --oracle"
     assert main(["eval", "gsm8k", "--system", "nope", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == "fedattn: error: unknown system 'nope'; choose one of fedattn, echo"
+    refusal = "fedattn: error: unknown system 'nope'; choose one of fedattn, specfed, echo"
+    assert capsys.readouterr().err.strip() == refusal
 
 
 def test_eval_help_shows_the_default_system_and_how_to_change_it(echo, capsys):

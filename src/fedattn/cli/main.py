@@ -19,7 +19,7 @@ from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError, Protocol
 from fedattn.systems import DEFAULT_SYSTEM
 
 
-def build_parser(system: str = DEFAULT_SYSTEM) -> argparse.ArgumentParser:
+def build_parser(system: str = DEFAULT_SYSTEM, command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; ``fedattn eval TASK``, ``serve`` and ``ask`` hold the options of
     ``system`` (two systems' options may clash, so one parser holds one system's: ``parse_words``
     picks it)."""
@@ -52,7 +52,7 @@ def build_parser(system: str = DEFAULT_SYSTEM) -> argparse.ArgumentParser:
     for name, help_text in EVALUATIONS.items():
         benchmark = benchmarks.add_parser(name, help=help_text)
         if name in ANSWERED_BY_A_SYSTEM:
-            _evaluation(name).add_arguments(benchmark, system)
+            _evaluation(name).add_arguments(benchmark, _system_of("eval", system, command))
         else:
             _evaluation(name).add_arguments(benchmark)
 
@@ -88,11 +88,11 @@ def build_parser(system: str = DEFAULT_SYSTEM) -> argparse.ArgumentParser:
 
     service.add_serve_arguments(
         commands.add_parser("serve", help="a party that stays up: its model loaded, query after query (gRPC, mTLS)"),
-        system,
+        _system_of("serve", system, command),
     )
     service.add_ask_arguments(
         commands.add_parser("ask", help="ask your own party's service to run one query; prints it as run does"),
-        system,
+        _system_of("ask", system, command),
     )
 
     commands.add_parser("models", help="list known, installed and cached models")
@@ -125,7 +125,14 @@ def _evaluation(name: str):
 
 def parse_words(words: list[str]) -> argparse.Namespace:
     """A command line, parsed (the sweep parses each of its points with this before running any)."""
-    return build_parser(_named_system(words)).parse_args(words)
+    return build_parser(_named_system(words), words[0] if words else None).parse_args(words)
+
+
+def _system_of(name: str, system: str, command: str | None) -> str:
+    """The system whose options command ``name``'s parser holds: the one named for the command being
+    parsed (``command``; any command when None), the default system for the others, so that a
+    system need not give options for commands it was not named for."""
+    return system if command in (None, name) else DEFAULT_SYSTEM
 
 
 SYSTEM_COMMANDS = ("eval", "serve", "ask")  # commands whose options are their --system's
