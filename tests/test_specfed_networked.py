@@ -71,12 +71,16 @@ def test_a_worker_killed_mid_generation_is_named_within_the_bound(transport):
     assert "Traceback" not in finished.stderr
 
 
-@pytest.mark.parametrize("transport", ["inprocess", "torch"])
-def test_a_worker_of_another_tokenizer_is_refused_in_one_line(transport):
-    """tiny-random-renumbered's tokenizer has as many tokens as the others' but numbers them otherwise."""
+def test_a_worker_of_another_tokenizer_is_refused_in_one_line(capsys):
+    """tiny-random-renumbered's tokenizer has as many tokens as the others' but numbers them
+    otherwise: refused in one line by every party, in one process and over the launcher alike."""
     words = ["specfed", "--worker", "tiny-random", "--worker", "tiny-random-renumbered", "--draft", "tiny-random-draft"]
-    finished = networked([*words, "--prompt", "hi", "--max-new-tokens", "4"], transport)
+    words += ["--prompt", "hi", "--max-new-tokens", "4"]
+    refusal = "fedattn: error: worker2 (tiny-random-renumbered) has another tokenizer (259 tokens"
+    assert main(words) == 2
+    in_process = capsys.readouterr().err.strip()
+    finished = networked(words, "torch")
     assert finished.returncode == 2, finished.stderr
-    message = finished.stderr.strip()
-    assert message.startswith("fedattn: error: worker2 (tiny-random-renumbered) has another tokenizer (259 tokens")
-    assert "SpecFed's workers and draft must share one" in message and len(message.splitlines()) == 1
+    for message in (in_process, finished.stderr.strip()):
+        assert message.startswith(refusal) and "SpecFed's workers and draft must share one" in message
+        assert len(message.splitlines()) == 1
