@@ -19,7 +19,6 @@ class IncrementalLM:
         self.model = model
         self.cache = DynamicCache(config=model.config)
         self.cached: list[int] = []  # the tokens whose K/V the cache holds, in order
-        self.forward_tokens = 0  # tokens fed through the model so far (the cost of this sequence)
         # transformers renamed the forward's cache argument (past_key_values -> cache) within 5.x
         parameters = inspect.signature(model.forward).parameters
         self._cache_word = "cache" if "cache" in parameters else "past_key_values"
@@ -40,7 +39,6 @@ class IncrementalLM:
         arguments = {"input_ids": torch.tensor([fresh], device=device), "use_cache": True, self._cache_word: self.cache}
         output = self.model(**arguments)
         self.cached = list(sequence)
-        self.forward_tokens += len(fresh)
         return output.logits[0, -count:].float()
 
 

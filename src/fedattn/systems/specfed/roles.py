@@ -192,7 +192,6 @@ class Round:
 
     drafts: int
     accepted: int
-    emitted: int  # tokens this round added to the answer (fewer than accepted + 1 when a stop rule cut it)
     counts: list[list[int]] = field(default_factory=list)  # per worker, per position: the ids it sent
 
 
@@ -221,7 +220,6 @@ class Server(Party):
         self.generator = None if config.greedy else seeded_generator(config.seed, "specfed", "server")
         self.answer: list[int] = []
         self.rounds: list[Round] = []
-        self.worker_rows: list[int] = []  # each worker's embedding rows, from its hello
         self.drafts: list[int] = []
         self.q = torch.empty(0, vocab)
         self.p_hat: torch.Tensor | None = None  # this round's aggregate (measurement only)
@@ -238,7 +236,6 @@ class Server(Party):
         """Every worker's tokenizer must be the server's (embedding rows may differ: padding)."""
         hellos = [receive_worker_hello(self.transport, worker) for worker in self.workers]
         check_tokenizers(self.transport, self.config, hellos, (self.vocab, self.tokenizer))
-        self.worker_rows = [hello.rows for hello in hellos]
 
     def draft(self) -> None:
         """Up to gamma drafts, never more than the answer still has room for after the round's own token."""
@@ -268,19 +265,16 @@ class Server(Party):
             accepted, token = accept_greedy(self.drafts, self.p_hat)
         else:
             accepted, token = accept_sampled(self.drafts, self.q, self.p_hat, self.generator)
-        emitted = self._extend(self.drafts[:accepted] + [token])
-        self.rounds.append(
-            Round(len(self.drafts), accepted, emitted, [[len(row.ids) for row in rows] for rows in received])
-        )
+        self._extend(self.drafts[:accepted] + [token])
+        self.rounds.append(Round(len(self.drafts), accepted, [[row.k for row in rows] for rows in received]))
         self.done = self.done or len(self.answer) >= self.config.max_new_tokens
         self._timed("decide", start)
         self.transport.send(frames.encode_verdict(frames.Verdict(accepted, token, self.done)), self.workers)
 
-    def _extend(self, tokens: list[int]) -> int:
-        """Append the round's tokens up to the first that ends the answer; how many were appended."""
-        for count, token in enumerate(tokens, start=1):
+    def _extend(self, tokens: list[int]) -> None:
+        """Append the round's tokens up to the first that ends the answer."""
+        for token in tokens:
             self.answer.append(token)
             if self.stop(self.answer):
                 self.done = True
-                return count
-        return len(tokens)
+                return
