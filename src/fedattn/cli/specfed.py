@@ -48,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if args.transport != "inprocess":
         return _networked(args, config)
     from fedattn.runtime.devices import resolve_device
-    from fedattn.systems.specfed.query import answer_text, load_setup
+    from fedattn.systems.specfed.query import answer_chat, load_setup
 
     setup = load_setup(config, resolve_device(args.device), args.dtype, args.raw, progress=not args.json)
-    print_report(answer_text(setup, args.prompt), args.json)
+    print_report(answer_chat(setup, args.prompt), args.json)
     return 0
 
 

@@ -89,3 +89,8 @@ def stop_rule(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, texts:
         elif value:
             ids.update(value)
     return StopRule(frozenset(ids), texts, tokenizer.decode if texts else None)
+
+
+def answer_text(stop: StopRule, tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
+    """An answer's text as reported: special tokens dropped, cut before any stop text, stripped."""
+    return stop.trim(tokenizer.decode(token_ids, skip_special_tokens=True)).strip()

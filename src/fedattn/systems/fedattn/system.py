@@ -18,7 +18,7 @@ from fedattn.argtypes import add_prompt_options, option_words, positive_int
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
-from fedattn.runtime.decoding import stop_rule
+from fedattn.runtime.decoding import answer_text, stop_rule
 from fedattn.runtime.dims import ModelDims
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import CONTEXT_SEPARATOR, build_segments, check_context_window, collaborator_pieces
@@ -171,10 +171,7 @@ class FedAttnSystem:
         reports = []
         for query, result in zip(queries, results):
             expected = run_costs(dims, setup.config, [len(segment) for segment in query])
-            texts = {
-                rank: stop.trim(tokenizer.decode(ids, skip_special_tokens=True)).strip()
-                for rank, ids in result.answers.items()
-            }
+            texts = {rank: answer_text(stop, tokenizer, ids) for rank, ids in result.answers.items()}
             reports.append(reporting.run_report(result, expected, dims, setup.config, model_json, texts, wall_s))
         return reports
 

@@ -14,7 +14,7 @@ from fedattn.errors import FedAttnError
 from fedattn.network.meeting import FederationRun, NetworkTransport, Rendezvous, flush_before_failing, links
 from fedattn.network.transport import Transport
 from fedattn.report.schema import RunReport
-from fedattn.runtime.decoding import StopRule, stop_rule
+from fedattn.runtime.decoding import StopRule, answer_text, stop_rule
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import real_vocabulary, tokenizer_fingerprint
 from fedattn.systems.specfed import frames, protocol, reporting
@@ -107,7 +107,7 @@ def own_report(
 ) -> RunReport:
     """The report of this party alone (the server's with the answer's text)."""
     is_server = isinstance(party, Server)
-    text = stop.trim(loaded.tokenizer.decode(party.answer, skip_special_tokens=True)).strip() if is_server else None
+    text = answer_text(stop, loaded.tokenizer, party.answer) if is_server else None
     timing = {"wall_s": wall_s, **protocol.stage_times(seconds)}
     report = reporting.run_report([party], party.config, model, text, label, timing)
     report.parties[0].link_bytes_sent = party.transport.link_bytes_sent

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fedattn.errors import FedAttnError
 from fedattn.report.schema import RunReport
-from fedattn.runtime.decoding import stop_rule
+from fedattn.runtime.decoding import answer_text, stop_rule
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import (
     Piece,
@@ -89,7 +89,7 @@ def load_setup(
     return SpecFedSetup(config, loaded, device, dtype, raw)
 
 
-def answer_text(setup: SpecFedSetup, text: str) -> RunReport:
+def answer_chat(setup: SpecFedSetup, text: str) -> RunReport:
     """The answer to a chat prompt, every party in this process."""
     return answer(setup, chat_prompt(setup, text), ())
 
@@ -99,7 +99,7 @@ def answer(setup: SpecFedSetup, prompt: list[int], stop_texts: tuple[str, ...]) 
     server_model = setup.server_model
     stop = stop_rule(server_model.tokenizer, server_model.model, stop_texts)
     result = run_in_process(setup.worker_models(), setup.drafter(), prompt, setup.config, stop)
-    text = stop.trim(server_model.tokenizer.decode(result.answer_token_ids, skip_special_tokens=True)).strip()
+    text = answer_text(stop, server_model.tokenizer, result.answer_token_ids)
     timing = {
         "wall_s": result.wall_s,
         **protocol.stage_times(result.seconds),
