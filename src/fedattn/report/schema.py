@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fedattn.errors import FedAttnError
+from fedattn.errors import FedAttnError, ProtocolError
 
 SCHEMA_VERSION = 1
 
@@ -191,3 +191,18 @@ def _merge_unique(document: dict[str, Any], extra: dict[str, Any], where: str) -
     if clash:
         raise ValueError(f"{where}: detail fields {sorted(clash)} shadow report fields")
     document.update(extra)
+
+
+def report_of_party(document: Any, system: str, label: str, name: str, rank: int, role: str | None = None) -> RunReport:
+    """A peer's document read as ``system``'s report of party ``name`` alone, at ``rank`` (in
+    ``role`` when given): what a query's starter accepts before merging (ProtocolError if not;
+    ``label`` is the system as a message names it)."""
+    try:
+        report = RunReport.from_json(document)
+    except FedAttnError as error:
+        raise ProtocolError(f"{name}'s report: {error}") from None
+    own = [(party.name, party.rank, role if role is None else party.role) for party in report.parties]
+    if report.system != system or own != [(name, rank, role)]:
+        place = f"rank {rank}" if role is None else f"rank {rank}, {role}"
+        raise ProtocolError(f"{name}'s report is not a {label} report of {name} ({place}) alone")
+    return report

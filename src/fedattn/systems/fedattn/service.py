@@ -15,11 +15,11 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
-from fedattn.errors import FedAttnError, ProtocolError
+from fedattn.errors import FedAttnError
 from fedattn.network.grpc_transport import GrpcTransport
 from fedattn.network.kv_codec import CODECS
 from fedattn.network.service import SERVICE_TRANSPORT, Plan, Query
-from fedattn.report.schema import RunReport, merge
+from fedattn.report.schema import merge, report_of_party
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.models import LoadedModel
@@ -83,14 +83,8 @@ class FedAttnHandler:
 
     def combine(self, query: Query, documents: list[dict]) -> dict:
         """The merged report, once each party's document is a report of that party alone."""
-        reports = []
-        for rank, (name, document) in enumerate(zip(query.parties, documents)):
-            try:
-                report = RunReport.from_json(document)
-            except FedAttnError as error:
-                raise ProtocolError(f"{name}'s report: {error}") from None
-            own = [(party.name, party.rank) for party in report.parties]
-            if report.system != SYSTEM or own != [(name, rank)]:
-                raise ProtocolError(f"{name}'s report is not a FedAttn report of {name} (rank {rank}) alone")
-            reports.append(report)
+        reports = [
+            report_of_party(document, SYSTEM, "FedAttn", name, rank)
+            for rank, (name, document) in enumerate(zip(query.parties, documents))
+        ]
         return merge(reports).to_json()

@@ -20,7 +20,7 @@ import time
 from fedattn.errors import FedAttnError, ProtocolError
 from fedattn.network.grpc_transport import GrpcTransport
 from fedattn.network.service import SERVICE_TRANSPORT, Plan, Query
-from fedattn.report.schema import RunReport, merge
+from fedattn.report.schema import RunReport, merge, report_of_party
 from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import check_prompt_length, real_vocabulary
@@ -122,15 +122,10 @@ class SpecFedHandler:
 
 
 def _own_report(name: str, rank: int, world_size: int, document: dict) -> RunReport:
-    """``document`` read as the report of ``name`` alone, at ``rank`` in its role (ProtocolError if not)."""
-    try:
-        report = RunReport.from_json(document)
-    except FedAttnError as error:
-        raise ProtocolError(f"{name}'s report: {error}") from None
+    """``document`` read as the report of ``name`` alone, at ``rank`` in its role, naming its model
+    (ProtocolError if not)."""
     role = "server" if rank == world_size - 1 else "worker"
-    own = [(party.name, party.rank, party.role) for party in report.parties]
-    if report.system != SYSTEM or own != [(name, rank, role)]:
-        raise ProtocolError(f"{name}'s report is not a SpecFed report of {name} (rank {rank}, {role}) alone")
+    report = report_of_party(document, SYSTEM, "SpecFed", name, rank, role)
     _named(report)
     return report
 
