@@ -20,6 +20,8 @@ VERSION = 1
 KIND_HELLO, KIND_KV, KIND_TOKEN, KIND_DONE = 1, 2, 3, 4
 # SpecFed's frames (systems/specfed/frames.py): every system's kinds are numbered here, so none collide
 KIND_SERVER_HELLO, KIND_WORKER_HELLO, KIND_DRAFT, KIND_ROWS, KIND_VERDICT = 5, 6, 7, 8, 9
+# FedSEA's (systems/fedsea/frames.py)
+KIND_SPLIT_HELLO, KIND_SPLIT_ANSWER, KIND_HIDDEN, KIND_SPLIT_DONE = 10, 11, 12, 13
 
 # magic, version, kind, codec, flags, layer, kv heads, head dim, tokens, first position
 KV_HEADER = struct.Struct("<4sBBBBHHHII")

@@ -55,6 +55,19 @@ class KVCodec(ABC):
         """bytes -> (K, V), each (heads, tokens, head_dim); the caller checked the length.
         Raises ``CodecError`` on content no encoder produces (bad scales, padding)."""
 
+    # one tensor of (tokens, width), such as split inference's hidden states: coded like V alone
+    @abstractmethod
+    def tensor_size(self, num_tokens: int, width: int) -> int:
+        """Exact bytes of one (tokens, width) tensor."""
+
+    @abstractmethod
+    def encode_tensor(self, x: torch.Tensor) -> bytes:
+        """(tokens, width) -> bytes."""
+
+    @abstractmethod
+    def decode_tensor(self, payload: memoryview, num_tokens: int, width: int) -> torch.Tensor:
+        """bytes -> (tokens, width); the caller checked the length (``CodecError`` as ``decode``)."""
+
 
 @dataclass(frozen=True)
 class FloatCodec(KVCodec):
@@ -79,6 +92,16 @@ class FloatCodec(KVCodec):
     def decode(self, payload: memoryview, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         stacked = torch.frombuffer(bytearray(payload), dtype=self.dtype).view(2, *shape)
         return stacked[0], stacked[1]
+
+    def tensor_size(self, num_tokens: int, width: int) -> int:
+        """T * W * b."""
+        return num_tokens * width * self.bytes_per_element
+
+    def encode_tensor(self, x: torch.Tensor) -> bytes:
+        return x.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy().tobytes()
+
+    def decode_tensor(self, payload: memoryview, num_tokens: int, width: int) -> torch.Tensor:
+        return torch.frombuffer(bytearray(payload), dtype=self.dtype).view(num_tokens, width)
 
 
 @dataclass(frozen=True)
@@ -150,14 +173,24 @@ class QuantCodec(KVCodec):
             payload[split:], shape, self.values
         )
 
+    def tensor_size(self, num_tokens: int, width: int) -> int:
+        """As V of one head of ``width`` channels: 4 * S + ceil(T * W * bits / 8)."""
+        return self._tensor_size(self.values, num_tokens, 1, width)
+
+    def encode_tensor(self, x: torch.Tensor) -> bytes:
+        return self._encode_one(x[None], self.values)
+
+    def decode_tensor(self, payload: memoryview, num_tokens: int, width: int) -> torch.Tensor:
+        return self._decode_one(payload, (1, num_tokens, width), self.values)[0]
+
     # -- one tensor ----------------------------------------------------------------------------
     def _encode_one(self, x: torch.Tensor, grouping: Grouping) -> bytes:
         x = x.detach().to("cpu", torch.float32)
         if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > FLOAT16_MAX:
             raise FedAttnError(
-                f"K/V values beyond +-{FLOAT16_MAX:g} (or not finite) cannot be carried by "
+                f"values beyond +-{FLOAT16_MAX:g} (or not finite) cannot be carried by "
                 f"{self.name}'s float16 scales; "
-                "use a float --kv-codec"
+                "use a float codec"
             )
         grouped = grouping.groups(x)
         low = grouped.amin(dim=-1, keepdim=True).to(torch.float16)

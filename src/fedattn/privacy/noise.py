@@ -1,11 +1,13 @@
-"""Defenses applied by a sender to its K/V before they go on the wire.
+"""Defenses applied by a sender to what it puts on the wire: K/V (FedAttn) or hidden states (split).
 
-``add_kv_noise`` is THE definition of ``--kv-noise``: the engine (sender side) and ``fedattn
-attack`` (which simulates what a receiver gets) call this one function, so a measured leakage
-figure and a run's accuracy figure refer to the same noise.
+``add_kv_noise`` is THE definition of ``--kv-noise`` and ``add_hidden_noise`` of ``fedattn split
+--noise``: the sender and the attacks (which simulate what a receiver gets) call these functions,
+so a measured leakage figure and a run's accuracy figure refer to the same noise.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -48,3 +50,33 @@ def noise_generator(seed: int, party: int, layer: int) -> torch.Generator:
     """The sender's draw for one frame: a pure function of (seed, party, block), so a run is
     reproducible in one process or many."""
     return seeded_generator(seed, "noise", party, layer)
+
+
+MEAN_ABS_TO_SIGMA = math.sqrt(math.pi / 2)  # E|N(0, s^2)| = s * sqrt(2 / pi)
+
+
+def hidden_noise_sigma(hidden: torch.Tensor, level: float, relative: bool) -> float:
+    """The standard deviation whose mean absolute draw is ``level`` (FedSEA's knob), or, when
+    ``relative``, ``level`` times the mean |h| of this very tensor: the scale of hidden states
+    differs between models and depths, so a relative level means the same everywhere."""
+    if not level >= 0:  # also refuses NaN
+        raise FedAttnError(f"the hidden-state noise level must be >= 0, got {level}")
+    scale = float(hidden.float().abs().mean()) if relative else 1.0
+    return level * scale * MEAN_ABS_TO_SIGMA
+
+
+def add_hidden_noise(
+    hidden: torch.Tensor, level: float, relative: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``hidden`` plus elementwise Gaussian noise of mean absolute value ``level`` (or ``level``
+    times mean |hidden|, when ``relative``); THE definition of ``fedattn split --noise`` for the
+    client and for the attacks that simulate what the server receives. Level 0 returns ``hidden``
+    itself (no draw). The draw is float32 on the CPU generator; the result keeps ``hidden``'s dtype."""
+    sigma = hidden_noise_sigma(hidden, level, relative)
+    if sigma == 0:
+        return hidden
+    noise = torch.randn(hidden.shape, generator=generator, dtype=torch.float32).to(hidden.device)
+    noisy = (hidden.float() + sigma * noise).to(hidden.dtype)
+    if not torch.isfinite(noisy).all():
+        raise FedAttnError(f"hidden-state noise of sigma {sigma:g} overflows {hidden.dtype}")
+    return noisy

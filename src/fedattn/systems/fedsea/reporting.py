@@ -1,0 +1,141 @@
+"""A FedSEA run as the one report schema (``fedattn.report.schema``).
+
+Every runner ends here: the in-process query, the evaluation harness's records and each networked
+party (a report of its own party; the launcher merges them). What the issue names beyond the
+shared fields (the client's blocks, its share of compute and memory, per-token timing, bytes per
+token each way, how the server batched) goes into ``details``; the cost model's prediction goes
+beside the measured bytes, and recomputing the prefix every step (FL-GLM) is the baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedattn.network.kv_codec import codec_by_code
+from fedattn.report.schema import PartyReport, RunReport
+from fedattn.systems.fedsea import costs
+from fedattn.systems.fedsea.config import SplitConfig
+from fedattn.systems.fedsea.roles import Client, Server
+
+SYSTEM = "split"
+RECOMPUTE = "recompute the prefix every step (FL-GLM)"
+
+
+def setting(config: SplitConfig) -> str:
+    """The configuration in a few words: 'A,C=2,2 noise=0.02 float32'."""
+    first, last = config.client_blocks
+    noise = "" if config.noise.off else f" noise={config.noise.describe()}"
+    reply = "" if config.reply_noise.off else f" reply_noise={config.reply_noise.level:g}"
+    sampling = "" if config.decoding.greedy else f" T={config.decoding.temperature:g}"
+    return f"A,C={first},{last}{noise}{reply} {config.hidden_codec}{sampling}"
+
+
+def client_party(client: Client) -> PartyReport:
+    expected = costs.session_bytes(
+        client.config.hidden_codec, client.split.hidden_size, len(client.prompt), len(client.answer)
+    )
+    return _party(
+        client.name,
+        client.rank,
+        "client",
+        client.transport,
+        expected.client_sent,
+        expected.client_received,
+        client.timing(),
+    )
+
+
+def server_party(server: Server) -> PartyReport:
+    """The server's bytes, and the cost model's for the sessions its clients ended (None when one
+    was refused or dropped: what a bad frame costs is not modelled)."""
+    sent = received = None
+    if not server.refused and not server.sessions:
+        sessions = [
+            costs.session_bytes(
+                _codec_name(session.codec_code), server.split.hidden_size, session.prompt_length, session.answer_length
+            )
+            for session in server.closed
+        ]
+        sent = sum(session.client_received for session in sessions)
+        received = sum(session.client_sent for session in sessions)
+    timing = {"server_compute_s": server.compute_s}
+    party = _party(server.name, server.rank, "server", server.transport, sent, received, timing)
+    party.details = {
+        "batches": len(server.trace),
+        "largest_batch": max((len(b.clients) for b in server.trace), default=0),
+    }
+    return party
+
+
+def run_report(
+    parties: list[PartyReport],
+    config: SplitConfig,
+    client: Client | None,
+    model: dict[str, Any],
+    text: str | None,
+    transport: str,
+    timing: dict[str, float],
+    share: dict[str, float],
+) -> RunReport:
+    """The run of one client (``client``: its own role, when this process holds it) and the server."""
+    by_role = {party.role: party for party in parties}
+    answer = by_role["client"].answer_token_ids or []
+    width = client.split.hidden_size if client else None
+    prompt_length = len(client.prompt) if client else None
+    expected = {
+        "sent": sum(party.expected_bytes_sent or 0 for party in parties),
+        "received": sum(party.expected_bytes_received or 0 for party in parties),
+    }
+    client_report = by_role["client"]
+    generated = max(len(answer), 1)
+    details = {
+        "client_blocks": list(config.client_blocks),
+        "noise": config.noise.level,
+        "noise_relative": config.noise.relative,
+        "reply_noise": config.reply_noise.level,
+        "hidden_codec": config.hidden_codec,
+        "client_share": share,
+        "bytes_per_token": {
+            "up": client_report.bytes_sent / generated,
+            "down": client_report.bytes_received / generated,
+        },
+    }
+    baselines = {}
+    if width is not None and prompt_length is not None:
+        baselines[RECOMPUTE] = costs.recompute_bytes(config.hidden_codec, width, prompt_length, len(answer))
+    if "server" in by_role:
+        details["server_batches"] = by_role["server"].details.get("batches")
+    return RunReport(
+        system=SYSTEM,
+        transport=transport,
+        model=model,
+        config=config.to_json(),
+        answer=text,
+        answer_token_ids=answer,
+        parties=parties,
+        expected_bytes=expected,
+        timing=timing,
+        details=details,
+        setting=setting(config),
+        baselines=baselines,
+    )
+
+
+def _party(name, rank, role, transport, expected_sent, expected_received, timing) -> PartyReport:
+    stats = transport.stats
+    return PartyReport(
+        name=name,
+        rank=rank,
+        role=role,
+        bytes_sent=stats.bytes_sent,
+        bytes_received=stats.bytes_received,
+        frames_sent=stats.frames_sent,
+        frames_received=stats.frames_received,
+        expected_bytes_sent=expected_sent,
+        expected_bytes_received=expected_received,
+        timing=timing,
+    )
+
+
+def _codec_name(code: int) -> str:
+    return codec_by_code(code).name
