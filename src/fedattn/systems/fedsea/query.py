@@ -1,0 +1,87 @@
+"""A FedSEA query from text: the loaded model, the client's prompt ids, a run with every party here.
+
+The one model is loaded once and both roles read it (in a deployment each side holds only its own
+blocks' weights; ``runtime.blocks.client_share`` says how much of the model that is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedattn.errors import FedAttnError
+from fedattn.report.schema import RunReport
+from fedattn.runtime.blocks import SplitModel, client_share
+from fedattn.runtime.decoding import answer_text, stop_rule
+from fedattn.runtime.models import LoadedModel, load_model
+from fedattn.runtime.prompting import Piece, build_segments, check_prompt_length, tokenize_party
+from fedattn.systems.fedsea import reporting
+from fedattn.systems.fedsea.config import MAX_CLIENT_BLOCKS, SplitConfig
+from fedattn.systems.fedsea.inprocess import ClientQuery, run_in_process
+
+IN_PROCESS = "in-process"
+
+
+@dataclass
+class SplitSetup:
+    """A configuration with its model loaded and ready to be run piecewise."""
+
+    config: SplitConfig
+    loaded: LoadedModel
+    device: str
+    dtype: str
+    raw: bool = False
+
+    def __post_init__(self) -> None:
+        self.split = SplitModel(self.loaded.model)
+        self.config.check(self.split.num_blocks, limit=self.split.num_blocks)
+
+    def model_json(self) -> dict:
+        return {"name": self.loaded.name, "identity": self.loaded.identity}
+
+    def share(self) -> dict[str, float]:
+        return client_share(self.loaded.model, *self.config.client_blocks)
+
+
+def load_setup(
+    config: SplitConfig, model: str, device: str, dtype: str, raw: bool, progress: bool = True
+) -> SplitSetup:
+    import torch
+
+    loaded = load_model(model, device=device, dtype=getattr(torch, dtype), progress=progress)
+    return SplitSetup(config, loaded, device, dtype, raw)
+
+
+def answer_chat(setup: SplitSetup, text: str) -> RunReport:
+    """The answer to a chat prompt (as is with ``raw``), every party in this process."""
+    return answer(setup, chat_prompt(setup, text), ())
+
+
+def answer(setup: SplitSetup, prompt: list[int], stop_texts: tuple[str, ...]) -> RunReport:
+    """One in-process run of one client and the server, measured and reported."""
+    loaded = setup.loaded
+    stop = stop_rule(loaded.tokenizer, loaded.model, stop_texts)
+    result = run_in_process(setup.split, loaded.identity, [ClientQuery(prompt, setup.config, stop)], MAX_CLIENT_BLOCKS)
+    (client,) = result.clients
+    text = answer_text(stop, loaded.tokenizer, client.answer)
+    parties = [reporting.server_party(result.server), reporting.client_party(client)]
+    timing = {"wall_s": result.wall_s, **client.timing(), "handshake_s": result.seconds.get("handshake", 0.0)}
+    return reporting.run_report(
+        parties, setup.config, client, setup.model_json(), text, IN_PROCESS, timing, setup.share()
+    )
+
+
+def chat_prompt(setup: SplitSetup, text: str) -> list[int]:
+    """The client's prompt: the model's chat template around ``text`` (as is with ``raw``)."""
+    if not text.strip():
+        raise FedAttnError("the prompt is empty")
+    return checked(setup, build_segments(setup.loaded.tokenizer, [], text, None, setup.raw)[0])
+
+
+def plain_prompt(setup: SplitSetup, text: str) -> list[int]:
+    """A few-shot prompt for a base model: the text as is, no template."""
+    return checked(setup, tokenize_party(setup.loaded.tokenizer, [Piece(text, False)], "the prompt"))
+
+
+def checked(setup: SplitSetup, prompt: list[int]) -> list[int]:
+    check_prompt_length(len(prompt), setup.config.max_new_tokens, setup.split.max_positions)
+    return prompt
