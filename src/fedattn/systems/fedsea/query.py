@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fedattn.errors import FedAttnError
 from fedattn.report.schema import RunReport
 from fedattn.runtime.blocks import SplitModel, client_share
@@ -45,8 +47,6 @@ class SplitSetup:
 def load_setup(
     config: SplitConfig, model: str, device: str, dtype: str, raw: bool, progress: bool = True
 ) -> SplitSetup:
-    import torch
-
     loaded = load_model(model, device=device, dtype=getattr(torch, dtype), progress=progress)
     return SplitSetup(config, loaded, device, dtype, raw)
 
