@@ -34,15 +34,10 @@ def client_party(client: Client) -> PartyReport:
     expected = costs.session_bytes(
         client.config.hidden_codec, client.split.hidden_size, len(client.prompt), len(client.answer)
     )
-    return _party(
-        client.name,
-        client.rank,
-        "client",
-        client.transport,
-        expected.client_sent,
-        expected.client_received,
-        client.timing(),
-    )
+    sent, received = expected.client_sent, expected.client_received
+    party = _party(client.name, client.rank, "client", client.transport, sent, received, client.timing())
+    party.answer_token_ids = list(client.answer)
+    return party
 
 
 def server_party(server: Server) -> PartyReport:
