@@ -9,9 +9,9 @@ fresh K/V go to the row's own ``ParticipantKVStore`` and the mask is built from 
 so nothing that crosses a network needs a mask.
 
 Rows are independent sequences (different clients of one server): each has its own store, token
-count, positions and block range, and one call runs every block any row needs once, over the rows
-that need it (padded to the longest step, masked), so pending steps of different rows share each
-block's weights.
+count, positions and block range, and one call runs every block any row needs once per token count,
+over the rows that need it (their stores padded to the longest, masked), so pending steps of
+different rows share each block's weights.
 """
 
 from __future__ import annotations
@@ -82,21 +82,26 @@ class SplitModel:
 
     @torch.inference_mode()
     def run(self, rows: list[RowStep]) -> list[torch.Tensor]:
-        """Every row's hidden states after its blocks, (n_i, d) each, in order. Each block runs
-        once, over the rows whose range holds it."""
+        """Every row's hidden states after its blocks, (n_i, d) each, in order. Rows of one token
+        count run together, each block once over the rows whose range holds it (a decode step
+        padded to another row's prompt would cost that prompt's compute)."""
         for row in rows:
             if not 0 <= row.first <= row.stop <= self.num_blocks:
                 raise ValueError(f"blocks [{row.first}, {row.stop}) outside the model's {self.num_blocks}")
-        if not rows:
-            return []
-        width = max(row.hidden.shape[0] for row in rows)
+        outputs: list[torch.Tensor | None] = [None] * len(rows)
+        for count in dict.fromkeys(row.hidden.shape[0] for row in rows):
+            group = [index for index, row in enumerate(rows) if row.hidden.shape[0] == count]
+            for index, output in zip(group, self._run_group([rows[index] for index in group]), strict=True):
+                outputs[index] = output
+        return outputs
+
+    def _run_group(self, rows: list[RowStep]) -> list[torch.Tensor]:
+        width = rows[0].hidden.shape[0]
         hidden = self.decoder.embed_tokens.weight.new_zeros(len(rows), width, self.hidden_size)
         positions = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
         for index, row in enumerate(rows):
-            count = row.hidden.shape[0]
-            hidden[index, :count] = row.hidden.to(self.device, self.dtype)
-            positions[index, :count] = row.positions.to(self.device)
-            positions[index, count:] = positions[index, count - 1]  # padding repeats the last position
+            hidden[index] = row.hidden.to(self.device, self.dtype)
+            positions[index] = row.positions.to(self.device)
         with federated_attention_enabled(self.model):
             for block in range(min(row.first for row in rows), max(row.stop for row in rows)):
                 active = [index for index, row in enumerate(rows) if row.first <= block < row.stop]
@@ -111,12 +116,13 @@ class SplitModel:
                     states, attention_mask=None, position_ids=places, position_embeddings=embeddings, fedattn_step=step
                 )
                 hidden[chosen] = output[0] if isinstance(output, tuple) else output
-        return [hidden[index, : row.hidden.shape[0]].clone() for index, row in enumerate(rows)]
+        return [hidden[index].clone() for index in range(len(rows))]
 
 
 class _RowsAttention:
-    """The hook's view of one block for the rows that run it: each row's fresh K/V join its store,
-    and each row's queries see its own stored keys up to their position."""
+    """The hook's view of one block for the rows that run it (each with ``width`` new tokens): each
+    row's fresh K/V join its store, and each row's queries see its own stored keys up to their
+    position."""
 
     def __init__(self, rows: list[RowStep], width: int) -> None:
         self.rows = rows
@@ -132,31 +138,29 @@ class _RowsAttention:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         views = []
         for index, row in enumerate(self.rows):
-            count = row.hidden.shape[0]
-            row.store[layer].append(key[index, :, :count], value[index, :, :count], row.positions.to(key.device))
+            row.store[layer].append(key[index], value[index], row.positions.to(key.device))
             views.append(row.store[layer].view())
         if len(views) == 1 and self.width == 1:
             keys, values, _ = views[0]
             return keys[None], values[None], None  # one new token sees everything its row stored
-        return _padded(views, [row.positions.to(key.device) for row in self.rows], self.width)
+        return _padded(views, [row.positions.to(key.device) for row in self.rows])
 
 
 def _padded(
-    views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], queries: list[torch.Tensor], width: int
+    views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], queries: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows' stored K/V right-padded to one length, and the mask: a query sees its row's keys at or
-    before its position; a padding query sees its row's first key (its output is dropped)."""
+    before its position."""
     heads, _, head_dim = views[0][0].shape
     longest = max(key.shape[1] for key, _, _ in views)
     template = views[0][0]
-    keys = template.new_zeros(len(views), heads, longest, head_dim)
+    keys = template.new_zeros(len(views), heads, longest, head_dim)  # zeros: padding must not be NaN
     values = template.new_zeros(len(views), heads, longest, head_dim)
-    mask = torch.zeros(len(views), 1, width, longest, dtype=torch.bool, device=template.device)
+    mask = torch.zeros(len(views), 1, queries[0].shape[0], longest, dtype=torch.bool, device=template.device)
     for row, ((key, value, positions), query) in enumerate(zip(views, queries, strict=True)):
         length = key.shape[1]
         keys[row, :, :length], values[row, :, :length] = key, value
-        mask[row, 0, : query.shape[0], :length] = positions[None, :] <= query[:, None]
-        mask[row, 0, query.shape[0] :, 0] = True
+        mask[row, 0, :, :length] = positions[None, :] <= query[:, None]
     return keys, values, mask
 
 
