@@ -228,6 +228,14 @@ def test_measured_bytes_equal_the_cost_model(wide, codec):
     assert server.frames_received == NEW_TOKENS + 2 and server.frames_sent == NEW_TOKENS + 1
 
 
+def test_a_one_token_answer_sends_the_prefill_alone(wide):
+    config = settings(codec="bfloat16", new=1)
+    result = run_in_process(SplitModel(wide.model), wide.identity, [ClientQuery(PROMPT, config)])
+    stats = result.clients[0].transport.stats
+    assert (stats.bytes_sent, stats.bytes_received) == by_hand(2, 96, len(PROMPT), 1)
+    assert (stats.frames_sent, stats.frames_received) == (3, 2)  # hello, prefill, done; answer, reply
+
+
 def test_the_cost_model_of_float_codecs_by_hand():
     for codec, size in (("float32", 4), ("bfloat16", 2), ("float16", 2)):
         for width, prompt, answer in ((96, 13, 6), (896, 500, 64), (64, 1, 1)):
