@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 
+from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import CODECS
 from fedattn.network.transport import InProcessGrid
 from fedattn.runtime.blocks import SplitModel
@@ -221,3 +222,35 @@ def test_a_dropped_session_frees_its_kv_cache(wide):
     assert "positions 9..9, expected 5..5" in driven.reason()
     gc.collect()
     assert driven.stores[FAKE]() is None and driven.stores[GOOD]() is None
+
+
+def client_facing_a_fake_server(split: SplitModel, identity: str, reply: bytes) -> Client:
+    """A real client whose server accepts it, then answers its prefill with ``reply``."""
+    grid = InProcessGrid(["server", "client"], timeout=5.0)
+    server = grid.endpoint(SERVER)
+    client = Client(1, SERVER, grid.endpoint(1), split, CONFIG, PROMPT, StopRule(), identity)
+    client.send_hello()
+    server.recv(1)
+    server.send(frames.encode_answer(None), [1])
+    client.receive_answer()
+    client.send_step()
+    server.recv(1)
+    server.send(reply, [1])
+    return client
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (frames.encode_answer("over capacity"), "server dropped the session: over capacity"),
+        (frames.encode_hidden(torch.zeros(1, WIDTH), CODECS["float32"], None), "1 tokens, expected 9"),
+        (frames.encode_hidden(torch.zeros(len(PROMPT), 64), CODECS["float32"], None), "hidden size 64"),
+        (frames.encode_hidden(torch.zeros(len(PROMPT), WIDTH), CODECS["float32"], torch.arange(9)), "flags 1"),
+        (frames.encode_hidden(torch.full((len(PROMPT), WIDTH), float("inf")), CODECS["float32"], None), "non-finite"),
+    ],
+)
+def test_the_client_refuses_a_bad_reply_in_one_line(wide, reply, reason):
+    split, identity, _ = wide
+    with pytest.raises(FedAttnError, match=reason) as raised:
+        client_facing_a_fake_server(split, identity, reply).receive_step()
+    assert "\n" not in str(raised.value)
