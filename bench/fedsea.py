@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
+from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks import gsm8k
 from fedattn.runtime.blocks import RowStep, SplitModel
 from fedattn.runtime.decoding import Decoding, StopRule
@@ -178,4 +180,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FedAttnError as error:
+        print(f"fedsea.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
