@@ -14,7 +14,7 @@ import torch
 from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import CODECS
 from fedattn.network.transport import InProcessGrid, InProcessTransport
-from fedattn.runtime.blocks import SplitModel
+from fedattn.runtime.blocks import RowStep, SplitModel
 from fedattn.runtime.decoding import Decoding, StopRule, stop_rule
 from fedattn.runtime.models import load_model
 from fedattn.systems.fedsea import costs, inprocess
@@ -347,3 +347,28 @@ def test_hidden_noise_has_the_mean_absolute_level():
     assert add_hidden_noise(hidden, 0.0, True, generator) is hidden
     with pytest.raises(FedAttnError):
         add_hidden_noise(hidden, float("nan"), False)
+
+
+def test_a_decode_step_batched_with_another_rows_prefill_is_its_solo_step(narrow):
+    """A service batches whatever is pending: one row's one-token step beside another's whole
+    prompt (padded to it), over different block ranges, gives each row what it gets alone."""
+    split = SplitModel(narrow.model)
+
+    def rows(stores):
+        embed = split.embed
+        prefill = RowStep(embed(PROMPT), torch.arange(len(PROMPT)), stores[0], 1, 5)
+        step = RowStep(embed([33]), torch.tensor([len(PROMPT)]), stores[0], 1, 5)
+        other = RowStep(embed(OTHER_PROMPT), torch.arange(len(OTHER_PROMPT)), stores[1], 3, 7)
+        return prefill, step, other
+
+    alone = [split.new_store(), split.new_store()]
+    prefill, step, other = rows(alone)
+    split.run([prefill])
+    expected = split.run([step])[0], split.run([other])[0]
+    together = [split.new_store(), split.new_store()]
+    prefill, step, other = rows(together)
+    split.run([prefill])
+    got = split.run([step, other])
+    assert got[0].shape == (1, 64) and got[1].shape == (len(OTHER_PROMPT), 64)
+    for ours, theirs in zip(got, expected, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
