@@ -55,8 +55,8 @@ def hello(identity: str, **changes) -> bytes:
     return frames.encode_hello(frames.ClientHello(**(fields | changes)))
 
 
-def hidden(tokens=FAKE_TOKENS, width=WIDTH, first=0, codec="float32", value=0.5) -> bytes:
-    states = torch.full((tokens, width), value)
+def hidden(tokens=FAKE_TOKENS, width=WIDTH, first=0, codec="float32") -> bytes:
+    states = torch.full((tokens, width), 0.5)
     return frames.encode_hidden(states, CODECS[codec], torch.arange(first, first + tokens))
 
 
@@ -73,7 +73,6 @@ class Driven:
         self.fake = grid.endpoint(FAKE)
         self.good = Client(GOOD, SERVER, grid.endpoint(GOOD), split, CONFIG, PROMPT, StopRule(), identity)
         self.server = Server(SERVER, grid.endpoint(SERVER), split, [FAKE, GOOD], identity, LIMIT)
-        self.grid = grid
         self.to_fake: list[bytes] = []
         self.good.send_hello()
         self.fake.send(fake_hello, [SERVER])
