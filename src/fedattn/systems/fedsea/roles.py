@@ -175,7 +175,7 @@ class Session:
     reply_noise: float
     relative: bool
     positions: int  # the most the client announced
-    store: ParticipantKVStore
+    store: ParticipantKVStore | None  # None once the session ended: its cache is freed, the record stays
     next_position: int = 0
     steps: int = 0
     prompt_length: int = 0  # the first step's tokens
@@ -260,6 +260,7 @@ class Server:
             try:
                 if frames.is_done(frame):
                     session.answer_length = frames.decode_done(frame, session.name, session.positions + 1)
+                    session.store = None  # the cache of a long-lived server's ended sessions must not pile up
                     self.closed.append(self.sessions.pop(client))
                     continue
                 pending.append((session, *self._hidden(session, frame)))
