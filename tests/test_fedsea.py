@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
@@ -46,8 +47,16 @@ def narrow():
     return load_model("tiny-random", progress=False)
 
 
-def settings(blocks=(1, 1), codec="float32", noise=Noise(), reply_noise=Noise(), decoding=Decoding(), new=NEW_TOKENS):
-    return SplitConfig(tuple(blocks), noise, reply_noise, codec, decoding, new)
+def settings(
+    blocks=(1, 1),
+    codec="float32",
+    noise=Noise(),
+    reply_noise=Noise(),
+    decoding=Decoding(),
+    new=NEW_TOKENS,
+    noise_seed=0,  # fixed: these tests compare runs
+):
+    return SplitConfig(tuple(blocks), noise, reply_noise, codec, decoding, new, noise_seed)
 
 
 def recording_logits(split: SplitModel) -> list[torch.Tensor]:
@@ -286,7 +295,7 @@ def test_a_refused_client_is_told_why(wide):
 
 
 def noise_settings(level: float, relative: bool = False, seed: int = 0) -> SplitConfig:
-    return settings((1, 1), noise=Noise(level, relative), decoding=Decoding(seed=seed))
+    return settings((1, 1), noise=Noise(level, relative), noise_seed=seed)
 
 
 def test_noise_off_is_bit_identical_to_no_noise_option(wide, recorded):
@@ -314,6 +323,8 @@ def test_noise_on_the_wire_is_the_level_reproducible_and_changes_the_answer(wide
     # the prefill's states are the same before noise: what differs on the wire is the noise itself
     difference = parse_hidden(noisy[1], True)[0] - parse_hidden(clean[1], True)[0]
     assert abs(float(difference.abs().mean()) / level - 1) < 0.1
+    secret = replace(noise_settings(level), noise_seed=None)  # the default: a fresh secret seed per session
+    assert run(secret)[1][1] != run(secret)[1][1]
     relative_answer, relative = run(noise_settings(0.5, relative=True))
     clean_states = parse_hidden(clean[1], True)[0]
     difference = parse_hidden(relative[1], True)[0] - clean_states

@@ -4,7 +4,7 @@ of hidden states on the wire, and decoding.
 ``add_run_options`` declares them once for ``fedattn split``, its party processes, ``fedattn eval
 --system split`` and a service query's words; ``config_from_args`` validates them before any model
 is loaded. What the server must know (A, C, the codec, both noise settings) is agreed at the
-handshake (``frames.ClientHello``); the seed of the client's draws never leaves it.
+handshake (``frames.ClientHello``); the seeds of the client's draws never leave it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ RUN_OPTIONS = (
     "top_k",
     "top_p",
     "seed",
+    "noise_seed",
     "max_new_tokens",
     "timeout",
 )
@@ -63,6 +64,9 @@ class SplitConfig:
     hidden_codec: str
     decoding: Decoding
     max_new_tokens: int
+    # the noise's draws: None (the default) seeds each session from the OS, a secret of the client's;
+    # a fixed seed makes runs reproducible but lets anyone who knows it subtract the noise
+    noise_seed: int | None = None
 
     @property
     def first(self) -> int:
@@ -153,7 +157,14 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the K likeliest tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of mass P")
-    parser.add_argument("--seed", type=seed_number, default=0, help="seed of the client's draws (noise, sampling)")
+    parser.add_argument("--seed", type=seed_number, default=0, help="seed of the client's sampling draws")
+    parser.add_argument(
+        "--noise-seed",
+        type=seed_number,
+        default=None,
+        help="seed of the noise (reproducible runs; whoever knows it can subtract the noise); "
+        "default: a fresh secret seed per session",
+    )
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     add_timeout_option(parser)
 
@@ -169,6 +180,7 @@ def config_from_args(args: argparse.Namespace) -> SplitConfig:
         hidden_codec=args.hidden_codec,
         decoding=Decoding(args.temperature, args.top_k, args.top_p, args.seed),
         max_new_tokens=args.max_new_tokens,
+        noise_seed=args.noise_seed,
     )
 
 

@@ -13,6 +13,7 @@ different clients share each block's weights; ``trace`` records which were batch
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,15 @@ from fedattn.systems.fedsea import frames
 from fedattn.systems.fedsea.config import MAX_CLIENT_BLOCKS, SplitConfig
 
 Engine = Callable[[list[RowStep]], list[torch.Tensor]]
+
+
+def noise_generator(seed: int | None, purpose: str) -> torch.Generator:
+    """One session's noise draws, in order: from ``seed`` (reproducible), or by default from a fresh
+    secret seed (a known seed would let the receiver subtract the noise, and a seed reused per
+    position would repeat it in every session)."""
+    if seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    return seeded_generator(seed, purpose)
 
 
 def model_fingerprint(identity: str) -> bytes:
@@ -71,6 +81,7 @@ class Client:
         self.store = split.new_store()
         self.store.reserve(len(prompt) + config.max_new_tokens)
         self.generator = config.decoding.generator(0)
+        self.noise = noise_generator(config.noise_seed, "hidden-noise")
         self.answer: list[int] = []
         self.finished = False  # the answer is complete
         self.done = False  # ... and the server was told
@@ -120,8 +131,7 @@ class Client:
         start = time.perf_counter()
         (hidden,) = self.split.run([RowStep(self.split.embed(tokens), positions, self.store, 0, self.config.first)])
         noise = self.config.noise
-        generator = seeded_generator(self.config.decoding.seed, "hidden-noise", first)
-        sent = add_hidden_noise(hidden, noise.level, noise.relative, generator)
+        sent = add_hidden_noise(hidden, noise.level, noise.relative, self.noise)
         self.compute_s += time.perf_counter() - start
         self.transport.note(f"step {len(self.answer)}")
         self.transport.send(frames.encode_hidden(sent, self.codec, positions), [self.server])
@@ -176,6 +186,7 @@ class Session:
     relative: bool
     positions: int  # the most the client announced
     store: ParticipantKVStore | None  # None once the session ended: its cache is freed, the record stays
+    noise: torch.Generator  # the reply noise's draws
     next_position: int = 0
     steps: int = 0
     prompt_length: int = 0  # the first step's tokens
@@ -200,7 +211,7 @@ class Server:
     clients: list[int]
     identity: str
     limit: int = MAX_CLIENT_BLOCKS
-    seed: int = 0  # of the reply noise's draws
+    seed: int | None = None  # of the reply noise's draws (None: a fresh secret seed per session)
     engine: Engine | None = None
     sessions: dict[int, Session] = field(default_factory=dict)
     trace: list[Batch] = field(default_factory=list)
@@ -247,6 +258,7 @@ class Server:
                 hello.noise_mode == frames.NOISE_RELATIVE,
                 hello.positions,
                 store,
+                noise_generator(self.seed, f"reply-noise:{name}"),
             )
             self.transport.send(frames.encode_answer(None), [client])
         self.greeted = True
@@ -273,9 +285,8 @@ class Server:
         outputs = (self.engine or self.split.run)(rows)
         self.compute_s += time.perf_counter() - start
         self.trace.append(Batch([s.name for s, _, _ in pending], [len(p) for _, _, p in pending]))
-        for (session, _, positions), output in zip(pending, outputs, strict=True):
-            generator = seeded_generator(self.seed, "reply-noise", session.name, int(positions[0]))
-            reply = add_hidden_noise(output, session.reply_noise, session.relative, generator)
+        for (session, _, _), output in zip(pending, outputs, strict=True):
+            reply = add_hidden_noise(output, session.reply_noise, session.relative, session.noise)
             self.transport.send(frames.encode_hidden(reply, codec_by_code(session.codec_code), None), [session.client])
 
     def _hidden(self, session: Session, frame: bytes) -> tuple[torch.Tensor, torch.Tensor]:
