@@ -10,35 +10,28 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedattn.argtypes import option_words, output_file, text_or_file
-from fedattn.cli.meeting import add_meeting_options, meeting_from_args, report_path
+from fedattn.argtypes import option_words, text_or_file
+from fedattn.cli.meeting import (
+    add_prompt_party_options,
+    add_prompt_run_options,
+    leave_with_report,
+    meeting_from_args,
+    report_path,
+)
 from fedattn.report.schema import RunReport
 from fedattn.systems.fedsea import config as split_config
 
-TRANSPORTS = ("inprocess", "torch", "grpc")
 SHARED_OPTIONS = ("model", "dtype", "device", *split_config.RUN_OPTIONS)  # what both parties are given alike
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, type=text_or_file, metavar="TEXT|@FILE", help="the client's prompt")
-    parser.add_argument("--raw", action="store_true", help="no chat template: the prompt is tokenized as is")
-    parser.add_argument(
-        "--transport",
-        choices=TRANSPORTS,
-        default="inprocess",
-        help="inprocess (default); or one local process per party over torch.distributed (gloo) or gRPC (mutual TLS)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    add_prompt_run_options(parser, "client")
     _add_model_options(parser)
     split_config.add_run_options(parser)
 
 
 def add_party_arguments(parser: argparse.ArgumentParser) -> None:
-    add_meeting_options(parser)
-    parser.add_argument("--prompt", metavar="TEXT|@FILE", help="the client's prompt (rank 1 only)")
-    parser.add_argument("--raw", action="store_true", help="no chat template: the prompt is tokenized as is")
-    parser.add_argument("--report", type=output_file, help="also write this party's JSON report here")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    add_prompt_party_options(parser, "the client's prompt (rank 1 only)")
     _add_model_options(parser)
     split_config.add_run_options(parser)
 
@@ -79,7 +72,6 @@ def _networked(args: argparse.Namespace) -> int:
 
 
 def run_party(args: argparse.Namespace) -> int:
-    from fedattn.network.meeting import exit_now
     from fedattn.runtime.devices import resolve_device
     from fedattn.systems.fedsea.networked import run_party
     from fedattn.systems.fedsea.query import load_setup
@@ -89,11 +81,7 @@ def run_party(args: argparse.Namespace) -> int:
     path = report_path(args.report, meeting.rank)
     prompt = None if args.prompt is None else text_or_file(args.prompt)
     setup = load_setup(config, args.model, resolve_device(args.device), args.dtype, args.raw, progress=False)
-    report = run_party(setup, meeting, prompt)
-    if path is not None:
-        path.write_text(json.dumps(report.to_json(), indent=2))
-    print_report(report, args.json)
-    exit_now(0)
+    leave_with_report(run_party(setup, meeting, prompt), path, print_report, args.json)
     return 0
 
 

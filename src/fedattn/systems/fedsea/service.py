@@ -27,7 +27,7 @@ from fedattn.argtypes import positive_int, text_or_file
 from fedattn.errors import FedAttnError
 from fedattn.network.grpc_transport import GrpcTransport
 from fedattn.network.kv_codec import CODECS
-from fedattn.network.service import SERVICE_TRANSPORT, Plan, Query
+from fedattn.network.service import SERVICE_TRANSPORT, Plan, Query, asker_text
 from fedattn.report.schema import merge, report_of_party
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.blocks import RowStep, SplitModel
@@ -44,7 +44,7 @@ from fedattn.systems.fedsea.query import SplitSetup, chat_prompt, check_prompt_t
 from fedattn.systems.fedsea.reporting import SYSTEM
 from fedattn.systems.fedsea.roles import Batch, Engine, Server
 
-PRIVATE_INPUT = {"prompt"}  # what the asker's Ask carries for its own party (the client)
+PRIVATE_INPUT = "prompt"  # what the asker's Ask carries for its own party (the client)
 ROLES = ("server", "client")  # by rank
 
 
@@ -179,7 +179,7 @@ class SplitHandler:
         setup = SplitSetup(config, self.loaded, self.device, self.dtype, raw)
         start = time.perf_counter()
         if rank == CLIENT_RANK:
-            party = own_party(rank, transport, setup, chat_prompt(setup, _prompt_text(private)))
+            party = own_party(rank, transport, setup, chat_prompt(setup, asker_text(private, PRIVATE_INPUT)))
             seconds = take_part(party, transport)
         else:
             label = f"{query.starter}/{query.id[:8]}"
@@ -206,16 +206,6 @@ class SplitHandler:
             for rank, (name, document, role) in enumerate(zip(query.parties, documents, ROLES, strict=True))
         ]
         return merge(reports).to_json()
-
-
-def _prompt_text(private: dict[str, str] | None) -> str:
-    private = private or {}
-    unknown = set(private) - PRIVATE_INPUT
-    if unknown:
-        raise FedAttnError(f"the asker's input has unknown parts: {', '.join(sorted(unknown))}")
-    if "prompt" not in private:
-        raise FedAttnError("the asker's input has no prompt")
-    return private["prompt"]
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -266,4 +256,4 @@ def ask_input(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
     check_prompt_text(args.prompt)
     words = option_words({name: getattr(args, name) for name in RUN_OPTIONS})
-    return words + (["--raw"] if args.raw else []), {"prompt": args.prompt}
+    return words + (["--raw"] if args.raw else []), {PRIVATE_INPUT: args.prompt}
