@@ -24,12 +24,18 @@ from fedattn.cli.main import main
 from fedattn.errors import FedAttnError
 from fedattn.network.federation import free_loopback_addresses, init_federation
 from fedattn.network.peers import PeerFailure
-from fedattn.network.service import ask
+from fedattn.network.service import Query, ask
 from fedattn.runtime.blocks import SplitModel
 from fedattn.runtime.models import load_model
 from fedattn.systems.fedsea.config import config_from_args
 from fedattn.systems.fedsea.query import SplitSetup, answer_chat
-from fedattn.systems.fedsea.service import SplitHandler, add_ask_options, ask_input
+from fedattn.systems.fedsea.service import (
+    SplitHandler,
+    add_ask_options,
+    add_serve_options,
+    ask_input,
+    handler_from_args,
+)
 
 MARK = "QX7MARK"
 NAMES = ["server", "alice", "bob", "carol"]
@@ -245,3 +251,22 @@ def test_a_dead_server_is_named_by_its_client_within_the_bound(federation, loade
     assert "server (rank 0) is gone (last seen at serve 3)" in str(failure.value)
     assert named_after <= timeout + 10
     assert MARK not in str(failure.value)
+
+
+def test_serve_options_give_the_servers_limit_and_refuse_a_document():
+    parser = OneLineParser(prog="serve", add_help=False)
+    add_serve_options(parser)
+    assert parser.parse_args([]).max_client_blocks == 5  # FedSEA's code allows A and C in 1..5
+    with pytest.raises(FedAttnError, match="^argument --max-client-blocks: must be >= 1, got 0$"):
+        parser.parse_args(["--max-client-blocks", "0"])
+    args = parser.parse_args(["--model", "tiny-random", "--device", "cpu", "--max-client-blocks", "2"])
+    with pytest.raises(FedAttnError, match="^a FedSEA party serves its model, not a document"):
+        handler_from_args(args, "a document")
+    handler = handler_from_args(args, None)
+    try:
+        query = Query("ab" * 16, "split", ("server", "alice"), ("--client-blocks", "2,3"))
+        with pytest.raises(FedAttnError, match="^--client-blocks 2,3: the server serves A and C in 1..2$"):
+            handler.plan(query, 0)
+        assert handler.plan(query, 1).settings[0].client_blocks == (2, 3)  # the client's own limit is the model's
+    finally:
+        handler.close()
