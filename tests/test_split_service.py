@@ -7,6 +7,7 @@ count is checked against the same client alone with its server in one process
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -201,6 +202,21 @@ def test_fedattn_split_refuses_bad_options_in_one_line(capsys, words, why):
     captured = capsys.readouterr()
     assert (code, captured.out) == (2, "")
     assert captured.err.startswith(f"fedattn: error: {why}") and captured.err.count("\n") == 1
+
+
+def test_fedattn_split_prints_the_answer_bytes_times_and_the_client_share(capsys):
+    words = ["split", "--model", "tiny-random", "--prompt", "hi", "--client-blocks", "1,3", "--max-new-tokens", "4"]
+    assert main([*words, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(words) == 0
+    table = capsys.readouterr().out
+    share = report["client_share"]
+    assert f"Answer (client): {report['answer']}" in table and "predicted" in table and "per_token" in table
+    assert "client: embeddings, blocks 0..0 and the last 3, the head" in table
+    assert (
+        f"client share: {share['compute']:.0%} of the compute per token, {share['memory']:.0%} of the weights, "
+        "50% of the KV cache" in table  # 1 + 3 of tiny-random's 8 blocks
+    )
 
 
 def test_a_client_killed_mid_generation_frees_its_session_and_the_others_finish(federation, loaded, caplog, tmp_path):
