@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ from fedattn.systems.fedsea.roles import Batch, Engine, Server
 
 PRIVATE_INPUT = "prompt"  # what the asker's Ask carries for its own party (the client)
 ROLES = ("server", "client")  # by rank
+TRACE_KEPT = 10_000  # engine calls a batcher remembers: a service runs for long
 
 
 @dataclass
@@ -62,14 +64,15 @@ class _Request:
 class Batcher:
     """A service's one engine for the server role of all its queries: each query's thread hands it
     its pending rows and waits; one thread runs whatever is queued in one ``run`` call, then again.
-    ``trace`` records each call: which queries' steps it ran and how many tokens each."""
+    ``trace`` records each call (the latest ``TRACE_KEPT``): which queries' steps it ran and how
+    many tokens each."""
 
     def __init__(self, run: Engine) -> None:
         self._run = run
         self._queue: list[_Request] = []
         self._ready = threading.Condition()
         self._closed = False
-        self.trace: list[Batch] = []
+        self.trace: deque[Batch] = deque(maxlen=TRACE_KEPT)
         self._thread = threading.Thread(target=self._serve, name="fedattn-split-batcher", daemon=True)
         self._thread.start()
 
