@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from fedattn.argtypes import OneLineParser
-from fedattn.cli import models, participant, specfed
+from fedattn.cli import models, participant, specfed, split
 from fedattn.cli import run as run_command
 from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError, ProtocolError
 from fedattn.systems import DEFAULT_SYSTEM
@@ -45,6 +45,15 @@ def build_parser(system: str = DEFAULT_SYSTEM, command: str | None = None) -> ar
     )
     specfed.add_party_arguments(
         commands.add_parser("specfed-party", help="run ONE SpecFed party (a worker or the server) in this process")
+    )
+
+    split.add_arguments(
+        commands.add_parser(
+            "split", help="FedSEA split inference: the client runs the model's ends, a server its middle blocks"
+        )
+    )
+    split.add_party_arguments(
+        commands.add_parser("split-party", help="run ONE split-inference party (the server or the client) here")
     )
 
     evaluate = commands.add_parser("eval", help="score schedules on a benchmark (resumable results folder)")
@@ -135,6 +144,7 @@ def _system_of(name: str, system: str, command: str | None) -> str:
     return system if command in (None, name) else DEFAULT_SYSTEM
 
 
+PARTY_COMMANDS = ("participant", "specfed-party", "split-party")  # one party of a networked run per process
 SYSTEM_COMMANDS = ("eval", "serve", "ask")  # commands whose options are their --system's
 
 
@@ -170,6 +180,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         return specfed.run(args)
     if args.command == "specfed-party":
         return specfed.run_party(args)
+    if args.command == "split":
+        return split.run(args)
+    if args.command == "split-party":
+        return split.run_party(args)
     if args.command == "sweep":
         from fedattn.evaluation.sweep import run
 
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedattn: interrupted", file=sys.stderr)
         code = 130
-    if command in ("participant", "specfed-party"):  # never block in gloo's teardown on a peer that is gone
+    if command in PARTY_COMMANDS:  # never block in gloo's teardown on a peer that is gone
         from fedattn.network.meeting import exit_now
 
         exit_now(code)

@@ -5,21 +5,26 @@ rank gets the same words, so the rank, world size and store may come from the en
 
 The command's own options must include ``--timeout`` (seconds without progress before giving up),
 which every wait of the meeting keeps. In every system the last party starts the query.
+
+A system whose query is one party's prompt (SpecFed, FedSEA) declares its command's and its party
+command's common options with ``add_prompt_run_options`` and ``add_prompt_party_options``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from fedattn.argtypes import host_port, name_list, non_negative_int, positive_int
+from fedattn.argtypes import host_port, name_list, non_negative_int, output_file, positive_int, text_or_file
 from fedattn.errors import FedAttnError
 
 if TYPE_CHECKING:
     from fedattn.network.meeting import FederationRun, Rendezvous
+    from fedattn.report.schema import RunReport
 
 T = TypeVar("T")
 
@@ -31,6 +36,7 @@ GLOO_OPTIONS = (
     ("--external-store", "external_store"),
 )
 GRPC_OPTIONS = (("--roster", "roster"), ("--name", "name"), ("--parties", "parties"))
+TRANSPORTS = ("inprocess", "torch", "grpc")  # of a command that runs every party: here, or one local process each
 
 
 def add_meeting_options(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +66,34 @@ def add_meeting_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prompt_run_options(parser: argparse.ArgumentParser, whose: str) -> None:
+    """A one-prompt command's: the prompt of ``whose`` (the party holding it), its template, where
+    the parties run, how the report prints."""
+    prompt_help = f"the {whose}'s prompt"
+    parser.add_argument("--prompt", required=True, type=text_or_file, metavar="TEXT|@FILE", help=prompt_help)
+    _add_template_and_output_options(parser)
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="inprocess",
+        help="inprocess (default); or one local process per party over torch.distributed (gloo) or gRPC (mutual TLS)",
+    )
+
+
+def add_prompt_party_options(parser: argparse.ArgumentParser, prompt_help: str) -> None:
+    """One party of a one-prompt run: how it meets the others, the prompt (one rank alone takes it,
+    as words: ``prompt_help`` says which), its template, where its report goes."""
+    add_meeting_options(parser)
+    parser.add_argument("--prompt", metavar="TEXT|@FILE", help=prompt_help)
+    _add_template_and_output_options(parser)
+    parser.add_argument("--report", type=output_file, help="also write this party's JSON report here")
+
+
+def _add_template_and_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--raw", action="store_true", help="no chat template: the prompt is tokenized as is")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+
+
 def meeting_from_args(args: argparse.Namespace) -> Rendezvous | FederationRun:
     """This party's place in the run: in a federation if any gRPC option is given, else at a rendezvous."""
     return _federation_run(args) if _given(args, GRPC_OPTIONS) else _rendezvous(args)
@@ -78,6 +112,19 @@ def report_path(template: Path | None, rank: int) -> Path | None:
     if path.is_dir():
         raise FedAttnError(f"--report {path} is a folder, not a file")
     return path
+
+
+def leave_with_report(
+    report: RunReport, path: Path | None, printer: Callable[[RunReport, bool], None], as_json: bool
+) -> None:
+    """A party command's end: its report written to ``path`` (if any) and printed, then the process
+    exits at once (``network.meeting.exit_now``: never blocked in gloo's teardown)."""
+    from fedattn.network.meeting import exit_now
+
+    if path is not None:
+        path.write_text(json.dumps(report.to_json(), indent=2))
+    printer(report, as_json)
+    exit_now(0)
 
 
 def _given(args: argparse.Namespace, options: tuple[tuple[str, str], ...]) -> list[str]:

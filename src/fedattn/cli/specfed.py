@@ -10,35 +10,27 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedattn.argtypes import output_file, text_or_file
-from fedattn.cli.meeting import add_meeting_options, meeting_from_args, report_path
+from fedattn.argtypes import text_or_file
+from fedattn.cli.meeting import (
+    add_prompt_party_options,
+    add_prompt_run_options,
+    leave_with_report,
+    meeting_from_args,
+    report_path,
+)
 from fedattn.errors import FedAttnError
 from fedattn.report.schema import RunReport
 from fedattn.systems.specfed import config as specfed_config
 
-TRANSPORTS = ("inprocess", "torch", "grpc")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, type=text_or_file, metavar="TEXT|@FILE", help="the server's prompt")
-    parser.add_argument("--raw", action="store_true", help="no chat template: the prompt is tokenized as is")
-    parser.add_argument(
-        "--transport",
-        choices=TRANSPORTS,
-        default="inprocess",
-        help="inprocess (default); or one local process per party over torch.distributed (gloo) or gRPC (mutual TLS)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    add_prompt_run_options(parser, "server")
     specfed_config.add_model_options(parser)
     specfed_config.add_run_options(parser)
 
 
 def add_party_arguments(parser: argparse.ArgumentParser) -> None:
-    add_meeting_options(parser)
-    parser.add_argument("--prompt", metavar="TEXT|@FILE", help="the server's prompt (the last rank only)")
-    parser.add_argument("--raw", action="store_true", help="no chat template: the prompt is tokenized as is")
-    parser.add_argument("--report", type=output_file, help="also write this party's JSON report here")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    add_prompt_party_options(parser, "the server's prompt (the last rank only)")
     specfed_config.add_model_options(parser)
     specfed_config.add_run_options(parser)
 
@@ -78,7 +70,6 @@ def party_words(args: argparse.Namespace) -> list[str]:
 
 
 def run_party(args: argparse.Namespace) -> int:
-    from fedattn.network.meeting import exit_now
     from fedattn.runtime.devices import resolve_device
     from fedattn.systems.specfed.networked import own_models, run_party
     from fedattn.systems.specfed.query import load_setup
@@ -97,11 +88,7 @@ def run_party(args: argparse.Namespace) -> int:
         progress=False,
         names=own_models(config, meeting.rank),
     )
-    report = run_party(setup, meeting, prompt)
-    if path is not None:
-        path.write_text(json.dumps(report.to_json(), indent=2))
-    print_report(report, args.json)
-    exit_now(0)
+    leave_with_report(run_party(setup, meeting, prompt), path, print_report, args.json)
     return 0
 
 

@@ -121,6 +121,18 @@ class QueryHandler(Protocol):
         ...
 
 
+def asker_text(private: dict[str, str] | None, name: str) -> str:
+    """The one text an asker's Ask carries for its own party (``private``), by ``name``: refused
+    when missing or beside anything else."""
+    private = private or {}
+    unknown = set(private) - {name}
+    if unknown:
+        raise FedAttnError(f"the asker's input has unknown parts: {', '.join(sorted(unknown))}")
+    if name not in private:
+        raise FedAttnError(f"the asker's input has no {name}")
+    return private[name]
+
+
 @dataclass
 class _Served:
     """One query this service takes part in as a party the starter started."""

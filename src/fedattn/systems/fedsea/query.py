@@ -64,7 +64,7 @@ def answer(setup: SplitSetup, prompt: list[int], stop_texts: tuple[str, ...]) ->
     (client,) = result.clients
     text = answer_text(stop, loaded.tokenizer, client.answer)
     parties = [reporting.server_party(result.server), reporting.client_party(client)]
-    timing = {"wall_s": result.wall_s, **client.timing(), "handshake_s": result.seconds.get("handshake", 0.0)}
+    timing = reporting.client_timing(client, result.wall_s, result.seconds)
     return reporting.run_report(
         parties, setup.config, client, setup.model_json(), text, IN_PROCESS, timing, setup.share()
     )
@@ -72,9 +72,14 @@ def answer(setup: SplitSetup, prompt: list[int], stop_texts: tuple[str, ...]) ->
 
 def chat_prompt(setup: SplitSetup, text: str) -> list[int]:
     """The client's prompt: the model's chat template around ``text`` (as is with ``raw``)."""
+    check_prompt_text(text)
+    return checked(setup, build_segments(setup.loaded.tokenizer, [], text, None, setup.raw)[0])
+
+
+def check_prompt_text(text: str) -> None:
+    """Refuse an empty prompt (before any model is loaded, where a command can)."""
     if not text.strip():
         raise FedAttnError("the prompt is empty")
-    return checked(setup, build_segments(setup.loaded.tokenizer, [], text, None, setup.raw)[0])
 
 
 def plain_prompt(setup: SplitSetup, text: str) -> list[int]:

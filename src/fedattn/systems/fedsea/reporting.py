@@ -72,16 +72,17 @@ def run_report(
     timing: dict[str, float],
     share: dict[str, float],
 ) -> RunReport:
-    """The run of one client (``client``: its own role, when this process holds it) and the server."""
+    """The run of one client (``client``: its own role, when this process holds it) and the server;
+    ``parties`` may be the server's alone (a networked server's own report, merged later)."""
     by_role = {party.role: party for party in parties}
-    answer = by_role["client"].answer_token_ids or []
+    client_report = by_role.get("client")
+    answer = (client_report.answer_token_ids or []) if client_report else []
     width = client.split.hidden_size if client else None
     prompt_length = len(client.prompt) if client else None
     expected = {
         "sent": sum(party.expected_bytes_sent or 0 for party in parties),
         "received": sum(party.expected_bytes_received or 0 for party in parties),
     }
-    client_report = by_role["client"]
     generated = max(len(answer), 1)
     details = {
         "client_blocks": list(config.client_blocks),
@@ -90,11 +91,12 @@ def run_report(
         "reply_noise": config.reply_noise.level,
         "hidden_codec": config.hidden_codec,
         "client_share": share,
-        "bytes_per_token": {
+    }
+    if client_report:
+        details["bytes_per_token"] = {
             "up": client_report.bytes_sent / generated,
             "down": client_report.bytes_received / generated,
-        },
-    }
+        }
     baselines = {}
     if width is not None and prompt_length is not None:
         baselines[RECOMPUTE] = costs.recompute_bytes(config.hidden_codec, width, prompt_length, len(answer))
@@ -114,6 +116,11 @@ def run_report(
         setting=setting(config),
         baselines=baselines,
     )
+
+
+def client_timing(client: Client, wall_s: float, seconds: dict[str, float]) -> dict[str, float]:
+    """A client's times: the run's wall time, its prefill and per-token times, its handshake."""
+    return {"wall_s": wall_s, **client.timing(), "handshake_s": seconds.get("handshake", 0.0)}
 
 
 def _party(name, rank, role, transport, expected_sent, expected_received, timing) -> PartyReport:

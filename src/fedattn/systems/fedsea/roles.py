@@ -265,7 +265,9 @@ class Server:
 
     def serve(self) -> None:
         """One frame from every session: done (the session is freed) or a step; then every step
-        through this server's blocks in one engine call, and each reply back."""
+        through this server's blocks in one engine call, and each reply back. Each round is
+        progress a networked client sees (its liveness check names a server that makes none)."""
+        self.transport.note(f"serve {len(self.trace)}")
         pending: list[tuple[Session, torch.Tensor, torch.Tensor]] = []
         for client, session in list(self.sessions.items()):
             frame = self.transport.recv(client, f"step {session.steps}")

@@ -19,7 +19,7 @@ import time
 
 from fedattn.errors import FedAttnError, ProtocolError
 from fedattn.network.grpc_transport import GrpcTransport
-from fedattn.network.service import SERVICE_TRANSPORT, Plan, Query
+from fedattn.network.service import SERVICE_TRANSPORT, Plan, Query, asker_text
 from fedattn.report.schema import RunReport, merge, report_of_party
 from fedattn.runtime.decoding import stop_rule
 from fedattn.runtime.models import LoadedModel
@@ -35,7 +35,7 @@ from fedattn.systems.specfed.networked import max_frame_bytes, own_party, own_re
 from fedattn.systems.specfed.query import new_drafter, template_prompt
 from fedattn.systems.specfed.reporting import SYSTEM
 
-PRIVATE_INPUT = {"prompt"}  # what the asker's Ask carries for its own party (the server)
+PRIVATE_INPUT = "prompt"  # what the asker's Ask carries for its own party (the server)
 MAX_GAMMA = 32  # drafts per round a service accepts: it bounds the largest frame its node takes
 
 
@@ -94,13 +94,7 @@ class SpecFedHandler:
 
     def _prompt(self, config: SpecFedConfig, raw: bool, private: dict[str, str] | None) -> list[int]:
         """The asker's prompt in its model's chat template, fitting its positions with the answer."""
-        private = private or {}
-        unknown = set(private) - PRIVATE_INPUT
-        if unknown:
-            raise FedAttnError(f"the asker's input has unknown parts: {', '.join(sorted(unknown))}")
-        if "prompt" not in private:
-            raise FedAttnError("the asker's input has no prompt")
-        prompt = template_prompt(self.loaded, private["prompt"], raw)
+        prompt = template_prompt(self.loaded, asker_text(private, PRIVATE_INPUT), raw)
         check_prompt_length(len(prompt), config.max_new_tokens, self.positions)
         return prompt
 
