@@ -29,6 +29,8 @@ SETTINGS = {  # greedy and lossless; sampled with noise both ways and a 16-bit c
         "0.8",
         "--seed",
         "7",
+        "--noise-seed",
+        "3",
         "--max-new-tokens",
         "10",
     ],

@@ -179,6 +179,8 @@ def test_bad_options_are_refused_in_one_line_and_the_server_keeps_serving(federa
             asking(federation, "alice", prompt="  ")
         with pytest.raises(FedAttnError, match="^argument --hidden-codec: unknown hidden-state codec 'nope'"):
             asking(federation, "alice", options=["--hidden-codec", "nope"])
+        with pytest.raises(FedAttnError, match="^--noise-seed is for local runs: a query's options reach the server"):
+            asking(federation, "alice", options=["--noise", "0.1", "--noise-seed", "3"])
         words, private = ask_input(ask_args(*CLIENTS["alice"]))
         with pytest.raises(FedAttnError) as refusal:
             ask(federation, "alice", federation.credentials("alice"), ["server", "bob", "alice"], words, private)

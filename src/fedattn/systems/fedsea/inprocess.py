@@ -54,7 +54,9 @@ def run_in_process(
         Client(rank, 0, grid.endpoint(rank), split, query.config, query.prompt, query.stop, identity)
         for rank, query in enumerate(queries, start=1)
     ]
-    server = Server(0, grid.endpoint(0), split, [client.rank for client in clients], identity, limit)
+    # one client's run is the user's own: its noise seed, if given, seeds the server's replies too
+    seed = queries[0].config.noise_seed if len(queries) == 1 else None
+    server = Server(0, grid.endpoint(0), split, [client.rank for client in clients], identity, limit, seed)
     seconds = protocol.run([server, *clients])
     if grid.pending():
         raise RuntimeError(f"{grid.pending()} frames were sent but never received: the protocol is inconsistent")

@@ -76,7 +76,9 @@ def own_party(
     if rank == CLIENT_RANK and prompt is not None:
         stop = stop_rule(loaded.tokenizer, loaded.model)
         return Client(rank, SERVER_RANK, transport, setup.split, setup.config, prompt, stop, loaded.identity)
-    return Server(rank, transport, setup.split, [CLIENT_RANK], loaded.identity, limit, engine=engine)
+    # the local server of ``fedattn split`` is the user's own: the noise seed, if given, seeds its replies too
+    seed = setup.config.noise_seed
+    return Server(rank, transport, setup.split, [CLIENT_RANK], loaded.identity, limit, seed, engine=engine)
 
 
 def take_part(party: Party, transport: NetworkTransport) -> dict[str, float]:

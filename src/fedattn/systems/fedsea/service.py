@@ -258,5 +258,10 @@ def ask_input(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     from fedattn.argtypes import option_words
 
     check_prompt_text(args.prompt)
-    words = option_words({name: getattr(args, name) for name in RUN_OPTIONS})
+    if args.noise_seed is not None:
+        raise FedAttnError(
+            "--noise-seed is for local runs: a query's options reach the server, which could subtract the noise "
+            "(each session draws a fresh secret seed)"
+        )
+    words = option_words({name: getattr(args, name) for name in RUN_OPTIONS if name != "noise_seed"})
     return words + (["--raw"] if args.raw else []), {PRIVATE_INPUT: args.prompt}
