@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedattn-installed
 MODEL ?= qwen2.5-coder-0.5b-instruct
 QUESTION := What is Marta Kowalski's employee ID? Answer with the number only.
 
-.PHONY: install model demo demo-services demo-specfed test bench narrativeqa clean
+.PHONY: install model demo demo-services demo-specfed demo-fedsea test bench narrativeqa clean
 
 # pip's output (warnings about this machine's index settings, say) goes to a log, shown only when pip fails.
 QUIETLY := sh -c 'log=$$(mktemp) && "$$@" >"$$log" 2>&1; status=$$?; [ $$status -eq 0 ] || cat "$$log" >&2; rm -f "$$log"; exit $$status' quietly
@@ -46,6 +46,12 @@ demo-specfed: $(STAMP)
 	$(BIN)/fedattn install qwen2.5-coder-1.5b-instruct
 	$(BIN)/fedattn specfed --worker qwen2.5-coder-1.5b-instruct:0.5 --worker qwen2.5-coder-0.5b-instruct:0.5 \
 		--draft qwen2.5-coder-0.5b-instruct --gamma 4 --top-k 1517 --reconstruct redistribute --encoding packed --max-new-tokens 96 \
+		--prompt "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
+
+# FedSEA: the client keeps blocks 0-1 and the last 2 and the head; a server process runs the rest, on noised hidden states.
+demo-fedsea: model
+	$(BIN)/fedattn split --model $(MODEL) --client-blocks 2,2 --noise-relative 0.3 --hidden-codec bfloat16 \
+		--transport grpc --max-new-tokens 96 \
 		--prompt "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
 
 # Lint and format check first (seconds), then the suite; the explicit folder means pytest always collects it.
