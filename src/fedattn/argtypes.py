@@ -143,6 +143,16 @@ class OneLineParser(argparse.ArgumentParser):
         raise FedAttnError(message)
 
 
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --device: where a party's model runs, in which precision (every system's)."""
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model(s)"
+    )
+    parser.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
+    )
+
+
 def name_list(value: str) -> list[str]:
     """'a,b, c' -> ['a', 'b', 'c'] (empty items dropped)."""
     return [word.strip() for word in value.split(",") if word.strip()]

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from fedattn.argtypes import (
     OneLineParser,
+    add_placement_options,
     add_timeout_option,
-    device_name,
     library_type,
     naming_option,
     non_negative_float,
@@ -103,12 +103,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
     )
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model"
-    )
-    parser.add_argument(
-        "--device", type=device_name, default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
-    )
+    add_placement_options(parser)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

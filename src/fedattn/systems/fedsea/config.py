@@ -13,7 +13,14 @@ import argparse
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedattn.argtypes import OneLineParser, add_timeout_option, non_negative_float, positive_int, seed_number
+from fedattn.argtypes import (
+    OneLineParser,
+    add_placement_options,
+    add_timeout_option,
+    non_negative_float,
+    positive_int,
+    seed_number,
+)
 from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import CODECS, get_codec
 from fedattn.runtime.decoding import Decoding
@@ -84,6 +91,11 @@ class SplitConfig:
                 f"--client-blocks {first},{last}: A + C = {first + last} leaves the server none of the model's "
                 f"{num_blocks} blocks (A + C must be below {num_blocks})"
             )
+        self.check_served(limit)
+
+    def check_served(self, limit: int = MAX_CLIENT_BLOCKS) -> None:
+        """Refuse A or C beyond what the server serves (before any model is loaded)."""
+        first, last = self.client_blocks
         if not (1 <= first <= limit and 1 <= last <= limit):
             raise FedAttnError(f"--client-blocks {first},{last}: the server serves A and C in 1..{limit}")
 
@@ -109,6 +121,18 @@ def hidden_codec(word: str) -> str:
         return get_codec(word).name
     except FedAttnError as error:
         raise argparse.ArgumentTypeError(str(error).replace("KV codec", "hidden-state codec")) from None
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The one model both sides split (each runs only its own blocks of it), its dtype and device."""
+    from fedattn.runtime.models import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
+    )
+    add_placement_options(parser)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
