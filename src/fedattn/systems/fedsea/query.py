@@ -77,7 +77,9 @@ def answer_many(setup: SplitSetup, prompts: list[tuple[list[int], tuple[str, ...
     reports = []
     for client, stop in zip(result.clients, stops):
         text = answer_text(stop, loaded.tokenizer, client.answer)
-        parties = [reporting.session_party(result.server, client, share), reporting.client_party(client)]
+        own = reporting.client_party(client)
+        own.answer = text  # the client is the party that answers (the harness counts its tokens)
+        parties = [reporting.session_party(result.server, client, share), own]
         timing = {"wall_s": result.wall_s * share, **client.timing(), "handshake_s": handshake_s}
         reports.append(
             reporting.run_report(
