@@ -143,6 +143,18 @@ class OneLineParser(argparse.ArgumentParser):
         raise FedAttnError(message)
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --dtype and --device: the one model a party loads (FedAttn's, FedSEA's), loaded once."""
+    from fedattn.runtime.models import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
+    )
+    add_placement_options(parser)
+
+
 def add_placement_options(parser: argparse.ArgumentParser) -> None:
     """--dtype and --device: where a party's model runs, in which precision (every system's)."""
     parser.add_argument(

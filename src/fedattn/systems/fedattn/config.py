@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from fedattn.argtypes import (
     OneLineParser,
-    add_placement_options,
+    add_model_options,
     add_timeout_option,
     library_type,
     naming_option,
@@ -92,18 +92,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     add_run_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Which model, in which dtype, on which device: loaded once."""
-    from fedattn.runtime.models import DEFAULT_MODEL
-
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
-    )
-    add_placement_options(parser)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 
 from fedattn.argtypes import (
     OneLineParser,
-    add_placement_options,
     add_timeout_option,
     non_negative_float,
     positive_int,
@@ -121,18 +120,6 @@ def hidden_codec(word: str) -> str:
         return get_codec(word).name
     except FedAttnError as error:
         raise argparse.ArgumentTypeError(str(error).replace("KV codec", "hidden-state codec")) from None
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """The one model both sides split (each runs only its own blocks of it), its dtype and device."""
-    from fedattn.runtime.models import DEFAULT_MODEL
-
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
-    )
-    add_placement_options(parser)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

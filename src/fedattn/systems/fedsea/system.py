@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from fedattn.argtypes import add_model_options
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
@@ -38,7 +39,7 @@ class SplitSystem:
     )
 
     def add_options(self, parser: argparse.ArgumentParser, task: Task) -> None:
-        split_config.add_model_options(parser)
+        add_model_options(parser)
         split_config.add_run_options(parser)
         parser.set_defaults(max_new_tokens=task.max_new_tokens)
 
