@@ -37,7 +37,8 @@ def comparison(results: list[Result], recoveries: list[Recovery]) -> str:
         "",
         f"Written by `fedattn compare` from {len(results)} result folders. Quality is the task's main metric; "
         "bytes are sent per query by all parties together (measured); time is wall time per query; leakage "
-        "is the share of a party's private tokens `fedattn attack` recovered from what the run sends.",
+        "is the share of a party's private tokens an attack (`fedattn attack`, or a `--leakage` table) recovered "
+        "from what the run sends.",
     ]
     for task in tasks:
         rows = table([result for result in results if result.summary["task"] == task], recoveries)
