@@ -226,7 +226,7 @@ def test_quality_is_drawn_against_the_noise_level_one_line_per_partition(noise_s
 def test_quality_is_drawn_against_the_recovery_of_a_leakage_table(noise_sweep, tmp_path, capsys):
     table = tmp_path / "leakage.json"
     rows = [
-        {"block": 1, "noise": 0.0, "relative": True, "recovery": 1.0},
+        {"block": 1, "noise": 0.0, "relative": False, "recovery": 1.0},  # no noise: relative or not
         {"block": 1, "noise": 0.5, "relative": True, "recovery": 0.7},
         {"block": 2, "noise": 0.5, "relative": True, "recovery": 0.3, "codec": "float32"},
         {"block": 2, "noise": 0.5, "relative": True, "recovery": 0.9, "codec": "int8"},  # another codec: not this run

@@ -415,12 +415,13 @@ class Recovery:
     rate: float
 
     def covers(self, exposure: Exposure) -> bool:
-        """Whether this point measured one of the blocks the run sends, as the run sends it."""
+        """Whether this point measured one of the blocks the run sends, as the run sends it (no
+        noise is no noise, relative or not)."""
         return (
             self.sent == exposure.sent
             and self.codec in (None, exposure.codec)
             and self.block in exposure.blocks
-            and self.relative == exposure.relative
+            and (self.relative == exposure.relative or exposure.noise == 0)
             and math.isclose(self.noise, exposure.noise, rel_tol=1e-6, abs_tol=1e-12)
         )
 

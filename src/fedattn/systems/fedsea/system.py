@@ -99,7 +99,8 @@ class SplitSystem:
             "seed": decoding["seed"],
             "max_new_tokens": config["max_new_tokens"],
         }
-        exposure = Exposure(config["hidden_codec"], (first,), float(noise["level"]), HIDDEN, bool(noise["relative"]))
+        level = float(noise["level"])
+        exposure = Exposure(config["hidden_codec"], (first,), level, HIDDEN, bool(noise["relative"]) and level > 0)
         return Description(named, label(named), exposure)
 
 
