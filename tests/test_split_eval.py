@@ -265,3 +265,8 @@ def test_a_bad_leakage_table_is_a_one_line_error(tmp_path, text, message):
     table.write_text(text)
     with pytest.raises(FedAttnError, match=message):
         plots.read_leakage(table)
+
+
+def test_a_networked_rank_is_refused_with_the_command_that_runs_one():
+    with pytest.raises(FedAttnError, match=r"one per process with `fedattn split --transport`"):
+        SYSTEM.run_rank(None, None, None, "a question", None)
