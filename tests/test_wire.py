@@ -469,6 +469,10 @@ def test_bytes_counted_once_per_multicast_send_and_per_receiver():
     assert (ends[1].stats.bytes_received, ends[1].stats.frames_received) == (len(frame), 1)
     assert (ends[2].stats.bytes_received, ends[2].stats.frames_received) == (len(frame) + 10, 2)
     assert ends[0].stats.bytes_received == 0 and ends[1].stats.bytes_sent == 0
+    # per peer, a multicast frame counts for each addressee
+    assert (ends[0].stats.peer(1).bytes_sent, ends[0].stats.peer(2).bytes_sent) == (len(frame), len(frame) + 10)
+    assert (ends[0].stats.peer(1).frames_sent, ends[0].stats.peer(2).frames_sent) == (1, 2)
+    assert ends[2].stats.peer(0).bytes_received == len(frame) + 10 and ends[2].stats.peer(1).bytes_received == 0
     # a received frame decodes to what was sent
     assert torch.equal(decode_kv(frame, expectation(), F32).key, make_block(WHOLE).key)
 

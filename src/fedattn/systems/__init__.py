@@ -14,7 +14,11 @@ from fedattn.errors import FedAttnError
 if TYPE_CHECKING:
     from fedattn.systems.base import System
 
-SYSTEMS = {"fedattn": "fedattn.systems.fedattn.system", "specfed": "fedattn.systems.specfed.system"}
+SYSTEMS = {
+    "fedattn": "fedattn.systems.fedattn.system",
+    "specfed": "fedattn.systems.specfed.system",
+    "split": "fedattn.systems.fedsea.system",
+}
 DEFAULT_SYSTEM = "fedattn"
 
 

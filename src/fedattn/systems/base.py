@@ -52,21 +52,46 @@ if TYPE_CHECKING:
     from fedattn.network.service import QueryHandler
 
 
+KV, HIDDEN = "kv", "hidden"  # what an exposure sends (``Exposure.sent``)
+
+
 @dataclass(frozen=True)
 class Exposure:
-    """What a curious party receives of another's private text: K/V at these blocks, through this
-    codec, after this much noise (``fedattn attack`` measures the recovery for exactly that)."""
+    """What a curious party receives of another's private text, through ``codec``, after ``noise``:
+    ``sent`` "kv", K/V at ``blocks`` (FedAttn); "hidden", the hidden states after the first
+    ``blocks[0]`` blocks (FedSEA: after block A). The noise is the mean absolute noise, or that many
+    times the mean |x| of each tensor sent when ``relative``. An attack's recovery for exactly
+    that (``fedattn attack``, or a ``--leakage`` table) is the run's leakage."""
 
-    kv_codec: str
+    codec: str
     blocks: tuple[int, ...]
     noise: float = 0.0
+    sent: str = KV
+    relative: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"kv_codec": self.kv_codec, "blocks": list(self.blocks), "noise": self.noise}
+        """K/V exposures as before ``sent`` existed (stored summaries stay comparable)."""
+        if self.sent == KV and not self.relative:
+            return {"kv_codec": self.codec, "blocks": list(self.blocks), "noise": self.noise}
+        return {
+            "sent": self.sent,
+            "codec": self.codec,
+            "blocks": list(self.blocks),
+            "noise": self.noise,
+            "relative": self.relative,
+        }
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> Exposure:
-        return cls(document["kv_codec"], tuple(document["blocks"]), float(document.get("noise", 0.0)))
+        if "kv_codec" in document:
+            return cls(document["kv_codec"], tuple(document["blocks"]), float(document.get("noise", 0.0)))
+        return cls(
+            document["codec"],
+            tuple(document["blocks"]),
+            float(document["noise"]),
+            document["sent"],
+            bool(document["relative"]),
+        )
 
 
 @dataclass(frozen=True)

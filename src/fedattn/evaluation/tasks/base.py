@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+DOCUMENT_SEPARATOR = "\n\n"  # between the documents and the question of a whole prompt
+
 
 @dataclass(frozen=True)
 class Item:
@@ -32,6 +34,15 @@ class Item:
     stop_texts: tuple[str, ...] = ()  # the answer ends before any of these (the next few-shot item)
     references: tuple[str, ...] = ()
     fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def whole_prompt(self) -> tuple[str, bool]:
+        """The item as one party's prompt (for a system where one party holds it all: SpecFed's
+        server, FedSEA's client), and whether it is a chat message: a few-shot item's raw text
+        (exemplars joined by newlines, then the question; no template), else the documents and the
+        question as one chat message."""
+        if self.exemplars:
+            return "\n".join(self.exemplars) + self.question, False
+        return DOCUMENT_SEPARATOR.join([*self.documents, self.question]), True
 
 
 @dataclass

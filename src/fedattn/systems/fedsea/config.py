@@ -13,7 +13,13 @@ import argparse
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedattn.argtypes import OneLineParser, add_timeout_option, non_negative_float, positive_int, seed_number
+from fedattn.argtypes import (
+    OneLineParser,
+    add_timeout_option,
+    non_negative_float,
+    positive_int,
+    seed_number,
+)
 from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import CODECS, get_codec
 from fedattn.runtime.decoding import Decoding
@@ -88,6 +94,11 @@ class SplitConfig:
                 f"--client-blocks {first},{last}: A + C = {first + last} leaves the server none of the model's "
                 f"{num_blocks} blocks (A + C must be below {num_blocks})"
             )
+        self.check_served(limit)
+
+    def check_served(self, limit: int = MAX_CLIENT_BLOCKS) -> None:
+        """Refuse A or C beyond what the server serves (before any model is loaded)."""
+        first, last = self.client_blocks
         if not (1 <= first <= limit and 1 <= last <= limit):
             raise FedAttnError(f"--client-blocks {first},{last}: the server serves A and C in 1..{limit}")
 

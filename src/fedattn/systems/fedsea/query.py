@@ -58,16 +58,35 @@ def answer_chat(setup: SplitSetup, text: str) -> RunReport:
 
 def answer(setup: SplitSetup, prompt: list[int], stop_texts: tuple[str, ...]) -> RunReport:
     """One in-process run of one client and the server, measured and reported."""
+    (report,) = answer_many(setup, [(prompt, stop_texts)])
+    return report
+
+
+def answer_many(setup: SplitSetup, prompts: list[tuple[list[int], tuple[str, ...]]]) -> list[RunReport]:
+    """Each (prompt, stop texts) as one client of one server, every party in this process: the
+    server runs the clients' pending steps together, as a service would. One report per client,
+    in order: its own traffic and the server's side of its session (measured per peer), the cost
+    model's bytes for that session, and its equal share of the run's wall time and server compute."""
     loaded = setup.loaded
-    stop = stop_rule(loaded.tokenizer, loaded.model, stop_texts)
-    result = run_in_process(setup.split, loaded.identity, [ClientQuery(prompt, setup.config, stop)], MAX_CLIENT_BLOCKS)
-    (client,) = result.clients
-    text = answer_text(stop, loaded.tokenizer, client.answer)
-    parties = [reporting.server_party(result.server), reporting.client_party(client)]
-    timing = reporting.client_timing(client, result.wall_s, result.seconds)
-    return reporting.run_report(
-        parties, setup.config, client, setup.model_json(), text, IN_PROCESS, timing, setup.share()
-    )
+    rules = {texts: stop_rule(loaded.tokenizer, loaded.model, texts) for _, texts in prompts}
+    stops = [rules[texts] for _, texts in prompts]
+    queries = [ClientQuery(prompt, setup.config, stop) for (prompt, _), stop in zip(prompts, stops)]
+    result = run_in_process(setup.split, loaded.identity, queries, MAX_CLIENT_BLOCKS)
+    share = 1 / len(queries)
+    handshake_s = result.seconds.get("handshake", 0.0) * share
+    reports = []
+    for client, stop in zip(result.clients, stops):
+        text = answer_text(stop, loaded.tokenizer, client.answer)
+        own = reporting.client_party(client)
+        own.answer = text  # the client is the party that answers (the harness counts its tokens)
+        parties = [reporting.session_party(result.server, client, share), own]
+        timing = reporting.client_timing(client, result.wall_s * share, {"handshake": handshake_s})
+        reports.append(
+            reporting.run_report(
+                parties, setup.config, client, setup.model_json(), text, IN_PROCESS, timing, setup.share()
+            )
+        )
+    return reports
 
 
 def chat_prompt(setup: SplitSetup, text: str) -> list[int]:

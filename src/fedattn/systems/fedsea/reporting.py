@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from fedattn.network.kv_codec import codec_by_code
+from fedattn.network.transport import TrafficStats
 from fedattn.report.schema import PartyReport, RunReport
 from fedattn.systems.fedsea import costs
 from fedattn.systems.fedsea.config import SplitConfig
-from fedattn.systems.fedsea.roles import Client, Server
+from fedattn.systems.fedsea.roles import Client, Server, Session
 
 SYSTEM = "split"
 RECOMPUTE = "recompute the prefix every step (FL-GLM)"
@@ -35,7 +36,7 @@ def client_party(client: Client) -> PartyReport:
         client.config.hidden_codec, client.split.hidden_size, len(client.prompt), len(client.answer)
     )
     sent, received = expected.client_sent, expected.client_received
-    party = _party(client.name, client.rank, "client", client.transport, sent, received, client.timing())
+    party = _party(client.name, client.rank, "client", client.transport.stats, sent, received, client.timing())
     party.answer_token_ids = list(client.answer)
     return party
 
@@ -45,21 +46,34 @@ def server_party(server: Server) -> PartyReport:
     was refused or dropped: what a bad frame costs is not modelled)."""
     sent = received = None
     if not server.refused and not server.sessions:
-        sessions = [
-            costs.session_bytes(
-                _codec_name(session.codec_code), server.split.hidden_size, session.prompt_length, session.answer_length
-            )
-            for session in server.closed
-        ]
+        sessions = [_session_bytes(server, session) for session in server.closed]
         sent = sum(session.client_received for session in sessions)
         received = sum(session.client_sent for session in sessions)
     timing = {"server_compute_s": server.compute_s}
-    party = _party(server.name, server.rank, "server", server.transport, sent, received, timing)
-    party.details = {
-        "batches": len(server.trace),
-        "largest_batch": max((len(b.clients) for b in server.trace), default=0),
-    }
+    party = _party(server.name, server.rank, "server", server.transport.stats, sent, received, timing)
+    party.details = batching(server)
     return party
+
+
+def session_party(server: Server, client: Client, share: float) -> PartyReport:
+    """The server as one of several clients' runs sees it: the bytes it exchanged with that client
+    (measured per peer at its transport), the cost model's for that client's session (None when the
+    session was refused or dropped), and ``share`` of its compute (the client's part of the batch)."""
+    session = next((session for session in server.closed if session.client == client.rank), None)
+    sent = received = None
+    if session is not None:
+        expected = _session_bytes(server, session)
+        sent, received = expected.client_received, expected.client_sent
+    traffic = server.transport.stats.peer(client.rank)
+    timing = {"server_compute_s": server.compute_s * share}
+    party = _party(server.name, server.rank, "server", traffic, sent, received, timing)
+    party.details = batching(server)
+    return party
+
+
+def batching(server: Server) -> dict[str, int]:
+    """How the server batched its clients' steps: engine calls, and the most steps in one."""
+    return {"batches": len(server.trace), "largest_batch": max((len(b.clients) for b in server.trace), default=0)}
 
 
 def run_report(
@@ -123,8 +137,7 @@ def client_timing(client: Client, wall_s: float, seconds: dict[str, float]) -> d
     return {"wall_s": wall_s, **client.timing(), "handshake_s": seconds.get("handshake", 0.0)}
 
 
-def _party(name, rank, role, transport, expected_sent, expected_received, timing) -> PartyReport:
-    stats = transport.stats
+def _party(name, rank, role, stats: TrafficStats, expected_sent, expected_received, timing) -> PartyReport:
     return PartyReport(
         name=name,
         rank=rank,
@@ -139,5 +152,7 @@ def _party(name, rank, role, transport, expected_sent, expected_received, timing
     )
 
 
-def _codec_name(code: int) -> str:
-    return codec_by_code(code).name
+def _session_bytes(server: Server, session: Session) -> costs.SessionBytes:
+    """The cost model's bytes of a session its client ended, from what the server saw of it."""
+    codec = codec_by_code(session.codec_code).name
+    return costs.session_bytes(codec, server.split.hidden_size, session.prompt_length, session.answer_length)

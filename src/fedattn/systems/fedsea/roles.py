@@ -161,14 +161,15 @@ class Client:
         self.finished = len(self.answer) >= self.config.max_new_tokens or self.stop(self.answer)
 
     def timing(self) -> dict[str, float]:
-        """Prefill (hello to first token), then the mean seconds per later token."""
+        """Prefill (hello to first token), then decoding (first to last token) and its mean per later token."""
         if not self.token_times:
-            return {"prefill_s": 0.0, "per_token_s": 0.0, "client_compute_s": self.compute_s}
+            return {"prefill_s": 0.0, "decode_s": 0.0, "per_token_s": 0.0, "client_compute_s": self.compute_s}
         later = len(self.token_times) - 1
-        per_token = (self.token_times[-1] - self.token_times[0]) / later if later else 0.0
+        decode = self.token_times[-1] - self.token_times[0]
         return {
             "prefill_s": self.token_times[0] - self.started,
-            "per_token_s": per_token,
+            "decode_s": decode,
+            "per_token_s": decode / later if later else 0.0,
             "client_compute_s": self.compute_s,
         }
 

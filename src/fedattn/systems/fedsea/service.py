@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedattn.argtypes import positive_int, text_or_file
+from fedattn.argtypes import add_model_options, positive_int, text_or_file
 from fedattn.errors import FedAttnError
 from fedattn.network.grpc_transport import GrpcTransport
 from fedattn.network.kv_codec import CODECS
@@ -214,8 +214,6 @@ class SplitHandler:
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     """``fedattn serve --system split``: the model (loaded once), and the most blocks the server
     lets a client keep at either end."""
-    from fedattn.systems.fedattn.config import add_model_options
-
     add_model_options(parser)
     parser.add_argument(
         "--max-client-blocks",

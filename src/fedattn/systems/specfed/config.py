@@ -21,8 +21,8 @@ import torch
 
 from fedattn.argtypes import (
     OneLineParser,
+    add_placement_options,
     add_timeout_option,
-    device_name,
     float_where,
     non_negative_float,
     non_negative_int,
@@ -166,15 +166,6 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="this party's model: verifies as a worker, drafts as the server (the asker); one tokenizer for all",
     )
     add_placement_options(parser)
-
-
-def add_placement_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype of the models"
-    )
-    parser.add_argument(
-        "--device", type=device_name, default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
-    )
 
 
 def add_query_options(parser: argparse.ArgumentParser) -> None:

@@ -22,8 +22,6 @@ from fedattn.systems.specfed import config as specfed_config
 from fedattn.systems.specfed.query import SpecFedSetup, answer, chat_prompt, load_setup, plain_prompt
 from fedattn.systems.specfed.service import SpecFedHandler
 
-DOCUMENT_SEPARATOR = "\n\n"
-
 
 class SpecFedSystem:
     name = "specfed"
@@ -115,9 +113,8 @@ def describe_label(settings: dict[str, Any], alone: bool) -> str:
 
 def prompt_of(setup: SpecFedSetup, item: Item) -> list[int]:
     """The server's prompt of an item: a few-shot item's raw text, or the documents and question as a chat."""
-    if item.exemplars:
-        return plain_prompt(setup, "\n".join(item.exemplars) + item.question)
-    return chat_prompt(setup, DOCUMENT_SEPARATOR.join([*item.documents, item.question]))
+    text, chat = item.whole_prompt()
+    return chat_prompt(setup, text) if chat else plain_prompt(setup, text)
 
 
 SYSTEM = SpecFedSystem()
