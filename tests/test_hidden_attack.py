@@ -141,7 +141,8 @@ def test_results_folder_resumes_only_what_is_missing(tmp_path, one_torch_thread,
     ]
     first = json.loads(records[0])
     assert first["bytes_per_token"] == 64 * 4  # d = 64 float32 values
-    assert 0.0 <= first["rate"] <= first["shortlist_hit_rate"] <= 1.0
+    assert 0.0 <= first["rate"] <= first["shortlist_hit_rate"] <= 1.0  # a guess is always a listed token
+    assert first["probe_top1_rate"] <= first["shortlist_hit_rate"]
     (out / "records.jsonl").write_text(records[0] + "\n")
     assert main(words) == 0
     again = (out / "records.jsonl").read_text().splitlines()

@@ -88,6 +88,7 @@ HELD_OUT_SHARE = 0.1  # of the public sequences, kept out of the decoder's train
 CHECKPOINT_EVERY = 8  # decoder steps (one public sequence each) between checkpoints
 CANDIDATE_CHUNK = 512  # candidate tokens run through the blocks at once
 HEAD_CHUNK = 512  # positions whose vocabulary logits are formed at once
+SUMMARY_RATES = ("rate", "loose_rate", "shortlist_hit_rate", "probe_top1_rate")  # tables by attack, A and noise
 
 
 @dataclass(frozen=True)
@@ -357,28 +358,32 @@ def victim_received(setup: SplitAttackSetup, depth: int, noise: HiddenNoise) -> 
 
 
 def attack_search(setup: SplitAttackSetup, depth: int, noise: HiddenNoise, size: int | None) -> tuple:
-    """(guesses, shortlist hit rate) of the victims' private tokens; ``size`` None scores every token.
+    """(guesses of the victims' private tokens, details); ``size`` None scores every token.
 
     One probe map serves every victim (noise-aware at the root-mean-square of their noise spreads),
-    so the vocabulary is projected once per point."""
+    so the vocabulary is projected once per point. The details give the share of private tokens on
+    the shortlist and the share the probe's first choice alone names (the probe read as an attack
+    of its own: under heavy noise its ranking, fitted on real text, can beat the nearest-h_A choice)."""
     from fedattn.report.render import progress_bar
 
     sent = victim_received(setup, depth, noise)
     lengths = [len(victim.token_ids) for victim in setup.victims]
     candidates: list[torch.Tensor | None] = [None] * len(sent)
-    hit_rate = 1.0
+    details: dict = {"shortlist": "all" if size is None else size}
     if size is not None:
         sigma = math.sqrt(sum(spread**2 for _, spread in sent) / len(sent))
         rows = torch.cat([received for received, _ in sent])
         listed = shortlisted(setup.split, setup.probes[depth], rows, sigma, setup.vocabulary, size)
         private = torch.tensor([flag for victim in setup.victims for flag in victim.private])
-        hit_rate = float((listed[private] == private_truth(setup.victims).unsqueeze(1)).any(dim=1).float().mean())
+        matches = listed[private] == private_truth(setup.victims).unsqueeze(1)
+        details["shortlist_hit_rate"] = float(matches.any(dim=1).float().mean())
+        details["probe_top1_rate"] = float(matches[:, 0].float().mean())
         candidates = list(listed.split(lengths))
     guesses = []
     with progress_bar(f"search A={depth} noise {noise.key}", sum(lengths)) as advance:
         for victim, (received, _), listed in zip(setup.victims, sent, candidates):
             guesses.append(search_segment(setup.split, depth, victim, received, listed, setup.vocabulary, advance))
-    return torch.cat(guesses), hit_rate
+    return torch.cat(guesses), details
 
 
 def decoder_pairs(setup: SplitAttackSetup, depth: int) -> tuple[list, list]:
@@ -420,11 +425,9 @@ def attack_record(
     """One (A, noise, attack) point: recovery, what the attack took, bytes sent per token, a sample."""
     start = time.perf_counter()
     truth = private_truth(setup.victims)
-    details: dict = {}
     if attack == "search":
         size = None if args.shortlist == "all" else args.shortlist
-        guessed, hit_rate = attack_search(setup, depth, noise, size)
-        details = {"shortlist": args.shortlist, "shortlist_hit_rate": hit_rate}
+        guessed, details = attack_search(setup, depth, noise, size)
         positions = sum(len(victim.token_ids) for victim in setup.victims)
     else:
         guessed, details = attack_decoder(setup, depth, noise, args)
@@ -449,21 +452,16 @@ def attack_record(
 
 
 def summarize(records: list[dict], costs: dict, codec: KVCodec, width: int) -> dict:
-    """Recovery by attack, A and noise (exact and loose), bytes per token sent, what the attacks cost."""
-    rate: dict[str, dict[str, float]] = {}
-    loose: dict[str, dict[str, float]] = {}
-    hits: dict[str, dict[str, float]] = {}
+    """Recovery by attack, A and noise (exact, loose; the search's shortlist hits and its probe's
+    first choices), bytes per token sent, what the attacks cost."""
+    tables: dict[str, dict[str, dict[str, float]]] = {name: {} for name in SUMMARY_RATES}
     for record in sorted(records, key=lambda record: (record["attack"], record["client_blocks"], record["noise"])):
-        row = f"{record['attack']} A={record['client_blocks']}"
-        level = f"{record['noise']:g}"
-        rate.setdefault(row, {})[level] = record["rate"]
-        loose.setdefault(row, {})[level] = record["loose_rate"]
-        if "shortlist_hit_rate" in record:
-            hits.setdefault(row, {})[level] = record["shortlist_hit_rate"]
+        row, level = f"{record['attack']} A={record['client_blocks']}", f"{record['noise']:g}"
+        for name, table in tables.items():
+            if name in record:
+                table.setdefault(row, {})[level] = record[name]
     return {
-        "rate": rate,
-        "loose_rate": loose,
-        "shortlist_hit_rate": hits,
+        **tables,
         "tokens": records[0]["tokens"] if records else 0,
         "hidden_codec": codec.name,
         "bytes_per_token": codec.tensor_size(1, width),
