@@ -62,6 +62,7 @@ from fedattn.privacy.kv_attack import (
     PrefixStep,
     RidgeProbe,
     Victim,
+    add_common_arguments,
     noise_levels,
     peak_rss_mb,
     print_table,
@@ -492,14 +493,13 @@ def attack_names(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fedattn.argtypes import device_name
-    from fedattn.runtime.models import DEFAULT_MODEL
     from fedattn.systems.fedsea.config import hidden_codec
 
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"a known model name, 'tiny-random', or a local HF directory (default {DEFAULT_MODEL})",
+    add_common_arguments(
+        parser,
+        "float32",
+        "seed of the noise, the decoder's initialisation and order",
+        "results folder: records.jsonl, summary.json, decoders/ (checkpoints); reruns resume",
     )
     parser.add_argument(
         "--client-blocks",
@@ -553,30 +553,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float32",
         metavar="CODEC",
         help="hidden states on the wire, as fedattn split --hidden-codec (default float32)",
-    )
-    parser.add_argument(
-        "--source",
-        choices=tuple(SOURCES),
-        default="crossfacts",
-        help="victims' private text, as fedattn attack: CrossFacts documents or GSM8K test questions",
-    )
-    parser.add_argument(
-        "--count", "--limit", dest="count", type=positive_int, default=20, help="victim segments attacked (default 20)"
-    )
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the CrossFacts items")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise, the decoder's initialisation and order")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute dtype of the client's and the attacker's model (default float32)",
-    )
-    parser.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="results folder: records.jsonl, summary.json, decoders/ (checkpoints); reruns resume",
     )
 
 

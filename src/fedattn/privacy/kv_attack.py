@@ -537,15 +537,46 @@ def verify_size(text: str) -> int:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, dtype: str, seed_help: str, out_help: str) -> None:
+    """What every attack command takes: the model, the victims (``SOURCES``), seeds, where it runs
+    and its results folder."""
     from fedattn.argtypes import device_name
     from fedattn.runtime.models import DEFAULT_MODEL
-    from fedattn.systems.fedattn.config import block_list, codec_name
 
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--source",
+        choices=tuple(SOURCES),
+        default="crossfacts",
+        help="victims' private text: CrossFacts documents or GSM8K test questions (default crossfacts)",
+    )
+    parser.add_argument(
+        "--count", "--limit", dest="count", type=positive_int, default=20, help="victim segments attacked (default 20)"
+    )
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the CrossFacts items")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument(
+        "--dtype",
+        default=dtype,
+        choices=["float32", "bfloat16", "float16"],
+        help=f"compute dtype of the model (default {dtype})",
+    )
+    parser.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fedattn.systems.fedattn.config import block_list, codec_name
+
+    add_common_arguments(
+        parser,
+        "bfloat16",
+        "seed of the noise and of the probe's training offsets",
+        "results folder: records.jsonl, summary.json, recovery.png; reruns resume",
     )
     parser.add_argument(
         "--blocks",
@@ -567,13 +598,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the K/V codec on the wire (see fedattn run --help; default bfloat16)",
     )
     parser.add_argument(
-        "--source",
-        choices=tuple(SOURCES),
-        default="crossfacts",
-        help="victims' private text: CrossFacts documents or GSM8K test questions (default crossfacts)",
-    )
-    parser.add_argument("--count", type=positive_int, default=20, help="victim segments attacked (default 20)")
-    parser.add_argument(
         "--train-tokens",
         type=positive_int,
         default=DEFAULT_TRAIN_TOKENS,
@@ -592,21 +616,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=KEY_MODES,
         default="unrotated",
         help="probe features: keys rotated back by their positions (default) or as sent",
-    )
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the CrossFacts items")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the probe's training offsets")
-    parser.add_argument(
-        "--dtype",
-        default="bfloat16",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute dtype of the model (default bfloat16)",
-    )
-    parser.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="results folder: records.jsonl, summary.json, recovery.png; reruns resume",
     )
 
 
