@@ -152,6 +152,15 @@ def test_results_folder_resumes_only_what_is_missing(tmp_path, one_torch_thread,
     assert set(summary["rate"]["search A=1"]) == {"0", "1"}
 
 
+def test_decoder_point_records_its_losses_and_drops_its_checkpoint(tmp_path, one_torch_thread, capsys):
+    out = tmp_path / "decoder"
+    assert main([*COMMON, "--noise", "0.5", "--attack", "decoder", "--decoder-epochs", "1", "--out", str(out)]) == 0
+    (record,) = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert record["key"] == "A=1 noise=0.5 attack=decoder" and record["steps"] == 1  # 512 tokens: 1 trained, 1 held out
+    assert record["held_out_loss_trained"] < record["held_out_loss_initial"]
+    assert list((out / "decoders").iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

@@ -9,8 +9,8 @@
 # load average about 7: search with a 64-token shortlist 0.155 s per position at A=1 and 1.18 s at
 # A=5, about 0.26 s more per block; one decoder step of 256 tokens 7.3 s; h_A of public text about
 # 200 token-blocks per second). 3 victims = 537 positions (about 500 private tokens).
-# Every command resumes where it stopped (rerun it after an interruption; decoders resume from
-# their checkpoints in FOLDER/decoders/). The whole list is about 6.5 hours; run it in this order
+# Every command resumes where it stopped (rerun it after an interruption; a decoder in training
+# resumes from its checkpoint in FOLDER/decoders/, removed once its point is recorded). The whole list is about 6.5 hours; run it in this order
 # (the cheapest and most telling first) and stop wherever you like.
 set -u
 cd "$(dirname "$0")"

@@ -395,7 +395,8 @@ def decoder_pairs(setup: SplitAttackSetup, depth: int) -> tuple[list, list]:
 
 
 def attack_decoder(setup: SplitAttackSetup, depth: int, noise: HiddenNoise, args: argparse.Namespace) -> tuple:
-    """(guesses, losses): the decoder trained (or resumed) for (A, noise), then run on the victims."""
+    """(guesses, losses): the decoder trained (or resumed) for (A, noise), then run on the victims;
+    its checkpoint is removed once the point is done (its record is what a resumed run needs)."""
     from fedattn.report.render import progress_bar
 
     training, held_out = decoder_pairs(setup, depth)
@@ -417,6 +418,7 @@ def attack_decoder(setup: SplitAttackSetup, depth: int, noise: HiddenNoise, args
     guesses = []
     for victim, (sent, _) in zip(setup.victims, victim_received(setup, depth, noise)):
         guesses.append(decoder.guess(sent, setup.vocabulary)[torch.tensor(victim.private)])
+    checkpoint.unlink()  # the point is done; a 0.5B model's decoder and optimizer state are ~180 MB
     return torch.cat(guesses), {"held_out_loss_initial": before, "held_out_loss_trained": after, "steps": plan.steps}
 
 
