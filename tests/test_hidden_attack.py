@@ -125,7 +125,7 @@ def test_decoder_checkpoint_resume_gives_the_same_state(split, public_pairs, tmp
 
 
 COMMON = [
-    "attack-split", "--model", "tiny-random", "--source", "gsm8k", "--count", "1", "--client-blocks", "1",
+    "attack-split", "--model", "tiny-random", "--source", "gsm8k", "--limit", "1", "--client-blocks", "1",
     "--train-tokens", "512",
 ]  # fmt: skip
 
