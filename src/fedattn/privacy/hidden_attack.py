@@ -483,14 +483,18 @@ def depth_list(text: str) -> tuple[int, ...]:
 
 def shortlist_size(text: str) -> int | str:
     """--shortlist K (K >= 1) or 'all' (the whole vocabulary: exact, |V| tokens per position)."""
-    return "all" if text.strip().lower() == "all" else positive_int(text)
+    if text.strip().lower() == "all":
+        return "all"
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a number of candidates K >= 1 or all, got {text!r}")
+    return int(text)
 
 
 def attack_names(text: str) -> tuple[str, ...]:
     if text == "both":
         return ATTACKS
     if text not in ATTACKS:
-        raise argparse.ArgumentTypeError(f"--attack must be search, decoder or both, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be search, decoder or both, got {text!r}")
     return (text,)
 
 
