@@ -1,5 +1,5 @@
 """The ``fedattn`` command: run a federated query (in-process or one process per party), evaluate,
-sweep, plot, attack, list and install models.
+sweep, plot, attack (FedAttn's K/V, split inference's hidden states), list and install models.
 
 The parser is built from what the layers below declare (each command's ``add_arguments``, the
 system's ``add_options``); this module only dispatches and maps errors to exit codes. Every user
@@ -78,6 +78,15 @@ def build_parser(system: str = DEFAULT_SYSTEM, command: str | None = None) -> ar
     attack.add_arguments(
         commands.add_parser(
             "attack", help="measure how many of a party's tokens its exchanged K/V give away (per block and noise)"
+        )
+    )
+
+    from fedattn.privacy import hidden_attack
+
+    hidden_attack.add_arguments(
+        commands.add_parser(
+            "attack-split",
+            help="measure how many of a split client's prompt tokens its hidden states give away (per A and noise)",
         )
     )
 
@@ -196,6 +205,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         return run(args)
     if args.command == "attack":
         from fedattn.privacy.kv_attack import run
+
+        return run(args)
+    if args.command == "attack-split":
+        from fedattn.privacy.hidden_attack import run
 
         return run(args)
     if args.command == "compare":

@@ -282,8 +282,13 @@ class RidgeProbe:
 
     def weights(self, sigma: float) -> torch.Tensor:
         """(F, D) map; noise of relative spread sigma adds sigma^2 to the standardized diagonal."""
-        eye = torch.eye(len(self.gram), dtype=self.gram.dtype)
-        return torch.linalg.solve(self.gram + (RIDGE + sigma**2) * eye, self.cross)
+        return self.weights_under_noise(sigma**2 * self.scale**2)
+
+    def weights_under_noise(self, variance: torch.Tensor | float) -> torch.Tensor:
+        """(F, D) map for features received with independent noise of ``variance`` per feature (raw
+        units): its expected effect on the standardized Gram matrix is variance / scale^2 on the diagonal."""
+        diagonal = RIDGE + torch.as_tensor(variance, dtype=self.gram.dtype) / self.scale**2
+        return torch.linalg.solve(self.gram + torch.diag(diagonal.expand(len(self.gram))), self.cross)
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.double() - self.mean) / self.scale).float()
@@ -294,13 +299,16 @@ def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
     return matrix / matrix.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def probe_candidates(probe: RidgeProbe, embeddings: torch.Tensor, queries: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(N, SHORTLIST) vocabulary entries by cosine of their embedding to the probe's prediction, best first.
+def probe_candidates(
+    probe: RidgeProbe, weights: torch.Tensor, embeddings: torch.Tensor, queries: torch.Tensor, size: int = SHORTLIST
+) -> torch.Tensor:
+    """(N, size) vocabulary entries by cosine of their embedding to the probe's prediction (by its
+    map ``weights``, see ``RidgeProbe.weights``), best first.
 
     The shortlist scores x . (W e_v) + mean . e_v over unit embeddings e_v, so the vocabulary is
     projected once into the (small) feature space instead of every prediction into the vocabulary.
     """
-    weights = probe.weights(sigma).float()
+    weights = weights.float()
     target_mean = probe.target_mean.float()
     projected, bias = [], []
     for rows in embeddings.split(VOCAB_CHUNK):
@@ -308,7 +316,7 @@ def probe_candidates(probe: RidgeProbe, embeddings: torch.Tensor, queries: torch
         projected.append((unit.to(torch.bfloat16) @ weights.T.to(torch.bfloat16)).float())
         bias.append(unit @ target_mean)
     standard = probe.standardize(queries)
-    candidates = shortlist(standard, torch.cat(projected), torch.cat(bias))
+    candidates = shortlist(standard, torch.cat(projected), torch.cat(bias), size)
     predicted = unit_rows(standard @ weights + target_mean)
     cosine = (unit_rows(embeddings[candidates]) * predicted.unsqueeze(1)).sum(dim=2)
     return candidates.gather(1, cosine.argsort(dim=1, descending=True))
@@ -360,7 +368,8 @@ def attack_block(setup: AttackSetup, block: int, sigma: float) -> tuple[torch.Te
     if block == 0:
         return table_attack(setup.table, queries, sigma), truth
     embeddings = setup.model.base_model.embed_tokens.weight.detach()
-    candidates = probe_candidates(setup.probes[block], embeddings, queries, sigma)
+    probe = setup.probes[block]
+    candidates = probe_candidates(probe, probe.weights(sigma), embeddings, queries)
     if not setup.verify:
         return candidates[:, 0], truth
     weights = match_weights(torch.cat([features(key, value) for key, value in frames]), sigma)
@@ -376,9 +385,10 @@ class _Stop(Exception):
     """Raised after the attacked block: the blocks above it cannot change its K/V."""
 
 
-class _PrefixStep:
+class PrefixStep:
     """A forward step for candidate tokens at one position (one per batch row): each attends to the
-    K/V of the prefix recovered so far; the pass stops once the attacked block's K/V are known."""
+    K/V of the prefix recovered so far; the pass stops once block ``block``'s K/V are known (a pass
+    that never reaches ``block`` runs to its end: ``hidden_attack`` reads hidden states that way)."""
 
     def __init__(self, block: int, capacity: int) -> None:
         self.block = block
@@ -425,7 +435,7 @@ def verify_segment(
     29%), so it is an option, not the default. Template tokens are public, so they are taken as
     known. Returns the guesses of the private tokens.
     """
-    step = _PrefixStep(block, len(victim.token_ids))
+    step = PrefixStep(block, len(victim.token_ids))
     guesses = iter(candidates.tolist())
     chosen = []
     with federated_attention_enabled(model):
@@ -492,12 +502,11 @@ def score(guessed: torch.Tensor, truth: torch.Tensor, loose: LooseForm) -> dict:
     }
 
 
-def sample(setup: AttackSetup, guessed: torch.Tensor) -> dict:
-    """The first victim's first private tokens, true and as recovered, as text."""
-    first = [token for token, private in zip(setup.victims[0].token_ids, setup.victims[0].private) if private]
+def sample_text(tokenizer, victim: Victim, guessed: torch.Tensor) -> dict:
+    """``victim``'s first private tokens, true and as recovered (``guessed`` starts with its guesses), as text."""
+    first = [token for token, private in zip(victim.token_ids, victim.private) if private]
     count = min(SAMPLE_TOKENS, len(first))
-    decode = setup.tokenizer.decode
-    return {"true": decode(first[:count]), "recovered": decode(guessed[:count].tolist())}
+    return {"true": tokenizer.decode(first[:count]), "recovered": tokenizer.decode(guessed[:count].tolist())}
 
 
 def peak_rss_mb() -> float:
@@ -528,15 +537,46 @@ def verify_size(text: str) -> int:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, dtype: str, seed_help: str, out_help: str) -> None:
+    """What every attack command takes: the model, the victims (``SOURCES``), seeds, where it runs
+    and its results folder."""
     from fedattn.argtypes import device_name
     from fedattn.runtime.models import DEFAULT_MODEL
-    from fedattn.systems.fedattn.config import block_list, codec_name
 
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"a known model name, 'tiny-random', or a local HF directory / GGUF file (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--source",
+        choices=tuple(SOURCES),
+        default="crossfacts",
+        help="victims' private text: CrossFacts documents or GSM8K test questions (default crossfacts)",
+    )
+    parser.add_argument(
+        "--count", "--limit", dest="count", type=positive_int, default=20, help="victim segments attacked (default 20)"
+    )
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the CrossFacts items")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument(
+        "--dtype",
+        default=dtype,
+        choices=["float32", "bfloat16", "float16"],
+        help=f"compute dtype of the model (default {dtype})",
+    )
+    parser.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fedattn.systems.fedattn.config import block_list, codec_name
+
+    add_common_arguments(
+        parser,
+        "bfloat16",
+        "seed of the noise and of the probe's training offsets",
+        "results folder: records.jsonl, summary.json, recovery.png; reruns resume",
     )
     parser.add_argument(
         "--blocks",
@@ -558,13 +598,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the K/V codec on the wire (see fedattn run --help; default bfloat16)",
     )
     parser.add_argument(
-        "--source",
-        choices=tuple(SOURCES),
-        default="crossfacts",
-        help="victims' private text: CrossFacts documents or GSM8K test questions (default crossfacts)",
-    )
-    parser.add_argument("--count", type=positive_int, default=20, help="victim segments attacked (default 20)")
-    parser.add_argument(
         "--train-tokens",
         type=positive_int,
         default=DEFAULT_TRAIN_TOKENS,
@@ -583,21 +616,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=KEY_MODES,
         default="unrotated",
         help="probe features: keys rotated back by their positions (default) or as sent",
-    )
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the CrossFacts items")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the probe's training offsets")
-    parser.add_argument(
-        "--dtype",
-        default="bfloat16",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute dtype of the model (default bfloat16)",
-    )
-    parser.add_argument("--device", type=device_name, default="cpu", help="torch device (default cpu)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="results folder: records.jsonl, summary.json, recovery.png; reruns resume",
     )
 
 
@@ -698,7 +716,7 @@ def attack_record(setup: AttackSetup, block: int, sigma: float, args: argparse.N
         "method": "vocabulary-table" if block == 0 else method_name(args.keys, args.verify),
         "attack_s": seconds,
         **score(guessed, truth, loose),
-        "sample": sample(setup, guessed),
+        "sample": sample_text(setup.tokenizer, setup.victims[0], guessed),
     }
 
 
@@ -724,15 +742,16 @@ def summarize(records: list[dict], costs: dict) -> dict:
     }
 
 
-def print_table(summary: dict) -> None:
+def print_table(summary: dict, rows: str = "block", levels_name: str = "sigma") -> None:
+    """The summary's recovery rates, one row per ``rows`` (the attacked block), one column per noise level."""
     from rich.console import Console
     from rich.table import Table
 
     levels = sorted({level for row in summary["rate"].values() for level in row}, key=float)
     table = Table(title=f"token recovery (exact; loose in brackets) over {summary['tokens']} private tokens")
-    table.add_column("block", justify="right")
+    table.add_column(rows, justify="right")
     for level in levels:
-        table.add_column(f"sigma {level}", justify="right")
+        table.add_column(f"{levels_name} {level}", justify="right")
     for block, row in summary["rate"].items():
         cells = [
             f"{row[level]:.1%} ({summary['loose_rate'][block][level]:.1%})" if level in row else "" for level in levels

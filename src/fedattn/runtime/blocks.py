@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fedattn.errors import FedAttnError
-from fedattn.runtime.attention import federated_attention_enabled
+from fedattn.runtime.attention import ForwardStep, federated_attention_enabled
 from fedattn.runtime.kv_store import ParticipantKVStore
 
 
@@ -109,14 +109,18 @@ class SplitModel:
                     continue
                 chosen = torch.tensor(active, device=self.device)
                 step = _RowsAttention([rows[index] for index in active], width)
-                states, places = hidden[chosen], positions[chosen]
-                embeddings = self.decoder.rotary_emb(states, places)
-                layer = self.decoder.layers[block]
-                output = layer(
-                    states, attention_mask=None, position_ids=places, position_embeddings=embeddings, fedattn_step=step
-                )
-                hidden[chosen] = output[0] if isinstance(output, tuple) else output
+                hidden[chosen] = self.block(block, hidden[chosen], positions[chosen], step)
         return [hidden[index].clone() for index in range(len(rows))]
+
+    def block(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, step: ForwardStep) -> torch.Tensor:
+        """Block ``index`` on (batch, n, d) hidden states at (batch, n) positions, its attention
+        through ``step`` (the caller enables the hook): what ``run`` does per block, open to callers
+        whose rows share a prefix (an attacker scoring many candidate tokens behind one)."""
+        embeddings = self.decoder.rotary_emb(hidden, positions)
+        output = self.decoder.layers[index](
+            hidden, attention_mask=None, position_ids=positions, position_embeddings=embeddings, fedattn_step=step
+        )
+        return output[0] if isinstance(output, tuple) else output
 
 
 class _RowsAttention:
