@@ -9,10 +9,12 @@ import torch
 
 from fedattn.cli.main import main
 from fedattn.errors import FedAttnError
+from fedattn.evaluation.plots import read_attacks, worst_recovery
 from fedattn.network.kv_codec import get_codec
 from fedattn.privacy import hidden_attack as attack
 from fedattn.privacy.kv_attack import Victim, public_sequences
 from fedattn.runtime.blocks import SplitModel
+from fedattn.systems.base import Exposure
 
 TEXT = "Marta's PIN is 4417; she banks at Northwind."
 
@@ -150,6 +152,14 @@ def test_results_folder_resumes_only_what_is_missing(tmp_path, one_torch_thread,
     assert json.loads(again[1])["key"] == "A=1 noise=1 relative attack=search"
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["rate"]["search A=1"]) == {"0", "1"}
+    # plots and the comparison read the folder as hidden-state points covering a split run's exposure
+    points = read_attacks([out])
+    rates = {point.noise: point.rate for point in points}
+    assert rates == {float(noise): rate for noise, rate in summary["rate"]["search A=1"].items()}
+    run = Exposure("float32", (1,), 1.0, sent="hidden", relative=True)
+    assert worst_recovery(points, run) == (rates[1.0], 1)
+    assert worst_recovery(points, Exposure("float32", (2,), 1.0, sent="hidden", relative=True)) is None
+    assert worst_recovery(points, Exposure("float32", (1,), 1.0, sent="hidden", relative=False)) is None
 
 
 def test_decoder_point_records_its_losses_and_drops_its_checkpoint(tmp_path, one_torch_thread, capsys):

@@ -436,21 +436,30 @@ def worst_recovery(recoveries: list[Recovery], exposure: dict | Exposure) -> tup
 
 
 def read_attacks(folders: list[Path]) -> list[Recovery]:
-    """Every point of these ``fedattn attack`` folders (K/V through the codec each attacked)."""
+    """Every point of these ``fedattn attack`` / ``attack-split`` folders (through the codec each attacked)."""
     recoveries = []
     for folder in folders:
         path = folder / "summary.json"
         if not path.is_file():
-            raise FedAttnError(f"--attack {folder}: no summary.json (run fedattn attack --out {folder} first)")
+            why = f"no summary.json (run fedattn attack or attack-split --out {folder} first)"
+            raise FedAttnError(f"--attack {folder}: {why}")
         recoveries += attack_recoveries(json.loads(path.read_text(encoding="utf-8")))
     return recoveries
 
 
 def attack_recoveries(attack: dict) -> list[Recovery]:
-    """A ``fedattn attack`` summary's rates ({block: {noise: rate}}) as points."""
-    codec = attack.get("config", {}).get("kv_codec")
+    """A ``fedattn attack`` summary's rates ({block: {noise: rate}}: K/V) or a ``fedattn
+    attack-split`` summary's ({"ATTACK A=a": {noise: rate}}: hidden states after block a) as points."""
+    config = attack.get("config", {})
+    if "client_blocks" in config:
+        relative = bool(config.get("noise_relative"))
+        return [
+            Recovery(HIDDEN, config.get("hidden_codec"), int(name.rpartition("A=")[2]), float(noise), relative, rate)
+            for name, by_noise in attack.get("rate", {}).items()
+            for noise, rate in by_noise.items()
+        ]
     return [
-        Recovery(KV, codec, int(block), float(noise), False, float(rate))
+        Recovery(KV, config.get("kv_codec"), int(block), float(noise), False, float(rate))
         for block, by_noise in attack.get("rate", {}).items()
         for noise, rate in by_noise.items()
     ]
