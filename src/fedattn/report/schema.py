@@ -42,6 +42,23 @@ class PartyReport:
     answer_token_ids: list[int] | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of_traffic(cls, name: str, rank: int, role: str, traffic: Any, expected: tuple[int | None, int | None], **rest):
+        """A party's report from the traffic its transport counted (bytes and frames each way:
+        ``network.transport.TrafficStats``) and the cost model's ``expected`` (sent, received)."""
+        return cls(
+            name=name,
+            rank=rank,
+            role=role,
+            bytes_sent=traffic.bytes_sent,
+            bytes_received=traffic.bytes_received,
+            frames_sent=traffic.frames_sent,
+            frames_received=traffic.frames_received,
+            expected_bytes_sent=expected[0],
+            expected_bytes_received=expected[1],
+            **rest,
+        )
+
     def to_json(self) -> dict[str, Any]:
         """Flat: the timings sit beside the byte counts (``party["prefill_s"]``)."""
         document = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("timing", "details")}

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from fedattn.network.kv_codec import codec_by_code
-from fedattn.network.transport import TrafficStats
 from fedattn.report.schema import PartyReport, RunReport
 from fedattn.systems.fedsea import costs
 from fedattn.systems.fedsea.config import SplitConfig
@@ -36,7 +35,9 @@ def client_party(client: Client) -> PartyReport:
         client.config.hidden_codec, client.split.hidden_size, len(client.prompt), len(client.answer)
     )
     sent, received = expected.client_sent, expected.client_received
-    party = _party(client.name, client.rank, "client", client.transport.stats, sent, received, client.timing())
+    party = PartyReport.of_traffic(
+        client.name, client.rank, "client", client.transport.stats, (sent, received), timing=client.timing()
+    )
     party.answer_token_ids = list(client.answer)
     return party
 
@@ -50,7 +51,9 @@ def server_party(server: Server) -> PartyReport:
         sent = sum(session.client_received for session in sessions)
         received = sum(session.client_sent for session in sessions)
     timing = {"server_compute_s": server.compute_s}
-    party = _party(server.name, server.rank, "server", server.transport.stats, sent, received, timing)
+    party = PartyReport.of_traffic(
+        server.name, server.rank, "server", server.transport.stats, (sent, received), timing=timing
+    )
     party.details = batching(server)
     return party
 
@@ -66,7 +69,7 @@ def session_party(server: Server, client: Client, share: float) -> PartyReport:
         sent, received = expected.client_received, expected.client_sent
     traffic = server.transport.stats.peer(client.rank)
     timing = {"server_compute_s": server.compute_s * share}
-    party = _party(server.name, server.rank, "server", traffic, sent, received, timing)
+    party = PartyReport.of_traffic(server.name, server.rank, "server", traffic, (sent, received), timing=timing)
     party.details = batching(server)
     return party
 
@@ -135,21 +138,6 @@ def run_report(
 def client_timing(client: Client, wall_s: float, seconds: dict[str, float]) -> dict[str, float]:
     """A client's times: the run's wall time, its prefill and per-token times, its handshake."""
     return {"wall_s": wall_s, **client.timing(), "handshake_s": seconds.get("handshake", 0.0)}
-
-
-def _party(name, rank, role, stats: TrafficStats, expected_sent, expected_received, timing) -> PartyReport:
-    return PartyReport(
-        name=name,
-        rank=rank,
-        role=role,
-        bytes_sent=stats.bytes_sent,
-        bytes_received=stats.bytes_received,
-        frames_sent=stats.frames_sent,
-        frames_received=stats.frames_received,
-        expected_bytes_sent=expected_sent,
-        expected_bytes_received=expected_received,
-        timing=timing,
-    )
 
 
 def _session_bytes(server: Server, session: Session) -> costs.SessionBytes:

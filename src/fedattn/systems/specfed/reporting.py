@@ -69,17 +69,13 @@ def party_cost(party: Party, config: SpecFedConfig) -> costs.PartyBytes:
 
 
 def party_report(party: Party, config: SpecFedConfig, text: str | None) -> PartyReport:
-    stats, cost = party.transport.stats, party_cost(party, config)
-    return PartyReport(
-        name=party.name,
-        rank=party.rank,
-        role=party.role,
-        bytes_sent=stats.bytes_sent,
-        bytes_received=stats.bytes_received,
-        frames_sent=stats.frames_sent,
-        frames_received=stats.frames_received,
-        expected_bytes_sent=cost.sent,
-        expected_bytes_received=cost.received,
+    cost = party_cost(party, config)
+    return PartyReport.of_traffic(
+        party.name,
+        party.rank,
+        party.role,
+        party.transport.stats,
+        (cost.sent, cost.received),
         timing={f"{stage}_s": seconds for stage, seconds in party.seconds.items()},
         answer=text,
         answer_token_ids=list(party.answer) if isinstance(party, Server) else None,
