@@ -1,7 +1,7 @@
 """The runs every networked transport must answer exactly as in-process, and what their links
-carry: one list, so that the launched-process tests (``test_networked``) and the in-thread gRPC
-test (``test_grpc_transport``) check the same schedules, codecs and exchanges, each run configured
-by the CLI's own parsing."""
+carry: one list, so that the in-thread gRPC test (``test_grpc_transport``, every case) and the
+launched-process tests (``test_networked``, the cases that differ in what crosses processes) check
+the same schedules, codecs and exchanges, each run configured by the CLI's own parsing."""
 
 from __future__ import annotations
 
