@@ -32,8 +32,17 @@ has joined and the gloo group is up, hello handshake included, to its first toke
 ``prefill_s``, from the end of its handshake, is in the JSON too). In-process and alone:
 ``timing.prefill_s``. Total: the publisher's ``wall_s`` (model load and join excluded).
 
+``--system split``: FedSEA split inference instead (``fedattn split-party``: the server in ``fa-p0``,
+the client in ``fa-p1``, ``--client-blocks A,C``, default 2,2) with the publisher's whole prompt as
+the client's prompt, beside centralized inference (``fedattn run`` with that prompt and no other
+party: the whole model in one process, host namespace) and FedAttn's ``retrieval`` schedule (N
+parties, the prompt cut as above), on every profile: TTFT, per-token latency (decode_s over the
+tokens after the first), total, bytes on the links. Medians of ``--repeats`` runs (default 3; 1 with
+``--quick``, which also runs the centralized baseline at 1 thread only).
+
     sudo .venv/bin/python bench/network.py --out network.json          # full, ~7 min on 2 cores
     sudo .venv/bin/python bench/network.py --quick --out network.json  # 100 Mbit/s, H = 1 and dense, ~2 min
+    sudo .venv/bin/python bench/network.py --system split --quick --out split-network.json
 
 Exit 0 with one line ``skipped: ...`` where namespaces are not allowed.
 """
