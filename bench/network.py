@@ -42,7 +42,7 @@ tokens after the first), total, bytes on the links. Medians of ``--repeats`` run
 
     sudo .venv/bin/python bench/network.py --out network.json          # full, ~7 min on 2 cores
     sudo .venv/bin/python bench/network.py --quick --out network.json  # 100 Mbit/s, H = 1 and dense, ~2 min
-    sudo .venv/bin/python bench/network.py --system split --quick --out split-network.json
+    sudo .venv/bin/python bench/network.py --system split --quick --out split-network.json  # ~4 min, 0.5B
 
 Exit 0 with one line ``skipped: ...`` where namespaces are not allowed.
 """
