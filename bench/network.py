@@ -32,8 +32,17 @@ has joined and the gloo group is up, hello handshake included, to its first toke
 ``prefill_s``, from the end of its handshake, is in the JSON too). In-process and alone:
 ``timing.prefill_s``. Total: the publisher's ``wall_s`` (model load and join excluded).
 
+``--system split``: FedSEA split inference instead (``fedattn split-party``: the server in ``fa-p0``,
+the client in ``fa-p1``, ``--client-blocks A,C``, default 2,2) with the publisher's whole prompt as
+the client's prompt, beside centralized inference (``fedattn run`` with that prompt and no other
+party: the whole model in one process, host namespace) and FedAttn's ``retrieval`` schedule (N
+parties, the prompt cut as above), on every profile: TTFT, per-token latency (decode_s over the
+tokens after the first), total, bytes on the links. Medians of ``--repeats`` runs (default 3; 1 with
+``--quick``, which also runs the centralized baseline at 1 thread only).
+
     sudo .venv/bin/python bench/network.py --out network.json          # full, ~7 min on 2 cores
     sudo .venv/bin/python bench/network.py --quick --out network.json  # 100 Mbit/s, H = 1 and dense, ~2 min
+    sudo .venv/bin/python bench/network.py --system split --quick --out split-network.json  # ~4 min, 0.5B
 
 Exit 0 with one line ``skipped: ...`` where namespaces are not allowed.
 """
@@ -54,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,10 +262,10 @@ class Topology:
             "qdisc_on_each_veth_end": qdisc,
         }
 
-    def tx_bytes(self) -> list[int]:
-        """Bytes each party put on its veth (frames, headers, ACKs, store traffic)."""
+    def tx_bytes(self, world: int) -> list[int]:
+        """Bytes each of the first ``world`` parties put on its veth (frames, headers, ACKs, store traffic)."""
         counts = []
-        for rank in range(self.parties):
+        for rank in range(world):
             shown = json.loads(sh("ip", "-n", party_ns(rank), "-j", "-s", "link", "show", party_if(rank)).stdout)
             counts.append(int(shown[0]["stats64"]["tx"]["bytes"]))
         return counts
@@ -390,9 +400,13 @@ def prompt_texts(model: str, parties: int, shots: int, item: int) -> tuple[list[
     from fedattn.evaluation.tasks import gsm8k
     from fedattn.runtime.models import KNOWN_MODELS, ensure_cache
     from fedattn.runtime.prompting import build_segments
+    from fedattn.runtime.tiny_model import TINY_MODELS, build_tiny_tokenizer
 
-    directory = ensure_cache(KNOWN_MODELS[model], progress=False) if model in KNOWN_MODELS else Path(model)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if model in TINY_MODELS:  # built in code, nothing on disk
+        tokenizer = build_tiny_tokenizer(TINY_MODELS[model].renumbered_tokenizer)
+    else:
+        directory = ensure_cache(KNOWN_MODELS[model], progress=False) if model in KNOWN_MODELS else Path(model)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
     prompt = gsm8k.few_shot_prompt(item, shots)
     exemplars = gsm8k.SEPARATOR.join(prompt.exemplars)
     ids = tokenizer(exemplars, add_special_tokens=False).input_ids
@@ -405,6 +419,8 @@ def prompt_texts(model: str, parties: int, shots: int, item: int) -> tuple[list[
         "segment_tokens": [len(s) for s in segments],
         "total_tokens": sum(len(s) for s in segments),
         "same_ids_as_tokex_segments": segments == reference,
+        # the publisher's whole prompt as one party's text (--system split: the client's and the centralized run's)
+        "whole_prompt_tokens": len(build_segments(tokenizer, [], "".join(contexts) + question, raw=True)[0]),
         "exemplars_rejoin_exactly": "".join(contexts) == exemplars,
         "gsm8k_item": item,
         "shots": shots,
@@ -430,20 +446,33 @@ def common_env(threads: int) -> dict:
     )
 
 
-def run_cli(words: list[str], threads: int) -> dict:
-    """``fedattn run`` in this (host) namespace, no network: a baseline."""
-    command = [sys.executable, "-m", "fedattn.cli", "run", *words, "--json"]
+def cli_document(words: list[str], threads: int) -> dict:
+    """``fedattn WORDS --json`` in this (host) namespace, no network: its JSON document, or ``error``."""
+    command = [sys.executable, "-m", "fedattn.cli", *words, "--json"]
     done = subprocess.run(
         command, capture_output=True, text=True, env=common_env(threads), cwd=REPO, timeout=RUN_LIMIT_S
     )
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
-    document = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def per_token_s(decode_s: float, token_ids: list[int]) -> float:
+    """Mean seconds per token after the first (the first comes with the prefill), as the split client counts."""
+    return decode_s / (len(token_ids) - 1) if len(token_ids) > 1 else 0.0
+
+
+def run_cli(words: list[str], threads: int) -> dict:
+    """``fedattn run`` in this (host) namespace, no network: a baseline."""
+    document = cli_document(["run", *words], threads)
+    if "error" in document:
+        return document
     timing = document["timing"]
     return {
         "ttft_s": timing["prefill_s"],
         "prefill_s": timing["prefill_s"],
         "decode_s": timing["decode_s"],
+        "per_token_s": per_token_s(timing["decode_s"], document["answer_token_ids"]),
         "total_s": timing["wall_s"],
         "answer": document["answer"],
         "answer_token_ids": document["answer_token_ids"],
@@ -452,18 +481,20 @@ def run_cli(words: list[str], threads: int) -> dict:
     }
 
 
-def federation(folder: Path, parties: int) -> Path:
-    """A throwaway federation whose parties listen on their own namespace's address (gRPC runs)."""
+def federation(folder: Path, names: list[str]) -> Path:
+    """A throwaway federation of ``names`` (rank order; the last may start queries) whose parties
+    listen on their own namespace's address (gRPC runs)."""
     from fedattn.network.federation import init_federation
 
-    names = party_names_of(parties)
-    addresses = [f"{party_ip(rank)}:{GRPC_PORT}" for rank in range(parties)]
-    return init_federation(folder / "federation", names, addresses, names[-1:]).folder / "roster.toml"
+    addresses = [f"{party_ip(rank)}:{GRPC_PORT}" for rank in range(len(names))]
+    where = folder / f"federation-{'-'.join(names)}"
+    return init_federation(where, names, addresses, names[-1:]).folder / "roster.toml"
 
 
-def rendezvous_words(transport: str, rank: int, world: int, port: int, roster: Path | None) -> list[str]:
+def rendezvous_words(transport: str, rank: int, names: list[str], port: int, roster: Path | None) -> list[str]:
     if transport == "grpc":
-        return ["--roster", str(roster), "--name", party_names_of(world)[rank]]
+        return ["--roster", str(roster), "--name", names[rank]]
+    world = len(names)
     return ["--rank", str(rank), "--world-size", str(world), "--master", f"{SWITCH_IP}:{port}", "--external-store"]
 
 
@@ -494,6 +525,7 @@ def run_networked(
         "ttft_s": publisher["wall_s"] - publisher["decode_s"],
         "publisher_prefill_s": publisher["prefill_s"],
         "decode_s": publisher["decode_s"],
+        "per_token_s": per_token_s(publisher["decode_s"], publisher["answer_token_ids"]),
         "total_s": publisher["wall_s"],
         "process_s": launched["process_s"],
         "wait_s": {r["name"]: r["wait_s"] for r in reports},
@@ -518,12 +550,15 @@ def launch_in_namespaces(
     folder: Path,
     transport: str = "torch",
     roster: Path | None = None,
+    names: list[str] | None = None,
 ) -> dict:
     """``fedattn COMMAND`` once per party namespace over gloo (with a store in the switch namespace)
     or over gRPC with mutual TLS (each party's service on its own address): every rank's JSON report
     (``documents``), the seconds from spawn to the last exit and the bytes each party put on its veth;
-    or ``error`` naming every rank that failed."""
-    world = topo.parties
+    or ``error`` naming every rank that failed. ``names``: the parties, in rank order, in the first
+    namespaces (default FedAttn's, one per namespace)."""
+    names = names or party_names_of(topo.parties)
+    world = len(names)
     store = None
     if transport == "torch":
         store = spawn(
@@ -537,14 +572,14 @@ def launch_in_namespaces(
     try:
         if store is not None:
             wait_ready(store, "the rendezvous store")
-        before = topo.tx_bytes()
+        before = topo.tx_bytes(world)
         start = time.monotonic()
         for rank in range(world):
             report = folder / f"report-{port}-{rank}.json"
             report.unlink(missing_ok=True)
             words = [
                 command,
-                *rendezvous_words(transport, rank, world, port, roster),
+                *rendezvous_words(transport, rank, names, port, roster),
                 *own[rank],
                 *shared,
                 "--json",
@@ -562,7 +597,7 @@ def launch_in_namespaces(
             )
         codes = watch(parties, start)
         process_s = time.monotonic() - start
-        after = topo.tx_bytes()
+        after = topo.tx_bytes(world)
     finally:
         for child in parties:
             stop(child)
@@ -662,14 +697,54 @@ def print_table(results: dict, profiles: list[Profile], schedules: list[str], tr
     print(f"{'publisher alone':17}" + alone + f"{'':>{width * len(profiles)}}{'0':>9}{'0':>13}  (no collaborators)")
 
 
+def parse_transports(text: str) -> list[str]:
+    transports = [word.strip() for word in text.split(",") if word.strip()]
+    unknown = [word for word in transports if word not in TRANSPORT_LABELS]
+    if unknown or not transports:
+        raise SetupError(f"--transports takes torch and/or grpc, got {text!r}")
+    return transports
+
+
+@contextlib.contextmanager
+def namespaces(parties: int) -> Iterator[Topology]:
+    """The topology of ``parties`` namespaces, removed at the end with every process this script started."""
+    topo = Topology(parties)
+    try:
+        topo.setup()
+        yield topo
+    finally:
+        for child in list(_children):
+            stop(child)
+        problems = topo.teardown()
+        if problems:
+            print("cleanup problems: " + "; ".join(problems), file=sys.stderr)
+
+
+def note_delay_emulation(topo: Topology, results: dict) -> None:
+    if topo.netem_error:
+        results["delay_emulation"] = (
+            f"unavailable: netem: {topo.netem_error}; delay is 0 in every profile (rate only, tbf)"
+        )
+    else:
+        results["delay_emulation"] = "netem, half the one-way delay on each hop"
+    print(f"delay emulation: {results['delay_emulation']}", flush=True)
+
+
+def shape_and_probe(topo: Topology, profile: Profile, results: dict) -> None:
+    """Shape every link as ``profile`` says, then measure what the links give (party 0 to the last)."""
+    results["shaping"][profile.name] = topo.shape(profile)
+    got = results["probes"][profile.name] = probe(profile, topo.parties)
+    measured = (
+        f"{got['mbit_s']:.1f} Mbit/s, RTT {got['rtt_ms']:.2f} ms" if "error" not in got else f"failed: {got['error']}"
+    )
+    print(f"{profile.label}: probe p0 -> p{topo.parties - 1}: {measured}", flush=True)
+
+
 def bench(args: argparse.Namespace) -> int:
     profiles = [p for p in PROFILES if p.name == "100mbit"] if args.quick else PROFILES
     schedules = [s for s in SCHEDULES if s[0] in ("H=1", "publisher-dense")] if args.quick else SCHEDULES
     threads = list(dict.fromkeys(int(word) for word in args.baseline_threads.split(",")))
-    transports = [word.strip() for word in args.transports.split(",") if word.strip()]
-    unknown = [word for word in transports if word not in TRANSPORT_LABELS]
-    if unknown or not transports:
-        raise SetupError(f"--transports takes torch and/or grpc, got {args.transports!r}")
+    transports = parse_transports(args.transports)
     started = time.monotonic()
     results: dict = {
         "model": args.model,
@@ -699,71 +774,45 @@ def bench(args: argparse.Namespace) -> int:
         "probes": {},
         "shaping": {},
     }
-    with tempfile.TemporaryDirectory(prefix="fa-netbench-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="fa-netbench-") as workdir, namespaces(args.parties) as topo:
         folder = Path(workdir)
-        topo = Topology(args.parties)
-        try:
-            topo.setup()
-            contexts, question, prompt = prompt_texts(args.model, args.parties, args.shots, args.item)
-            results["prompt"] = prompt
-            context_args = [write_private(folder, f"context-{r}.txt", text) for r, text in enumerate(contexts)]
-            question_arg = write_private(folder, "question.txt", question)
-            own = [["--context", a] for a in context_args] + [["--question", question_arg]]
-            base = ["--model", args.model, "--raw", "--max-new-tokens", str(args.max_new_tokens), "--device", "cpu"]
-            print(
-                f"{args.model}: N = {args.parties}, prompt {prompt['total_tokens']} tokens in "
-                f"{prompt['segment_tokens']} "
-                f"(same ids as tokex_segments: {prompt['same_ids_as_tokex_segments']}), --raw, "
-                f"{args.max_new_tokens} new tokens, "
-                f"OMP_NUM_THREADS=1 in every party process ({args.parties} parties share {os.cpu_count()} cores), "
-                f"{' and '.join(map(str, threads))} in the in-process and publisher-alone runs",
-                flush=True,
-            )
-            if topo.netem_error:
-                results["delay_emulation"] = (
-                    f"unavailable: netem: {topo.netem_error}; delay is 0 in every profile (rate only, tbf)"
-                )
-            else:
-                results["delay_emulation"] = "netem, half the one-way delay on each hop"
-            print(f"delay emulation: {results['delay_emulation']}", flush=True)
+        contexts, question, prompt = prompt_texts(args.model, args.parties, args.shots, args.item)
+        results["prompt"] = prompt
+        context_args = [write_private(folder, f"context-{r}.txt", text) for r, text in enumerate(contexts)]
+        question_arg = write_private(folder, "question.txt", question)
+        own = [["--context", a] for a in context_args] + [["--question", question_arg]]
+        base = ["--model", args.model, "--raw", "--max-new-tokens", str(args.max_new_tokens), "--device", "cpu"]
+        print(
+            f"{args.model}: N = {args.parties}, prompt {prompt['total_tokens']} tokens in "
+            f"{prompt['segment_tokens']} "
+            f"(same ids as tokex_segments: {prompt['same_ids_as_tokex_segments']}), --raw, "
+            f"{args.max_new_tokens} new tokens, "
+            f"OMP_NUM_THREADS=1 in every party process ({args.parties} parties share {os.cpu_count()} cores), "
+            f"{' and '.join(map(str, threads))} in the in-process and publisher-alone runs",
+            flush=True,
+        )
+        note_delay_emulation(topo, results)
 
-            contexts_words = [word for a in context_args for word in ("--context", a)]
-            for count in threads:  # baselines first: no network, host namespace
-                found = results["baselines"][f"threads={count}"] = {}
-                for name, words in schedules:
-                    found[name] = run_cli([*base, *contexts_words, "--question", question_arg, *words], threads=count)
-                    print(f"  in-process {name}, {count} thread(s): {_brief(found[name])}", flush=True)
-                found["publisher alone"] = run_cli([*base, "--question", question_arg], threads=count)
-                print(f"  publisher alone, {count} thread(s): {_brief(found['publisher alone'])}", flush=True)
+        contexts_words = [word for a in context_args for word in ("--context", a)]
+        for count in threads:  # baselines first: no network, host namespace
+            found = results["baselines"][f"threads={count}"] = {}
+            for name, words in schedules:
+                found[name] = run_cli([*base, *contexts_words, "--question", question_arg, *words], threads=count)
+                print(f"  in-process {name}, {count} thread(s): {_brief(found[name])}", flush=True)
+            found["publisher alone"] = run_cli([*base, "--question", question_arg], threads=count)
+            print(f"  publisher alone, {count} thread(s): {_brief(found['publisher alone'])}", flush=True)
 
-            port = STORE_PORT_BASE
-            roster = federation(folder, args.parties) if "grpc" in transports else None
-            for profile in profiles:
-                results["shaping"][profile.name] = topo.shape(profile)
-                results["probes"][profile.name] = probe(profile, args.parties)
-                got = results["probes"][profile.name]
-                print(
-                    f"{profile.label}: probe p0 -> p{args.parties - 1}: "
-                    + (
-                        f"{got['mbit_s']:.1f} Mbit/s, RTT {got['rtt_ms']:.2f} ms"
-                        if "error" not in got
-                        else f"failed: {got['error']}"
-                    ),
-                    flush=True,
-                )
-                for name, words in schedules:
-                    port += 1
-                    shared = [*base, *words, "--timeout", str(PARTY_TIMEOUT_S)]
-                    for transport in transports:
-                        run = run_networked(topo, own, shared, port, folder, transport, roster)
-                        results["runs"][run_key(profile.name, name, transport)] = run
-                        print(f"  {name} over {TRANSPORT_LABELS[transport]}: {_brief(run)}", flush=True)
-        finally:
-            for child in list(_children):
-                stop(child)
-            problems = topo.teardown()
-            if problems:
-                print("cleanup problems: " + "; ".join(problems), file=sys.stderr)
+        port = STORE_PORT_BASE
+        roster = federation(folder, party_names_of(args.parties)) if "grpc" in transports else None
+        for profile in profiles:
+            shape_and_probe(topo, profile, results)
+            for name, words in schedules:
+                port += 1
+                shared = [*base, *words, "--timeout", str(PARTY_TIMEOUT_S)]
+                for transport in transports:
+                    run = run_networked(topo, own, shared, port, folder, transport, roster)
+                    results["runs"][run_key(profile.name, name, transport)] = run
+                    print(f"  {name} over {TRANSPORT_LABELS[transport]}: {_brief(run)}", flush=True)
 
     results["load_average_after"] = load_average()
     results["elapsed_s"] = time.monotonic() - started
@@ -794,6 +843,204 @@ def bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- --system split: FedSEA split inference against centralized inference and FedAttn's retrieval --------
+
+
+def split_figures(document: dict) -> dict:
+    """The split client's figures from a ``fedattn split`` document (or the client's own report):
+    TTFT = its prefill_s (hello to first token), per token = its per_token_s, total = hello to last token."""
+    if "error" in document:
+        return document
+    timing = document["timing"]
+    return {
+        "ttft_s": timing["prefill_s"],
+        "per_token_s": timing["per_token_s"],
+        "decode_s": timing["decode_s"],
+        "total_s": timing["prefill_s"] + timing["decode_s"],
+        "client_compute_s": timing["client_compute_s"],
+        "measured_bytes_sent": document["measured_bytes"]["sent"],
+        "answer": document["answer"],
+        "answer_token_ids": document["answer_token_ids"],
+    }
+
+
+def run_split_networked(
+    topo: Topology, prompt_arg: str, shared: list[str], port: int, folder: Path, transport: str, roster: Path | None
+) -> dict:
+    """One split query: ``fedattn split-party``, the server in the first namespace, the client (with
+    the prompt) in the second (``launch_in_namespaces``)."""
+    from fedattn.systems.fedsea.inprocess import party_names
+    from fedattn.systems.fedsea.networked import CLIENT_RANK
+
+    own = [[], ["--prompt", prompt_arg]]
+    launched = launch_in_namespaces(topo, "split-party", own, shared, port, folder, transport, roster, party_names(1))
+    if "error" in launched:
+        return launched
+    documents, wire = launched["documents"], launched["wire_tx_bytes_per_party"]
+    return {
+        **split_figures(documents[CLIENT_RANK]),
+        "process_s": launched["process_s"],
+        "link_bytes_sent": sum(party["link_bytes_sent"] for document in documents for party in document["parties"]),
+        "wire_tx_bytes": sum(wire),
+        "wire_tx_bytes_per_party": wire,
+    }
+
+
+def median_run(samples: list[dict]) -> dict:
+    """The samples' medians of the times (the bytes and answer are the first sample's), or the first failure."""
+    failed = [sample for sample in samples if "error" in sample]
+    if failed:
+        return failed[0]
+    times = {key: statistics.median(sample[key] for sample in samples) for key in ("ttft_s", "per_token_s", "total_s")}
+    return {**samples[0], **times, "samples": samples}
+
+
+def print_split_table(results: dict, profiles: list[Profile], transport: str) -> None:
+    central = results["centralized"]
+    reference = next(iter(central.values()))  # 1 thread, as one party
+    rows = [("no link", f"centralized, {key.split('=')[1]} thread(s)", entry) for key, entry in central.items()]
+    rows.append(("no link", f"split A,C = {results['client_blocks']}, in-process", results["split_in_process"]))
+    for profile in profiles:
+        emulated = results["shaping"].get(profile.name, {}).get("delay_ms_emulated", 0)
+        label = profile.label + (f" {emulated:g} ms" if emulated else "")
+        rows.append(
+            (
+                label,
+                f"split A,C = {results['client_blocks']}",
+                results["runs"].get(run_key(profile.name, "split", transport)),
+            )
+        )
+        rows.append(
+            (
+                label,
+                f"FedAttn retrieval, N = {results['parties']}",
+                results["runs"].get(run_key(profile.name, "retrieval", transport)),
+            )
+        )
+    print(
+        f"{'link':22}{'system':30}{'TTFT s':>8}{'ms/token':>10}{'total s':>9}{'link MB':>9}{'wire MB':>9}"
+        "  tokens = centralized"
+    )
+    for link, system, entry in rows:
+        if entry is None or "error" in entry:
+            print(f"{link:22}{system:30}{'-' if entry is None else 'failed':>8}")
+            continue
+        same = "-"
+        if "error" not in reference:
+            same = "yes" if entry["answer_token_ids"] == reference["answer_token_ids"] else "NO"
+        link_mb = mb(entry["link_bytes_sent"]) if entry.get("link_bytes_sent") is not None else "-"
+        wire_mb = mb(entry["wire_tx_bytes"]) if "wire_tx_bytes" in entry else "-"
+        print(
+            f"{link:22}{system:30}{entry['ttft_s']:8.2f}{entry['per_token_s'] * 1000:10.1f}{entry['total_s']:9.2f}"
+            f"{link_mb:>9}{wire_mb:>9}  {len(entry['answer_token_ids'])} {same}"
+        )
+
+
+def bench_split(args: argparse.Namespace) -> int:
+    """Split inference (server in the first namespace, client in the second) against centralized
+    inference and FedAttn's ``retrieval`` schedule (N parties, the prompt cut as ``bench`` cuts it),
+    the same prompt, on every profile."""
+    threads = [1] if args.quick else list(dict.fromkeys(int(word) for word in args.baseline_threads.split(",")))
+    transports = parse_transports(args.transports)
+    repeats = args.repeats or (1 if args.quick else 3)
+    started = time.monotonic()
+    results: dict = {
+        "system": "split",
+        "model": args.model,
+        "parties": args.parties,
+        "client_blocks": args.client_blocks,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": repeats,
+        "threads_per_party_process": 1,
+        "transports": transports,
+        "load_average_before": load_average(),
+        "definitions": {
+            "ttft_s": "split: the client's prefill_s (its hello to its first token); FedAttn: the publisher's wall_s - "
+            "decode_s (its run after join, handshake included, to its first token); centralized: timing.prefill_s",
+            "per_token_s": "mean seconds per generated token after the first (decode_s / (tokens - 1))",
+            "total_s": "split: the client's prefill_s + decode_s (hello to last token); FedAttn: the publisher's "
+            "wall_s (model load and join excluded); centralized: timing.wall_s",
+            "link_bytes_sent": "sum over parties of the transport's link_bytes_sent (frames + size words)",
+            "wire_tx_bytes": "sum over the run's parties of the tx bytes counted on their veth",
+            "repeats": "networked figures: medians of the times over this many runs, interleaved (split, FedAttn)",
+        },
+        "centralized": {},
+        "runs": {},
+        "probes": {},
+        "shaping": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="fa-netbench-") as workdir, namespaces(max(args.parties, 2)) as topo:
+        folder = Path(workdir)
+        contexts, question, prompt = prompt_texts(args.model, args.parties, args.shots, args.item)
+        results["prompt"] = prompt
+        whole_arg = write_private(folder, "prompt.txt", "".join(contexts) + question)
+        context_args = [write_private(folder, f"context-{r}.txt", text) for r, text in enumerate(contexts)]
+        fedattn_own = [["--context", a] for a in context_args] + [
+            ["--question", write_private(folder, "question.txt", question)]
+        ]
+        base = ["--model", args.model, "--raw", "--max-new-tokens", str(args.max_new_tokens), "--device", "cpu"]
+        split_words = ["--client-blocks", args.client_blocks, *args.split_option]
+        print(
+            f"{args.model}: the GSM8K {args.shots}-shot prompt, --raw, {args.max_new_tokens} new tokens; split: A,C = "
+            f"{' '.join([args.client_blocks, *args.split_option])}, the whole prompt ({prompt['whole_prompt_tokens']} "
+            f"tokens) at the client; FedAttn retrieval: N = {args.parties}, {prompt['total_tokens']} tokens in "
+            f"{prompt['segment_tokens']}; OMP_NUM_THREADS=1 in every party process, "
+            f"{' and '.join(map(str, threads))} in the centralized run; {repeats} run(s) per networked cell",
+            flush=True,
+        )
+        note_delay_emulation(topo, results)
+        for count in threads:  # no network, host namespace
+            found = results["centralized"][f"threads={count}"] = run_cli([*base, "--question", whole_arg], count)
+            print(f"  centralized, {count} thread(s): {_brief(found)}", flush=True)
+        found = results["split_in_process"] = split_figures(
+            cli_document(["split", *base, *split_words, "--prompt", whole_arg], 1)
+        )
+        print(f"  split in-process, 1 thread: {_brief(found)}", flush=True)
+
+        from fedattn.systems.fedsea.inprocess import party_names
+
+        grpc = "grpc" in transports
+        split_roster = federation(folder, party_names(1)) if grpc else None
+        fedattn_roster = federation(folder, party_names_of(args.parties)) if grpc else None
+        port = STORE_PORT_BASE
+        for profile in PROFILES:
+            shape_and_probe(topo, profile, results)
+            for transport in transports:
+                samples: dict[str, list[dict]] = {"split": [], "retrieval": []}
+                for _ in range(repeats):
+                    port += 2
+                    shared = [*base, *split_words, "--timeout", str(PARTY_TIMEOUT_S)]
+                    samples["split"].append(
+                        run_split_networked(topo, whole_arg, shared, port, folder, transport, split_roster)
+                    )
+                    shared = [*base, "--schedule", "retrieval", "--timeout", str(PARTY_TIMEOUT_S)]
+                    samples["retrieval"].append(
+                        run_networked(topo, fedattn_own, shared, port + 1, folder, transport, fedattn_roster)
+                    )
+                for name, runs in samples.items():
+                    run = results["runs"][run_key(profile.name, name, transport)] = median_run(runs)
+                    print(f"  {name} over {TRANSPORT_LABELS[transport]}: {_brief(run)}", flush=True)
+
+    results["load_average_after"] = load_average()
+    results["elapsed_s"] = time.monotonic() - started
+    for transport in transports:
+        print(f"\nover {TRANSPORT_LABELS[transport]}")
+        print_split_table(results, PROFILES, transport)
+    print(
+        "\nTTFT: split = client prefill_s (hello to first token); FedAttn = publisher wall_s - decode_s; "
+        "centralized = prefill_s. ms/token: decode_s / (tokens - 1). total: split = hello to last token; "
+        "FedAttn = publisher wall_s. "
+        f"{'Medians of ' + str(repeats) + ' runs' if repeats > 1 else 'Single runs'} on the links; centralized and "
+        f"in-process: single runs. tokens = centralized: the answer's ids against the centralized 1-thread run's "
+        "(retrieval sends K/V as int4-kivi, so its tokens may differ; split with float32 hidden states and no noise "
+        "should not)."
+    )
+    print(f"delay: {results['delay_emulation']}")
+    close_results(results, args.out)
+    failed = [key for key, entry in results["runs"].items() if "error" in entry]
+    return 1 if failed else 0
+
+
 def close_results(results: dict, out: Path | None) -> None:
     """The load the figures were taken under, and every figure to ``out`` (JSON)."""
     print(
@@ -809,7 +1056,9 @@ def _brief(entry: dict) -> str:
     if "error" in entry:
         return f"FAILED: {entry['error']}"
     text = f"TTFT {entry['ttft_s']:.2f} s, total {entry['total_s']:.2f} s"
-    if "link_bytes_sent" in entry:
+    if "per_token_s" in entry:
+        text += f", {entry['per_token_s'] * 1000:.0f} ms per token"
+    if entry.get("link_bytes_sent") is not None:
         text += (
             f", link {mb(entry['link_bytes_sent'])} MB, wire {mb(entry['wire_tx_bytes'])} MB, "
             f"processes {entry['process_s']:.1f} s"
@@ -840,12 +1089,34 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="only 100 Mbit/s, H = 1 and publisher-dense")
+    parser.add_argument(
+        "--system",
+        choices=("fedattn", "split"),
+        default="fedattn",
+        help="fedattn (default): FedAttn's schedules; split: FedSEA split inference against centralized "
+        "inference and FedAttn's retrieval schedule, on every profile",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fedattn: only 100 Mbit/s, H = 1 and publisher-dense; split: one run per cell, centralized at 1 thread",
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--parties", type=int, default=4)
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--item", type=int, default=0, help="GSM8K test item used as the question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--client-blocks", default="2,2", metavar="A,C", help="split: the client's first and last blocks"
+    )
+    parser.add_argument(
+        "--split-option",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="split: a word for both split parties, e.g. --split-option=--hidden-codec --split-option=bfloat16",
+    )
+    parser.add_argument("--repeats", type=int, help="split: runs per networked cell, medians (default 3; --quick 1)")
     parser.add_argument(
         "--transports",
         default="torch",
@@ -876,7 +1147,7 @@ def main() -> int:
         except BlockingIOError:
             print("bench/network.py: another run holds the fa- namespaces; try again later", file=sys.stderr)
             return 1
-        return bench(args)
+        return bench_split(args) if args.system == "split" else bench(args)
     except Skip as reason:
         print(f"bench/network.py: skipped: {reason}")
         return 0
