@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import CODECS
 from fedattn.network.transport import InProcessGrid, InProcessTransport
+from fedattn.runtime.attention import ATTENTION_NAME, federated_attention_enabled
 from fedattn.runtime.blocks import RowStep, SplitModel
 from fedattn.runtime.decoding import Decoding, StopRule, stop_rule
 from fedattn.runtime.models import load_model
@@ -383,3 +385,27 @@ def test_a_decode_step_batched_with_another_rows_prefill_is_its_solo_step(narrow
     assert got[0].shape == (1, 64) and got[1].shape == (len(OTHER_PROMPT), 64)
     for ours, theirs in zip(got, expected, strict=True):
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_the_hook_stays_on_until_the_last_thread_inside_leaves(wide):
+    """Queries of one service run forwards of one model in several threads: the first to leave
+    must not switch the hook off under another's forward; the last restores the model's own."""
+    model = wide.model
+    own = model.config._attn_implementation
+    first_inside, first_may_leave = threading.Event(), threading.Event()
+    seen = []
+
+    def first() -> None:
+        with federated_attention_enabled(model):
+            first_inside.set()
+            first_may_leave.wait(10)
+        seen.append(model.config._attn_implementation)  # the second is still inside
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_inside.wait(10)
+    with federated_attention_enabled(model):
+        first_may_leave.set()
+        thread.join(10)
+        seen.append(model.config._attn_implementation)
+    assert seen == [ATTENTION_NAME, ATTENTION_NAME] and model.config._attn_implementation == own != ATTENTION_NAME

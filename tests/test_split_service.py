@@ -40,12 +40,9 @@ from fedattn.systems.fedsea.service import (
 
 MARK = "QX7MARK"
 NAMES = ["server", "alice", "bob", "carol"]
-CLIENTS = {  # each client's prompt and settings: its own (A, C), noise, codec, sampling
+CLIENTS = {  # each client's prompt and settings: its own (A, C), codec, sampling (noise: a fresh secret seed each time)
     "alice": (f"{MARK} Alice's locker code is 4417. What is it?", ["--client-blocks", "1,2"]),
-    "bob": (
-        f"{MARK} Bob keeps the key to room 9.",
-        ["--client-blocks", "2,2", "--noise-relative", "0.05", "--hidden-codec", "bfloat16"],
-    ),
+    "bob": (f"{MARK} Bob keeps the key to room 9.", ["--client-blocks", "2,2", "--hidden-codec", "bfloat16"]),
     "carol": (f"{MARK} Where is Carol?", ["--client-blocks", "3,1", "--temperature", "0.8", "--seed", "5"]),
 }
 COMMON = ["--max-new-tokens", "8", "--timeout", "20"]
@@ -158,6 +155,22 @@ def test_clients_at_once_get_their_solo_answers_and_share_the_servers_batches(fe
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("query ")]
     assert len(lines) == 2 * len(CLIENTS) and all(line.endswith("; answered") for line in lines)
     assert MARK not in caplog.text
+
+
+def test_a_noisy_query_sends_what_its_cost_model_says(federation, loaded):
+    """Noise is drawn from a secret seed per session, so its answer has no fixed reference: what it
+    must keep is the protocol (every frame's size, as the cost model has it for its answer)."""
+    with ExitStack() as stack:
+        serving(stack, federation, loaded, clients=("bob",))
+        options = [*CLIENTS["bob"][1], "--noise-relative", "0.05", "--reply-noise", "0.05"]
+        served = asking(federation, "bob", options=options)
+    assert served["answer_token_ids"] and served["noise"] == 0.05 and served["noise_relative"]
+    assert [party["name"] for party in served["parties"]] == ["server", "bob"]
+    for party in served["parties"]:
+        assert (party["bytes_sent"], party["bytes_received"]) == (
+            party["expected_bytes_sent"],
+            party["expected_bytes_received"],
+        )
 
 
 def test_bad_options_are_refused_in_one_line_and_the_server_keeps_serving(federation, loaded):

@@ -8,6 +8,7 @@ which (causality over global positions in prefill, padding when decoding many ro
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -61,14 +62,30 @@ def _no_mask(*args, **kwargs) -> None:
     return None
 
 
+_switch = threading.Lock()
+_users: dict[int, tuple[int, str]] = {}  # id(model) -> (threads inside, the implementation to restore)
+
+
 @contextmanager
 def federated_attention_enabled(model: torch.nn.Module) -> Iterator[None]:
-    """Switch ``model`` to the hook for the duration, then back (so HF ``generate`` still works)."""
-    AttentionInterface.register(ATTENTION_NAME, federated_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+    """Switch ``model`` to the hook for the duration, then back (so HF ``generate`` still works).
+
+    Counted per model: queries of a service run forwards of one model in several threads, and the
+    first to leave must not switch the hook off under the others' forwards (their blocks would
+    silently attend with HF's own attention); the last to leave restores what was there before."""
+    with _switch:
+        AttentionInterface.register(ATTENTION_NAME, federated_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+        inside, previous = _users.get(id(model), (0, model.config._attn_implementation))
+        if inside == 0:
+            model.set_attn_implementation(ATTENTION_NAME)
+        _users[id(model)] = (inside + 1, previous)
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        with _switch:
+            inside, previous = _users.pop(id(model))
+            if inside == 1:
+                model.set_attn_implementation(previous)
+            else:
+                _users[id(model)] = (inside - 1, previous)
