@@ -389,6 +389,11 @@ def test_a_killed_collaborator_is_named_and_its_restart_rejoins(federation, load
     assert MARK not in caplog.text + logs[0].read_text() + restarted_log + str(failed.value)
 
 
+def default_interrupt() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_service_with_exit_130(federation, tmp_path):
     log = tmp_path / "publisher.log"
     words = [
@@ -401,7 +406,10 @@ def test_ctrl_c_stops_a_service_with_exit_130(federation, tmp_path):
         "tiny-random",
     ]
     with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "fedattn.cli", *words], stderr=stderr)
+        # as a shell starts it: SIGINT at its default, not blocked (whatever the test process has)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fedattn.cli", *words], stderr=stderr, preexec_fn=default_interrupt
+        )
     try:
         wait_listening(federation.entry("publisher").address, process)
         process.send_signal(signal.SIGINT)
