@@ -94,8 +94,6 @@ def run_report(
     by_role = {party.role: party for party in parties}
     client_report = by_role.get("client")
     answer = (client_report.answer_token_ids or []) if client_report else []
-    width = client.split.hidden_size if client else None
-    prompt_length = len(client.prompt) if client else None
     expected = {
         "sent": sum(party.expected_bytes_sent or 0 for party in parties),
         "received": sum(party.expected_bytes_received or 0 for party in parties),
@@ -115,7 +113,8 @@ def run_report(
             "down": client_report.bytes_received / generated,
         }
     baselines = {}
-    if width is not None and prompt_length is not None:
+    if client is not None:
+        width, prompt_length = client.split.hidden_size, len(client.prompt)
         baselines[RECOMPUTE] = costs.recompute_bytes(config.hidden_codec, width, prompt_length, len(answer))
     if "server" in by_role:
         details["server_batches"] = by_role["server"].details.get("batches")
