@@ -1,0 +1,1 @@
+"""FedRefine: heterogeneous models help a receiver by sending their KV caches (Cache-to-Cache fusion)."""
