@@ -3,7 +3,7 @@
 The receiver sends its hello and its request; the sharer answers and sends one K/V frame per
 sharer block the receiver maps (``alignment.sent_blocks``: with a shallower receiver only its
 blocks' partners cross, each once). A sharer's cache is n tokens x sent blocks x 2 x (heads_S x
-d_S) x bytes per element for a float codec, plus a 24-byte header per block: Qwen2.5-Coder-1.5B
+d_S) x bytes per element for a float codec, plus a 22-byte header per block: Qwen2.5-Coder-1.5B
 (28 blocks, 2 KV heads of 128) for a 24-block receiver in bfloat16 sends 24 blocks, 24,576 bytes
 per token (the spec's 28,672 counts all 28).
 """

@@ -11,7 +11,7 @@ sent block, through the run's ``KVCodec``), validated against the sharer model t
 | answer  | sharer -> receiver| accepted u8, tokenizer 8s, reason length u16; the reason (refusals) | 17 + reason    |
 | request | receiver -> sharer| raw u8, mode u8 (ids / pieces), first position u32, count u32;      | 16 + 4 n, or   |
 |         |                   | n ids u32, or n pieces each u16 length + UTF-8                      | 16 + sum(2 + l)|
-| cache   | sharer -> receiver| ``network.frames`` K/V frame per sent block, whole-segment: its     | 24 + P each    |
+| cache   | sharer -> receiver| ``network.frames`` K/V frame per sent block, whole-segment: its     | 22 + P each    |
 |         |                   | header (codec, block, heads, head dim, n, first position), K and V  |                |
 
 P is the codec's ``payload_size(n, heads_S, d_S)``: 2 n heads_S d_S b for a float codec of b bytes
