@@ -11,6 +11,7 @@ run the same weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -272,7 +273,7 @@ def model_identity(name_or_path: str) -> str:
     model's is its pinned GGUF's hash, ``tiny-random``'s its weights' (built in milliseconds), a
     path's its files' hash. A party that asks another for a model by name checks it with this."""
     if name_or_path in TINY_MODELS:
-        return weights_fingerprint(build_tiny_model(TINY_MODELS[name_or_path])[0])
+        return _tiny_identity(name_or_path)
     if name_or_path in KNOWN_MODELS:
         return KNOWN_MODELS[name_or_path].sha256[:IDENTITY_HEX_CHARS]
     path = Path(name_or_path).expanduser().resolve()
@@ -282,6 +283,11 @@ def model_identity(name_or_path: str) -> str:
         return _directory_identity(path, False)
     known = ", ".join([*KNOWN_MODELS, *TINY_MODELS])
     raise FedAttnError(f"unknown model '{name_or_path}' (not a known name or an existing path); known: {known}")
+
+
+@functools.cache
+def _tiny_identity(name: str) -> str:
+    return weights_fingerprint(build_tiny_model(TINY_MODELS[name])[0])
 
 
 def _directory_identity(directory: Path, progress: bool) -> str:

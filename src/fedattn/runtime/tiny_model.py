@@ -7,6 +7,7 @@ downloaded. Weights are a pure function of the seed.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,9 @@ TINY_MODELS = {
 }
 
 
+_GLOBAL_GENERATOR = threading.Lock()  # the weights are drawn from torch's global generator, seeded for the draw
+
+
 def build_tiny_model(shape: TinyShape = TinyShape()) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     """A tiny model and its tokenizer (``tiny-random``: 8 blocks, d = 64, 4 heads, 2 KV heads); same
     shape, same weights."""
@@ -82,12 +86,13 @@ def build_tiny_model(shape: TinyShape = TinyShape()) -> tuple[Qwen2ForCausalLM, 
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(shape.seed)
-        model = Qwen2ForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    with _GLOBAL_GENERATOR:  # threads building at once would draw from each other's seeds
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(shape.seed)
+            model = Qwen2ForCausalLM(config)
+        finally:
+            torch.random.set_rng_state(generator_state)
     model.eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

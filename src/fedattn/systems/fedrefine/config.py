@@ -57,7 +57,8 @@ def sharer_spec(word: str) -> SharerSpec:
     model, colon, directory = word.partition(":")
     if not model.strip() or (colon and not directory.strip()):
         raise argparse.ArgumentTypeError(f"{word!r}: expected NAME or NAME:PROJECTOR_DIR")
-    return SharerSpec(model.strip(), Path(directory.strip()).expanduser() if colon else None)
+    # absolute: a run's words reach party processes and the asker's service, which may not share its folder
+    return SharerSpec(model.strip(), Path(directory.strip()).expanduser().resolve() if colon else None)
 
 
 def kv_codec(word: str) -> str:
