@@ -20,7 +20,7 @@ import torch
 from fedattn.errors import FedAttnError
 from fedattn.network.frames import kv_frame_size
 from fedattn.network.kv_codec import get_codec
-from fedattn.network.meeting import FederationRun, NetworkTransport, Rendezvous, flush_before_failing, links
+from fedattn.network.meeting import FederationRun, NetworkTransport, Rendezvous, links
 from fedattn.network.transport import Transport
 from fedattn.report.schema import RunReport
 from fedattn.runtime.blocks import SplitModel
@@ -33,6 +33,7 @@ from fedattn.systems.fedrefine.inprocess import RECEIVER, sharer_name
 from fedattn.systems.fedrefine.protocol import Party
 from fedattn.systems.fedrefine.query import checked_projectors, model_json
 from fedattn.systems.fedrefine.roles import Receiver, Sharer, SharerPlan
+from fedattn.systems.phases import take_alone
 
 
 def party_names(sharers: int) -> list[str]:
@@ -144,16 +145,8 @@ def own_party(
 
 
 def take_part(role: Party, transport: NetworkTransport) -> dict[str, float]:
-    """This one party's whole protocol over its joined transport, and what it sent delivered;
-    seconds per stage. A party that fails first lets what it sent reach the others (a refusal, say)."""
-    try:
-        seconds = protocol.run([role])
-        transport.flush()
-        return seconds
-    except FedAttnError:
-        if not role.done:
-            flush_before_failing(transport)
-        raise
+    """This one party's whole protocol over its joined transport (``phases.take_alone``)."""
+    return take_alone(role, transport, protocol.run, lambda party: party.done)
 
 
 def own_report(

@@ -6,21 +6,19 @@ drive it. The evaluation harness's part (``add_options``, ``configure``, ``check
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
-from fedattn.systems.base import Description
-
-if TYPE_CHECKING:
-    from fedattn.network.service import QueryHandler
+from fedattn.systems.base import Description, ServiceModule
 
 
 def _not_yet(what: str) -> NoReturn:
     raise FedAttnError(f"FedRefine's {what} is not in this build yet: use `fedattn refine`")
 
 
-class RefineSystem:
+class RefineSystem(ServiceModule):
+    service_module = "fedattn.systems.fedrefine.service"
     name = "refine"
     description = "FedRefine: sharers send their KV caches, the receiver fuses them through trained projectors (C2C)"
 
@@ -40,26 +38,6 @@ class RefineSystem:
         raise FedAttnError(
             "FedRefine's parties run one per process with `fedattn refine --transport`, not `fedattn participant`"
         )
-
-    def add_serve_options(self, parser: argparse.ArgumentParser) -> None:
-        from fedattn.systems.fedrefine import service
-
-        service.add_serve_options(parser)
-
-    def serve_handler(self, args: argparse.Namespace, context: str | None) -> QueryHandler:
-        from fedattn.systems.fedrefine import service
-
-        return service.handler_from_args(args, context)
-
-    def add_ask_options(self, parser: argparse.ArgumentParser) -> None:
-        from fedattn.systems.fedrefine import service
-
-        service.add_ask_options(parser)
-
-    def ask_input(self, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-        from fedattn.systems.fedrefine import service
-
-        return service.ask_input(args)
 
     def config_json(self, setup: Any) -> dict[str, Any]:
         _not_yet("evaluation")
