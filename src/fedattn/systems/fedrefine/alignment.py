@@ -72,8 +72,9 @@ def _scaffolding(tokenizer: PreTrainedTokenizerBase, raw: bool) -> tuple[str, st
     parts = None if raw else chat_template_parts(tokenizer)
     if parts is not None:
         return parts
-    bos = tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token else ""
-    return bos, ""
+    # Gemma 3's tokenizer prepends <bos> through its post-processor and reports add_bos_token False: ask it
+    bos = tokenizer.bos_token_id
+    return (tokenizer.bos_token if bos is not None and tokenizer("x").input_ids[:1] == [bos] else ""), ""
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
