@@ -7,6 +7,7 @@ same tokenizer) and a tiny model of another tokenizer (a BPE with merges and a B
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -62,6 +63,8 @@ SMALL = ProjectorShape(width=16, depth=1, expansion=2)
 # In GPT-2's byte alphabet a space is "Ġ". " a" ranks after "an", so " and" splits as "Ġ" + "and".
 MERGES = (("t", "h"), ("th", "e"), ("Ġ", "the"), ("i", "n"), ("in", "g"), ("a", "n"), ("an", "d"), ("Ġ", "a"))
 MERGED_SPECIALS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2 as in Gemma 3's tokenizer
+# the keyword HF's forward takes a cache by ("past_key_values" is deprecated in transformers 5.25)
+CACHE_WORD = "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
 
 
 def merged_tokenizer() -> PreTrainedTokenizerFast:
@@ -390,7 +393,7 @@ def test_answer_decodes_over_the_fused_cache_as_hf_does(receiver, wide, monkeypa
     with torch.inference_mode():
         for position in range(last, last + NEW_TOKENS):
             logits = model(
-                torch.tensor([[token]]), past_key_values=cache, position_ids=torch.tensor([[position]]), use_cache=True
+                torch.tensor([[token]]), position_ids=torch.tensor([[position]]), use_cache=True, **{CACHE_WORD: cache}
             ).logits
             token = int(logits[0, -1].argmax())
             tokens.append(token)
