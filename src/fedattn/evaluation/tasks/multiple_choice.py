@@ -101,12 +101,15 @@ def score(question: Question, answer: str) -> dict[str, Any]:
 # -- loaders -------------------------------------------------------------------------------------
 
 
-def _lettered(source: str, id: str, text: str, choices: list, gold_index: int) -> Question:
-    """A question whose choices are relabelled A, B, ... by position; ``gold_index`` picks the gold."""
-    texts = tuple(choice.strip() for choice in choices if isinstance(choice, str))
-    if not text.strip() or len(texts) != len(choices) or not 2 <= len(texts) <= len(_LETTERS) or not all(texts):
-        raise FedAttnError(f"{source} question {id}: needs a question and 2-{len(_LETTERS)} non-empty choices")
-    if not 0 <= gold_index < len(texts):
+def _lettered(source: str, id: str, text: object, choices: object, gold_index: object) -> Question:
+    """A question whose choices are relabelled A, B, ... by position; ``gold_index`` picks the gold.
+    The fields come straight from a data file, so their types are checked here."""
+    texts = tuple(choice.strip() for choice in choices if isinstance(choice, str)) if isinstance(choices, list) else ()
+    if not isinstance(text, str) or not text.strip() or not texts or len(texts) != len(choices) or not all(texts):
+        raise FedAttnError(f"{source} question {id}: needs a question and a list of non-empty choices")
+    if not 2 <= len(texts) <= len(_LETTERS):
+        raise FedAttnError(f"{source} question {id}: has {len(texts)} choices, not 2-{len(_LETTERS)}")
+    if not isinstance(gold_index, int) or not 0 <= gold_index < len(texts):
         raise FedAttnError(f"{source} question {id}: the gold answer is not one of its {len(texts)} choices")
     labels = tuple(_LETTERS[: len(texts)])
     return Question(id, text.strip(), labels, texts, labels[gold_index], source)
@@ -128,11 +131,11 @@ def _arc_challenge_test() -> tuple[Question, ...]:
 
 
 def _arc_doc(path: Path, doc: dict) -> Question:
-    query, choices, gold = doc.get("query"), doc.get("choices"), doc.get("gold")
-    if not isinstance(query, str) or not isinstance(choices, list) or not isinstance(gold, int):
-        raise FedAttnError(f"{path}: doc {doc['id']} needs a 'query' string, a 'choices' list and an integer 'gold'")
+    query = doc.get("query")
+    if not isinstance(query, str):
+        raise FedAttnError(f"{path}: doc {doc['id']} has no 'query' string")
     text = query.removeprefix("Question:").removesuffix("Answer:")
-    return _lettered("arc-challenge", doc["id"], text, choices, gold)
+    return _lettered("arc-challenge", doc["id"], text, doc.get("choices"), doc.get("gold"))
 
 
 def _hf_rows(what: str, *parts: str) -> tuple[dict, ...]:
@@ -143,12 +146,13 @@ def _arc_easy_validation() -> tuple[Question, ...]:
     """HF's ai2_arc rows: ``question``, ``choices`` {text, label}, ``answerKey`` (a letter or a digit)."""
     questions = []
     for row in _hf_rows("arc-easy", "ai2_arc", "ARC-Easy", "validation"):
-        choices = row.get("choices") or {}
-        keys = list(choices.get("label") or [])
+        choices = row.get("choices") if isinstance(row.get("choices"), dict) else {}
+        keys = choices.get("label") if isinstance(choices.get("label"), list) else []
         if row.get("answerKey") not in keys:
             raise FedAttnError(f"arc-easy question {row.get('id')}: its answerKey is not one of its labels")
+        gold_index = keys.index(row["answerKey"])
         questions.append(
-            _lettered("arc-easy", str(row["id"]), row["question"], choices["text"], keys.index(row["answerKey"]))
+            _lettered("arc-easy", str(row.get("id")), row.get("question"), choices.get("text"), gold_index)
         )
     return tuple(questions)
 
@@ -166,7 +170,9 @@ def _mmlu_dev_validation() -> tuple[Question, ...]:
             rows = _hf_rows("mmlu-dev-val", "hails", "mmlu_no_train", subject, split)
             for index, row in enumerate(rows):
                 id = f"{subject}/{split}/{index}"
-                questions.append(_lettered("mmlu-dev-val", id, row["question"], row["choices"], int(row["answer"])))
+                questions.append(
+                    _lettered("mmlu-dev-val", id, row.get("question"), row.get("choices"), row.get("answer"))
+                )
     return tuple(questions)
 
 
