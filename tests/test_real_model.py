@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedattn.runtime.decoding import stop_rule
-from fedattn.runtime.models import DEFAULT_MODEL, KNOWN_MODELS, cache_complete, load_model
+from fedattn.runtime.models import DEFAULT_MODEL, KNOWN_MODELS, LoadedModel, cache_complete, load_model
 from fedattn.runtime.prompting import build_segments
 from fedattn.systems.fedattn.config import RunConfig
 from fedattn.systems.fedattn.inprocess import run_in_process
@@ -19,11 +19,16 @@ QUESTION = "What is Marta Kowalski's employee ID? Answer with the number only."
 GEMMA = "gemma3-270m"
 
 
+def load_installed(name: str, how: str) -> LoadedModel:
+    """The model, or a skip that says ``how`` to install it."""
+    if not cache_complete(KNOWN_MODELS[name]):
+        pytest.skip(f"{name} is not installed here: run {how}")
+    return load_model(name, progress=False)
+
+
 @pytest.fixture(scope="module")
 def qwen():
-    if not cache_complete(KNOWN_MODELS[DEFAULT_MODEL]):
-        pytest.skip(f"{DEFAULT_MODEL} is not installed here: run `make demo` or `fedattn install {DEFAULT_MODEL}`")
-    return load_model(DEFAULT_MODEL, progress=False)
+    return load_installed(DEFAULT_MODEL, f"`make demo` or `fedattn install {DEFAULT_MODEL}`")
 
 
 def test_sync_every_block_equals_centralized_generation(qwen):
@@ -52,9 +57,7 @@ def test_publisher_dense_answers_from_another_partys_record(qwen):
 
 @pytest.fixture(scope="module")
 def gemma():
-    if not cache_complete(KNOWN_MODELS[GEMMA]):
-        pytest.skip(f"{GEMMA} is not installed here: run `fedattn install {GEMMA}`")
-    return load_model(GEMMA, progress=False)
+    return load_installed(GEMMA, f"`fedattn install {GEMMA}`")
 
 
 def test_gemma_base_model_answers_a_plain_question_after_its_bos(gemma):

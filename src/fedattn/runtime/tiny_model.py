@@ -114,19 +114,26 @@ def build_tiny_model(shape: TinyShape = TinyShape()) -> tuple[PreTrainedModel, P
     return model, tokenizer
 
 
+def _shared_config(shape: TinyShape, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """What every tiny model's config sets alike; the 0.1 initializer gives logits far from uniform."""
+    return {
+        "vocab_size": len(tokenizer) + shape.padding_rows,
+        "hidden_size": shape.hidden,
+        "intermediate_size": 2 * shape.hidden,
+        "num_hidden_layers": shape.blocks,
+        "max_position_embeddings": 4096,
+        "initializer_range": 0.1,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def _qwen2_config(shape: TinyShape, tokenizer: PreTrainedTokenizerFast) -> tuple[type, Qwen2Config]:
     return Qwen2ForCausalLM, Qwen2Config(
-        vocab_size=len(tokenizer) + shape.padding_rows,
-        hidden_size=shape.hidden,
-        intermediate_size=2 * shape.hidden,
-        num_hidden_layers=shape.blocks,
+        **_shared_config(shape, tokenizer),
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
-        initializer_range=0.1,
         tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
 
@@ -135,20 +142,13 @@ def _gemma_config(shape: TinyShape, tokenizer: PreTrainedTokenizerFast) -> tuple
     """Gemma 3 270M in miniature: 2 heads / 1 KV head, tied embeddings, a sliding window of 4 in every
     block but the last (the real model: 512, every 6th block global)."""
     return Gemma3ForCausalLM, Gemma3TextConfig(
-        vocab_size=len(tokenizer) + shape.padding_rows,
-        hidden_size=shape.hidden,
-        intermediate_size=2 * shape.hidden,
-        num_hidden_layers=shape.blocks,
+        **_shared_config(shape, tokenizer),
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=shape.hidden // 2,
         query_pre_attn_scalar=shape.hidden // 2,
         sliding_window=4,
         layer_types=["sliding_attention"] * (shape.blocks - 1) + ["full_attention"],
-        max_position_embeddings=4096,
-        initializer_range=0.1,
         tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
