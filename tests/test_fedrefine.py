@@ -3,7 +3,8 @@ computed here: block maps and token mappings written out by hand, HF's own ``gen
 ``past_key_values``, a greedy loop of HF's model (its own attention) over a cache built from the fused
 store, and the projectors' arithmetic applied by hand. Tiny random models only: the receiver is
 tiny-random (8 blocks, byte tokenizer with a chat template); sharers are tiny-random-wide (4 blocks,
-same tokenizer) and a tiny model of another tokenizer (a BPE with merges and a BOS, no template)."""
+same tokenizer) and a Gemma 3 model with tiny-random-gemma's tokenizer (a BPE with merges and a BOS,
+no template); tiny-random-gemma itself for the sliding-window refusal."""
 
 from __future__ import annotations
 
@@ -12,20 +13,12 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import (
-    DynamicCache,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, Qwen2ForCausalLM
 
 from fedattn.errors import FedAttnError
 from fedattn.runtime.blocks import SplitModel
 from fedattn.runtime.decoding import Decoding, stop_rule
-from fedattn.runtime.tiny_model import TINY_MODELS, build_tiny_model, build_tiny_tokenizer
+from fedattn.runtime.tiny_model import TINY_MODELS, build_tiny_gemma_tokenizer, build_tiny_model, build_tiny_tokenizer
 from fedattn.systems.fedrefine import receiver as receiver_module
 from fedattn.systems.fedrefine.alignment import (
     SharerInput,
@@ -60,26 +53,8 @@ from fedattn.systems.fedrefine.receiver import Contribution, answer
 MESSAGE = "What is two plus two? Say it."
 NEW_TOKENS = 8
 SMALL = ProjectorShape(width=16, depth=1, expansion=2)
-# In GPT-2's byte alphabet a space is "Ġ". " a" ranks after "an", so " and" splits as "Ġ" + "and".
-MERGES = (("t", "h"), ("th", "e"), ("Ġ", "the"), ("i", "n"), ("in", "g"), ("a", "n"), ("an", "d"), ("Ġ", "a"))
-MERGED_SPECIALS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2 as in Gemma 3's tokenizer
 # the keyword HF's forward takes a cache by ("past_key_values" is deprecated in transformers 5.25)
 CACHE_WORD = "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
-
-
-def merged_tokenizer() -> PreTrainedTokenizerFast:
-    """A BPE of another family: Gemma's special ids first, the byte alphabet, one token per merge of
-    ``MERGES``, <bos> prepended by its post-processor, no chat template."""
-    vocab = {token: index for index, token in enumerate(MERGED_SPECIALS)}
-    for symbol in [*sorted(pre_tokenizers.ByteLevel.alphabet()), *(left + right for left, right in MERGES)]:
-        vocab[symbol] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(MERGES)))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
 def seeded(seed: int, build):
@@ -106,20 +81,25 @@ def wide():
 
 @pytest.fixture(scope="module")
 def merged():
-    """A sharer of another tokenizer: 3 blocks, 1 KV head of 24 (Qwen2 architecture, full attention)."""
-    tokenizer = merged_tokenizer()
-    config = Qwen2Config(
+    """A sharer of another family and tokenizer: Gemma 3 with tiny-random-gemma's tokenizer (merges,
+    <bos>, no chat template), 3 blocks of 1 KV head of 24, sliding windows that hold these prompts
+    (tiny-random-gemma's window of 4 holds none of them)."""
+    tokenizer = build_tiny_gemma_tokenizer()
+    config = Gemma3TextConfig(
         vocab_size=len(tokenizer),
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=3,
         num_attention_heads=2,
         num_key_value_heads=1,
+        head_dim=24,
+        query_pre_attn_scalar=24,
+        sliding_window=64,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         max_position_embeddings=512,
         initializer_range=0.1,
-        tie_word_embeddings=False,
     )
-    return seeded(7, lambda: Qwen2ForCausalLM(config).eval()), tokenizer
+    return seeded(7, lambda: Gemma3ForCausalLM(config).eval()), tokenizer
 
 
 def tokens_of(tokenizer, text: str) -> list[int]:
@@ -192,16 +172,16 @@ def test_sent_blocks_by_hand():
 # ---------------------------------------------------------------- token alignment
 
 
-def test_merged_tokenizer_splits_as_its_merges_say():
-    """The test's own tokenizer, checked against its merges applied by hand."""
-    tokenizer = merged_tokenizer()
+def test_gemma_tokenizer_splits_as_its_merges_say():
+    """tiny-random-gemma's tokenizer, against its merges applied by hand (the mappings below rely on it)."""
+    tokenizer = build_tiny_gemma_tokenizer()
     ids = tokenizer("the cat and the dog").input_ids
     assert tokenizer.convert_ids_to_tokens(ids) == "<bos>|the|Ġ|c|a|t|Ġ|and|Ġthe|Ġ|d|o|g".split("|")
 
 
 def test_receiver_with_merges_to_byte_sharer_keeps_first_of_equals():
     """Receiver tokens " the", "and" re-encode to bytes of length 1 each: the first is kept."""
-    receiving, sharing = merged_tokenizer(), build_tiny_tokenizer()
+    receiving, sharing = build_tiny_gemma_tokenizer(), build_tiny_tokenizer()
     prompt = receiver_prompt(receiving, "the cat and the dog")
     assert prompt.ids == tokens_of(receiving, "<bos>|the|Ġ|c|a|t|Ġ|and|Ġthe|Ġ|d|o|g")
     assert (prompt.message_start, prompt.message_stop, prompt.fusable) == (1, 13, 12)
@@ -220,7 +200,7 @@ def test_byte_receiver_to_merged_sharer_maps_each_byte_to_itself():
     """Every message token of the receiver (one byte) is one token of the sharer, the same symbol;
     the sharer's own opening (its <bos>) precedes them, and the receiver's template scaffolding is
     not fused."""
-    receiving, sharing = build_tiny_tokenizer(), merged_tokenizer()
+    receiving, sharing = build_tiny_tokenizer(), build_tiny_gemma_tokenizer()
     message = "the thing and a thin"
     prompt = receiver_prompt(receiving, message)
     opening = 1 + 5  # <|im_start|>, then "user\n" a byte each
@@ -240,7 +220,7 @@ def test_multibyte_character_maps_to_its_own_text(direction):
     """ "é" is two byte tokens in both tokenizers; each decodes alone to U+FFFD, which is no part of
     the message. Both receiver positions stand for "é", whose sharer tokens ("Ã", "©") are equally
     long: the first, "Ã", is kept for both."""
-    byte, bpe = build_tiny_tokenizer(), merged_tokenizer()
+    byte, bpe = build_tiny_tokenizer(), build_tiny_gemma_tokenizer()
     receiving, sharing = (byte, bpe) if direction == "byte receiver" else (bpe, byte)
     prompt = receiver_prompt(receiving, "café!", raw=True)
     start = prompt.message_start
@@ -254,7 +234,7 @@ def test_multibyte_character_maps_to_its_own_text(direction):
 def test_same_tokenizer_reads_the_receivers_ids_at_every_fused_position(receiver, wide):
     tokenizer = receiver[1]
     assert same_tokenizer(tokenizer, wide[1])
-    assert not same_tokenizer(tokenizer, merged_tokenizer())
+    assert not same_tokenizer(tokenizer, build_tiny_gemma_tokenizer())
     prompt = receiver_prompt(tokenizer, MESSAGE)
     request = sharer_request(prompt, tokenizer, True)
     assert request.positions == list(range(len(prompt.ids) - 1))
@@ -264,7 +244,7 @@ def test_same_tokenizer_reads_the_receivers_ids_at_every_fused_position(receiver
 
 
 def test_pick_token_longest_text_first_of_equals():
-    bpe, byte = merged_tokenizer(), build_tiny_tokenizer()
+    bpe, byte = build_tiny_gemma_tokenizer(), build_tiny_tokenizer()
     assert pick_token(bpe, "thin") == bpe.convert_tokens_to_ids("th")  # "th" + "in": a tie, the first
     assert pick_token(bpe, "thing") == bpe.convert_tokens_to_ids("ing")  # "th" + "ing"
     assert pick_token(bpe, " and") == bpe.convert_tokens_to_ids("and")  # "Ġ" + "and"
@@ -277,7 +257,7 @@ def test_pick_token_longest_text_first_of_equals():
 def test_receiver_prompt_of_a_bos_tokenizer_starts_with_its_bos():
     """A tokenizer that prepends <bos> itself (a post-processor, as Gemma 3's) keeps it in a raw
     prompt; one without a BOS gets none."""
-    bpe = merged_tokenizer()
+    bpe = build_tiny_gemma_tokenizer()
     assert receiver_prompt(bpe, "the dog", raw=True).ids == tokens_of(bpe, "<bos>|the|Ġ|d|o|g")
     byte = build_tiny_tokenizer()
     assert receiver_prompt(byte, "the dog", raw=True).ids == tokens_of(byte, "t|h|e|Ġ|d|o|g")
@@ -574,31 +554,20 @@ def test_sharer_cache_is_hfs_own_at_the_sent_positions(merged):
 
 @pytest.fixture(scope="module")
 def windowed():
-    """A Gemma 3 model with a sliding window of 4 in its first block, full attention in its second."""
-    config = Gemma3TextConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=512,
-    )
-    return seeded(10, lambda: Gemma3ForCausalLM(config).eval())
+    """tiny-random-gemma: a sliding window of 4 in blocks 0 and 1, full attention in block 2."""
+    return build_tiny_model(TINY_MODELS["tiny-random-gemma"])[0]
 
 
 def test_sliding_window_sharer_refuses_a_prompt_longer_than_its_window(windowed):
+    assert windowed.config.sliding_window == 4
     ids = list(range(10, 16))
     with pytest.raises(FedAttnError) as caught:
-        read_sharer_cache(windowed, SharerInput(ids, list(range(6))), [0, 1])
+        read_sharer_cache(windowed, SharerInput(ids, list(range(6))), [0, 1, 2])
     assert "sliding window" in str(caught.value) and "\n" not in str(caught.value)
     short = [10, 11, 12]
-    shared = read_sharer_cache(windowed, SharerInput(short, [0, 1, 2]), [0, 1])
+    shared = read_sharer_cache(windowed, SharerInput(short, [0, 1, 2]), [0, 1, 2])
     with torch.inference_mode():
         cache = windowed(torch.tensor([short]), use_cache=True).past_key_values
-    for block in (0, 1):
+    for block in (0, 1, 2):
         assert torch.equal(shared.block(block)[0], cache.layers[block].keys[0])
+        assert torch.equal(shared.block(block)[1], cache.layers[block].values[0])
