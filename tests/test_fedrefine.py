@@ -8,12 +8,13 @@ no template); tiny-random-gemma itself for the sliding-window refusal."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 
 import pytest
 import torch
-from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, Qwen2ForCausalLM
+from transformers import DynamicCache, Gemma3ForCausalLM, Qwen2ForCausalLM
 
 from fedattn.errors import FedAttnError
 from fedattn.runtime.blocks import SplitModel
@@ -81,24 +82,12 @@ def wide():
 
 @pytest.fixture(scope="module")
 def merged():
-    """A sharer of another family and tokenizer: Gemma 3 with tiny-random-gemma's tokenizer (merges,
-    <bos>, no chat template), 3 blocks of 1 KV head of 24, sliding windows that hold these prompts
-    (tiny-random-gemma's window of 4 holds none of them)."""
-    tokenizer = build_tiny_gemma_tokenizer()
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=24,
-        query_pre_attn_scalar=24,
-        sliding_window=64,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=512,
-        initializer_range=0.1,
-    )
+    """A sharer of another family and tokenizer: tiny-random-gemma's shape and tokenizer (merges, <bos>,
+    no chat template; 3 blocks of 1 KV head of 24) with a sliding window of 64, which holds these
+    prompts (its own window of 4 holds none of them)."""
+    gemma, tokenizer = build_tiny_model(TINY_MODELS["tiny-random-gemma"])
+    config = copy.deepcopy(gemma.config)
+    config.sliding_window = 64
     return seeded(7, lambda: Gemma3ForCausalLM(config).eval()), tokenizer
 
 
