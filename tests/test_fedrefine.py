@@ -541,6 +541,25 @@ def test_sharer_cache_is_hfs_own_at_the_sent_positions(merged):
         assert torch.equal(value, cache.layers[block].values[0][:, reading.sent])
 
 
+def test_nothing_to_fuse_sends_empty_caches(receiver, wide):
+    """A BOS and a one-token message, raw: the message token is the prompt's last, so nothing is
+    fused; the sharer sends K/V of no tokens (it would run on nothing without a template) and the
+    receiver's store stays its own."""
+    prompt = receiver_prompt(build_tiny_gemma_tokenizer(), "a", raw=True)
+    assert (prompt.message_start, prompt.fusable) == (1, 1)
+    request = sharer_request(prompt, build_tiny_gemma_tokenizer(), False)
+    assert request.positions == [] and request.pieces == []
+    for raw in (True, False):  # without a template the sharer's input is empty
+        shared = read_sharer_cache(wide[0], sharer_input(request, wide[1], raw), [0, 3])
+        assert shared.tokens == 0 and tuple(shared.block(3)[0].shape) == (2, 0, 24)
+    split = SplitModel(receiver[0])
+    store = receiver_prefill(split, [5, 6, 7])
+    before = store_entries(store, split.num_blocks)
+    projectors = projectors_for(receiver[0], wide[0], seed=11, gate=1.0)
+    fuse_into(store, projectors, shared, request.positions)
+    assert changed_positions(before, store_entries(store, split.num_blocks)) == set()
+
+
 @pytest.fixture(scope="module")
 def windowed():
     """tiny-random-gemma: a sliding window of 4 in blocks 0 and 1, full attention in block 2."""
