@@ -81,7 +81,7 @@ def wide():
 
 
 @pytest.fixture(scope="module")
-def merged():
+def gemma_sharer():
     """A sharer of another family and tokenizer: tiny-random-gemma's shape and tokenizer (merges, <bos>,
     no chat template; 3 blocks of 1 KV head of 24) with a sliding window of 64, which holds these
     prompts (its own window of 4 holds none of them)."""
@@ -92,7 +92,7 @@ def merged():
 
 
 def tokens_of(tokenizer, text: str) -> list[int]:
-    """Ids of byte-alphabet symbols / merged tokens named by hand."""
+    """Ids of tokens named by hand ("|"-separated: byte-alphabet symbols, merges, specials)."""
     return tokenizer.convert_tokens_to_ids(text.split("|"))
 
 
@@ -185,7 +185,7 @@ def test_receiver_with_merges_to_byte_sharer_keeps_first_of_equals():
     assert reading.sent == list(range(6, 17))
 
 
-def test_byte_receiver_to_merged_sharer_maps_each_byte_to_itself():
+def test_byte_receiver_to_gemma_tokenizer_maps_each_byte_to_itself():
     """Every message token of the receiver (one byte) is one token of the sharer, the same symbol;
     the sharer's own opening (its <bos>) precedes them, and the receiver's template scaffolding is
     not fused."""
@@ -204,20 +204,20 @@ def test_byte_receiver_to_merged_sharer_maps_each_byte_to_itself():
     assert reading.sent == list(range(1, 1 + len(message)))
 
 
-@pytest.mark.parametrize("direction", ["byte receiver", "merged receiver"])
+@pytest.mark.parametrize("direction", ["byte receiver", "gemma receiver"])
 def test_multibyte_character_maps_to_its_own_text(direction):
-    """ "é" is two byte tokens in both tokenizers; each decodes alone to U+FFFD, which is no part of
-    the message. Both receiver positions stand for "é", whose sharer tokens ("Ã", "©") are equally
-    long: the first, "Ã", is kept for both."""
+    """The character "é" is two byte tokens in both tokenizers; each decodes alone to U+FFFD, which
+    is no part of the message. Both receiver positions stand for "é", whose sharer tokens ("Ã", "©")
+    are equally long: the first, "Ã", is kept for both."""
     byte, bpe = build_tiny_tokenizer(), build_tiny_gemma_tokenizer()
     receiving, sharing = (byte, bpe) if direction == "byte receiver" else (bpe, byte)
     prompt = receiver_prompt(receiving, "café!", raw=True)
     start = prompt.message_start
     assert receiving.convert_ids_to_tokens(prompt.ids[start:]) == "c|a|f|Ã|©|!".split("|")
     request = sharer_request(prompt, receiving, same_tokenizer(receiving, sharing))
+    assert request.pieces == ["c", "a", "f", "é", "é"]  # "!" is the prompt's last token: not fused
     reading = sharer_input(request, sharing, raw=True)
-    mapped = reading.ids[reading.sent[0] :]
-    assert sharing.convert_ids_to_tokens(mapped) == "c|a|f|Ã|Ã".split("|")
+    assert sharing.convert_ids_to_tokens([reading.ids[at] for at in reading.sent]) == "c|a|f|Ã|Ã".split("|")
 
 
 def test_same_tokenizer_reads_the_receivers_ids_at_every_fused_position(receiver, wide):
@@ -275,23 +275,23 @@ def test_closed_gates_answer_as_the_receiver_alone(receiver, wide):
     assert receiver_answer(receiver, prompt, [shared]) == hf_greedy(receiver[0], prompt.ids, NEW_TOKENS)
 
 
-def test_zero_projection_with_open_gates_answers_as_the_receiver_alone(receiver, merged):
+def test_zero_projection_with_open_gates_answers_as_the_receiver_alone(receiver, gemma_sharer):
     prompt = receiver_prompt(receiver[1], MESSAGE)
-    projectors = projectors_for(receiver[0], merged[0], seed=2, gate=1.0)
+    projectors = projectors_for(receiver[0], gemma_sharer[0], seed=2, gate=1.0)
     with torch.no_grad():
         for block in projectors.blocks:
             for path in (block.key, block.value):
                 path.project_out.weight.zero_()
                 path.project_out.bias.zero_()
     assert projectors.open_gates() == 2 * receiver[0].config.num_hidden_layers
-    shared = contribution(receiver, merged, projectors, prompt)
+    shared = contribution(receiver, gemma_sharer, projectors, prompt)
     assert receiver_answer(receiver, prompt, [shared]) == hf_greedy(receiver[0], prompt.ids, NEW_TOKENS)
 
 
 # ---------------------------------------------------------------- fusion
 
 
-@pytest.mark.parametrize("sharer_name", ["wide", "merged"])
+@pytest.mark.parametrize("sharer_name", ["wide", "gemma_sharer"])
 def test_fusion_changes_exactly_the_requested_positions(receiver, sharer_name, request):
     """Same tokenizer: all of the prompt's first N - 1 positions; another: the message's alone."""
     sharer = request.getfixturevalue(sharer_name)
@@ -380,11 +380,11 @@ def test_answer_decodes_over_the_fused_cache_as_hf_does(receiver, wide, monkeypa
     assert fused_tokens != plain_tokens
 
 
-def test_two_sharers_fuse_one_after_the_other(receiver, wide, merged):
+def test_two_sharers_fuse_one_after_the_other(receiver, wide, gemma_sharer):
     model, tokenizer = receiver
     prompt = receiver_prompt(tokenizer, MESSAGE)
     first = contribution(receiver, wide, projectors_for(model, wide[0], seed=6, gate=1.0), prompt)
-    second = contribution(receiver, merged, projectors_for(model, merged[0], seed=7, gate=1.0), prompt)
+    second = contribution(receiver, gemma_sharer, projectors_for(model, gemma_sharer[0], seed=7, gate=1.0), prompt)
     split = SplitModel(model)
     store = receiver_prefill(split, prompt.ids[:-1])
     by_hand = store_entries(store, split.num_blocks)
@@ -527,8 +527,8 @@ def test_load_refuses_missing_or_unreadable_files(tmp_path, damage):
 # ---------------------------------------------------------------- sharer caches
 
 
-def test_sharer_cache_is_hfs_own_at_the_sent_positions(merged):
-    model, tokenizer = merged
+def test_sharer_cache_is_hfs_own_at_the_sent_positions(gemma_sharer):
+    model, tokenizer = gemma_sharer
     ids = tokenizer("the thing and the cat").input_ids
     reading = SharerInput(ids, [1, 2, 4, 7])
     shared = read_sharer_cache(model, reading, [0, 2])
