@@ -414,6 +414,14 @@ def test_parameter_count_by_hand():
     assert parameter_count(dims, ProjectorShape(width=4, depth=1, expansion=1)) == 320
 
 
+def test_parameter_count_of_c2cs_own_shape_is_c2cs_reported_size():
+    """C2C: width 1024, 3 MLP blocks, 478M trainable parameters for a Qwen3-0.6B receiver (28 blocks,
+    8 KV heads of 128) with a Qwen2.5-0.5B sharer (2 KV heads of 64); its MLP blocks keep the width
+    (expansion 1)."""
+    dims = PairDims(28, 8, 128, 24, 2, 64)
+    assert round(parameter_count(dims, ProjectorShape(width=1024, depth=3, expansion=1)) / 1e6) == 478
+
+
 @pytest.mark.parametrize(
     ("dims", "shape"),
     [
