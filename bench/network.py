@@ -400,10 +400,10 @@ def prompt_texts(model: str, parties: int, shots: int, item: int) -> tuple[list[
     from fedattn.evaluation.tasks import gsm8k
     from fedattn.runtime.models import KNOWN_MODELS, ensure_cache
     from fedattn.runtime.prompting import build_segments
-    from fedattn.runtime.tiny_model import TINY_MODELS, build_tiny_tokenizer
+    from fedattn.runtime.tiny_model import TINY_MODELS, tiny_tokenizer
 
     if model in TINY_MODELS:  # built in code, nothing on disk
-        tokenizer = build_tiny_tokenizer(TINY_MODELS[model].renumbered_tokenizer)
+        tokenizer = tiny_tokenizer(TINY_MODELS[model])
     else:
         directory = ensure_cache(KNOWN_MODELS[model], progress=False) if model in KNOWN_MODELS else Path(model)
         tokenizer = AutoTokenizer.from_pretrained(directory)

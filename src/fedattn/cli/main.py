@@ -64,6 +64,15 @@ def build_parser(system: str = DEFAULT_SYSTEM, command: str | None = None) -> ar
     refine.add_party_arguments(
         commands.add_parser("refine-party", help="run ONE FedRefine party (a sharer or the receiver) here")
     )
+    from fedattn.cli import refine_train
+
+    refine_train.add_arguments(
+        commands.add_parser(
+            REFINE_TRAIN,
+            prog="fedattn refine train",
+            help="FedRefine: train a (receiver, sharer) pair's projectors (`fedattn refine train ...`)",
+        )
+    )
 
     evaluate = commands.add_parser("eval", help="score schedules on a benchmark (resumable results folder)")
     benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, parser_class=OneLineParser)
@@ -152,8 +161,13 @@ def _evaluation(name: str):
     )
 
 
+REFINE_TRAIN = "refine-train"  # what `fedattn refine train` is parsed as (`refine` itself takes a prompt)
+
+
 def parse_words(words: list[str]) -> argparse.Namespace:
     """A command line, parsed (the sweep parses each of its points with this before running any)."""
+    if words[:2] == ["refine", "train"]:
+        words = [REFINE_TRAIN, *words[2:]]
     return build_parser(_named_system(words), words[0] if words else None).parse_args(words)
 
 
@@ -209,6 +223,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         return refine.run(args)
     if args.command == "refine-party":
         return refine.run_party(args)
+    if args.command == REFINE_TRAIN:
+        from fedattn.cli import refine_train
+
+        return refine_train.run(args)
     if args.command == "sweep":
         from fedattn.evaluation.sweep import run
 

@@ -66,12 +66,11 @@ def add_meeting_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_prompt_run_options(parser: argparse.ArgumentParser, whose: str, required: bool = True) -> None:
+def add_prompt_run_options(parser: argparse.ArgumentParser, whose: str) -> None:
     """A one-prompt command's: the prompt of ``whose`` (the party holding it), its template, where
-    the parties run, how the report prints. ``required`` False: a command with subcommands that
-    take none checks it itself."""
+    the parties run, how the report prints."""
     prompt_help = f"the {whose}'s prompt"
-    parser.add_argument("--prompt", required=required, type=text_or_file, metavar="TEXT|@FILE", help=prompt_help)
+    parser.add_argument("--prompt", required=True, type=text_or_file, metavar="TEXT|@FILE", help=prompt_help)
     _add_template_and_output_options(parser)
     parser.add_argument(
         "--transport",

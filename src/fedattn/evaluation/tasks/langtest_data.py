@@ -58,6 +58,11 @@ def _parsed(path: Path, mtime_ns: int, size: int, parse: Callable[[Path, Rows, s
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise FedAttnError(f"{path} is not UTF-8 text") from None
+    return parse(path, json_rows(path, text), hashlib.sha256(data).hexdigest())
+
+
+def json_rows(path: Path, text: str) -> Rows:
+    """The JSON objects of ``text``, one per line, with their line numbers (for errors naming the line)."""
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -69,4 +74,4 @@ def _parsed(path: Path, mtime_ns: int, size: int, parse: Callable[[Path, Rows, s
         if not isinstance(row, dict):
             raise FedAttnError(f"{path}:{number}: expected a JSON object")
         rows.append((number, row))
-    return parse(path, rows, hashlib.sha256(data).hexdigest())
+    return rows

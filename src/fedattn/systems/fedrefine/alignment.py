@@ -8,11 +8,12 @@ Tokens: the receiver's prompt is the base and is never changed (with the gates c
 answers exactly as alone). When both models number text the same way (same tokenizer fingerprint)
 the sharer reads the receiver's own ids and every one of the prompt's first N - 1 positions is
 fused. Otherwise only the user message's tokens are fused: each receiver message token is decoded
-to its text and re-encoded by the sharer's tokenizer, and of the sharer tokens that yields the one
-with the longest text is kept (the first of equals; C2C's default rule), so the sharer reads one
-token per receiver token, after its own chat template's opening. The scaffolding of the two
-templates differs in length and meaning; it is not fused (the receiver keeps its own K/V there),
-which is what C2C's padding of template sections amounts to for the receiver.
+to its text (tokens holding parts of one character: that character) and re-encoded by the sharer's
+tokenizer, and of the sharer tokens that yields the one with the longest text is kept (the first of
+equals; C2C's default rule), so the sharer reads one token per receiver token, after its own chat
+template's opening. The scaffolding of the two templates differs in length and meaning; it is not
+fused (the receiver keeps its own K/V there), which is what C2C's padding of template sections
+amounts to for the receiver.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class ReceiverPrompt:
 
 
 def receiver_prompt(tokenizer: PreTrainedTokenizerBase, message: str, raw: bool = False) -> ReceiverPrompt:
-    """The message in the receiver's chat template (``raw``: the message alone, after a BOS token
-    when the tokenizer uses one). Template text has its special tokens parsed; the message never."""
+    """The message in the receiver's chat template (``raw``, or a model without one: the message
+    alone, after the special tokens the tokenizer puts first, such as a BOS). Template text has
+    its special tokens parsed; the message never."""
     if not message.strip():
         raise FedAttnError("the prompt is empty")
     opening, closing = _scaffolding(tokenizer, raw)
@@ -72,8 +74,15 @@ def _scaffolding(tokenizer: PreTrainedTokenizerBase, raw: bool) -> tuple[str, st
     parts = None if raw else chat_template_parts(tokenizer)
     if parts is not None:
         return parts
-    bos = tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token else ""
-    return bos, ""
+    return _added_prefix(tokenizer), ""
+
+
+def _added_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The special tokens the tokenizer puts before any text (Gemma's BOS; nothing for Qwen): a
+    model without a chat template still reads its text after them."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    marked = tokenizer("a", add_special_tokens=True).input_ids
+    return tokenizer.decode(marked[: len(marked) - len(plain)]) if marked[-len(plain) :] == plain else ""
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
@@ -100,8 +109,27 @@ def sharer_request(
         return SharerRequest(list(range(prompt.fusable)), ids=prompt.ids[: prompt.fusable])
     stop = min(prompt.message_stop, prompt.fusable)
     message = prompt.ids[prompt.message_start : stop]
-    pieces = [receiver_tokenizer.decode([token]) for token in message]
-    return SharerRequest(list(range(prompt.message_start, stop)), pieces=pieces)
+    return SharerRequest(list(range(prompt.message_start, stop)), pieces=token_texts(receiver_tokenizer, message))
+
+
+UTF8_LONGEST = 4  # bytes of the longest UTF-8 character: a run of partial tokens completes within as many tokens
+
+
+def token_texts(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
+    """Each token's text. A token holding part of a character (one byte of a multi-byte UTF-8
+    character, as byte-level and byte-fallback tokenizers split rare characters) decodes alone to
+    U+FFFD, which is no part of the message; it and the tokens that complete the character all
+    stand for the text they make together."""
+    texts: list[str] = []
+    run: list[int] = []
+    for token in ids:
+        run.append(token)
+        text = tokenizer.decode(run)
+        if text.endswith("\ufffd") and len(run) < UTF8_LONGEST:
+            continue
+        texts += [text] * len(run)
+        run = []
+    return texts + [tokenizer.decode(run)] * len(run)
 
 
 def same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase) -> bool:
