@@ -34,7 +34,8 @@ NEW_TOKENS = 4
 def models():
     torch.set_num_threads(1)
     receiver = load_model(RECEIVER, progress=False)
-    sharers = [load_model(name, progress=False) for name in (*SHARERS, "tiny-random-renumbered")]
+    others = ("tiny-random-renumbered", "tiny-random-gemma")  # other tokenizers (Gemma: another family too)
+    sharers = [load_model(name, progress=False) for name in (*SHARERS, *others)]
     return receiver, sharers
 
 
@@ -72,6 +73,21 @@ def test_another_tokenizer_sends_token_texts_and_answers_as_the_core(models):
     pairs = list(zip(setup.sharers, setup.projectors))
     assert report.answer_token_ids == direct_answer(setup.receiver, pairs, QUESTION, NEW_TOKENS)
     assert_bytes_are_the_cost_models(report)
+
+
+def test_a_gemma_sharer_answers_within_its_window_and_refuses_beyond_it(models):
+    # tiny-random-gemma: another family and tokenizer (BPE, <bos>, no template), a window of 4 in its
+    # first blocks, so it holds the whole of at most 3 tokens: <bos> and two receiver tokens
+    setup = setup_of(models, indices=(3,))
+    setup.raw = True
+    report = answer_chat(setup, "Hi?")
+    (entry,) = report.details["sharers"]
+    assert (entry["same_tokenizer"], entry["tokens"]) == (False, 2)
+    pairs = list(zip(setup.sharers, setup.projectors))
+    assert report.answer_token_ids == direct_answer(setup.receiver, pairs, "Hi?", NEW_TOKENS, raw=True)
+    assert_bytes_are_the_cost_models(report)
+    with pytest.raises(FedAttnError, match="sharer1 refused: the sharer's block 0 keeps 3 of the prompt's 5 tokens"):
+        answer_chat(setup, "Mars?")
 
 
 def assert_bytes_are_the_cost_models(report) -> None:
