@@ -18,7 +18,7 @@ from fedattn.network.kv_codec import CODECS, get_codec
 from fedattn.network.transport import InProcessGrid
 from fedattn.runtime.blocks import SplitModel
 from fedattn.runtime.decoding import Decoding, stop_rule
-from fedattn.runtime.models import load_model
+from fedattn.runtime.models import KNOWN_MODELS, load_model, model_fingerprint, model_identity
 from fedattn.runtime.prompting import tokenizer_fingerprint
 from fedattn.systems.fedrefine import costs, frames, protocol
 from fedattn.systems.fedrefine.alignment import receiver_prompt
@@ -242,3 +242,92 @@ def test_a_sharer_asked_for_another_model_refuses_and_the_receiver_says_why(mode
     ):
         protocol.run([sharer, own])
     assert "tiny-random-draft" in sharer.refused and not grid.pending()
+
+
+# -- a fake receiver --------------------------------------------------------------------------------
+
+
+def sharer_answer(models, frames_in: list[bytes]) -> tuple[Sharer, list[bytes]]:
+    """A real sharer (rank 0, the wide model) sent ``frames_in`` by a fake receiver (rank 1); what it sent back."""
+    grid = InProcessGrid(["sharer", "fake"], timeout=5.0)
+    fake = grid.endpoint(1)
+    sharer = Sharer(0, 1, grid.endpoint(0), models[1][0], max_tokens=64)
+    for frame in frames_in:
+        fake.send(frame, [0])
+    sharer.answer_hello()
+    sharer.send_cache()
+    sent = []
+    while grid.pending():
+        sent.append(fake.recv(0))
+    return sharer, sent
+
+
+def hello_for(models, **changes) -> bytes:
+    wide = models[1][0]
+    fields = {
+        "model": model_fingerprint(wide.identity),
+        "name": wide.name,
+        "codec": CODECS["float32"].code,
+        "receiver_blocks": 8,
+        "tokens": 10,
+    }
+    return frames.encode_hello(frames.Hello(**(fields | changes)))
+
+
+BAD_REQUESTS = {
+    "another model": ([{"model": b"\x01" * 8}], None, "the receiver asks for tiny-random-wide (identity 0101"),
+    "unknown codec": ([{"codec": 99}], None, "unknown KV codec 99"),
+    "more tokens than served": ([{"tokens": 65}], None, "up to 65 tokens; this sharer serves 64"),
+    "a request beyond its hello": ([{}], frames.Request(0, False, ids=list(range(11))), "11 tokens, the hello"),
+    "an id beyond the vocabulary": ([{}], frames.Request(0, False, ids=[5, 400]), "token id 400 beyond"),
+    "a truncated text": ([{}], b"truncate", "truncated after 1 of 2 token texts"),
+    "a hello again": ([{}], b"hello", "kind 14, expected 16"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_a_bad_hello_or_request_is_refused_with_its_reason(models, case):
+    (changes,), request, reason = BAD_REQUESTS[case]
+    sent = [hello_for(models, **changes)]
+    if request == b"truncate":
+        sent.append(frames.encode_request(frames.Request(0, False, pieces=["ab", "c"]))[:-2])
+    elif request == b"hello":
+        sent.append(hello_for(models))
+    elif request is not None:
+        sent.append(frames.encode_request(request))
+    sharer, back = sharer_answer(models, sent)
+    refusal = frames.decode_answer(back[-1], "sharer")
+    assert not refusal.accepted and reason in refusal.reason and reason in sharer.refused
+    assert sharer.done and len(back) == (1 if request is None else 2)
+
+
+def test_a_good_request_is_answered_with_one_frame_per_mapped_block(models):
+    request = frames.Request(3, False, pieces=["M", "ars", "?"])
+    sharer, back = sharer_answer(models, [hello_for(models, receiver_blocks=2), frames.encode_request(request)])
+    assert frames.decode_answer(back[0], "sharer").accepted and sharer.refused is None
+    # a 2-block receiver maps the wide sharer's last two blocks; three texts, three tokens, positions 3..5
+    shape = frames.CacheShape(CODECS["float32"], 2, 24, [2, 3], 3, 3)
+    keys = [frames.decode_cache_block(frame, shape, index, "sharer")[0] for index, frame in enumerate(back[1:])]
+    assert [key.shape for key in keys] == [torch.Size([2, 3, 24])] * 2
+
+
+def test_a_sharer_without_a_projector_folder_uses_the_committed_one(models, tmp_path, monkeypatch):
+    from fedattn.systems.fedrefine import config as refine_config
+
+    monkeypatch.setattr(refine_config, "PROJECTORS", tmp_path)
+    assert refine_config.default_projector_dir(RECEIVER, SHARERS[0]) is None
+    receiver, sharers = models
+    folder = tmp_path / f"{RECEIVER}--{SHARERS[0]}"
+    projectors_for(receiver, sharers[0], True).save(folder)
+    assert refine_config.default_projector_dir(RECEIVER, SHARERS[0]) == folder
+    assert refine_config.projector_dir(RECEIVER, SharerSpec(SHARERS[0])) == folder
+    assert refine_config.projector_dir(RECEIVER, SharerSpec(SHARERS[0], tmp_path / "own")) == tmp_path / "own"
+
+
+def test_a_models_identity_without_loading_it_is_the_loaded_ones(models):
+    receiver, sharers = models
+    for loaded in (receiver, *sharers):
+        assert model_identity(loaded.name) == loaded.identity
+    assert model_identity("qwen2.5-coder-1.5b-instruct") == KNOWN_MODELS["qwen2.5-coder-1.5b-instruct"].sha256[:16]
+    with pytest.raises(FedAttnError, match="unknown model 'no-such-model'"):
+        model_identity("no-such-model")
