@@ -1,4 +1,5 @@
-"""The order of a FedRefine query, written once: hellos, answers and requests, caches, then the answer.
+"""The order of a FedRefine query, written once: the receiver's rephrasing (private mode), hellos,
+answers and requests, caches, then the answer.
 
 Both runners execute it through ``run``: a networked party with its one role, which blocks on its
 transport when a step waits for a peer; the in-process runner with the receiver and every sharer
@@ -27,6 +28,7 @@ def sharer(party: Party) -> bool:
 
 
 PHASES: tuple[Phase[Party], ...] = (
+    Phase("rephrase", "rephrase", receiver, Receiver.rephrase),
     Phase("hello", "handshake", receiver, Receiver.send_hellos),
     Phase("answer", "handshake", sharer, Sharer.answer_hello),
     Phase("request", "handshake", receiver, Receiver.send_requests),

@@ -206,15 +206,17 @@ class Receiver:
     def answer_ids(self) -> list[int]:
         return self.result.token_ids if self.result else []
 
-    def send_hellos(self) -> None:
-        """The prompt (the rephrasing, in the private mode), then a hello to every sharer asked."""
-        tokenizer = self.loaded.tokenizer
-        message = self.question
+    def rephrase(self) -> None:
+        """In the private mode, the question rewritten by the receiver's own model: all that is used after."""
         if self.config.rephrase:
             start = time.perf_counter()
-            message = self.rephrasing = rephrase(self.split, tokenizer, self.stop, self.question, self.raw)
+            self.rephrasing = rephrase(self.split, self.loaded.tokenizer, self.stop, self.question, self.raw)
             self.rephrase_s = time.perf_counter() - start
-        self.prompt = receiver_prompt(tokenizer, message, self.raw)
+
+    def send_hellos(self) -> None:
+        """The prompt (of the rephrasing, in the private mode), then a hello to every sharer asked."""
+        message = self.question if self.rephrasing is None else self.rephrasing
+        self.prompt = receiver_prompt(self.loaded.tokenizer, message, self.raw)
         check_prompt_length(len(self.prompt.ids), self.config.max_new_tokens, self.split.max_positions)
         for exchange in self.exchanges:
             plan = exchange.plan
