@@ -116,14 +116,17 @@ class Sharer:
                 reads = len(reading.ids)
                 raise FedAttnError(f"its request reads {reads} tokens here; this sharer serves {self.max_tokens}")
             cache = read_sharer_cache(self.model, reading, self.blocks)
+            encoded = [  # a quantized codec refuses values beyond its float16 scales
+                frames.encode_cache_block(block, key, value, request.first, self.codec)
+                for block, key, value in zip(cache.blocks, cache.keys, cache.values, strict=True)
+            ]
         except FedAttnError as refusal:
             self._refuse(str(refusal))
             return
         self.compute_s += time.perf_counter() - start
         self.request = request
         self.transport.note("cache")
-        for block, key, value in zip(cache.blocks, cache.keys, cache.values, strict=True):
-            frame = frames.encode_cache_block(block, key, value, request.first, self.codec)
+        for frame in encoded:
             self.transport.send(frame, [self.receiver])
         self.done = True
 
