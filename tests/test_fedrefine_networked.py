@@ -140,7 +140,7 @@ def test_a_sharer_service_answers_two_receivers_as_in_process(tmp_path, projecto
 
 
 BAD_LINES = {
-    "no receiver": (["--sharer", "tiny-random-wide", "--prompt", "q"], "needs --receiver NAME"),
+    "no receiver": (["--sharer", "tiny-random-wide", "--prompt", "q"], "required: --receiver"),
     "no sharer": (["--receiver", RECEIVER, "--prompt", "q"], "at least one --sharer"),
     "no prompt": (["--receiver", RECEIVER, "--sharer", "tiny-random-wide:/x"], "required: --prompt"),
     "empty prompt": (["--receiver", RECEIVER, "--sharer", "tiny-random-wide:/x", "--prompt", " "], "prompt is empty"),

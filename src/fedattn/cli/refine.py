@@ -20,7 +20,6 @@ from fedattn.cli.meeting import (
     meeting_from_args,
     report_path,
 )
-from fedattn.errors import FedAttnError
 from fedattn.report.schema import RunReport
 from fedattn.systems.fedrefine import config as refine_config
 
@@ -31,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_models(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--receiver", metavar="NAME", help="the receiver model: it fuses and answers (required)")
+    parser.add_argument("--receiver", required=True, metavar="NAME", help="the receiver model: it fuses and answers")
     refine_config.add_run_options(parser)
     add_placement_options(parser)
 
@@ -44,7 +43,7 @@ def add_party_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedattn.systems.fedsea.query import check_prompt_text
 
-    config = _config(args)  # what the options alone rule out, before any load or launch
+    config = refine_config.config_from_args(args)  # what the options alone rule out, before any load or launch
     check_prompt_text(args.prompt)
     if args.transport != "inprocess":
         return _networked(args)
@@ -55,12 +54,6 @@ def run(args: argparse.Namespace) -> int:
     setup = load_setup(config, args.receiver, device, args.dtype, args.raw, progress=not args.json)
     print_report(answer_chat(setup, args.prompt), args.json)
     return 0
-
-
-def _config(args: argparse.Namespace) -> refine_config.RefineConfig:
-    if args.receiver is None:
-        raise FedAttnError("fedattn refine needs --receiver NAME")
-    return refine_config.config_from_args(args)
 
 
 def _networked(args: argparse.Namespace) -> int:
@@ -86,7 +79,7 @@ def run_party(args: argparse.Namespace) -> int:
     from fedattn.runtime.models import load_model
     from fedattn.systems.fedrefine.networked import check_world, load_receiver, run_party
 
-    config = _config(args)
+    config = refine_config.config_from_args(args)
     meeting = meeting_from_args(args)
     check_world(config, meeting)
     path = report_path(args.report, meeting.rank)
