@@ -6,7 +6,8 @@ transport when a step waits for a peer; the in-process runner with the receiver 
 it asks, each phase taken by every party that takes part before the next. That is exact without
 threads: each step waits only for what was sent in an earlier phase (the hellos before the sharers
 answer them, the answers before the receiver reads them and sends its requests, the requests before
-the sharers send their caches, the caches before the receiver reads them).
+the sharers send their caches, the caches before the receiver reads them). Networked, the receiver
+prefills its own cache while its sharers compute theirs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PHASES: tuple[Phase[Party], ...] = (
     Phase("hello", "handshake", receiver, Receiver.send_hellos),
     Phase("answer", "handshake", sharer, Sharer.answer_hello),
     Phase("request", "handshake", receiver, Receiver.send_requests),
+    Phase("prefill", "prefill", receiver, Receiver.prefill),
     Phase("cache", "sharers", sharer, Sharer.send_cache),
     Phase("receive", "receive", receiver, Receiver.receive_caches),
     Phase("fuse and answer", "answer", receiver, Receiver.fuse_and_answer),

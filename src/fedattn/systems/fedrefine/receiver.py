@@ -15,6 +15,7 @@ import torch
 
 from fedattn.runtime.blocks import RowStep, SplitModel
 from fedattn.runtime.decoding import Decoding, StopRule
+from fedattn.runtime.kv_store import ParticipantKVStore
 from fedattn.runtime.prompting import check_prompt_length
 from fedattn.systems.fedrefine.alignment import ReceiverPrompt
 from fedattn.systems.fedrefine.caches import SharerCache, fuse_into, receiver_prefill
@@ -45,16 +46,44 @@ def answer(
     max_new_tokens: int,
 ) -> ReceiverAnswer:
     """The receiver's tokens after fusing every contribution (none: the receiver alone)."""
+    prefilled = prefill(split, prompt, max_new_tokens)
+    return answer_over(split, prefilled, prompt, contributions, decoding, stop, max_new_tokens)
+
+
+@dataclass
+class Prefilled:
+    """The receiver's own cache of the prompt's first N - 1 tokens, before any fusion (a networked
+    receiver makes it while its sharers compute), and the seconds it took."""
+
+    store: ParticipantKVStore
+    seconds: float
+
+
+def prefill(split: SplitModel, prompt: ReceiverPrompt, max_new_tokens: int) -> Prefilled:
     check_prompt_length(len(prompt.ids), max_new_tokens, split.max_positions)
     start = time.perf_counter()
     store = receiver_prefill(split, prompt.ids[:-1], reserve=len(prompt.ids) + max_new_tokens)
-    fused = time.perf_counter()
+    return Prefilled(store, time.perf_counter() - start)
+
+
+def answer_over(
+    split: SplitModel,
+    prefilled: Prefilled,
+    prompt: ReceiverPrompt,
+    contributions: list[Contribution],
+    decoding: Decoding,
+    stop: StopRule,
+    max_new_tokens: int,
+) -> ReceiverAnswer:
+    """Every contribution fused into the prefilled cache (once), then the answer decoded over it."""
+    store = prefilled.store
+    start = time.perf_counter()
     for contribution in contributions:
         fuse_into(store, contribution.projectors, contribution.cache, contribution.positions)
     decoding_start = time.perf_counter()
     tokens = _decode(split, store, prompt.ids[-1], len(prompt.ids) - 1, decoding, stop, max_new_tokens)
     end = time.perf_counter()
-    seconds = {"prefill_s": fused - start, "fuse_s": decoding_start - fused, "decode_s": end - decoding_start}
+    seconds = {"prefill_s": prefilled.seconds, "fuse_s": decoding_start - start, "decode_s": end - decoding_start}
     return ReceiverAnswer(tokens, seconds)
 
 

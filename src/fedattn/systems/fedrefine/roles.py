@@ -39,7 +39,7 @@ from fedattn.systems.fedrefine.alignment import (
 from fedattn.systems.fedrefine.caches import CacheDims, SharerCache, cache_dims, read_sharer_cache
 from fedattn.systems.fedrefine.config import REPHRASE_TOKENS, RefineConfig
 from fedattn.systems.fedrefine.projector import ProjectorSet
-from fedattn.systems.fedrefine.receiver import Contribution, ReceiverAnswer, answer
+from fedattn.systems.fedrefine.receiver import Contribution, Prefilled, ReceiverAnswer, answer, answer_over, prefill
 
 REPHRASE = "Rephrase the following question without changing its meaning or its answer options:\n\n{question}"
 
@@ -197,6 +197,7 @@ class Receiver:
         self.exchanges = [SharerExchange(plan) for plan in plans]
         self.rephrasing: str | None = None
         self.prompt: ReceiverPrompt | None = None
+        self.prefilled: Prefilled | None = None
         self.result: ReceiverAnswer | None = None
         self.rephrase_s = 0.0
         self.done = False
@@ -265,11 +266,17 @@ class Receiver:
             values.append(value.to(self.split.device))
         return SharerCache(blocks, keys, values)
 
+    def prefill(self) -> None:
+        """The receiver's own cache of the prompt, made while the sharers compute theirs."""
+        self.prefilled = prefill(self.split, self.prompt, self.config.max_new_tokens)
+
     def fuse_and_answer(self) -> None:
         contributions = [
             Contribution(exchange.plan.projectors, exchange.cache, exchange.request.positions)
             for exchange in self.exchanges
         ]
         config = self.config
-        self.result = answer(self.split, self.prompt, contributions, config.decoding, self.stop, config.max_new_tokens)
+        self.result = answer_over(
+            self.split, self.prefilled, self.prompt, contributions, config.decoding, self.stop, config.max_new_tokens
+        )
         self.done = True
