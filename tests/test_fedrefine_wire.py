@@ -7,6 +7,7 @@ asked for another model, end the query with the reason, naming the sender."""
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from fedattn.errors import FedAttnError, ProtocolError
 from fedattn.network.frames import KV_HEADER
 from fedattn.network.kv_codec import CODECS, get_codec
 from fedattn.network.transport import InProcessGrid
+from fedattn.runtime.attention import ATTENTION_NAME, federated_attention_enabled, native_attention
 from fedattn.runtime.blocks import SplitModel
 from fedattn.runtime.decoding import Decoding, stop_rule
 from fedattn.runtime.models import KNOWN_MODELS, load_model, model_fingerprint, model_identity
@@ -331,3 +333,37 @@ def test_a_models_identity_without_loading_it_is_the_loaded_ones(models):
     assert model_identity("qwen2.5-coder-1.5b-instruct") == KNOWN_MODELS["qwen2.5-coder-1.5b-instruct"].sha256[:16]
     with pytest.raises(FedAttnError, match="unknown model 'no-such-model'"):
         model_identity("no-such-model")
+
+
+@pytest.mark.parametrize("first", ["hook", "native"])
+def test_a_models_own_attention_and_the_hook_exclude_each_other_across_threads(models, first):
+    """A service's model is a sharer (HF's forward) and a receiver (the hook) at once: a sharer's read
+    waits while the hook is on, and the hook waits while a read runs."""
+    model = models[1][0].model
+    contexts = {"hook": federated_attention_enabled, "native": native_attention}
+    second = "native" if first == "hook" else "hook"
+    seen: list[tuple[str, bool]] = []
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with contexts[first](model):
+            inside.set()
+            leave.wait(5)
+            seen.append((first, model.config._attn_implementation == ATTENTION_NAME))
+
+    def enter() -> None:
+        with contexts[second](model):
+            seen.append((second, model.config._attn_implementation == ATTENTION_NAME))
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(5)
+    waiter = threading.Thread(target=enter)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and seen == []  # the second waits for the first to leave
+    leave.set()
+    holder.join(5)
+    waiter.join(5)
+    assert seen == [(first, first == "hook"), (second, second == "hook")]
+    assert model.config._attn_implementation != ATTENTION_NAME

@@ -62,8 +62,9 @@ def _no_mask(*args, **kwargs) -> None:
     return None
 
 
-_switch = threading.Lock()
+_switch = threading.Condition()
 _users: dict[int, tuple[int, str]] = {}  # id(model) -> (threads inside, the implementation to restore)
+_native: dict[int, int] = {}  # id(model) -> threads running it with its own attention (``native_attention``)
 
 
 @contextmanager
@@ -72,8 +73,10 @@ def federated_attention_enabled(model: torch.nn.Module) -> Iterator[None]:
 
     Counted per model: queries of a service run forwards of one model in several threads, and the
     first to leave must not switch the hook off under the others' forwards (their blocks would
-    silently attend with HF's own attention); the last to leave restores what was there before."""
+    silently attend with HF's own attention); the last to leave restores what was there before.
+    It waits while any thread runs the model with its own attention (``native_attention``)."""
     with _switch:
+        _switch.wait_for(lambda: not _native.get(id(model)))
         AttentionInterface.register(ATTENTION_NAME, federated_attention)
         AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
         inside, previous = _users.get(id(model), (0, model.config._attn_implementation))
@@ -87,5 +90,24 @@ def federated_attention_enabled(model: torch.nn.Module) -> Iterator[None]:
             inside, previous = _users.pop(id(model))
             if inside == 1:
                 model.set_attn_implementation(previous)
+                _switch.notify_all()
             else:
                 _users[id(model)] = (inside - 1, previous)
+
+
+@contextmanager
+def native_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` with HF's own attention for the duration, while other threads may use it
+    through the hook (a service's model is a FedRefine sharer, read by HF's forward, and a receiver,
+    run through the hook): it waits until no thread has the hook on, and holds the hook off meanwhile."""
+    with _switch:
+        _switch.wait_for(lambda: id(model) not in _users)
+        _native[id(model)] = _native.get(id(model), 0) + 1
+    try:
+        yield
+    finally:
+        with _switch:
+            _native[id(model)] -= 1
+            if not _native[id(model)]:
+                del _native[id(model)]
+                _switch.notify_all()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import KVCodec, codec_by_code, get_codec
 from fedattn.network.transport import Transport
+from fedattn.runtime.attention import native_attention
 from fedattn.runtime.blocks import SplitModel
 from fedattn.runtime.decoding import Decoding, StopRule, answer_text
 from fedattn.runtime.models import LoadedModel, model_fingerprint
@@ -115,7 +116,8 @@ class Sharer:
             if len(reading.ids) > self.max_tokens:
                 reads = len(reading.ids)
                 raise FedAttnError(f"its request reads {reads} tokens here; this sharer serves {self.max_tokens}")
-            cache = read_sharer_cache(self.model, reading, self.blocks)
+            with native_attention(self.model):  # a service's model may be a receiver in another thread
+                cache = read_sharer_cache(self.model, reading, self.blocks)
             encoded = [  # a quantized codec refuses values beyond its float16 scales
                 frames.encode_cache_block(block, key, value, request.first, self.codec)
                 for block, key, value in zip(cache.blocks, cache.keys, cache.values, strict=True)
