@@ -289,6 +289,14 @@ def model_fingerprint(identity: str) -> bytes:
     return bytes.fromhex(identity[:IDENTITY_HEX_CHARS].ljust(IDENTITY_HEX_CHARS, "0"))
 
 
+def model_name(name_or_path: str) -> str:
+    """The ``name`` ``load_model`` gives a model, without loading it: a known or tiny model's own, a
+    path's absolute form."""
+    if name_or_path in TINY_MODELS or name_or_path in KNOWN_MODELS:
+        return name_or_path
+    return str(Path(name_or_path).expanduser().resolve())
+
+
 def model_identity(name_or_path: str) -> str:
     """The ``identity`` ``load_model`` gives a model, without loading it where it can: a named
     model's is its pinned GGUF's hash, ``tiny-random``'s its weights' (built in milliseconds), a

@@ -25,7 +25,7 @@ from fedattn.network.transport import Transport
 from fedattn.report.schema import RunReport
 from fedattn.runtime.blocks import SplitModel
 from fedattn.runtime.decoding import answer_text, stop_rule
-from fedattn.runtime.models import LoadedModel, load_model, model_identity
+from fedattn.runtime.models import LoadedModel, load_model, model_identity, model_name
 from fedattn.systems.fedrefine import frames, protocol, reporting
 from fedattn.systems.fedrefine.caches import cache_dims
 from fedattn.systems.fedrefine.config import RefineConfig, SharerSpec, projector_dir
@@ -63,8 +63,9 @@ def receiver_plans(loaded: LoadedModel, specs: list[SharerSpec], device: str) ->
     plans = []
     for rank, spec in enumerate(specs):
         directory = projector_dir(loaded.name, spec)
-        projectors = checked_projectors(directory, loaded.name, cache_dims(loaded.model), spec.model, None)
-        plans.append(SharerPlan(rank, spec.model, model_identity(spec.model), projectors.to(device)))
+        name = model_name(spec.model)
+        projectors = checked_projectors(directory, loaded.name, cache_dims(loaded.model), name, None)
+        plans.append(SharerPlan(rank, name, model_identity(spec.model), projectors.to(device)))
     return plans
 
 

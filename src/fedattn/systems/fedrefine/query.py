@@ -16,12 +16,12 @@ from fedattn.errors import FedAttnError
 from fedattn.report.schema import RunReport
 from fedattn.runtime.blocks import SplitModel
 from fedattn.runtime.decoding import answer_text, stop_rule
-from fedattn.runtime.models import LoadedModel, load_model
+from fedattn.runtime.models import LoadedModel, load_model, model_name
 from fedattn.systems.fedrefine import reporting
 from fedattn.systems.fedrefine.caches import CacheDims, cache_dims
 from fedattn.systems.fedrefine.config import RefineConfig, projector_dir
 from fedattn.systems.fedrefine.inprocess import run_in_process
-from fedattn.systems.fedrefine.projector import ProjectorSet, load_projectors
+from fedattn.systems.fedrefine.projector import ProjectorInfo, ProjectorSet, load_projectors, read_info
 
 IN_PROCESS = "in-process"
 
@@ -32,13 +32,8 @@ def checked_projectors(
     """The projectors in ``directory``, refused unless trained for these two models and shapes
     (``sharer_dims`` None: a remote sharer, whose shapes its frames are checked against)."""
     projectors = load_projectors(directory)
-    info = projectors.info
-    if (info.receiver, info.sharer) != (receiver, sharer):
-        raise FedAttnError(
-            f"the projector in {directory} was trained for receiver {info.receiver} and sharer {info.sharer}, "
-            f"not receiver {receiver} and sharer {sharer}"
-        )
-    dims = info.dims
+    check_pair(projectors.info, directory, receiver, sharer)
+    dims = projectors.info.dims
     stored_receiver = CacheDims(dims.receiver_blocks, dims.receiver_heads, dims.receiver_head_dim)
     stored_sharer = CacheDims(dims.sharer_blocks, dims.sharer_heads, dims.sharer_head_dim)
     for role, stored, actual in (("receiver", stored_receiver, receiver_dims), ("sharer", stored_sharer, sharer_dims)):
@@ -48,6 +43,15 @@ def checked_projectors(
                 f"the {role} {receiver if role == 'receiver' else sharer} has {_shape(actual)}"
             )
     return projectors
+
+
+def check_pair(info: ProjectorInfo, directory: Path, receiver: str, sharer: str) -> None:
+    """Refuse a projector trained for other models than the run's (by name)."""
+    if (info.receiver, info.sharer) != (receiver, sharer):
+        raise FedAttnError(
+            f"the projector in {directory} was trained for receiver {info.receiver} and sharer {info.sharer}, "
+            f"not receiver {receiver} and sharer {sharer}"
+        )
 
 
 def _shape(dims: CacheDims) -> str:
@@ -83,10 +87,14 @@ def model_json(receiver: LoadedModel, sharers: list[tuple[str, str]]) -> dict:
     }
 
 
-def load_setup(config: RefineConfig, receiver: str, device: str, dtype: str, raw: bool, progress: bool = True):
+def load_setup(
+    config: RefineConfig, receiver: str, device: str, dtype: str, raw: bool, progress: bool = True
+) -> RefineSetup:
     """Every model of the run loaded, and each pair's projectors found and checked."""
     torch_dtype = getattr(torch, dtype)
-    directories = [projector_dir(receiver, spec) for spec in config.sharers]  # refused before any load
+    directories = [projector_dir(receiver, spec) for spec in config.sharers]
+    for directory, spec in zip(directories, config.sharers, strict=True):  # refused before any load
+        check_pair(read_info(directory), directory, model_name(receiver), model_name(spec.model))
     loaded = load_model(receiver, device=device, dtype=torch_dtype, progress=progress)
     sharers = [load_model(spec.model, device=device, dtype=torch_dtype, progress=progress) for spec in config.sharers]
     projectors = [
