@@ -34,6 +34,9 @@ class Item:
     stop_texts: tuple[str, ...] = ()  # the answer ends before any of these (the next few-shot item)
     references: tuple[str, ...] = ()
     fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # the question alone, without the task's framing (a multiple-choice item's choices and answer
+    # format): what a helper is asked for background on (FedRefine's text-to-text hint); "" = ``question``
+    bare_question: str = ""
 
     def whole_prompt(self) -> tuple[str, bool]:
         """The item as one party's prompt (for a system where one party holds it all: SpecFed's
