@@ -20,10 +20,9 @@ import hashlib
 import json
 from functools import partial
 
-from fedattn.errors import FedAttnError
 from fedattn.evaluation import harness
 from fedattn.evaluation.tasks import multiple_choice
-from fedattn.evaluation.tasks.base import Item, TaskRun
+from fedattn.evaluation.tasks.base import Item, TaskRun, add_range_options, item_range
 from fedattn.systems import DEFAULT_SYSTEM
 
 DEFAULT_MAX_NEW_TOKENS = 64  # C2C's evaluation
@@ -39,22 +38,14 @@ class MultipleChoice:
     batch_size = 4
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
-        from fedattn.argtypes import non_negative_int, positive_int
-
         parser.add_argument(
             "--task", required=True, choices=tuple(multiple_choice.EVALUATION_SETS), help="the evaluation set"
         )
-        parser.add_argument(
-            "--limit", type=positive_int, metavar="M", help="evaluate M questions (default: all from --offset)"
-        )
-        parser.add_argument("--offset", type=non_negative_int, default=0, help="first question (default 0)")
+        add_range_options(parser, "question")
 
     def prepare(self, args: argparse.Namespace) -> TaskRun:
         questions = multiple_choice.evaluation_set(args.task)
-        count = len(questions)
-        if args.offset >= count:
-            raise FedAttnError(f"--offset {args.offset} is past the last of the {count} {args.task} questions")
-        stop = count if args.limit is None else min(count, args.offset + args.limit)
+        selected = item_range(args, len(questions), f"{args.task} questions")
         return TaskRun(
             name=args.task,
             title=f"{args.task} zero-shot",
@@ -65,7 +56,7 @@ class MultipleChoice:
                 "scoring": SCORING,
             },
             settings={},
-            items=[question_item(index, questions[index]) for index in range(args.offset, stop)],
+            items=[question_item(index, questions[index]) for index in selected],
             score=partial(score, questions),
             main_metric="accuracy",
             unit="questions",
