@@ -18,7 +18,7 @@ from fedattn.runtime.models import load_model
 from fedattn.systems.fedrefine import harness_query as query
 from fedattn.systems.fedrefine.alignment import receiver_prompt, sent_blocks, sharer_input, sharer_request
 from fedattn.systems.fedrefine.caches import cache_dims, pair_dims, read_sharer_cache
-from fedattn.systems.fedrefine.projector import ProjectorInfo, ProjectorSet
+from fedattn.systems.fedrefine.projector import PairDims, ProjectorInfo, ProjectorSet
 from fedattn.systems.fedrefine.receiver import Contribution, answer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -228,6 +228,10 @@ def test_projector_folders_are_checked_against_the_models_in_one_line(tmp_path, 
     wrong = projector_folder(tmp_path / "wrong", "tiny-random", "tiny-random-gemma", False)
     with pytest.raises(FedAttnError, match="is for receiver tiny-random and sharer tiny-random-gemma, not"):
         setup_of(("tiny-random-wide", wrong))
+    misshapen = ProjectorSet(ProjectorInfo("tiny-random", "tiny-random-wide", PairDims(8, 2, 16, 4, 2, 32)))
+    misshapen.save(tmp_path / "misshapen")
+    with pytest.raises(FedAttnError, match="expects tiny-random-wide with a cache of 4 blocks of 2 KV heads x 32; the"):
+        setup_of(("tiny-random-wide", tmp_path / "misshapen"))
     assert main([*EVAL, "--sharer", "tiny-random-wide", "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
     assert "no projector for receiver tiny-random and sharer tiny-random-wide" in error and "\n" not in error
