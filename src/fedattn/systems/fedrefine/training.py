@@ -18,6 +18,7 @@ projector is written with its training configuration and held-out losses at the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -108,23 +109,26 @@ def precompute(
     split = SplitModel(receiver.model)
     same = same_tokenizer(receiver.tokenizer, sharer.tokenizer)
     blocks = sent_blocks(cache_dims(receiver.model).blocks, cache_dims(sharer.model).blocks)
-    paths = {
-        name: [folder / f"{name}-{index:05d}.safetensors" for index in range(len(items))]
-        for name, items in examples.items()
-    }
-    todo = [
+    paths = {name: [feature_path(folder, example) for example in items] for name, items in examples.items()}
+    todo = dict(
         (path, example)
         for name, items in examples.items()
         for path, example in zip(paths[name], items)
         if not path.exists()
-    ]
-    total = sum(len(items) for items in examples.values())
+    )
+    total = len({path for name in paths for path in paths[name]})
     with progress_bar("caching the frozen models' K/V", total, completed=total - len(todo), quiet=quiet) as advance:
-        for path, example in todo:
+        for path, example in todo.items():
             tensors = _features(split, receiver, sharer, example, same, blocks, config)
             _write_atomic(path, lambda target, tensors=tensors: save_file(tensors, str(target)))
             advance()
     return paths
+
+
+def feature_path(folder: Path, example: Example) -> Path:
+    """Named by the example's content, so runs drawing overlapping examples share their features."""
+    digest = hashlib.sha256(f"{example.prompt}\0{example.response}".encode()).hexdigest()[:20]
+    return folder / f"{digest}.safetensors"
 
 
 def _features(
