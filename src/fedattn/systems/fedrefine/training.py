@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -392,14 +393,17 @@ def _resume(directory: Path, projectors, optimizer, schedule) -> _State | None:
         projectors.load_state_dict(saved["projectors"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
-    except (RuntimeError, KeyError, ValueError) as error:
-        raise FedAttnError(f"{path} is not a checkpoint of this training: {error}") from None
-    torch.set_rng_state(saved["rng"])
-    projectors.temperature = float(saved["temperature"])
+        torch.set_rng_state(saved["rng"])
+        projectors.temperature = float(saved["temperature"])
+        step = int(saved["step"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, EOFError, pickle.UnpicklingError) as error:
+        # torch's and load_state_dict's messages run over many lines: their first says what is wrong
+        reason = str(error).strip().split("\n", 1)[0] or type(error).__name__
+        raise FedAttnError(f"{path} is not a checkpoint of this training ({reason}); remove it to start over") from None
     history = [json.loads(line) for line in (directory / LOG_FILE).read_text().splitlines() if line.strip()]
-    history = [record for record in history if record["step"] <= saved["step"]]  # steps after the checkpoint redo
+    history = [record for record in history if record["step"] <= step]  # steps after the checkpoint redo
     (directory / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in history))
-    return _State(int(saved["step"]), history)
+    return _State(step, history)
 
 
 def _check_folder(directory: Path, config: TrainingConfig) -> None:
