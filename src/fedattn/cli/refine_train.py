@@ -69,9 +69,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _examples(args: argparse.Namespace):
-    from fedattn.evaluation.tasks.multiple_choice import training_examples
+    from fedattn.evaluation.tasks.multiple_choice import check_training_source, training_examples
     from fedattn.systems.fedrefine.training import Example
 
+    for source in args.sources:  # an evaluation set named last is refused before the first source is read
+        check_training_source(source)
     train, held_out = [], []
     for source in args.sources:
         drawn = training_examples([source], args.per_source, args.seed)
