@@ -398,15 +398,16 @@ SUMMARY = re.compile(
 )
 
 
+@pytest.mark.filterwarnings("error")  # a quiet run says its summary and nothing else
 def test_refine_train_end_to_end(training_data, receiver, tmp_path, capsys):
     """4 CommonsenseQA examples trained on, the first 2 drawn held out (never trained on), 1 epoch:
-    the summary line's numbers are projector.json's."""
+    the summary line's numbers are projector.json's; nothing on stderr, no warning."""
     out = tmp_path / "run"
     argv = ["refine", "train", "--receiver", "tiny-random", "--sharer", "tiny-random-wide", "--out", str(out)]
     argv += ["--sources", "commonsenseqa", "--per-source", "6", "--held-out", "2", "--epochs", "1"]
     argv += ["--batch", "4", "--width", "16", "--seed", "3", "--quiet", "--device", "cpu"]
     code, stdout, stderr = run_cli(capsys, argv)
-    assert code == 0, stderr
+    assert code == 0 and stderr == "", stderr
     lines = stdout.splitlines()
     assert len(lines) == 1
     summary = SUMMARY.fullmatch(lines[0])
