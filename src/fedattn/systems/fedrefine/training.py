@@ -344,7 +344,7 @@ def _step(split, projectors, optimizer, schedule, paths: list[Path], step: int, 
     for feature in features:
         loss, _ = example_loss(split, projectors, feature)
         (loss / tokens).backward()
-        total += float(loss)
+        total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(projectors.parameters(), config.clip)
     optimizer.step()
     schedule.step()
