@@ -285,7 +285,8 @@ RESUME_EXAMPLES = {"train": key_examples(16, seed=5), "held_out": key_examples(2
 
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_state(receiver, wide, tmp_path, monkeypatch):
-    """Stopped after 3 steps (mid-epoch, between held-out losses) and after 6, then resumed to the end:
+    """Stopped after 3 steps (mid-epoch, between held-out losses) and after 6 (and killed while writing
+    the log's next record), then resumed to the end:
     the projector, the last checkpoint (projectors, optimiser, schedule, random state) and every log
     record but the times equal an uninterrupted run's bit for bit; the features are computed once."""
     config = resume_config(receiver, wide)
@@ -301,6 +302,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_state(receiver, wide, t
     monkeypatch.setattr(training, "_features", lambda *args: computed.append(args) or compute(*args))
     train(parts, receiver, wide, RESUME_EXAMPLES, config, quiet=True, stop_after=6)
     assert torch.load(parts / CHECKPOINT_FILE, weights_only=True)["step"] == 6
+    with (parts / LOG_FILE).open("a") as log:  # killed while writing step 7's record, before its checkpoint
+        log.write('{"step": 7, "train_lo')
     train(parts, receiver, wide, RESUME_EXAMPLES, config, quiet=True)
     assert computed == []
     assert {path: path.stat().st_mtime_ns for path in features} == written
@@ -370,6 +373,31 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(one_step, receiver, wide, d
     config = config_for(receiver, wide, batch=2)
     with pytest.raises(FedAttnError) as refused:
         train(directory, receiver, wide, one_step_examples(), config, quiet=True)
+    message = str(refused.value)
+    assert str(path) in message and "\n" not in message, message
+
+
+LOG_DAMAGE = {
+    "missing": lambda lines: None,
+    "a record garbled": lambda lines: [lines[0][:-3], *lines[1:]],
+    "not records": lambda lines: ["[1, 2]", *lines],
+}
+
+
+@pytest.mark.parametrize("damage", LOG_DAMAGE)
+def test_a_damaged_log_is_refused_in_one_line(one_step, receiver, wide, damage, tmp_path):
+    """The log's records up to the checkpoint are the run's history (its held-out losses): one that
+    cannot be read is refused, not guessed (a last line cut short is a write interrupted, see above)."""
+    directory = tmp_path / "run"
+    shutil.copytree(one_step, directory)
+    path = directory / LOG_FILE
+    damaged = LOG_DAMAGE[damage](path.read_text().splitlines())
+    if damaged is None:
+        path.unlink()
+    else:
+        path.write_text("".join(line + "\n" for line in damaged))
+    with pytest.raises(FedAttnError) as refused:
+        train(directory, receiver, wide, one_step_examples(), config_for(receiver, wide, batch=2), quiet=True)
     message = str(refused.value)
     assert str(path) in message and "\n" not in message, message
 
