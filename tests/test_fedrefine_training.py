@@ -428,11 +428,12 @@ SUMMARY = re.compile(
 
 @pytest.mark.filterwarnings("error")  # a quiet run says its summary and nothing else
 def test_refine_train_end_to_end(training_data, receiver, tmp_path, capsys):
-    """4 CommonsenseQA examples trained on, the first 2 drawn held out (never trained on), 1 epoch:
-    the summary line's numbers are projector.json's; nothing on stderr, no warning."""
+    """4 CommonsenseQA examples trained on, the first 2 drawn held out (never trained on), 1 epoch
+    (the source named twice is drawn once): the summary line's numbers are projector.json's; nothing
+    on stderr, no warning. The same command again finds the run finished and says the same."""
     out = tmp_path / "run"
     argv = ["refine", "train", "--receiver", "tiny-random", "--sharer", "tiny-random-wide", "--out", str(out)]
-    argv += ["--sources", "commonsenseqa", "--per-source", "6", "--held-out", "2", "--epochs", "1"]
+    argv += ["--sources", "commonsenseqa,commonsenseqa", "--per-source", "6", "--held-out", "2", "--epochs", "1"]
     argv += ["--batch", "4", "--width", "16", "--seed", "3", "--quiet", "--device", "cpu"]
     code, stdout, stderr = run_cli(capsys, argv)
     assert code == 0 and stderr == "", stderr
@@ -459,6 +460,7 @@ def test_refine_train_end_to_end(training_data, receiver, tmp_path, capsys):
     }
     assert prompts["held_out"] == [receiver_prompt(receiver.tokenizer, prompt).ids for prompt, _ in drawn[:2]]
     assert prompts["train"] == [receiver_prompt(receiver.tokenizer, prompt).ids for prompt, _ in drawn[2:]]
+    assert run_cli(capsys, argv) == (0, stdout, "")
 
 
 @pytest.mark.parametrize(
