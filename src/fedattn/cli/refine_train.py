@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise FedAttnError(f"--lr must be in (0, 1), got {args.lr}")
     if args.held_out >= args.per_source:
         raise FedAttnError("--held-out must be smaller than --per-source")
+    args.sources = list(dict.fromkeys(args.sources))  # a source named twice is drawn once, not its examples twice
     examples = _examples(args)  # data before models: a missing package fails in seconds
     config = _config(args)
     import torch
