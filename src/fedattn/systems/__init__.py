@@ -18,6 +18,7 @@ SYSTEMS = {
     "fedattn": "fedattn.systems.fedattn.system",
     "specfed": "fedattn.systems.specfed.system",
     "split": "fedattn.systems.fedsea.system",
+    "refine": "fedattn.systems.fedrefine.system",
 }
 DEFAULT_SYSTEM = "fedattn"
 

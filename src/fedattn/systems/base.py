@@ -42,6 +42,7 @@ summary of one shape for every (task, system): see ``fedattn.evaluation.harness`
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,16 +53,18 @@ if TYPE_CHECKING:
     from fedattn.network.service import QueryHandler
 
 
-KV, HIDDEN = "kv", "hidden"  # what an exposure sends (``Exposure.sent``)
+KV, HIDDEN, TEXT = "kv", "hidden", "text"  # what an exposure sends (``Exposure.sent``)
 
 
 @dataclass(frozen=True)
 class Exposure:
     """What a curious party receives of another's private text, through ``codec``, after ``noise``:
     ``sent`` "kv", K/V at ``blocks`` (FedAttn); "hidden", the hidden states after the first
-    ``blocks[0]`` blocks (FedSEA: after block A). The noise is the mean absolute noise, or that many
-    times the mean |x| of each tensor sent when ``relative``. An attack's recovery for exactly
-    that (``fedattn attack``, or a ``--leakage`` table) is the run's leakage."""
+    ``blocks[0]`` blocks (FedSEA: after block A); "text", the private prompt itself (FedRefine's
+    sharers read it: ``codec`` "plain", or "rephrased" in its private mode; no blocks). The noise
+    is the mean absolute noise, or that many times the mean |x| of each tensor sent when
+    ``relative``. An attack's recovery for exactly that (``fedattn attack``, or a ``--leakage``
+    table) is the run's leakage."""
 
     codec: str
     blocks: tuple[int, ...]
@@ -102,6 +105,29 @@ class Description:
     label: str  # the settings that set this run apart from the system's defaults ('' when none)
     exposure: Exposure | None = None  # None: nothing private leaves its holder
     reference: bool = False  # a baseline that exchanges nothing (centralized, publisher alone)
+
+
+class ServiceModule:
+    """The service half of ``System`` for a system whose module ``service_module`` gives
+    ``add_serve_options(parser)``, ``handler_from_args(args, context)``, ``add_ask_options(parser)``
+    and ``ask_input(args)``; imported on first use, so the harness never loads the network."""
+
+    service_module: str
+
+    def _service(self) -> Any:
+        return importlib.import_module(self.service_module)
+
+    def add_serve_options(self, parser: argparse.ArgumentParser) -> None:
+        self._service().add_serve_options(parser)
+
+    def serve_handler(self, args: argparse.Namespace, context: str | None) -> QueryHandler:
+        return self._service().handler_from_args(args, context)
+
+    def add_ask_options(self, parser: argparse.ArgumentParser) -> None:
+        self._service().add_ask_options(parser)
+
+    def ask_input(self, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+        return self._service().ask_input(args)
 
 
 class Setup(Protocol):
