@@ -264,7 +264,9 @@ def test_every_projector_parameter_learns_and_the_models_do_not(receiver, wide, 
         checkpoints.append(torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True))
     assert [saved["step"] for saved in checkpoints] == [1, 2]
     first, second = (saved["projectors"] for saved in checkpoints)
-    assert len(first) == 2 * 8 * (3 + 4 + 2 + 2 + 1)  # per path: 3 in a residual block, 4 linears' W and b, gate
+    # per block's K and V path: project_in, project_out and weight_head (W, b), the residual block's
+    # norm, up and down (W, b), the gate logit
+    assert len(first) == 2 * 8 * (6 + 5 + 1)
     unchanged = [name for name in first if torch.equal(first[name], second[name])]
     assert unchanged == []
     after = {name: tensor for loaded in (receiver, wide) for name, tensor in loaded.model.state_dict().items()}
