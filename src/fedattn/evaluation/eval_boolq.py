@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from fedattn.errors import FedAttnError
 from fedattn.evaluation import harness
 from fedattn.evaluation.tasks import boolq
-from fedattn.evaluation.tasks.base import Item, TaskRun
+from fedattn.evaluation.tasks.base import Item, TaskRun, add_range_options, item_range
 from fedattn.systems import DEFAULT_SYSTEM
 
 DEFAULT_MAX_NEW_TOKENS = 8  # "Yes" or "No", with room for "The answer is ..."
@@ -31,25 +30,17 @@ class BoolQ:
     batch_size = 8
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
-        from fedattn.argtypes import non_negative_int, positive_int
-
-        parser.add_argument(
-            "--limit", type=positive_int, metavar="M", help="evaluate M questions (default: all from --offset)"
-        )
-        parser.add_argument("--offset", type=non_negative_int, default=0, help="first question (default 0)")
+        add_range_options(parser, "question")
 
     def prepare(self, args: argparse.Namespace) -> TaskRun:
         dataset = boolq.load()
-        count = len(dataset.questions)
-        if args.offset >= count:
-            raise FedAttnError(f"--offset {args.offset} is past the last of the {count} BoolQ questions")
-        stop = count if args.limit is None else min(count, args.offset + args.limit)
+        selected = item_range(args, len(dataset.questions), "BoolQ questions")
         return TaskRun(
             name="boolq",
             title="BoolQ zero-shot",
             config={"split": "dev", "data_sha256": dataset.sha256, "prompt": PROMPT, "scoring": SCORING},
             settings={},
-            items=[question_item(index, dataset.questions[index]) for index in range(args.offset, stop)],
+            items=[question_item(index, dataset.questions[index]) for index in selected],
             score=score,
             main_metric="accuracy",
             unit="questions",

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-from fedattn.errors import FedAttnError
 from fedattn.evaluation import harness
 from fedattn.evaluation.tasks import gsm8k
-from fedattn.evaluation.tasks.base import Item, TaskRun
+from fedattn.evaluation.tasks.base import Item, TaskRun, add_range_options, item_range
 from fedattn.evaluation.tasks.gsm8k_scoring import extract_answer, is_correct
 from fedattn.systems import DEFAULT_SYSTEM
 
@@ -35,7 +34,7 @@ class GSM8K:
     batch_size = 8
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
-        from fedattn.argtypes import non_negative_int, positive_int
+        from fedattn.argtypes import non_negative_int
 
         parser.add_argument(
             "--shots",
@@ -44,22 +43,16 @@ class GSM8K:
             metavar="K",
             help="exemplars: the first K GSM8K train problems (default 4)",
         )
-        parser.add_argument(
-            "--limit", type=positive_int, metavar="M", help="evaluate M test problems (default: all from --offset)"
-        )
-        parser.add_argument("--offset", type=non_negative_int, default=0, help="first test problem (default 0)")
+        add_range_options(parser, "test problem")
 
     def prepare(self, args: argparse.Namespace) -> TaskRun:
-        count = len(gsm8k.load("test"))
-        if args.offset >= count:
-            raise FedAttnError(f"--offset {args.offset} is past the last of the {count} GSM8K test problems")
-        stop = count if args.limit is None else min(count, args.offset + args.limit)
+        selected = item_range(args, len(gsm8k.load("test")), "GSM8K test problems")
         return TaskRun(
             name="gsm8k",
             title=f"GSM8K {args.shots}-shot",
             config={"split": "test", "prompt": PROMPT, "shots": args.shots, "stop_texts": list(STOP_TEXTS)},
             settings={"shots": args.shots},
-            items=[problem_item(index, args.shots) for index in range(args.offset, stop)],
+            items=[problem_item(index, args.shots) for index in selected],
             score=score,
             main_metric="em",
             unit="problems",

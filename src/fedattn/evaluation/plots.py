@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.harness import SUMMARY_FORMAT
 from fedattn.evaluation.results import summary_paths
-from fedattn.systems.base import HIDDEN, KV, Exposure
+from fedattn.systems.base import HIDDEN, KV, TEXT, Exposure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -551,10 +551,13 @@ def plot_privacy(folders: list[Path | Result], recoveries: list[Recovery], out: 
 
 
 def exposure_text(document: dict | None) -> str:
-    """'K/V at blocks 0, 8 through int8 at noise 0.3' or 'hidden states after block 2 through float32 ...'."""
+    """'K/V at blocks 0, 8 through int8 at noise 0.3', 'hidden states after block 2 through float32 ...',
+    or 'the prompt in clear' ('the rephrased prompt in clear')."""
     if document is None:
         return "nothing exposed"
     exposure = Exposure.from_json(document)
+    if exposure.sent == TEXT:
+        return "the prompt in clear" if exposure.codec == "plain" else f"the {exposure.codec} prompt in clear"
     noise = f"{exposure.noise:g}" + (" x mean|x|" if exposure.relative else "")
     if exposure.sent == HIDDEN:
         what = f"hidden states after block {', '.join(map(str, exposure.blocks))}"

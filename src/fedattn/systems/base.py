@@ -53,16 +53,18 @@ if TYPE_CHECKING:
     from fedattn.network.service import QueryHandler
 
 
-KV, HIDDEN = "kv", "hidden"  # what an exposure sends (``Exposure.sent``)
+KV, HIDDEN, TEXT = "kv", "hidden", "text"  # what an exposure sends (``Exposure.sent``)
 
 
 @dataclass(frozen=True)
 class Exposure:
     """What a curious party receives of another's private text, through ``codec``, after ``noise``:
     ``sent`` "kv", K/V at ``blocks`` (FedAttn); "hidden", the hidden states after the first
-    ``blocks[0]`` blocks (FedSEA: after block A). The noise is the mean absolute noise, or that many
-    times the mean |x| of each tensor sent when ``relative``. An attack's recovery for exactly
-    that (``fedattn attack``, or a ``--leakage`` table) is the run's leakage."""
+    ``blocks[0]`` blocks (FedSEA: after block A); "text", the private prompt itself (FedRefine's
+    sharers read it: ``codec`` "plain", or "rephrased" in its private mode; no blocks). The noise
+    is the mean absolute noise, or that many times the mean |x| of each tensor sent when
+    ``relative``. An attack's recovery for exactly that (``fedattn attack``, or a ``--leakage``
+    table) is the run's leakage."""
 
     codec: str
     blocks: tuple[int, ...]

@@ -34,6 +34,9 @@ class Item:
     stop_texts: tuple[str, ...] = ()  # the answer ends before any of these (the next few-shot item)
     references: tuple[str, ...] = ()
     fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # the question alone, without the task's framing (a multiple-choice item's choices and answer
+    # format): what a helper is asked for background on (FedRefine's text-to-text hint); "" = ``question``
+    bare_question: str = ""
 
     def whole_prompt(self) -> tuple[str, bool]:
         """The item as one party's prompt (for a system where one party holds it all: SpecFed's
@@ -74,3 +77,22 @@ class Task(Protocol):
 
     def prepare(self, args: argparse.Namespace) -> TaskRun:
         """Read the data and select the items; refuse bad sizes before any model is loaded."""
+
+
+def add_range_options(parser: argparse.ArgumentParser, unit: str) -> None:
+    """``--limit M`` and ``--offset K``: which of a fixed list of ``unit`` ("test problem") a run evaluates."""
+    from fedattn.argtypes import non_negative_int, positive_int
+
+    parser.add_argument(
+        "--limit", type=positive_int, metavar="M", help=f"evaluate M {unit}s (default: all from --offset)"
+    )
+    parser.add_argument("--offset", type=non_negative_int, default=0, help=f"first {unit} (default 0)")
+
+
+def item_range(args: argparse.Namespace, count: int, items: str) -> range:
+    """The indices ``--offset`` and ``--limit`` select of ``count`` (``items``: "GSM8K test problems")."""
+    from fedattn.errors import FedAttnError
+
+    if args.offset >= count:
+        raise FedAttnError(f"--offset {args.offset} is past the last of the {count} {items}")
+    return range(args.offset, count if args.limit is None else min(count, args.offset + args.limit))
