@@ -94,14 +94,18 @@ def test_one_process_per_party_gives_the_in_process_run(capsys, projector_dirs, 
 NAMES = ["wide", "draft", "alice", "bob"]
 
 
+def ask_parser() -> OneLineParser:
+    parser = OneLineParser(prog="ask", add_help=False)
+    add_ask_options(parser)
+    return parser
+
+
 def asking(federation, name: str, sharers: list[tuple[str, str]], dirs, extra=()) -> dict:
     """``fedattn ask --system refine --parties P1,.. --sharer M1:DIR ..`` as ``name``."""
     words = ["--prompt", QUESTION, "--max-new-tokens", "4", "--timeout", "20", *extra]
     for _, model in sharers:
         words += ["--sharer", f"{model}:{dirs[model]}"]
-    parser = OneLineParser(prog="ask", add_help=False)
-    add_ask_options(parser)
-    options, private = ask_input(parser.parse_args(words))
+    options, private = ask_input(ask_parser().parse_args(words))
     parties = [party for party, _ in sharers] + [name]
     return ask(federation, name, federation.credentials(name), parties, options, private)
 
@@ -137,6 +141,10 @@ def test_a_sharer_service_answers_two_receivers_as_in_process(tmp_path, projecto
         # a sharer asked for a model it does not run refuses the query's start, in one line
         with pytest.raises(FedAttnError, match="draft is asked for tiny-random-wide; it runs tiny-random-draft"):
             asking(federation, "alice", [("draft", SHARERS[0])], projector_dirs)
+        # as many --sharer as sharer parties
+        options, private = ask_input(ask_parser().parse_args(["--prompt", QUESTION, "--sharer", SHARERS[0]]))
+        with pytest.raises(FedAttnError, match="one --sharer per sharer party: 1 for 2"):
+            ask(federation, "bob", federation.credentials("bob"), ["wide", "draft", "bob"], options, private)
 
 
 BAD_LINES = {

@@ -26,6 +26,7 @@ from fedattn.systems.fedrefine import costs, frames, protocol
 from fedattn.systems.fedrefine.alignment import receiver_prompt
 from fedattn.systems.fedrefine.caches import CacheDims
 from fedattn.systems.fedrefine.config import RefineConfig, SharerSpec
+from fedattn.systems.fedrefine.projector import load_projectors
 from fedattn.systems.fedrefine.query import RefineSetup, answer_chat
 from fedattn.systems.fedrefine.roles import Receiver, Sharer, SharerPlan
 
@@ -368,3 +369,16 @@ def test_a_models_own_attention_and_the_hook_exclude_each_other_across_threads(m
     waiter.join(5)
     assert seen == [(first, first == "hook"), (second, second == "hook")]
     assert model.config._attn_implementation != ATTENTION_NAME
+
+
+def test_loading_a_projector_draws_nothing_from_the_global_generator(models, tmp_path):
+    """A service loads projectors while another query builds a tiny model from a seeded global
+    generator (its identity): a draw in between would give that model other weights."""
+    receiver, sharers = models
+    saved = projectors_for(receiver, sharers[0], True)
+    saved.save(tmp_path / "pair")
+    before = torch.random.get_rng_state()
+    loaded = load_projectors(tmp_path / "pair")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()))
+    assert loaded.open_gates() == saved.open_gates() == 16 and not loaded.training

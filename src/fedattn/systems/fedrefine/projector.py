@@ -228,7 +228,8 @@ def read_info(directory: Path) -> ProjectorInfo:
 def load_projectors(directory: Path) -> ProjectorSet:
     """A trained projector set, in evaluation mode (hard gates)."""
     info = read_info(directory)
-    projectors = ProjectorSet(info)
+    with torch.device("meta"):  # no random initialisation: loading draws nothing from torch's global generator
+        projectors = ProjectorSet(info)
     try:
         weights = load_file(str(directory / WEIGHTS_FILE))
     except (OSError, SafetensorError) as error:
@@ -238,5 +239,5 @@ def load_projectors(directory: Path) -> ProjectorSet:
         raise FedAttnError(f"{directory / WEIGHTS_FILE} does not match the shapes {CONFIG_FILE} describes")
     if not all(bool(torch.isfinite(tensor).all()) for tensor in weights.values()):
         raise FedAttnError(f"{directory / WEIGHTS_FILE} holds non-finite weights")
-    projectors.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
+    projectors.load_state_dict({name: tensor.float() for name, tensor in weights.items()}, assign=True)
     return projectors.eval()
