@@ -39,6 +39,7 @@ from fedattn.systems.fedrefine.training import (
     Example,
     TrainingConfig,
     example_loss,
+    feature_path,
     fused_prefix,
     held_out_loss,
     logits_over_prefix,
@@ -233,8 +234,8 @@ def test_the_written_projector_loads_and_records_its_held_out_losses(trained_run
     stored = json.loads((directory / CONFIG_FILE).read_text())["training"]
     assert stored["steps"] == 24 and stored["train_examples"] == 12 and stored["held_out_examples"] == 4
     losses = stored["held_out_loss"]
-    held_out = sorted((directory / FEATURES).glob("held_out-*.safetensors"))
-    assert len(held_out) == 4
+    held_out = [feature_path(directory / FEATURES, example) for example in examples["held_out"]]
+    assert all(path.exists() for path in held_out)
     split = SplitModel(receiver.model)
     assert held_out_loss(split, loaded, held_out) == losses["final"]
     alone = hf_response_loss(receiver.model, receiver.tokenizer, examples["held_out"])
@@ -456,12 +457,11 @@ def test_refine_train_end_to_end(training_data, receiver, tmp_path, capsys):
     }
     assert (stored["steps"], stored["train_examples"], stored["held_out_examples"]) == (1, 4, 2)
     drawn = training_examples(["commonsenseqa"], 6, seed=3)
-    prompts = {
-        name: [read_feature(path).prompt_ids for path in sorted((out / FEATURES).glob(f"{name}-*.safetensors"))]
-        for name in ("train", "held_out")
-    }
-    assert prompts["held_out"] == [receiver_prompt(receiver.tokenizer, prompt).ids for prompt, _ in drawn[:2]]
-    assert prompts["train"] == [receiver_prompt(receiver.tokenizer, prompt).ids for prompt, _ in drawn[2:]]
+    paths = [feature_path(out / FEATURES, Example(*pair)) for pair in drawn]
+    assert sorted(paths) == sorted((out / FEATURES).glob("*.safetensors"))
+    # the first two drawn are the held-out ones: their loss under the written projectors is the final one
+    split = SplitModel(receiver.model)
+    assert held_out_loss(split, load_projectors(out), paths[:2]) == stored["held_out_loss"]["final"]
     assert run_cli(capsys, argv) == (0, stdout, "")
 
 
