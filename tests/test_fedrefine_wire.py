@@ -382,3 +382,10 @@ def test_loading_a_projector_draws_nothing_from_the_global_generator(models, tmp
     assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()))
     assert loaded.open_gates() == saved.open_gates() == 16 and not loaded.training
+
+
+def test_what_a_frame_cannot_carry_is_refused_in_one_line():
+    with pytest.raises(FedAttnError, match="is 300 bytes; a hello carries 255"):
+        frames.encode_hello(frames.Hello(bytes(8), "m" * 300, 1, 8, 10))
+    with pytest.raises(FedAttnError, match="text of 0 bytes"):
+        frames.encode_request(frames.Request(0, False, pieces=["a", ""]))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedattn.errors import ProtocolError
+from fedattn.errors import FedAttnError, ProtocolError
 from fedattn.network.frames import (
     KIND_REFINE_ANSWER,
     KIND_REFINE_HELLO,
@@ -75,7 +75,7 @@ class Hello:
 def encode_hello(hello: Hello) -> bytes:
     name = hello.name.encode()
     if len(name) > MAX_NAME:
-        raise ValueError(f"a model name of {len(name)} bytes (at most {MAX_NAME})")
+        raise FedAttnError(f"the sharer model's name {hello.name[:40]!r} is {len(name)} bytes; a hello carries {MAX_NAME}")
     fields = (hello.model, hello.codec, hello.receiver_blocks, hello.tokens, len(name))
     return HELLO.pack(MAGIC, VERSION, KIND_REFINE_HELLO, *fields) + name
 
@@ -167,7 +167,7 @@ def encode_request(request: Request) -> bytes:
 def _piece(text: str) -> bytes:
     data = text.encode()
     if not 0 < len(data) <= MAX_PIECE:
-        raise ValueError(f"a token text of {len(data)} bytes (1..{MAX_PIECE})")
+        raise FedAttnError(f"a receiver token's text of {len(data)} bytes: a request carries 1..{MAX_PIECE} per token")
     return PIECE_LENGTH.pack(len(data)) + data
 
 
