@@ -75,7 +75,8 @@ class Hello:
 def encode_hello(hello: Hello) -> bytes:
     name = hello.name.encode()
     if len(name) > MAX_NAME:
-        raise FedAttnError(f"the sharer model's name {hello.name[:40]!r} is {len(name)} bytes; a hello carries {MAX_NAME}")
+        shown = hello.name[:40]
+        raise FedAttnError(f"the sharer model's name {shown!r} is {len(name)} bytes; a hello carries {MAX_NAME}")
     fields = (hello.model, hello.codec, hello.receiver_blocks, hello.tokens, len(name))
     return HELLO.pack(MAGIC, VERSION, KIND_REFINE_HELLO, *fields) + name
 
