@@ -91,7 +91,7 @@ def test_eval_mc_answers_scores_and_resumes_only_the_same_configuration(tmp_path
         "openbookqa",
         "refine",
         2,
-        "receiver alone",
+        "tiny-random alone",
     )
     assert summary["reference"] is True and summary["exposure"] is None and summary["bytes_per_query"] == 0
     records = records_of(out)
@@ -258,5 +258,5 @@ def test_compare_has_a_row_per_configuration(tmp_path, capsys, openbookqa):
         ("C2C tiny-random-wide", "tiny-random", "1", "the prompt in clear"),
         ("C2C tiny-random-wide rephrase", "tiny-random", "1", "the rephrased prompt in clear"),
         ("T2T tiny-random-wide hint_tokens=2", "tiny-random", "1", "the prompt in clear"),
-        ("receiver alone", "tiny-random", "1", "nothing exposed"),
+        ("tiny-random alone", "tiny-random", "1", "nothing exposed"),
     ]

@@ -468,10 +468,11 @@ def short_name(model: str) -> str:
 
 
 def label(config: dict[str, Any]) -> str:
-    """'C2C qwen1.5b+gemma270m', 'T2T qwen1.5b', 'receiver alone', and any setting away from its default."""
+    """'C2C qwen1.5b+gemma270m', 'T2T qwen1.5b', 'qwen0.5b alone' (the receiver alone, or a sharer's
+    model alone as the receiver), and any setting away from its default."""
     sharers = [word.split(":", 1)[0] for word in config["sharers"]]
     if not sharers:
-        parts = ["receiver alone"]
+        parts = [f"{short_name(config['receiver'])} alone"]
     else:
         kind = "C2C" if config["exchange"] == CACHE else "T2T"
         parts = [f"{kind} {'+'.join(short_name(model) for model in sharers)}"]
