@@ -200,13 +200,8 @@ def test_text_to_text_reads_the_sharers_own_greedy_hint_before_the_question(tmp_
 
 
 def test_with_rephrasing_a_sharer_reads_the_rephrasing_only(tmp_path, monkeypatch):
+    """The question alone is rewritten where the message holds it (choices kept), else the whole message."""
     monkeypatch.setattr(query, "REPHRASE_TOKENS", 8)
-    message = "Which planet is red?"
-    rephrase_ids = chat_ids("tiny-random", [{"role": "user", "content": query.REPHRASE.format(question=message)}])
-    tokenizer = load_model("tiny-random", progress=False).tokenizer
-    rephrasing = tokenizer.decode(hf_greedy("tiny-random", rephrase_ids, 8), skip_special_tokens=True).strip()
-    assert rephrasing and message not in rephrasing
-
     read = []
     monkeypatch.setattr(
         query,
@@ -214,14 +209,20 @@ def test_with_rephrasing_a_sharer_reads_the_rephrasing_only(tmp_path, monkeypatc
         lambda model, reading, blocks: read.append(reading.ids) or read_sharer_cache(model, reading, blocks),
     )
     folder = projector_folder(tmp_path / "closed", "tiny-random", "tiny-random-wide", False)
-    report = query.answer_item(setup_of(("tiny-random-wide", folder), rephrase=True), message)
-    assert report.details["rephrasing"] == rephrasing
-    assert read == [chat_ids("tiny-random", [{"role": "user", "content": rephrasing}])[:-1]]
-
-    texts = query.answer_item(
-        setup_of(("tiny-random-wide", None), rephrase=True, exchange="text", hint_tokens=2), message
-    )
-    assert texts.parties[0].bytes_received == len(query.BACKGROUND.format(question=rephrasing).encode())
+    tokenizer = load_model("tiny-random", progress=False).tokenizer
+    for message, bare in (("Which planet is red?\nA. Mars\nB. Venus", "Which planet is red?"), ("Red planet?", "")):
+        request = query.REPHRASE.format(question=bare or message)
+        reference = hf_greedy("tiny-random", chat_ids("tiny-random", [{"role": "user", "content": request}]), 8)
+        rephrasing = tokenizer.decode(reference, skip_special_tokens=True).strip()
+        assert rephrasing and (bare or message) not in rephrasing
+        asked = message.replace(bare, rephrasing) if bare else rephrasing
+        read.clear()
+        report = query.answer_item(setup_of(("tiny-random-wide", folder), rephrase=True), message, bare)
+        assert report.details["rephrasing"] == rephrasing
+        assert read == [chat_ids("tiny-random", [{"role": "user", "content": asked}])[:-1]]
+        hinted = setup_of(("tiny-random-wide", None), rephrase=True, exchange="text", hint_tokens=2)
+        texts = query.answer_item(hinted, message, bare)
+        assert texts.parties[0].bytes_received == len(query.BACKGROUND.format(question=rephrasing).encode())
 
 
 def test_projector_folders_are_checked_against_the_models_in_one_line(tmp_path, capsys, openbookqa):

@@ -8,8 +8,9 @@ two-stage baseline (thu-nics/C2C ``rosetta/baseline/multi_stage.py``, ``TwoStage
 sharer first writes, greedily, background for the question alone (without its choices) on C2C's
 prompt, and the receiver reads it as an earlier turn of the chat (asked for background, the
 sharers' hints as the answer) before the item's prompt. With ``rephrase`` the receiver's own model
-first rewrites the item's prompt, and everything after (the sharers' reading, the receiver's
-answer) is on the rewrite only.
+first rewrites the question (the question alone within the item's prompt when the item says what
+it is, its choices and answer format kept; else the whole prompt), and everything after (the
+sharers' reading, the receiver's answer) is on the rewritten prompt only.
 
 Generation without fusion (the receiver alone or after hints, the sharers' hints, the rephrasing)
 runs the model as HF ships it (``runtime.incremental``), so any model, Gemma 3's sliding windows
@@ -65,7 +66,10 @@ DEFAULT_RECEIVER = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_KV_CODEC = "float32"  # lossless: the receiver fuses the sharer's cache as the sharer computed it
 DEFAULT_HINT_TOKENS = 64  # C2C allowed 256
 REPHRASE_TOKENS = 128  # the most tokens of the receiver's rephrasing
-REPHRASE = "Rephrase the following question without changing its meaning or its answer options:\n\n{question}"
+REPHRASE = (
+    "Rephrase the following question in other words, keeping its meaning. "
+    "Do not answer it; reply with the rephrased question only.\n\n{question}"
+)
 BACKGROUND = "Briefly describe the most useful background to solve the problem:\n\n{question}"  # C2C's default
 ID_BYTES, PIECE_LENGTH_BYTES = 4, 2  # a request's receiver id, a request piece's length prefix
 RECEIVER = "receiver"
@@ -241,9 +245,9 @@ def answer_item(setup: RefineEvalSetup, message: str, bare_question: str = "") -
     start = time.perf_counter()
     config, receiver = setup.config, setup.receiver
     timing: dict[str, float] = {}
-    asked, topic = message, bare_question or message
+    asked, topic, rewrite = message, bare_question or message, None
     if config.rephrase:
-        asked = topic = rephrased(setup, message)
+        asked, topic, rewrite = rephrased_message(setup, message, bare_question)
         timing["rephrase_s"] = time.perf_counter() - start
     if config.fuses:
         prompt = receiver_prompt(receiver.tokenizer, asked)
@@ -263,8 +267,19 @@ def answer_item(setup: RefineEvalSetup, message: str, bare_question: str = "") -
         tokens, seconds = generate(receiver, prompt_ids, setup.stop, config.max_new_tokens)
     text = answer_text(setup.stop, receiver.tokenizer, tokens)
     timing |= {"sharer_s": sum(outcome.seconds for outcome in outcomes), "fuse_s": 0.0, **seconds}
-    details = {"exchange": config.exchange if setup.sharers else None, "rephrasing": asked if config.rephrase else None}
+    details = {"exchange": config.exchange if setup.sharers else None, "rephrasing": rewrite}
     return run_report(setup, outcomes, text, tokens, len(prompt_ids), timing, details, time.perf_counter() - start)
+
+
+def rephrased_message(setup: RefineEvalSetup, message: str, bare_question: str) -> tuple[str, str, str]:
+    """(the message, the question, the rewrite) after rephrasing: the question alone when the
+    message holds it (the choices and answer format stay as they are, and a model asked to
+    rephrase a prompt ending "The correct answer is" would answer it), else the whole message."""
+    if bare_question and bare_question in message:
+        rewrite = rephrased(setup, bare_question)
+        return message.replace(bare_question, rewrite, 1), rewrite, rewrite
+    rewrite = rephrased(setup, message)
+    return rewrite, rewrite, rewrite
 
 
 def rephrased(setup: RefineEvalSetup, message: str) -> str:
