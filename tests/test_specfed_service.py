@@ -204,7 +204,7 @@ def test_ask_without_a_prompt_and_serve_with_a_document_are_refused(federation, 
         "fedattn: error: a SpecFed party serves its model, not a document: --context is FedAttn's\n",
     )
     code, out, err = cli(["serve", "--system", "nope", "--roster", roster, "--name", "w1"], capsys)
-    assert (code, err) == (2, "fedattn: error: unknown system 'nope'; choose one of fedattn, specfed, split\n")
+    assert (code, err) == (2, "fedattn: error: unknown system 'nope'; choose one of fedattn, specfed, split, refine\n")
 
 
 def test_fedattn_serve_system_specfed_serves_the_askers_queries(federation, family, tmp_path, capsys):

@@ -221,6 +221,13 @@ def option_words(options: Mapping[str, Any]) -> list[str]:
     return words
 
 
+def read_query_words(words: list[str], add_options: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
+    """A service query's option words, read as ``add_options`` declares them (one line if not)."""
+    parser = OneLineParser(prog="the query's options", add_help=False, allow_abbrev=False)
+    add_options(parser)
+    return parser.parse_args(words)
+
+
 def add_timeout_option(parser: argparse.ArgumentParser) -> None:
     """--timeout: how long a networked party waits on a peer without progress before naming it."""
     parser.add_argument(

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from fedattn.argtypes import OneLineParser
-from fedattn.cli import models, participant, specfed, split
+from fedattn.cli import models, participant, refine, specfed, split
 from fedattn.cli import run as run_command
 from fedattn.errors import EXIT_PEER_FAILURE, EXIT_USAGE, FedAttnError, ProtocolError
 from fedattn.systems import DEFAULT_SYSTEM
@@ -56,6 +56,14 @@ def build_parser(system: str = DEFAULT_SYSTEM, command: str | None = None) -> ar
         commands.add_parser("split-party", help="run ONE split-inference party (the server or the client) here")
     )
 
+    refine.add_arguments(
+        commands.add_parser(
+            "refine", help="FedRefine: sharers send their KV caches, the receiver fuses them and answers (C2C)"
+        )
+    )
+    refine.add_party_arguments(
+        commands.add_parser("refine-party", help="run ONE FedRefine party (a sharer or the receiver) here")
+    )
     from fedattn.cli import refine_train
 
     refine_train.add_arguments(
@@ -177,7 +185,8 @@ def _system_of(name: str, system: str, command: str | None) -> str:
     return system if command in (None, name) else DEFAULT_SYSTEM
 
 
-PARTY_COMMANDS = ("participant", "specfed-party", "split-party")  # one party of a networked run per process
+# one party of a networked run per process
+PARTY_COMMANDS = ("participant", "specfed-party", "split-party", "refine-party")
 SYSTEM_COMMANDS = ("eval", "serve", "ask")  # commands whose options are their --system's
 
 
@@ -217,6 +226,10 @@ def run_parsed(args: argparse.Namespace) -> int:
         return split.run(args)
     if args.command == "split-party":
         return split.run_party(args)
+    if args.command == "refine":
+        return refine.run(args)
+    if args.command == "refine-party":
+        return refine.run_party(args)
     if args.command == REFINE_TRAIN:
         from fedattn.cli import refine_train
 

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise FedAttnError(f"--lr must be in (0, 1), got {args.lr}")
     if args.held_out >= args.per_source:
         raise FedAttnError("--held-out must be smaller than --per-source")
+    args.sources = list(dict.fromkeys(args.sources))  # a source named twice is drawn once, not its examples twice
     examples = _examples(args)  # data before models: a missing package fails in seconds
     config = _config(args)
     import torch
@@ -69,9 +70,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _examples(args: argparse.Namespace):
-    from fedattn.evaluation.tasks.multiple_choice import training_examples
+    from fedattn.evaluation.tasks.multiple_choice import check_training_source, training_examples
     from fedattn.systems.fedrefine.training import Example
 
+    for source in args.sources:  # an evaluation set named last is refused before the first source is read
+        check_training_source(source)
     train, held_out = [], []
     for source in args.sources:
         drawn = training_examples([source], args.per_source, args.seed)

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from fedattn.argtypes import name_list, text_or_file
-from fedattn.cli import specfed, split
+from fedattn.cli import refine, specfed, split
 from fedattn.cli.run import print_report
 from fedattn.systems import DEFAULT_SYSTEM, SYSTEMS, get_system
 
@@ -93,6 +93,7 @@ def ask(args: argparse.Namespace) -> int:
     words, private = get_system(args.system).ask_input(args)
     parties = [*args.parties, args.name] if args.parties else None
     document = ask_service(roster, args.name, credentials, parties, words, private)
-    printer = {"specfed": specfed.print_report, "split": split.print_report}.get(args.system, print_report)
+    printers = {"specfed": specfed.print_report, "split": split.print_report, "refine": refine.print_report}
+    printer = printers.get(args.system, print_report)
     printer(RunReport.from_json(document), args.json)
     return 0

@@ -22,6 +22,8 @@ KIND_HELLO, KIND_KV, KIND_TOKEN, KIND_DONE = 1, 2, 3, 4
 KIND_SERVER_HELLO, KIND_WORKER_HELLO, KIND_DRAFT, KIND_ROWS, KIND_VERDICT = 5, 6, 7, 8, 9
 # FedSEA's (systems/fedsea/frames.py)
 KIND_SPLIT_HELLO, KIND_SPLIT_ANSWER, KIND_HIDDEN, KIND_SPLIT_DONE = 10, 11, 12, 13
+# FedRefine's (systems/fedrefine/frames.py; a sharer's cache crosses as KIND_KV frames)
+KIND_REFINE_HELLO, KIND_REFINE_ANSWER, KIND_REFINE_REQUEST = 14, 15, 16
 
 # magic, version, kind, codec, flags, layer, kv heads, head dim, tokens, first position
 KV_HEADER = struct.Struct("<4sBBBBHHHII")
@@ -182,6 +184,12 @@ def decode_small(frame: bytes, kind: int, sender: str, what: str, upper: int) ->
     if not 0 <= value < upper:
         raise ProtocolError(f"bad frame {where}: value {value} outside [0, {upper})")
     return value
+
+
+def reason_text(raw: bytes) -> str:
+    """A peer's stated reason (a refusal) as printable text: it is shown to the user as it came."""
+    text = raw.decode("utf-8", errors="replace")
+    return "".join(character if character.isprintable() else "?" for character in text)
 
 
 def check_preamble(magic: bytes, version: int, kind: int, expected_kind: int, where: str) -> None:

@@ -11,6 +11,7 @@ run the same weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -281,6 +282,33 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{key}:{data.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:IDENTITY_HEX_CHARS]
+
+
+def model_fingerprint(identity: str) -> bytes:
+    """The 8 bytes of a model's identity (16 hex digits) that a hello carries."""
+    return bytes.fromhex(identity[:IDENTITY_HEX_CHARS].ljust(IDENTITY_HEX_CHARS, "0"))
+
+
+def model_identity(name_or_path: str) -> str:
+    """The ``identity`` ``load_model`` gives a model, without loading it where it can: a named
+    model's is its pinned GGUF's hash, ``tiny-random``'s its weights' (built in milliseconds), a
+    path's its files' hash. A party that asks another for a model by name checks it with this."""
+    if name_or_path in TINY_MODELS:
+        return _tiny_identity(name_or_path)
+    if name_or_path in KNOWN_MODELS:
+        return KNOWN_MODELS[name_or_path].sha256[:IDENTITY_HEX_CHARS]
+    path = Path(name_or_path).expanduser().resolve()
+    if path.is_file() and path.suffix == ".gguf":
+        return _file_sha256(path, False)[:IDENTITY_HEX_CHARS]
+    if path.is_dir() and (path / "config.json").is_file():
+        return _directory_identity(path, False)
+    known = ", ".join([*KNOWN_MODELS, *TINY_MODELS])
+    raise FedAttnError(f"unknown model '{name_or_path}' (not a known name or an existing path); known: {known}")
+
+
+@functools.cache
+def _tiny_identity(name: str) -> str:
+    return weights_fingerprint(build_tiny_model(TINY_MODELS[name])[0])
 
 
 def _directory_identity(directory: Path, progress: bool) -> str:

@@ -7,6 +7,7 @@ blocks and a BOS token) in milliseconds, with nothing downloaded. Weights are a 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -97,17 +98,21 @@ def tiny_tokenizer(shape: TinyShape) -> PreTrainedTokenizerFast:
     return build_tiny_gemma_tokenizer() if shape.gemma else build_tiny_tokenizer(shape.renumbered_tokenizer)
 
 
+_GLOBAL_GENERATOR = threading.Lock()  # the weights are drawn from torch's global generator, seeded for the draw
+
+
 def build_tiny_model(shape: TinyShape = TinyShape()) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny model and its tokenizer (``tiny-random``: 8 blocks, d = 64, 4 heads, 2 KV heads); same
     shape, same weights."""
     tokenizer = tiny_tokenizer(shape)
     model_class, config = (_gemma_config if shape.gemma else _qwen2_config)(shape, tokenizer)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(shape.seed)
-        model = model_class(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    with _GLOBAL_GENERATOR:  # threads building at once would draw from each other's seeds
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(shape.seed)
+            model = model_class(config)
+        finally:
+            torch.random.set_rng_state(generator_state)
     model.eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -42,6 +42,7 @@ summary of one shape for every (task, system): see ``fedattn.evaluation.harness`
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -104,6 +105,29 @@ class Description:
     label: str  # the settings that set this run apart from the system's defaults ('' when none)
     exposure: Exposure | None = None  # None: nothing private leaves its holder
     reference: bool = False  # a baseline that exchanges nothing (centralized, publisher alone)
+
+
+class ServiceModule:
+    """The service half of ``System`` for a system whose module ``service_module`` gives
+    ``add_serve_options(parser)``, ``handler_from_args(args, context)``, ``add_ask_options(parser)``
+    and ``ask_input(args)``; imported on first use, so the harness never loads the network."""
+
+    service_module: str
+
+    def _service(self) -> Any:
+        return importlib.import_module(self.service_module)
+
+    def add_serve_options(self, parser: argparse.ArgumentParser) -> None:
+        self._service().add_serve_options(parser)
+
+    def serve_handler(self, args: argparse.Namespace, context: str | None) -> QueryHandler:
+        return self._service().handler_from_args(args, context)
+
+    def add_ask_options(self, parser: argparse.ArgumentParser) -> None:
+        self._service().add_ask_options(parser)
+
+    def ask_input(self, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+        return self._service().ask_input(args)
 
 
 class Setup(Protocol):

@@ -13,7 +13,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from fedattn.errors import FedAttnError
+
+if TYPE_CHECKING:
+    from fedattn.network.meeting import NetworkTransport
 
 Party = TypeVar("Party")
 
@@ -40,3 +45,24 @@ def take(parties: Sequence[Party], phases: Sequence[Phase[Party]]) -> dict[str, 
                 phase.step(party)
         seconds[phase.stage] = seconds.get(phase.stage, 0.0) + time.perf_counter() - start
     return seconds
+
+
+def take_alone(
+    party: Party,
+    transport: NetworkTransport,
+    run: Callable[[Sequence[Party]], dict[str, float]],
+    done: Callable[[Party], bool],
+) -> dict[str, float]:
+    """One networked party's whole protocol (``run``) over its joined transport, and what it sent
+    delivered; seconds per stage. A party that fails before it is ``done`` first lets what it sent
+    reach the others (its refusal, say), so that they fail for the real reason."""
+    try:
+        seconds = run([party])
+        transport.flush()
+        return seconds
+    except FedAttnError:
+        if not done(party):
+            from fedattn.network.meeting import flush_before_failing  # only networked runs load the network
+
+            flush_before_failing(transport)
+        raise

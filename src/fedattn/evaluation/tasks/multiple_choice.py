@@ -271,12 +271,13 @@ def _question_key(text: str) -> str:
 
 def training_questions(source: str) -> tuple[Question, ...]:
     """A multiple-choice training source's questions, less any whose text is an evaluation question's."""
-    _check_training_source(source)
+    check_training_source(source)
     evaluated = {_question_key(question.text) for name in EVALUATION_SETS for question in evaluation_set(name)}
     return tuple(q for q in _MC_TRAINING_SOURCES[source]() if _question_key(q.text) not in evaluated)
 
 
-def _check_training_source(source: str) -> None:
+def check_training_source(source: str) -> None:
+    """Refuse an evaluation set or an unknown name (before any data is read)."""
     name = _normalised(source)
     if name in _EVALUATION_NAMES:
         raise FedAttnError(
@@ -310,7 +311,7 @@ def training_examples(sources: Iterable[str], limit_per_source: int, seed: int) 
     ``seed`` gives the same list. An evaluation set among ``sources`` is refused."""
     names = list(dict.fromkeys(sources))
     for source in names:
-        _check_training_source(source)
+        check_training_source(source)
     if not names:
         raise FedAttnError(f"no training sources given: choose from {', '.join(TRAINING_SOURCES)}")
     if limit_per_source < 1:

@@ -8,11 +8,12 @@ Tokens: the receiver's prompt is the base and is never changed (with the gates c
 answers exactly as alone). When both models number text the same way (same tokenizer fingerprint)
 the sharer reads the receiver's own ids and every one of the prompt's first N - 1 positions is
 fused. Otherwise only the user message's tokens are fused: each receiver message token is decoded
-to its text and re-encoded by the sharer's tokenizer, and of the sharer tokens that yields the one
-with the longest text is kept (the first of equals; C2C's default rule), so the sharer reads one
-token per receiver token, after its own chat template's opening. The scaffolding of the two
-templates differs in length and meaning; it is not fused (the receiver keeps its own K/V there),
-which is what C2C's padding of template sections amounts to for the receiver.
+to its text (tokens holding parts of one character: that character) and re-encoded by the sharer's
+tokenizer, and of the sharer tokens that yields the one with the longest text is kept (the first of
+equals; C2C's default rule), so the sharer reads one token per receiver token, after its own chat
+template's opening. The scaffolding of the two templates differs in length and meaning; it is not
+fused (the receiver keeps its own K/V there), which is what C2C's padding of template sections
+amounts to for the receiver.
 """
 
 from __future__ import annotations
@@ -108,8 +109,27 @@ def sharer_request(
         return SharerRequest(list(range(prompt.fusable)), ids=prompt.ids[: prompt.fusable])
     stop = min(prompt.message_stop, prompt.fusable)
     message = prompt.ids[prompt.message_start : stop]
-    pieces = [receiver_tokenizer.decode([token]) for token in message]
-    return SharerRequest(list(range(prompt.message_start, stop)), pieces=pieces)
+    return SharerRequest(list(range(prompt.message_start, stop)), pieces=token_texts(receiver_tokenizer, message))
+
+
+UTF8_LONGEST = 4  # bytes of the longest UTF-8 character: a run of partial tokens completes within as many tokens
+
+
+def token_texts(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
+    """Each token's text. A token holding part of a character (one byte of a multi-byte UTF-8
+    character, as byte-level and byte-fallback tokenizers split rare characters) decodes alone to
+    U+FFFD, which is no part of the message; it and the tokens that complete the character all
+    stand for the text they make together."""
+    texts: list[str] = []
+    run: list[int] = []
+    for token in ids:
+        run.append(token)
+        text = tokenizer.decode(run)
+        if text.endswith("\ufffd") and len(run) < UTF8_LONGEST:
+            continue
+        texts += [text] * len(run)
+        run = []
+    return texts + [tokenizer.decode(run)] * len(run)
 
 
 def same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase) -> bool:

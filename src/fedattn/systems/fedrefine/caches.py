@@ -60,8 +60,13 @@ class SharerCache:
 
 @torch.inference_mode()
 def read_sharer_cache(model: torch.nn.Module, reading: SharerInput, blocks: list[int]) -> SharerCache:
-    """One forward pass of the sharer over its input; its K/V at ``blocks`` for the sent positions."""
+    """One forward pass of the sharer over its input; its K/V at ``blocks`` for the sent positions
+    (none sent, as for a one-token message after a BOS: empty K/V, and the model is not run)."""
     device = next(model.parameters()).device
+    if not reading.sent:
+        dims = cache_dims(model)
+        empty = next(model.parameters()).new_empty(dims.heads, 0, dims.head_dim)
+        return SharerCache(list(blocks), [empty] * len(blocks), [empty] * len(blocks))
     cache = DynamicCache(config=model.config)
     word = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     model(input_ids=torch.tensor([reading.ids], device=device), use_cache=True, **{word: cache})

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -207,6 +208,8 @@ def read_info(directory: Path) -> ProjectorInfo:
     path = directory / CONFIG_FILE
     try:
         stored = json.loads(path.read_text())
+        if not isinstance(stored, dict):
+            raise TypeError("not a JSON object")
         if stored.get("format") != FORMAT:
             raise FedAttnError(f"{path} has projector format {stored.get('format')}, this version reads {FORMAT}")
         return ProjectorInfo(
@@ -228,7 +231,7 @@ def load_projectors(directory: Path) -> ProjectorSet:
     projectors = ProjectorSet(info)
     try:
         weights = load_file(str(directory / WEIGHTS_FILE))
-    except (FileNotFoundError, OSError) as error:
+    except (OSError, SafetensorError) as error:
         raise FedAttnError(f"cannot read {directory / WEIGHTS_FILE}: {error}") from None
     expected = projectors.state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):

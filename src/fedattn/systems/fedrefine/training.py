@@ -18,9 +18,11 @@ projector is written with its training configuration and held-out losses at the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -108,23 +110,26 @@ def precompute(
     split = SplitModel(receiver.model)
     same = same_tokenizer(receiver.tokenizer, sharer.tokenizer)
     blocks = sent_blocks(cache_dims(receiver.model).blocks, cache_dims(sharer.model).blocks)
-    paths = {
-        name: [folder / f"{name}-{index:05d}.safetensors" for index in range(len(items))]
-        for name, items in examples.items()
-    }
-    todo = [
+    paths = {name: [feature_path(folder, example) for example in items] for name, items in examples.items()}
+    todo = dict(
         (path, example)
         for name, items in examples.items()
         for path, example in zip(paths[name], items)
         if not path.exists()
-    ]
-    total = sum(len(items) for items in examples.values())
+    )
+    total = len({path for name in paths for path in paths[name]})
     with progress_bar("caching the frozen models' K/V", total, completed=total - len(todo), quiet=quiet) as advance:
-        for path, example in todo:
+        for path, example in todo.items():
             tensors = _features(split, receiver, sharer, example, same, blocks, config)
             _write_atomic(path, lambda target, tensors=tensors: save_file(tensors, str(target)))
             advance()
     return paths
+
+
+def feature_path(folder: Path, example: Example) -> Path:
+    """Named by the example's content, so runs drawing overlapping examples share their features."""
+    digest = hashlib.sha256(f"{example.prompt}\0{example.response}".encode()).hexdigest()[:20]
+    return folder / f"{digest}.safetensors"
 
 
 def _features(
@@ -343,7 +348,7 @@ def _step(split, projectors, optimizer, schedule, paths: list[Path], step: int, 
     for feature in features:
         loss, _ = example_loss(split, projectors, feature)
         (loss / tokens).backward()
-        total += float(loss)
+        total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(projectors.parameters(), config.clip)
     optimizer.step()
     schedule.step()
@@ -392,14 +397,39 @@ def _resume(directory: Path, projectors, optimizer, schedule) -> _State | None:
         projectors.load_state_dict(saved["projectors"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
-    except (RuntimeError, KeyError, ValueError) as error:
-        raise FedAttnError(f"{path} is not a checkpoint of this training: {error}") from None
-    torch.set_rng_state(saved["rng"])
-    projectors.temperature = float(saved["temperature"])
-    history = [json.loads(line) for line in (directory / LOG_FILE).read_text().splitlines() if line.strip()]
-    history = [record for record in history if record["step"] <= saved["step"]]  # steps after the checkpoint redo
+        torch.set_rng_state(saved["rng"])
+        projectors.temperature = float(saved["temperature"])
+        step = int(saved["step"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, EOFError, pickle.UnpicklingError) as error:
+        # torch's and load_state_dict's messages run over many lines: their first says what is wrong
+        reason = str(error).strip().split("\n", 1)[0] or type(error).__name__
+        raise FedAttnError(f"{path} is not a checkpoint of this training ({reason}); remove it to start over") from None
+    history = _history(directory / LOG_FILE, step)
     (directory / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in history))
-    return _State(int(saved["step"]), history)
+    return _State(step, history)
+
+
+def _history(path: Path, step: int) -> list[dict[str, Any]]:
+    """The log's records up to the checkpoint's ``step`` (later steps are redone). A last line cut
+    short is a run killed while appending it, before its checkpoint: dropped; any other unreadable
+    line is refused, since the records hold the run's held-out losses."""
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise FedAttnError(f"cannot read {path}, the run's log: {error}") from None
+    history = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError as error:
+            if number == len(lines):
+                break
+            raise FedAttnError(f"{path}:{number} is not a record of this training ({error})") from None
+        if record["step"] <= step:
+            history.append(record)
+    return history
 
 
 def _check_folder(directory: Path, config: TrainingConfig) -> None:

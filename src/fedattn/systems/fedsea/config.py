@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedattn.argtypes import (
-    OneLineParser,
     add_timeout_option,
     non_negative_float,
     positive_int,
+    read_query_words,
     seed_number,
 )
 from fedattn.errors import FedAttnError
@@ -196,8 +196,10 @@ def config_from_args(args: argparse.Namespace) -> SplitConfig:
 
 
 def query_from_words(words: list[str]) -> argparse.Namespace:
-    """A service query's option words, read as ``add_run_options`` declares them (one line if not)."""
-    parser = OneLineParser(prog="the query's options", add_help=False, allow_abbrev=False)
+    """A service query's option words: the run options and --raw."""
+    return read_query_words(words, add_query_options)
+
+
+def add_query_options(parser: argparse.ArgumentParser) -> None:
     add_run_options(parser)
     parser.add_argument("--raw", action="store_true")
-    return parser.parse_args(words)

@@ -35,6 +35,7 @@ from fedattn.network.frames import (
     check_preamble,
     decode_small,
     encode_small,
+    reason_text,
 )
 from fedattn.network.kv_codec import CodecError, KVCodec, codec_by_code
 
@@ -120,8 +121,7 @@ def decode_answer(frame: bytes, sender: str) -> str | None:
         raise ProtocolError(f"bad frame {where}: malformed answer")
     if accepted:
         return None
-    reason = frame[ANSWER.size :].decode("utf-8", errors="replace")
-    return "".join(character if character.isprintable() else "?" for character in reason)
+    return reason_text(frame[ANSWER.size :])
 
 
 def hidden_size(codec: KVCodec, tokens: int, width: int, with_positions: bool) -> int:

@@ -11,7 +11,7 @@ import time
 
 from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import get_codec
-from fedattn.network.meeting import FederationRun, NetworkTransport, Rendezvous, flush_before_failing, links
+from fedattn.network.meeting import FederationRun, NetworkTransport, Rendezvous, links
 from fedattn.network.transport import Transport
 from fedattn.report.schema import RunReport
 from fedattn.runtime.blocks import SplitModel
@@ -22,6 +22,7 @@ from fedattn.systems.fedsea.inprocess import party_names
 from fedattn.systems.fedsea.protocol import Party
 from fedattn.systems.fedsea.query import SplitSetup, chat_prompt
 from fedattn.systems.fedsea.roles import Client, Engine, Server
+from fedattn.systems.phases import take_alone
 
 SERVER_RANK, CLIENT_RANK = 0, 1
 
@@ -82,17 +83,8 @@ def own_party(
 
 
 def take_part(party: Party, transport: NetworkTransport) -> dict[str, float]:
-    """This one party's whole protocol over its joined transport, and what it sent delivered;
-    seconds per stage. A party that fails first lets what it sent reach the other (its refusal,
-    say), so that the other fails for the real reason."""
-    try:
-        seconds = protocol.run([party])
-        transport.flush()
-        return seconds
-    except FedAttnError:
-        if not party.done:
-            flush_before_failing(transport)
-        raise
+    """This one party's whole protocol over its joined transport (``phases.take_alone``)."""
+    return take_alone(party, transport, protocol.run, lambda role: role.done)
 
 
 def own_report(party: Party, setup: SplitSetup, label: str, wall_s: float, seconds: dict[str, float]) -> RunReport:

@@ -27,6 +27,7 @@ from fedattn.privacy.noise import add_hidden_noise
 from fedattn.runtime.blocks import RowStep, SplitModel
 from fedattn.runtime.decoding import StopRule
 from fedattn.runtime.kv_store import ParticipantKVStore
+from fedattn.runtime.models import model_fingerprint
 from fedattn.runtime.seeding import seeded_generator
 from fedattn.systems.fedsea import frames
 from fedattn.systems.fedsea.config import MAX_CLIENT_BLOCKS, SplitConfig
@@ -41,11 +42,6 @@ def noise_generator(seed: int | None, purpose: str) -> torch.Generator:
     if seed is None:
         return torch.Generator().manual_seed(secrets.randbits(63))
     return seeded_generator(seed, purpose)
-
-
-def model_fingerprint(identity: str) -> bytes:
-    """The 8 bytes of a model's identity (16 hex digits) that a hello carries."""
-    return bytes.fromhex(identity[:16].ljust(16, "0"))
 
 
 def noise_mode(config: SplitConfig) -> int:

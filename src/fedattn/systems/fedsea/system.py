@@ -13,25 +13,23 @@ and encoded as the options say: the description's ``Exposure``.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedattn.argtypes import add_model_options
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
 from fedattn.runtime.devices import resolve_device
-from fedattn.systems.base import HIDDEN, Description, Exposure
+from fedattn.systems.base import HIDDEN, Description, Exposure, ServiceModule
 from fedattn.systems.fedsea import config as split_config
 from fedattn.systems.fedsea.query import SplitSetup, answer_many, chat_prompt, load_setup, plain_prompt
-
-if TYPE_CHECKING:
-    from fedattn.network.service import QueryHandler
 
 # settings a label shows when they differ from these (client_blocks always), in this order
 LABEL_DEFAULTS = {"reply_noise": 0.0, "hidden_codec": split_config.DEFAULT_HIDDEN_CODEC, "temperature": 0.0}
 
 
-class SplitSystem:
+class SplitSystem(ServiceModule):
+    service_module = "fedattn.systems.fedsea.service"
     name = "split"
     description = (
         "FedSEA-LLaMA: split inference, the client runs the first A and last C blocks, "
@@ -59,26 +57,6 @@ class SplitSystem:
         raise FedAttnError(
             "the split system's parties run one per process with `fedattn split --transport`, not `fedattn participant`"
         )
-
-    def add_serve_options(self, parser: argparse.ArgumentParser) -> None:
-        from fedattn.systems.fedsea import service
-
-        service.add_serve_options(parser)
-
-    def serve_handler(self, args: argparse.Namespace, context: str | None) -> QueryHandler:
-        from fedattn.systems.fedsea import service
-
-        return service.handler_from_args(args, context)
-
-    def add_ask_options(self, parser: argparse.ArgumentParser) -> None:
-        from fedattn.systems.fedsea import service
-
-        service.add_ask_options(parser)
-
-    def ask_input(self, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-        from fedattn.systems.fedsea import service
-
-        return service.ask_input(args)
 
     def config_json(self, setup: SplitSetup) -> dict[str, Any]:
         return {"model": setup.model_json(), "dtype": setup.dtype, **setup.config.to_json()}

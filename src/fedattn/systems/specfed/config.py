@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from fedattn.argtypes import (
-    OneLineParser,
     add_placement_options,
     add_timeout_option,
     float_where,
@@ -28,6 +27,7 @@ from fedattn.argtypes import (
     non_negative_int,
     option_words,
     positive_int,
+    read_query_words,
     seed_number,
 )
 from fedattn.errors import FedAttnError
@@ -195,9 +195,7 @@ def option_words_of(args: argparse.Namespace, names: Sequence[str]) -> list[str]
 
 def query_from_words(words: list[str]) -> argparse.Namespace:
     """A service query's option words, read as ``add_query_options`` declares them (one line if not)."""
-    parser = OneLineParser(prog="the query's options", add_help=False, allow_abbrev=False)
-    add_query_options(parser)
-    return parser.parse_args(words)
+    return read_query_words(words, add_query_options)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -11,12 +11,13 @@ import sys
 import time
 
 from fedattn.errors import FedAttnError
-from fedattn.network.meeting import FederationRun, NetworkTransport, Rendezvous, flush_before_failing, links
+from fedattn.network.meeting import FederationRun, NetworkTransport, Rendezvous, links
 from fedattn.network.transport import Transport
 from fedattn.report.schema import RunReport
 from fedattn.runtime.decoding import StopRule, answer_text, stop_rule
 from fedattn.runtime.models import LoadedModel
 from fedattn.runtime.prompting import real_vocabulary, tokenizer_fingerprint
+from fedattn.systems.phases import take_alone
 from fedattn.systems.specfed import frames, protocol, reporting
 from fedattn.systems.specfed.config import SpecFedConfig
 from fedattn.systems.specfed.drafts import Drafter
@@ -89,17 +90,8 @@ def own_party(
 
 
 def take_part(party: Party, transport: NetworkTransport) -> dict[str, float]:
-    """This one party's whole protocol over its joined transport, and what it sent delivered;
-    seconds per stage. A party that fails before the answer is complete first lets what it sent
-    reach the others, so that they fail for the real reason."""
-    try:
-        seconds = protocol.run([party])
-        transport.flush()
-        return seconds
-    except FedAttnError:
-        if not answered(party):
-            flush_before_failing(transport)
-        raise
+    """This one party's whole protocol over its joined transport (``phases.take_alone``)."""
+    return take_alone(party, transport, protocol.run, answered)
 
 
 def own_report(
