@@ -16,8 +16,10 @@ from fedattn.runtime.blocks import SplitModel
 from fedattn.runtime.decoding import Decoding, stop_rule
 from fedattn.runtime.models import load_model
 from fedattn.systems.fedrefine import harness_query as query
+from fedattn.systems.fedrefine import roles
 from fedattn.systems.fedrefine.alignment import receiver_prompt, sent_blocks, sharer_input, sharer_request
 from fedattn.systems.fedrefine.caches import cache_dims, pair_dims, read_sharer_cache
+from fedattn.systems.fedrefine.config import SharerSpec
 from fedattn.systems.fedrefine.projector import PairDims, ProjectorInfo, ProjectorSet
 from fedattn.systems.fedrefine.receiver import Contribution, answer
 
@@ -28,9 +30,11 @@ QUESTIONS = [
     {"question": "Plants eat?", "options": "A. light\nB. sand\nC. salt\nD. rock", "answer": "A. light"},
     {"question": "Ice at?", "options": "A. 100\nB. 50\nC. 0\nD. 9", "answer": "C. 0"},
 ]
-KV_HEADER_BYTES = (
-    22  # magic 4, version, kind, codec, flags 1 each, block, heads, head size 2 each, tokens, first 4 each
-)
+# frame sizes by hand: magic 4 bytes, version and kind 1 each, then
+KV_HEADER = 22  # codec, flags 1 each, block, heads, head size 2 each, tokens, first position 4 each
+HELLO = 22  # model fingerprint 8, codec 1, receiver blocks 2, tokens 4, name length 1 (then the name)
+ANSWER = 17  # accepted 1, tokenizer fingerprint 8, reason length 2
+REQUEST = 16  # raw and mode (ids or texts) 1 each, first position and count 4 each
 
 
 @pytest.fixture
@@ -57,7 +61,7 @@ def projector_folder(folder: Path, receiver: str, sharer: str, open_gates: bool)
 
 
 def setup_of(*sharers: tuple[str, Path | None], **settings) -> query.RefineEvalSetup:
-    choices = tuple(query.SharerChoice(model, folder) for model, folder in sharers)
+    choices = tuple(SharerSpec(model, folder) for model, folder in sharers)
     config = query.RefineEvalConfig("tiny-random", choices, **{"max_new_tokens": 6, **settings})
     return query.load_setup(config, "cpu", "float32", progress=False)
 
@@ -91,7 +95,7 @@ def test_eval_mc_answers_scores_and_resumes_only_the_same_configuration(tmp_path
         "openbookqa",
         "refine",
         2,
-        "receiver alone",
+        "tiny-random alone",
     )
     assert summary["reference"] is True and summary["exposure"] is None and summary["bytes_per_query"] == 0
     records = records_of(out)
@@ -133,7 +137,7 @@ def test_closed_gates_answer_as_the_receiver_alone_and_open_gates_as_the_core_fu
     direct = answer(
         SplitModel(receiver.model),
         prompt,
-        [Contribution(opened.sharers[0].projectors, cache, request.positions)],
+        [Contribution(opened.fusion.projectors[0], cache, request.positions)],
         Decoding(),
         stop_rule(receiver.tokenizer, receiver.model),
         6,
@@ -159,18 +163,21 @@ def test_a_gemma_sharer_fuses_across_tokenizers_and_bytes_are_the_cost_model_by_
         "tiny-random-gemma",
         "receiver",
     )
-    # int8 per token: K and V each 2 heads x n tokens x (4 bytes of scale and minimum + 24 one-byte codes)
-    assert first.bytes_sent == first.expected_bytes_sent == 4 * (KV_HEADER_BYTES + 2 * 2 * n * (4 + 24))
-    assert first.bytes_received == first.expected_bytes_received == 4 * n  # the receiver's ids, 4 bytes each
-    assert second.details["tokens"] == 2 and not second.details["same_tokenizer"]  # "H", "i"
-    assert second.bytes_sent == 3 * (KV_HEADER_BYTES + 2 * 1 * 2 * (4 + 24))  # 3 blocks, 1 KV head of 24
-    assert second.bytes_received == 2 * (2 + 1)  # each token's text, with a 2-byte length
+    # the sharer's answer to the hello (17 bytes), then one K/V frame per sent block; int8 per token:
+    # K and V each 2 heads x n tokens x (4 bytes of scale and minimum + 24 one-byte codes)
+    assert first.bytes_sent == first.expected_bytes_sent == ANSWER + 4 * (KV_HEADER + 2 * 2 * n * (4 + 24))
+    # the hello naming the model, then the request: the receiver's ids, 4 bytes each
+    assert first.bytes_received == first.expected_bytes_received == HELLO + len("tiny-random-wide") + REQUEST + 4 * n
+    assert second.details["tokens"] == 2 and report.details["sharers"][1]["same_tokenizer"] is False  # "H", "i"
+    assert second.bytes_sent == ANSWER + 3 * (KV_HEADER + 2 * 1 * 2 * (4 + 24))  # 3 blocks, 1 KV head of 24
+    assert second.bytes_received == HELLO + len("tiny-random-gemma") + REQUEST + 2 * (2 + 1)  # texts, 2-byte lengths
     assert receiver.bytes_received == first.bytes_sent + second.bytes_sent
     assert report.expected_bytes == {
         "sent": report.measured_bytes["sent"],
         "received": report.measured_bytes["received"],
     }
-    assert report.timing["sharer_s"] == pytest.approx(first.timing["sharer_s"] + second.timing["sharer_s"])
+    compute = first.timing["sharer_compute_s"] + second.timing["sharer_compute_s"]
+    assert report.timing["sharer_s"] == pytest.approx(compute)
     assert set(report.timing) >= {"wall_s", "sharer_s", "prefill_s", "fuse_s", "decode_s"}
 
 
@@ -200,37 +207,38 @@ def test_text_to_text_reads_the_sharers_own_greedy_hint_before_the_question(tmp_
 
 
 def test_with_rephrasing_a_sharer_reads_the_rephrasing_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(query, "REPHRASE_TOKENS", 8)
-    message = "Which planet is red?"
-    rephrase_ids = chat_ids("tiny-random", [{"role": "user", "content": query.REPHRASE.format(question=message)}])
-    tokenizer = load_model("tiny-random", progress=False).tokenizer
-    rephrasing = tokenizer.decode(hf_greedy("tiny-random", rephrase_ids, 8), skip_special_tokens=True).strip()
-    assert rephrasing and message not in rephrasing
-
+    """The question alone is rewritten where the message holds it (choices kept), else the whole message."""
+    monkeypatch.setattr(roles, "REPHRASE_TOKENS", 8)
     read = []
     monkeypatch.setattr(
-        query,
+        roles,
         "read_sharer_cache",
         lambda model, reading, blocks: read.append(reading.ids) or read_sharer_cache(model, reading, blocks),
     )
     folder = projector_folder(tmp_path / "closed", "tiny-random", "tiny-random-wide", False)
-    report = query.answer_item(setup_of(("tiny-random-wide", folder), rephrase=True), message)
-    assert report.details["rephrasing"] == rephrasing
-    assert read == [chat_ids("tiny-random", [{"role": "user", "content": rephrasing}])[:-1]]
-
-    texts = query.answer_item(
-        setup_of(("tiny-random-wide", None), rephrase=True, exchange="text", hint_tokens=2), message
-    )
-    assert texts.parties[0].bytes_received == len(query.BACKGROUND.format(question=rephrasing).encode())
+    tokenizer = load_model("tiny-random", progress=False).tokenizer
+    for message, bare in (("Which planet is red?\nA. Mars\nB. Venus", "Which planet is red?"), ("Red planet?", "")):
+        request = roles.REPHRASE.format(question=bare or message)
+        reference = hf_greedy("tiny-random", chat_ids("tiny-random", [{"role": "user", "content": request}]), 8)
+        rephrasing = tokenizer.decode(reference, skip_special_tokens=True).strip()
+        assert rephrasing and (bare or message) not in rephrasing
+        asked = message.replace(bare, rephrasing) if bare else rephrasing
+        read.clear()
+        report = query.answer_item(setup_of(("tiny-random-wide", folder), rephrase=True), message, bare)
+        assert report.details["rephrasing"] == rephrasing
+        assert read == [chat_ids("tiny-random", [{"role": "user", "content": asked}])[:-1]]
+        hinted = setup_of(("tiny-random-wide", None), rephrase=True, exchange="text", hint_tokens=2)
+        texts = query.answer_item(hinted, message, bare)
+        assert texts.parties[0].bytes_received == len(query.BACKGROUND.format(question=rephrasing).encode())
 
 
 def test_projector_folders_are_checked_against_the_models_in_one_line(tmp_path, capsys, openbookqa):
     wrong = projector_folder(tmp_path / "wrong", "tiny-random", "tiny-random-gemma", False)
-    with pytest.raises(FedAttnError, match="is for receiver tiny-random and sharer tiny-random-gemma, not"):
+    with pytest.raises(FedAttnError, match="trained for receiver tiny-random and sharer tiny-random-gemma, not"):
         setup_of(("tiny-random-wide", wrong))
     misshapen = ProjectorSet(ProjectorInfo("tiny-random", "tiny-random-wide", PairDims(8, 2, 16, 4, 2, 32)))
     misshapen.save(tmp_path / "misshapen")
-    with pytest.raises(FedAttnError, match="expects tiny-random-wide with a cache of 4 blocks of 2 KV heads x 32; the"):
+    with pytest.raises(FedAttnError, match="expects a sharer cache of 4 blocks of 2 KV heads x 32; the sharer tiny-ra"):
         setup_of(("tiny-random-wide", tmp_path / "misshapen"))
     assert main([*EVAL, "--sharer", "tiny-random-wide", "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
@@ -258,5 +266,5 @@ def test_compare_has_a_row_per_configuration(tmp_path, capsys, openbookqa):
         ("C2C tiny-random-wide", "tiny-random", "1", "the prompt in clear"),
         ("C2C tiny-random-wide rephrase", "tiny-random", "1", "the rephrased prompt in clear"),
         ("T2T tiny-random-wide hint_tokens=2", "tiny-random", "1", "the prompt in clear"),
-        ("receiver alone", "tiny-random", "1", "nothing exposed"),
+        ("tiny-random alone", "tiny-random", "1", "nothing exposed"),
     ]

@@ -8,19 +8,16 @@ two-stage baseline (thu-nics/C2C ``rosetta/baseline/multi_stage.py``, ``TwoStage
 sharer first writes, greedily, background for the question alone (without its choices) on C2C's
 prompt, and the receiver reads it as an earlier turn of the chat (asked for background, the
 sharers' hints as the answer) before the item's prompt. With ``rephrase`` the receiver's own model
-first rewrites the item's prompt, and everything after (the sharers' reading, the receiver's
-answer) is on the rewrite only.
+first rewrites the question (the question alone within the item's prompt when the item says what
+it is, its choices and answer format kept; else the whole prompt), and everything after (the
+sharers' reading, the receiver's answer) is on the rewritten prompt only.
 
-Generation without fusion (the receiver alone or after hints, the sharers' hints, the rephrasing)
-runs the model as HF ships it (``runtime.incremental``), so any model, Gemma 3's sliding windows
-included, can be a receiver alone or a hint writer; fusion runs the receiver through the runtime's
-hook (``fedrefine.receiver.answer``). In this process a sharer's cache still crosses as the K/V
-frames of the wire (``network.frames``, through ``--kv-codec``): the receiver fuses what the codec
-gives back, so quality reflects the codec, and the bytes reported are those frames' lengths beside
-the cost model's. What a sharer receives is counted as its request: the receiver's prompt ids (4
-bytes each) with the same tokenizer, else each message token's text (UTF-8 with a 2-byte length),
-and for a hint the UTF-8 text of the hint request; a hint costs its UTF-8 text. Hellos and frame
-headers of the request are the networked runner's, not counted here.
+Generation without fusion (the receiver alone or after hints, the sharers' hints) runs the model
+as HF ships it (``runtime.incremental``), so any model, Gemma 3's sliding windows included, can be
+a receiver alone or a hint writer. Fusion is FedRefine's own in-process run (``query.answer_chat``:
+every hello, request and cache block crosses the in-process grid as a validated frame, through
+``--kv-codec``), so its quality reflects the codec and its bytes are measured at the transport
+beside the cost model's. A hint costs its UTF-8 text one way and the hint request's the other.
 """
 
 from __future__ import annotations
@@ -35,57 +32,35 @@ from typing import Any
 import torch
 
 from fedattn.errors import FedAttnError
-from fedattn.network.frames import KVBlock, KVExpectation, decode_kv, encode_kv, kv_frame_size
-from fedattn.network.kv_codec import KVCodec, get_codec
+from fedattn.network.kv_codec import get_codec
 from fedattn.report.schema import PartyReport, RunReport
 from fedattn.runtime.blocks import SplitModel
 from fedattn.runtime.decoding import Decoding, StopRule, answer_text, stop_rule
 from fedattn.runtime.incremental import IncrementalLM
 from fedattn.runtime.models import LoadedModel, load_model
 from fedattn.runtime.prompting import check_prompt_length
-from fedattn.systems.fedrefine.alignment import (
-    ReceiverPrompt,
-    SharerRequest,
-    receiver_prompt,
-    same_tokenizer,
-    sent_blocks,
-    sharer_input,
-    sharer_request,
-)
-from fedattn.systems.fedrefine.caches import CacheDims, SharerCache, cache_dims, read_sharer_cache
-from fedattn.systems.fedrefine.defaults import default_projector_dir
-from fedattn.systems.fedrefine.projector import WEIGHTS_FILE, ProjectorSet, load_projectors, read_info
-from fedattn.systems.fedrefine.receiver import Contribution, answer
+from fedattn.systems.fedrefine.alignment import receiver_prompt
+from fedattn.systems.fedrefine.config import DEFAULT_KV_CODEC, RefineConfig, SharerSpec, projector_dir
+from fedattn.systems.fedrefine.inprocess import sharer_name
+from fedattn.systems.fedrefine.projector import WEIGHTS_FILE
+from fedattn.systems.fedrefine.query import RefineSetup, answer_chat, model_json
+from fedattn.systems.fedrefine.query import load_setup as load_fusion
+from fedattn.systems.fedrefine.reporting import SYSTEM
+from fedattn.systems.fedrefine.roles import rephrase
 
-SYSTEM = "refine"
 IN_PROCESS = "in-process"
 CACHE, TEXT = "cache", "text"
 EXCHANGES = (CACHE, TEXT)
 DEFAULT_RECEIVER = "qwen2.5-coder-0.5b-instruct"
-DEFAULT_KV_CODEC = "float32"  # lossless: the receiver fuses the sharer's cache as the sharer computed it
 DEFAULT_HINT_TOKENS = 64  # C2C allowed 256
-REPHRASE_TOKENS = 128  # the most tokens of the receiver's rephrasing
-REPHRASE = "Rephrase the following question without changing its meaning or its answer options:\n\n{question}"
 BACKGROUND = "Briefly describe the most useful background to solve the problem:\n\n{question}"  # C2C's default
-ID_BYTES, PIECE_LENGTH_BYTES = 4, 2  # a request's receiver id, a request piece's length prefix
 RECEIVER = "receiver"
-
-
-@dataclass(frozen=True)
-class SharerChoice:
-    """A sharer model by name (or path), and the folder of its projectors for the receiver (None: the default)."""
-
-    model: str
-    projector: Path | None = None
-
-    def word(self) -> str:
-        return self.model if self.projector is None else f"{self.model}:{self.projector}"
 
 
 @dataclass(frozen=True)
 class RefineEvalConfig:
     receiver: str
-    sharers: tuple[SharerChoice, ...] = ()
+    sharers: tuple[SharerSpec, ...] = ()
     exchange: str = CACHE
     hint_tokens: int = DEFAULT_HINT_TOKENS
     rephrase: bool = False
@@ -101,10 +76,14 @@ class RefineEvalConfig:
     def fuses(self) -> bool:
         return self.exchange == CACHE and bool(self.sharers)
 
+    def wire_config(self) -> RefineConfig:
+        """The fusion run's own configuration (the harness rephrases before it, so it does not)."""
+        return RefineConfig(self.sharers, self.kv_codec, False, Decoding(), self.max_new_tokens)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "receiver": self.receiver,
-            "sharers": [choice.word() for choice in self.sharers],
+            "sharers": [spec.word() for spec in self.sharers],
             "exchange": self.exchange,
             "hint_tokens": self.hint_tokens,
             "rephrase": self.rephrase,
@@ -114,109 +93,49 @@ class RefineEvalConfig:
 
 
 @dataclass
-class SharerModel:
-    """A sharer of the run: its model, and for cache fusion the pair's projectors and what it sends."""
-
-    name: str  # its party name: sharer1, sharer2, ... in fusion order
-    loaded: LoadedModel
-    stop: StopRule
-    dims: CacheDims
-    same_tokenizer: bool
-    blocks: list[int]  # the sharer blocks whose K/V it sends
-    projectors: ProjectorSet | None = None
-    projector_dir: Path | None = None
-
-    def projector_json(self) -> dict[str, str] | None:
-        """The projector folder and its weights' sha256: a folder's results are of these weights."""
-        if self.projector_dir is None:
-            return None
-        digest = hashlib.sha256((self.projector_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
-        return {"dir": str(self.projector_dir), "weights_sha256": digest}
-
-
-@dataclass
 class RefineEvalSetup:
+    """The receiver and the sharers loaded; for fusion, FedRefine's own setup with each pair's projectors."""
+
     config: RefineEvalConfig
     receiver: LoadedModel
-    sharers: list[SharerModel]
+    sharers: list[LoadedModel]
     device: str
     dtype: str
+    fusion: RefineSetup | None = None
+    projector_dirs: list[Path] = field(default_factory=list)
     stop: StopRule = field(init=False)
-    split: SplitModel | None = field(init=False)
+    split: SplitModel | None = field(init=False)  # the receiver's runner: fusion's, or the rephrasing's
 
     def __post_init__(self) -> None:
         self.stop = stop_rule(self.receiver.tokenizer, self.receiver.model)
-        self.split = SplitModel(self.receiver.model) if self.config.fuses else None
+        self.split = (
+            self.fusion.split if self.fusion else SplitModel(self.receiver.model) if self.config.rephrase else None
+        )
 
     def model_json(self) -> dict[str, Any]:
-        sharers = [{"name": sharer.loaded.name, "identity": sharer.loaded.identity} for sharer in self.sharers]
-        return {"name": self.receiver.name, "identity": self.receiver.identity, "sharers": sharers}
+        return model_json(self.receiver, [(sharer.name, sharer.identity) for sharer in self.sharers])
 
-
-def projector_dir(receiver: str, choice: SharerChoice) -> Path:
-    """The sharer's own projector folder, else the committed one of the pair, else a one-line refusal."""
-    if choice.projector is not None:
-        return choice.projector
-    found = default_projector_dir(receiver, choice.model)
-    if found is None:
-        raise FedAttnError(
-            f"no projector for receiver {receiver} and sharer {choice.model}: give --sharer {choice.model}:DIR, "
-            f"or train one with `fedattn refine train --receiver {receiver} --sharer {choice.model} --out DIR`"
-        )
-    return found
-
-
-def checked_projectors(directory: Path, receiver: LoadedModel, sharer: LoadedModel) -> ProjectorSet:
-    """The projectors in ``directory``, refused in one line unless trained for these two models and their caches."""
-    info = read_info(directory)
-    if (info.receiver, info.sharer) != (receiver.name, sharer.name):
-        raise FedAttnError(
-            f"the projector in {directory} is for receiver {info.receiver} and sharer {info.sharer}, "
-            f"not receiver {receiver.name} and sharer {sharer.name}"
-        )
-    dims = info.dims
-    stored = (
-        (receiver, CacheDims(dims.receiver_blocks, dims.receiver_heads, dims.receiver_head_dim)),
-        (sharer, CacheDims(dims.sharer_blocks, dims.sharer_heads, dims.sharer_head_dim)),
-    )
-    for loaded, expected in stored:
-        actual = cache_dims(loaded.model)
-        if expected != actual:
-            raise FedAttnError(
-                f"the projector in {directory} expects {loaded.name} with a cache of {_shape(expected)}; "
-                f"the loaded model has {_shape(actual)}"
-            )
-    return load_projectors(directory)
-
-
-def _shape(dims: CacheDims) -> str:
-    return f"{dims.blocks} blocks of {dims.heads} KV heads x {dims.head_dim}"
+    def projectors_json(self) -> list[dict[str, str]]:
+        """Each projector folder and its weights' sha256: a results folder's answers are of these weights."""
+        return [
+            {
+                "dir": str(directory),
+                "weights_sha256": hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest(),
+            }
+            for directory in self.projector_dirs
+        ]
 
 
 def load_setup(config: RefineEvalConfig, device: str, dtype: str, progress: bool = True) -> RefineEvalSetup:
-    """Every model loaded and, for fusion, each pair's projectors found and checked (folders
-    that are missing or are not projectors are refused before any model loads)."""
-    directories = [projector_dir(config.receiver, choice) for choice in config.sharers] if config.fuses else []
-    for directory in directories:
-        read_info(directory)
+    """Every model loaded and, for fusion, each pair's projectors found and checked (a missing
+    projector is refused before any model loads)."""
+    if config.fuses:
+        fusion = load_fusion(config.wire_config(), config.receiver, device, dtype, raw=False, progress=progress)
+        directories = [projector_dir(config.receiver, spec) for spec in config.sharers]
+        return RefineEvalSetup(config, fusion.receiver, fusion.sharers, device, dtype, fusion, directories)
     torch_dtype = getattr(torch, dtype)
     receiver = load_model(config.receiver, device=device, dtype=torch_dtype, progress=progress)
-    sharers = []
-    for index, choice in enumerate(config.sharers):
-        loaded = load_model(choice.model, device=device, dtype=torch_dtype, progress=progress)
-        dims = cache_dims(loaded.model)
-        sharer = SharerModel(
-            name=f"sharer{index + 1}",
-            loaded=loaded,
-            stop=stop_rule(loaded.tokenizer, loaded.model),
-            dims=dims,
-            same_tokenizer=same_tokenizer(receiver.tokenizer, loaded.tokenizer),
-            blocks=sent_blocks(cache_dims(receiver.model).blocks, dims.blocks),
-        )
-        if config.fuses:
-            sharer.projector_dir = directories[index]
-            sharer.projectors = checked_projectors(directories[index], receiver, loaded).to(device)
-        sharers.append(sharer)
+    sharers = [load_model(spec.model, device=device, dtype=torch_dtype, progress=progress) for spec in config.sharers]
     return RefineEvalSetup(config, receiver, sharers, device, dtype)
 
 
@@ -224,139 +143,74 @@ def load_setup(config: RefineEvalConfig, device: str, dtype: str, progress: bool
 
 
 @dataclass
-class SharerOutcome:
-    """What one sharer did for one item: bytes each way (measured, and the cost model's), its time."""
+class HintOutcome:
+    """One sharer's hint for one item: the text, its tokens, bytes each way, and its time."""
 
+    hint: str
+    tokens: int
     received: int
     sent: int
-    expected_received: int
-    expected_sent: int
-    frames_sent: int
     seconds: float
-    details: dict[str, Any]
 
 
 def answer_item(setup: RefineEvalSetup, message: str, bare_question: str = "") -> RunReport:
-    """The receiver's answer to one chat message (``bare_question``: the question alone, for hints)."""
+    """The receiver's answer to one chat message (``bare_question``: the question alone, for hints and rephrasing)."""
     start = time.perf_counter()
-    config, receiver = setup.config, setup.receiver
-    timing: dict[str, float] = {}
-    asked, topic = message, bare_question or message
+    config = setup.config
+    asked, topic, rewrite = message, bare_question or message, None
     if config.rephrase:
-        asked = topic = rephrased(setup, message)
-        timing["rephrase_s"] = time.perf_counter() - start
-    if config.fuses:
-        prompt = receiver_prompt(receiver.tokenizer, asked)
-        outcomes, contributions = [], []
-        for sharer in setup.sharers:
-            outcome, contribution = shared_cache(setup, sharer, prompt)
-            outcomes.append(outcome)
-            contributions.append(contribution)
-        fused = answer(setup.split, prompt, contributions, Decoding(), setup.stop, config.max_new_tokens)
-        tokens, seconds, prompt_ids = fused.token_ids, fused.seconds, prompt.ids
-    else:
-        outcomes = [written_hint(setup, sharer, topic) for sharer in setup.sharers]
-        hints = [outcome.details["hint"] for outcome in outcomes]
-        prompt_ids = (
-            hinted_prompt(receiver, asked, topic, hints) if hints else receiver_prompt(receiver.tokenizer, asked).ids
-        )
-        tokens, seconds = generate(receiver, prompt_ids, setup.stop, config.max_new_tokens)
-    text = answer_text(setup.stop, receiver.tokenizer, tokens)
-    timing |= {"sharer_s": sum(outcome.seconds for outcome in outcomes), "fuse_s": 0.0, **seconds}
-    details = {"exchange": config.exchange if setup.sharers else None, "rephrasing": asked if config.rephrase else None}
-    return run_report(setup, outcomes, text, tokens, len(prompt_ids), timing, details, time.perf_counter() - start)
+        asked, topic, rewrite = rephrased_message(setup, message, bare_question)
+    rephrase_s = time.perf_counter() - start
+    report = fused_report(setup, asked) if config.fuses else hinted_report(setup, asked, topic)
+    report.timing["wall_s"] = time.perf_counter() - start
+    if config.rephrase:
+        report.timing["rephrase_s"] = rephrase_s
+    report.config = config.to_json()
+    report.setting = label(report.config)
+    report.details |= {"exchange": config.exchange if setup.sharers else None, "rephrasing": rewrite}
+    return report
 
 
-def rephrased(setup: RefineEvalSetup, message: str) -> str:
-    """The receiver's own greedy rewrite of ``message`` (at most ``REPHRASE_TOKENS`` tokens)."""
+def rephrased_message(setup: RefineEvalSetup, message: str, bare_question: str) -> tuple[str, str, str]:
+    """(the message, the question, the rewrite) after the receiver's own rephrasing
+    (``roles.rephrase``): of the question alone when the message holds it (the choices and
+    answer format stay as they are, and a small model asked to rephrase a prompt ending "The
+    correct answer is" answers it instead), else of the whole message."""
+    question = bare_question if bare_question and bare_question in message else message
+    rewrite = rephrase(setup.split, setup.receiver.tokenizer, setup.stop, question, raw=False)
+    return message.replace(question, rewrite, 1), rewrite, rewrite
+
+
+def fused_report(setup: RefineEvalSetup, asked: str) -> RunReport:
+    """C2C: FedRefine's own in-process run over ``asked``; ``sharer_s`` is the sharers' compute."""
+    report = answer_chat(setup.fusion, asked)
+    sharers = [party for party in report.parties if party.role == "sharer"]
+    report.timing["sharer_s"] = sum(party.timing.get("sharer_compute_s", 0.0) for party in sharers)
+    return report
+
+
+def hinted_report(setup: RefineEvalSetup, asked: str, topic: str) -> RunReport:
+    """The receiver alone, or after each sharer's hint (C2C's text-to-text)."""
     receiver = setup.receiver
-    ids = receiver_prompt(receiver.tokenizer, REPHRASE.format(question=message)).ids
-    tokens, _ = generate(receiver, ids, setup.stop, REPHRASE_TOKENS)
+    hints = [written_hint(setup, sharer, topic) for sharer in setup.sharers]
+    if hints:
+        prompt_ids = hinted_prompt(receiver, asked, topic, [hint.hint for hint in hints])
+    else:
+        prompt_ids = receiver_prompt(receiver.tokenizer, asked).ids
+    tokens, seconds = generate(receiver, prompt_ids, setup.stop, setup.config.max_new_tokens)
     text = answer_text(setup.stop, receiver.tokenizer, tokens)
-    if not text.strip():
-        raise FedAttnError("the receiver's rephrasing of the question is empty: evaluate without --rephrase")
-    return text
+    timing = {"sharer_s": sum(hint.seconds for hint in hints), "fuse_s": 0.0, **seconds}
+    return hint_report(setup, hints, text, tokens, len(prompt_ids), timing)
 
 
-def shared_cache(
-    setup: RefineEvalSetup, sharer: SharerModel, prompt: ReceiverPrompt
-) -> tuple[SharerOutcome, Contribution]:
-    """One sharer's cache of the receiver's prompt, through the codec as K/V frames, ready to fuse."""
-    start = time.perf_counter()
-    request = sharer_request(prompt, setup.receiver.tokenizer, sharer.same_tokenizer)
-    reading = sharer_input(request, sharer.loaded.tokenizer)
-    cache = read_sharer_cache(sharer.loaded.model, reading, sharer.blocks)
-    codec = get_codec(setup.config.kv_codec)
-    frames = cache_frames(cache, request.positions[0], codec)
-    received = through_codec(frames, sharer, request, codec, setup.device)
-    seconds = time.perf_counter() - start
-    expected = cache_bytes(codec, len(request.positions), sharer.dims, len(sharer.blocks))
-    asked = request_bytes(request)
-    outcome = SharerOutcome(
-        received=asked,
-        sent=sum(len(frame) for frame in frames),
-        expected_received=asked,
-        expected_sent=expected,
-        frames_sent=len(frames),
-        seconds=seconds,
-        details={
-            "tokens": len(request.positions),
-            "blocks": len(sharer.blocks),
-            "same_tokenizer": sharer.same_tokenizer,
-        },
-    )
-    return outcome, Contribution(sharer.projectors, received, request.positions)
-
-
-def cache_frames(cache: SharerCache, first: int, codec: KVCodec) -> list[bytes]:
-    """Each sent block's K and V as one K/V frame (positions first.. implied: the whole request)."""
-    positions = torch.arange(first, first + cache.tokens)
-    return [
-        encode_kv(KVBlock(block, positions, key, value), codec, whole_segment=True)
-        for block, key, value in zip(cache.blocks, cache.keys, cache.values, strict=True)
-    ]
-
-
-def through_codec(
-    frames: list[bytes], sharer: SharerModel, request: SharerRequest, codec: KVCodec, device: str
-) -> SharerCache:
-    """The cache as the receiver decodes and validates it from the frames (shapes, tokens, finite values)."""
-    first, count = request.positions[0], len(request.positions)
-    keys, values = [], []
-    for block, frame in zip(sharer.blocks, frames, strict=True):
-        expect = KVExpectation(
-            sharer.name, block, sharer.dims.heads, sharer.dims.head_dim, count, (first, first + count), count
-        )
-        decoded = decode_kv(frame, expect, codec)
-        keys.append(decoded.key.to(device))
-        values.append(decoded.value.to(device))
-    return SharerCache(list(sharer.blocks), keys, values)
-
-
-def cache_bytes(codec: KVCodec, tokens: int, sharer: CacheDims, blocks: int) -> int:
-    """The cost model of a sharer's cache: one K/V frame per sent block, each a header and
-    2 x tokens x heads_S x d_S values in the codec (bytes per element for a float codec)."""
-    return blocks * kv_frame_size(tokens, True, codec, sharer.heads, sharer.head_dim)
-
-
-def request_bytes(request: SharerRequest) -> int:
-    """What a sharer is asked to read: the receiver's ids, or each message token's text."""
-    if request.ids is not None:
-        return ID_BYTES * len(request.ids)
-    return sum(PIECE_LENGTH_BYTES + len(piece.encode()) for piece in request.pieces or [])
-
-
-def written_hint(setup: RefineEvalSetup, sharer: SharerModel, topic: str) -> SharerOutcome:
+def written_hint(setup: RefineEvalSetup, sharer: LoadedModel, topic: str) -> HintOutcome:
     """A sharer's greedy background for ``topic`` on C2C's prompt, at most ``hint_tokens`` tokens."""
     start = time.perf_counter()
     asked = BACKGROUND.format(question=topic)
-    tokenizer = sharer.loaded.tokenizer
-    tokens, _ = generate(sharer.loaded, receiver_prompt(tokenizer, asked).ids, sharer.stop, setup.config.hint_tokens)
-    hint = answer_text(sharer.stop, tokenizer, tokens)
-    size, sent = len(asked.encode()), len(hint.encode())
-    return SharerOutcome(
-        size, sent, size, sent, 1, time.perf_counter() - start, {"hint": hint, "hint_tokens": len(tokens)}
-    )
+    stop = stop_rule(sharer.tokenizer, sharer.model)
+    tokens, _ = generate(sharer, receiver_prompt(sharer.tokenizer, asked).ids, stop, setup.config.hint_tokens)
+    hint = answer_text(stop, sharer.tokenizer, tokens)
+    return HintOutcome(hint, len(tokens), len(asked.encode()), len(hint.encode()), time.perf_counter() - start)
 
 
 def hinted_prompt(receiver: LoadedModel, asked: str, topic: str, hints: list[str]) -> list[int]:
@@ -397,66 +251,60 @@ def generate(loaded: LoadedModel, ids: list[int], stop: StopRule, max_new_tokens
 # -- the report -----------------------------------------------------------------------------------
 
 
-def run_report(
+def hint_report(
     setup: RefineEvalSetup,
-    outcomes: list[SharerOutcome],
+    hints: list[HintOutcome],
     text: str,
     tokens: list[int],
     prompt_tokens: int,
     timing: dict[str, float],
-    details: dict[str, Any],
-    wall_s: float,
 ) -> RunReport:
-    """One item as the one report: each sharer's party, then the receiver's (who answers)."""
+    """One item without fusion as the one report: each sharer's party (its hint), then the receiver's."""
     parties = []
-    for rank, (sharer, outcome) in enumerate(zip(setup.sharers, outcomes, strict=True)):
-        party = PartyReport(
-            name=sharer.name,
-            rank=rank,
-            role="sharer",
-            bytes_sent=outcome.sent,
-            bytes_received=outcome.received,
-            frames_sent=outcome.frames_sent,
-            frames_received=1,
-            expected_bytes_sent=outcome.expected_sent,
-            expected_bytes_received=outcome.expected_received,
-            timing={"sharer_s": outcome.seconds},
-            details={"model": sharer.loaded.name, **outcome.details},
+    for rank, (sharer, hint) in enumerate(zip(setup.sharers, hints, strict=True)):
+        parties.append(
+            PartyReport(
+                name=sharer_name(rank),
+                rank=rank,
+                role="sharer",
+                bytes_sent=hint.sent,
+                bytes_received=hint.received,
+                frames_sent=1,
+                frames_received=1,
+                expected_bytes_sent=hint.sent,
+                expected_bytes_received=hint.received,
+                timing={"sharer_s": hint.seconds},
+                details={"model": sharer.name, "hint": hint.hint, "hint_tokens": hint.tokens},
+            )
         )
-        parties.append(party)
     parties.append(
         PartyReport(
             name=RECEIVER,
-            rank=len(outcomes),
+            rank=len(hints),
             role="receiver",
-            bytes_sent=sum(outcome.received for outcome in outcomes),
-            bytes_received=sum(outcome.sent for outcome in outcomes),
-            frames_sent=len(outcomes),
-            frames_received=sum(outcome.frames_sent for outcome in outcomes),
-            expected_bytes_sent=sum(outcome.expected_received for outcome in outcomes),
-            expected_bytes_received=sum(outcome.expected_sent for outcome in outcomes),
+            bytes_sent=sum(hint.received for hint in hints),
+            bytes_received=sum(hint.sent for hint in hints),
+            frames_sent=len(hints),
+            frames_received=len(hints),
+            expected_bytes_sent=sum(hint.received for hint in hints),
+            expected_bytes_received=sum(hint.sent for hint in hints),
             timing={key: value for key, value in timing.items() if key != "sharer_s"},
             answer=text,
             answer_token_ids=list(tokens),
-            details={"model": setup.receiver.name, "tokens": prompt_tokens},
+            details={"tokens": prompt_tokens},
         )
     )
-    expected = {
-        "sent": sum(party.expected_bytes_sent or 0 for party in parties),
-        "received": sum(party.expected_bytes_received or 0 for party in parties),
-    }
+    total = sum(hint.sent + hint.received for hint in hints)
     return RunReport(
         system=SYSTEM,
         transport=IN_PROCESS,
         model=setup.model_json(),
-        config=setup.config.to_json(),
+        config={},
         answer=text,
         answer_token_ids=list(tokens),
         parties=parties,
-        expected_bytes=expected,
-        timing={"wall_s": wall_s, **timing},
-        details=details,
-        setting=label(setup.config.to_json()),
+        expected_bytes={"sent": total, "received": total},
+        timing=dict(timing),
     )
 
 
@@ -468,10 +316,11 @@ def short_name(model: str) -> str:
 
 
 def label(config: dict[str, Any]) -> str:
-    """'C2C qwen1.5b+gemma270m', 'T2T qwen1.5b', 'receiver alone', and any setting away from its default."""
+    """'C2C qwen1.5b+gemma270m', 'T2T qwen1.5b', 'qwen0.5b alone' (the receiver alone, or a sharer's
+    model alone as the receiver), and any setting away from its default."""
     sharers = [word.split(":", 1)[0] for word in config["sharers"]]
     if not sharers:
-        parts = ["receiver alone"]
+        parts = [f"{short_name(config['receiver'])} alone"]
     else:
         kind = "C2C" if config["exchange"] == CACHE else "T2T"
         parts = [f"{kind} {'+'.join(short_name(model) for model in sharers)}"]

@@ -19,29 +19,17 @@ says what is sent instead of a rate.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from fedattn.argtypes import add_placement_options, library_type, positive_int
+from fedattn.argtypes import add_placement_options, positive_int
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
-from fedattn.network.kv_codec import CODECS, get_codec
+from fedattn.network.kv_codec import CODECS
 from fedattn.report.schema import RunReport
 from fedattn.runtime.devices import resolve_device
 from fedattn.systems.base import TEXT, Description, Exposure
 from fedattn.systems.fedrefine import harness_query as query
-
-
-def sharer_choice(word: str) -> query.SharerChoice:
-    """NAME[:PROJECTOR_DIR] (split at the first colon)."""
-    model, colon, directory = word.partition(":")
-    if not model.strip() or (colon and not directory.strip()):
-        raise argparse.ArgumentTypeError(f"{word!r}: expected NAME or NAME:PROJECTOR_DIR")
-    return query.SharerChoice(model.strip(), Path(directory.strip()).expanduser() if colon else None)
-
-
-def _codec(name: str) -> str:
-    return get_codec(name).name
+from fedattn.systems.fedrefine.config import DEFAULT_KV_CODEC, kv_codec, sharer_spec
 
 
 class HarnessMethods:
@@ -57,7 +45,7 @@ class HarnessMethods:
         parser.add_argument(
             "--sharer",
             action="append",
-            type=sharer_choice,
+            type=sharer_spec,
             default=[],
             metavar="NAME[:PROJECTOR_DIR]",
             help="a sharer model and the folder of its projectors for the receiver (default: the committed one of "
@@ -83,10 +71,10 @@ class HarnessMethods:
         )
         parser.add_argument(
             "--kv-codec",
-            type=library_type(_codec),
-            default=query.DEFAULT_KV_CODEC,
+            type=kv_codec,
+            default=DEFAULT_KV_CODEC,
             metavar="CODEC",
-            help=f"the sharers' caches on the wire: {', '.join(CODECS)} (default {query.DEFAULT_KV_CODEC})",
+            help=f"the sharers' caches on the wire: {', '.join(CODECS)} (default {DEFAULT_KV_CODEC})",
         )
         parser.add_argument("--max-new-tokens", type=positive_int, default=task.max_new_tokens)
         add_placement_options(parser)
@@ -114,7 +102,7 @@ class HarnessMethods:
         return [query.answer_item(setup, item.question, item.bare_question) for item in items]
 
     def config_json(self, setup: query.RefineEvalSetup) -> dict[str, Any]:
-        projectors = [sharer.projector_json() for sharer in setup.sharers]
+        projectors = setup.projectors_json()
         return {"model": setup.model_json(), "dtype": setup.dtype, **setup.config.to_json(), "projectors": projectors}
 
     def describe(self, config: dict[str, Any], task_settings: dict[str, Any]) -> Description:

@@ -42,7 +42,10 @@ from fedattn.systems.fedrefine.config import REPHRASE_TOKENS, RefineConfig
 from fedattn.systems.fedrefine.projector import ProjectorSet
 from fedattn.systems.fedrefine.receiver import Contribution, Prefilled, ReceiverAnswer, answer, answer_over, prefill
 
-REPHRASE = "Rephrase the following question without changing its meaning or its answer options:\n\n{question}"
+REPHRASE = (  # asked only to keep the meaning, a 0.5B model answered a prompt ending "The correct answer is"
+    "Rephrase the following question in other words, keeping its meaning. "
+    "Do not answer it; reply with the rephrased question only.\n\n{question}"
+)
 
 
 def rephrase(split: SplitModel, tokenizer, stop: StopRule, question: str, raw: bool) -> str:
