@@ -316,14 +316,15 @@ def test_a_good_request_is_answered_with_one_frame_per_mapped_block(models):
 
 def test_a_sharer_without_a_projector_folder_uses_the_committed_one(models, tmp_path, monkeypatch):
     from fedattn.systems.fedrefine import config as refine_config
-    from fedattn.systems.fedrefine import defaults
 
-    monkeypatch.setattr(defaults, "PROJECTORS", tmp_path)
-    assert defaults.default_projector_dir(RECEIVER, SHARERS[0]) is None
+    monkeypatch.setattr(refine_config, "PROJECTORS", tmp_path)
+    assert refine_config.default_projector_dir(RECEIVER, SHARERS[0]) is None
+    (tmp_path / f"{RECEIVER}--{SHARERS[0]}").mkdir()  # a folder without a projector is none
+    assert refine_config.default_projector_dir(RECEIVER, SHARERS[0]) is None
     receiver, sharers = models
     folder = tmp_path / f"{RECEIVER}--{SHARERS[0]}"
     projectors_for(receiver, sharers[0], True).save(folder)
-    assert defaults.default_projector_dir(RECEIVER, SHARERS[0]) == folder
+    assert refine_config.default_projector_dir(RECEIVER, SHARERS[0]) == folder
     assert refine_config.projector_dir(RECEIVER, SharerSpec(SHARERS[0])) == folder
     assert refine_config.projector_dir(RECEIVER, SharerSpec(SHARERS[0], tmp_path / "own")) == tmp_path / "own"
 

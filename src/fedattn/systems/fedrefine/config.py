@@ -5,7 +5,7 @@ the K/V codec of the sharers' caches, the rephrasing mode and decoding.
 processes and a service query's words); ``config_from_args`` validates them before any model is
 loaded. A sharer is ``NAME[:DIR]``: the sharer model and the folder of the projectors trained for
 it and the receiver; without a folder, the committed default projector of that pair
-(``defaults.default_projector_dir``).
+(``default_projector_dir``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from fedattn.argtypes import add_timeout_option, non_negative_float, positive_in
 from fedattn.errors import FedAttnError
 from fedattn.network.kv_codec import CODECS, get_codec
 from fedattn.runtime.decoding import Decoding
-from fedattn.systems.fedrefine.defaults import default_projector_dir
+from fedattn.systems.fedrefine.projector import CONFIG_FILE
 
 DEFAULT_KV_CODEC = "float32"  # lossless: the receiver fuses the sharer's cache exactly as its own runner read it
 REPHRASE_TOKENS = 128  # the most tokens of the receiver's rephrasing of the question
+PROJECTORS = Path(__file__).parent / "projectors"  # committed projectors, one folder per pair
 # the options ``add_run_options`` declares, as a query's words give them again
 RUN_OPTIONS = ("sharer", "kv_codec", "rephrase", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "timeout")
 
@@ -66,6 +67,17 @@ def kv_codec(word: str) -> str:
         return get_codec(word).name
     except FedAttnError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def projector_folder_name(receiver: str, sharer: str) -> str:
+    """A committed projector's folder: '<receiver>--<sharer>' (a path's last part stands for it)."""
+    return f"{Path(receiver).name}--{Path(sharer).name}"
+
+
+def default_projector_dir(receiver: str, sharer: str) -> Path | None:
+    """The committed projector for this pair, if there is one (a folder holding its description)."""
+    directory = PROJECTORS / projector_folder_name(receiver, sharer)
+    return directory if (directory / CONFIG_FILE).is_file() else None
 
 
 def projector_dir(receiver: str, spec: SharerSpec) -> Path:
