@@ -21,6 +21,7 @@ from fedattn.evaluation.plots import (
     plot_ablation,
     plot_frontier,
     plot_privacy,
+    plot_training,
     plot_vs_parameter,
     run,
     worst_recovery,
@@ -256,3 +257,27 @@ def test_leakage_is_the_best_attacked_block_the_run_sends(tmp_path, capsys):
     assert plot_privacy([int8], recoveries, tmp_path / "none.png") is None  # float32 frames say nothing of int8
     assert "through codec int8" in capsys.readouterr().err
     assert Result(int8, json.loads((int8 / "summary.json").read_text())).label == "parties=4 sync_every=8 kv_codec=int8"
+
+
+def test_a_training_run_is_drawn_as_its_losses_per_step(tmp_path, capsys):
+    """--training DIR alone: the held-out losses (every few steps) and the batches' losses of its
+    log.jsonl, as written there; a log that is not JSON lines is refused in one line."""
+    run_dir = tmp_path / "train"
+    run_dir.mkdir()
+    records = [
+        {"step": 0, "held_out_loss": 0.9},
+        {"step": 1, "train_loss": 0.7},
+        {"step": 2, "train_loss": 0.5, "held_out_loss": 0.6},
+    ]
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    out = tmp_path / "plots"
+    assert run(parse(["--training", str(run_dir), "--out", str(out)])) == 0
+    assert capsys.readouterr().out.split() == [str(out / "training_loss.png")]
+    drawn = plot_training([run_dir], tmp_path / "again.png")
+    lines = {series.label: (series.x, series.y) for series in drawn.series}
+    assert lines == {"train": ([0, 2], [0.9, 0.6]), "train (training batches)": ([1, 2], [0.7, 0.5])}
+    (run_dir / "log.jsonl").write_text("{not json\n")
+    with pytest.raises(FedAttnError, match="cannot read .*log.jsonl as a training log"):
+        run(parse(["--training", str(run_dir), "--out", str(out)]))
+    with pytest.raises(FedAttnError, match="give result folders, or --training DIR"):
+        run(parse(["--out", str(out)]))

@@ -567,11 +567,48 @@ def exposure_text(document: dict | None) -> str:
 
 
 # -- command line -------------------------------------------------------------------------------
+def plot_training(folders: list[Path], out: Path) -> Drawn:
+    """Held-out loss (and the training loss) per optimiser step of each training run: a run's
+    ``log.jsonl`` holds one record per step, with ``held_out_loss`` every few steps."""
+    figure, axes = new_figure()
+    for folder in folders:
+        records = read_training_log(folder)
+        held = [record for record in records if _is_number(record.get("held_out_loss"))]
+        trained = [record for record in records if _is_number(record.get("train_loss"))]
+        line = axes.plot([r["step"] for r in held], [r["held_out_loss"] for r in held], marker="o", label=folder.name)
+        axes.plot(
+            [r["step"] for r in trained],
+            [r["train_loss"] for r in trained],
+            alpha=0.35,
+            color=line[0].get_color(),
+            label=f"{folder.name} (training batches)",
+        )
+    axes.set_xlabel("optimiser step")
+    axes.set_ylabel("cross-entropy per response token")
+    axes.legend(fontsize="small")
+    return save_figure(figure, out)
+
+
+def read_training_log(folder: Path) -> list[dict]:
+    path = folder / "log.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FedAttnError(f"cannot read {path} as a training log: {error}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fedattn.argtypes import existing_path, output_folder
 
     parser.add_argument(
-        "results", nargs="+", type=existing_path, metavar="RESULTS", help="result folders (or folders holding them)"
+        "results", nargs="*", type=existing_path, metavar="RESULTS", help="result folders (or folders holding them)"
+    )
+    parser.add_argument(
+        "--training",
+        type=existing_path,
+        action="append",
+        metavar="DIR",
+        help="a training run's folder (its log.jsonl, e.g. `fedattn refine train`): draw its losses per step",
     )
     parser.add_argument("--out", type=output_folder, default=Path("plots"), help="folder for the PNGs (default plots)")
     parser.add_argument(
@@ -621,6 +658,13 @@ def _swept(results: list[Result], x: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Draw every plot the folders support (a sweep needs two values of its parameter) and list them."""
+    if not args.results and not args.training:
+        raise FedAttnError("give result folders, or --training DIR")
+    curves = [plot_training(args.training, args.out / "training_loss.png")] if args.training else []
+    if not args.results:
+        for entry in curves:
+            print(entry.path)
+        return 0
     results = load_command_results(args.results)
     metric = args.metric or main_metric(results)
     recoveries = read_leakage_sources(args.attack, args.leakage)
@@ -638,7 +682,7 @@ def run(args: argparse.Namespace) -> int:
     drawn.append(plot_frontier(folders, args.out / f"{metric}_frontier.png", metric, args.bytes_metric))
     if recoveries:
         drawn.append(plot_privacy(folders, recoveries, args.out / f"{metric}_vs_leakage.png", metric))
-    written = [entry.path for entry in drawn if entry is not None]
+    written = [entry.path for entry in [*curves, *drawn] if entry is not None]
     if not written:
         raise FedAttnError(
             f"nothing to plot: no folder carries {metric!r} (and {args.bytes_metric!r} for the frontier)"
