@@ -14,6 +14,7 @@ import threading
 from contextlib import ExitStack
 
 import pytest
+import torch
 from refine_cases import QUESTION, RECEIVER, SHARERS, projectors_for
 from test_services import serve_handler
 
@@ -149,7 +150,7 @@ def test_a_sharer_service_answers_two_receivers_as_in_process(tmp_path, projecto
 
 BAD_LINES = {
     "no receiver": (["--sharer", "tiny-random-wide", "--prompt", "q"], "required: --receiver"),
-    "no sharer": (["--receiver", RECEIVER, "--prompt", "q"], "at least one --sharer"),
+    "no sharer, networked": (["--receiver", RECEIVER, "--prompt", "q", "--transport", "grpc"], "at least one --sharer"),
     "no prompt": (["--receiver", RECEIVER, "--sharer", "tiny-random-wide:/x"], "required: --prompt"),
     "empty prompt": (["--receiver", RECEIVER, "--sharer", "tiny-random-wide:/x", "--prompt", " "], "prompt is empty"),
     "no projector": (
@@ -179,3 +180,16 @@ def test_a_projector_for_other_models_is_refused_in_one_line(capsys, projector_d
     assert main([*words, "--prompt", "q"]) == 2
     err = capsys.readouterr().err
     assert "trained for receiver tiny-random and sharer tiny-random-draft, not" in err and err.count("\n") == 1
+
+
+def test_no_sharer_is_the_receiver_alone(capsys):
+    """`fedattn refine` without a sharer answers as the receiver's model alone: HF generate's
+    greedy tokens on the same chat prompt, and nothing sent."""
+    report = in_process(["refine", "--receiver", RECEIVER, "--prompt", QUESTION, "--max-new-tokens", "8"], capsys)
+    loaded = load_model(RECEIVER)
+    ids = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    expected = loaded.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :]
+    assert report["answer_token_ids"] == expected.tolist()[: len(report["answer_token_ids"])]
+    assert report["expected_bytes"] == {"sent": 0, "received": 0} and report["sharers"] == []

@@ -20,6 +20,7 @@ from fedattn.cli.meeting import (
     meeting_from_args,
     report_path,
 )
+from fedattn.errors import FedAttnError
 from fedattn.report.schema import RunReport
 from fedattn.systems.fedrefine import config as refine_config
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     config = refine_config.config_from_args(args)  # what the options alone rule out, before any load or launch
     check_prompt_text(args.prompt)
     if args.transport != "inprocess":
+        if not config.sharers:
+            raise FedAttnError("--transport runs the sharers as processes: give at least one --sharer")
         return _networked(args)
     from fedattn.runtime.devices import resolve_device
     from fedattn.systems.fedrefine.query import answer_chat, load_setup

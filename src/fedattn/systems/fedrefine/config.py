@@ -126,8 +126,6 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RefineConfig:
     """The options as a configuration (refusing what they alone rule out, before any load)."""
-    if not args.sharer:
-        raise FedAttnError("FedRefine needs at least one --sharer NAME[:PROJECTOR_DIR]")
     return RefineConfig(
         sharers=tuple(args.sharer),
         kv_codec=args.kv_codec,
