@@ -95,6 +95,18 @@ def projector_dir(receiver: str, spec: SharerSpec) -> Path:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The sharers, the codec of their caches, rephrasing and decoding."""
+    add_fusion_options(parser)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the K likeliest tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of mass P")
+    parser.add_argument("--seed", type=seed_number, default=0, help="seed of the receiver's sampling draws")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    add_timeout_option(parser)
+
+
+def add_fusion_options(parser: argparse.ArgumentParser) -> None:
+    """What every FedRefine run names (a query, an evaluation): the sharers with their projectors,
+    the codec of their caches, and the private mode."""
     parser.add_argument(
         "--sharer",
         action="append",
@@ -102,7 +114,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME[:PROJECTOR_DIR]",
         help="a sharer model and its projector folder (default: the committed one for the pair); "
-        "repeat, in fusion order",
+        "repeat, in fusion order; none: the receiver alone",
     )
     parser.add_argument(
         "--kv-codec",
@@ -116,12 +128,6 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="private mode: the receiver's model rephrases the question first, and only the rephrasing is used",
     )
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the K likeliest tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of mass P")
-    parser.add_argument("--seed", type=seed_number, default=0, help="seed of the receiver's sampling draws")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    add_timeout_option(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> RefineConfig:

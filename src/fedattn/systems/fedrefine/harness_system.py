@@ -24,12 +24,11 @@ from typing import Any
 from fedattn.argtypes import add_placement_options, positive_int
 from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
-from fedattn.network.kv_codec import CODECS
 from fedattn.report.schema import RunReport
 from fedattn.runtime.devices import resolve_device
 from fedattn.systems.base import TEXT, Description, Exposure
 from fedattn.systems.fedrefine import harness_query as query
-from fedattn.systems.fedrefine.config import DEFAULT_KV_CODEC, kv_codec, sharer_spec
+from fedattn.systems.fedrefine.config import add_fusion_options
 
 
 class HarnessMethods:
@@ -42,15 +41,7 @@ class HarnessMethods:
             help=f"the model that answers (default {query.DEFAULT_RECEIVER}); without --sharer it answers alone, "
             "so a sharer alone is --receiver <the sharer's model>",
         )
-        parser.add_argument(
-            "--sharer",
-            action="append",
-            type=sharer_spec,
-            default=[],
-            metavar="NAME[:PROJECTOR_DIR]",
-            help="a sharer model and the folder of its projectors for the receiver (default: the committed one of "
-            "the pair); repeat, fused in the order given",
-        )
+        add_fusion_options(parser)
         parser.add_argument(
             "--exchange",
             choices=query.EXCHANGES,
@@ -63,18 +54,6 @@ class HarnessMethods:
             default=query.DEFAULT_HINT_TOKENS,
             metavar="N",
             help=f"the most tokens of a sharer's hint with --exchange text (default {query.DEFAULT_HINT_TOKENS})",
-        )
-        parser.add_argument(
-            "--rephrase",
-            action="store_true",
-            help="private mode: the receiver's model first rephrases the question; only the rephrasing is used",
-        )
-        parser.add_argument(
-            "--kv-codec",
-            type=kv_codec,
-            default=DEFAULT_KV_CODEC,
-            metavar="CODEC",
-            help=f"the sharers' caches on the wire: {', '.join(CODECS)} (default {DEFAULT_KV_CODEC})",
         )
         parser.add_argument("--max-new-tokens", type=positive_int, default=task.max_new_tokens)
         add_placement_options(parser)
