@@ -16,12 +16,15 @@ for task in arc-challenge openbookqa; do
   $E --task $task --limit 50 $R --out $task-receiver
   $E --task $task --limit 50 $R --sharer $Q --kv-codec bfloat16 --out $task-c2c-qwen1.5b
   $E --task $task --limit 50 --receiver $Q --out $task-qwen1.5b-alone
-  $E --task $task --limit 50 --receiver gemma3-270m --out $task-gemma-alone
-  $E --task $task --limit 15 $R --sharer $Q --kv-codec bfloat16 --rephrase --out $task-c2c-qwen1.5b-rephrase
-  $E --task $task --limit 15 $R --sharer $Q --exchange text --out $task-t2t-qwen1.5b
+  $E --task $task --limit 10 $R --sharer $Q --kv-codec bfloat16 --rephrase --out $task-c2c-qwen1.5b-rephrase
+  $E --task $task --limit 10 $R --sharer $Q --exchange text --out $task-t2t-qwen1.5b
   $E --task $task --limit 50 $R --sharer $G --kv-codec bfloat16 --out $task-c2c-gemma
-  $E --task $task --limit 50 $R --sharer $Q --sharer $G --kv-codec bfloat16 --out $task-c2c-both
+  $E --task $task --limit 30 $R --sharer $Q --sharer $G --kv-codec bfloat16 --out $task-c2c-both
 done
-python ../../../bench/refine_control.py --task arc-challenge --limit 50   # the zeroed-cache control
+# the Gemma base model rambles to 64 tokens (about 10 s a question here): 50 ARC-C, 8 OpenBookQA
+$E --task arc-challenge --limit 50 --receiver gemma3-270m --out arc-challenge-gemma-alone
+$E --task openbookqa --limit 8 --receiver gemma3-270m --out openbookqa-gemma-alone
+python ../../../bench/refine_control.py --task arc-challenge --limit 50 > control-arc-challenge.txt  # zeroed-cache control
 fedattn plot --training refine-qwen --training refine-gemma --out plots
-fedattn plot arc-challenge-* openbookqa-* --out plots
+for task in arc-challenge openbookqa; do fedattn plot $task-* --out plots/$task; done
+# the comparison: from ../split-eval, its own command (as-run.sh there) with ../refine-eval/*-* added

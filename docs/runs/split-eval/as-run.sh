@@ -23,5 +23,5 @@ A="$A --attack ../split-leakage/search-A3-rel --attack ../split-leakage/search-A
 fedattn plot gsm8k-* $A --out plots
 S=../gsm8k-specfed
 fedattn compare ../crossfacts-100/cf-* $S/ensemble-full $S/k1517-redistribute-packed $S/alone-0.5b $S/alone-1.5b \
-    boolq-* gsm8k-* --attack ../crossfacts-100/attack-bf16 --attack ../crossfacts-100/attack-int4kivi $A \
+    boolq-* gsm8k-* ../refine-eval/arc-challenge-* ../refine-eval/openbookqa-* --attack ../crossfacts-100/attack-bf16 --attack ../crossfacts-100/attack-int4kivi $A \
     --out ../../comparison.md
