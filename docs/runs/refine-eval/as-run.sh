@@ -13,9 +13,9 @@ R="--receiver qwen2.5-coder-0.5b-instruct"
 Q=qwen2.5-coder-1.5b-instruct
 G=gemma3-270m:refine-gemma
 for task in arc-challenge openbookqa; do
-  $E --task $task --limit 50 $R --out $task-receiver
-  $E --task $task --limit 50 $R --sharer $Q --kv-codec bfloat16 --out $task-c2c-qwen1.5b
-  $E --task $task --limit 50 --receiver $Q --out $task-qwen1.5b-alone
+  $E --task $task --limit 100 $R --out $task-receiver      # run to 50 first, then resumed to 100
+  $E --task $task --limit 100 $R --sharer $Q --kv-codec bfloat16 --out $task-c2c-qwen1.5b
+  $E --task $task --limit 100 --receiver $Q --out $task-qwen1.5b-alone
   $E --task $task --limit 10 $R --sharer $Q --kv-codec bfloat16 --rephrase --out $task-c2c-qwen1.5b-rephrase
   $E --task $task --limit 10 $R --sharer $Q --exchange text --out $task-t2t-qwen1.5b
   $E --task $task --limit 50 $R --sharer $G --kv-codec bfloat16 --out $task-c2c-gemma
