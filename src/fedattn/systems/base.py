@@ -46,6 +46,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fedattn.errors import FedAttnError
 from fedattn.evaluation.tasks.base import Item, Task
 from fedattn.report.schema import RunReport
 
@@ -128,6 +129,20 @@ class ServiceModule:
 
     def ask_input(self, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         return self._service().ask_input(args)
+
+
+def served_model(args: argparse.Namespace, context: str | None, system: str) -> tuple[Any, str]:
+    """A service's one model (``--model``, ``--dtype``, ``--device``), loaded once, and its device;
+    a system whose party serves a model, not a document, refuses ``--context`` in one line."""
+    import torch
+
+    from fedattn.runtime.devices import resolve_device
+    from fedattn.runtime.models import load_model
+
+    if context is not None:
+        raise FedAttnError(f"a {system} party serves its model, not a document: --context is FedAttn's")
+    device = resolve_device(args.device)
+    return load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=False), device
 
 
 class Setup(Protocol):

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from fedattn.argtypes import add_model_options, int_in, text_or_file
 from fedattn.errors import FedAttnError
 from fedattn.network.grpc_transport import GrpcTransport
 from fedattn.network.service import SERVICE_TRANSPORT, Plan, Query, asker_text
 from fedattn.report.schema import merge, report_of_party
 from fedattn.runtime.models import LoadedModel, model_identity
+from fedattn.systems.base import served_model
 from fedattn.systems.fedrefine import frames
 from fedattn.systems.fedrefine.config import add_run_options, config_from_args, option_words_of, query_from_words
 from fedattn.systems.fedrefine.networked import (
@@ -106,13 +105,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 
 def handler_from_args(args: argparse.Namespace, context: str | None) -> RefineHandler:
     """The service's handler: its model loaded once."""
-    from fedattn.runtime.devices import resolve_device
-    from fedattn.runtime.models import load_model
-
-    if context is not None:
-        raise FedAttnError("a FedRefine party serves its model, not a document: --context is FedAttn's")
-    device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=False)
+    loaded, device = served_model(args, context, "FedRefine")
     return RefineHandler(loaded, device, args.max_tokens)
 
 

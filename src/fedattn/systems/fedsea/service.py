@@ -33,6 +33,7 @@ from fedattn.report.schema import merge, report_of_party
 from fedattn.runtime.attention import federated_attention_enabled
 from fedattn.runtime.blocks import RowStep, SplitModel
 from fedattn.runtime.models import LoadedModel
+from fedattn.systems.base import served_model
 from fedattn.systems.fedsea.config import (
     MAX_CLIENT_BLOCKS,
     RUN_OPTIONS,
@@ -226,13 +227,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 
 def handler_from_args(args: argparse.Namespace, context: str | None) -> SplitHandler:
     """The service's handler: its model loaded once."""
-    from fedattn.runtime.devices import resolve_device
-    from fedattn.runtime.models import load_model
-
-    if context is not None:
-        raise FedAttnError("a FedSEA party serves its model, not a document: --context is FedAttn's")
-    device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, dtype=getattr(torch, args.dtype), progress=False)
+    loaded, device = served_model(args, context, "FedSEA")
     return SplitHandler(loaded, device, args.dtype, args.max_client_blocks)
 
 
